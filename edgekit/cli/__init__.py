@@ -1,0 +1,40 @@
+"""The ``edgekit`` command line: one typer app per command group, one file each.
+
+Heavy libraries (torch, onnxruntime, transformers) are imported inside the
+commands that need them, so ``edgekit --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from device_agent.errors import UserErrorGroup
+from edgekit.cli import bundle, doctor, keys, targets
+
+app = typer.Typer(
+    name="edgekit",
+    cls=UserErrorGroup,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help=(
+        "Build, sign and flash customised models to edge devices, then watch them for drift.\n\n"
+        "Start with `edgekit doctor` to see what this machine can run, and "
+        "`edgekit targets list` for the device classes edgekit builds for."
+    ),
+)
+app.add_typer(targets.app, name="targets")
+app.add_typer(keys.app, name="keys")
+app.add_typer(bundle.app, name="bundle")
+app.command("doctor")(doctor.doctor)
+
+
+@app.command()
+def version() -> None:
+    """Print edgekit's version."""
+    from edgekit import __version__
+
+    typer.echo(f"edgekit {__version__}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""The built-in target profiles, installed as the package ``edgekit.builtin_targets`` (see pyproject.toml)."""
