@@ -1,0 +1,248 @@
+"""Real bundles for tests: a tiny ONNX classifier, its golden vectors, and a corpus of broken bundles.
+
+The corpus is shared: the Foundation tests check that reading rejects each case
+for the right reason, and the device agent's install tests reuse it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device_agent.bundle import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    BundleLimits,
+    Check,
+    GoldenVectors,
+    Manifest,
+    ModelInfo,
+    RuntimeInfo,
+    TargetInfo,
+    TaskInfo,
+    TensorSpec,
+    canonical_manifest_bytes,
+    sign_manifest,
+    write_bundle,
+)
+
+LABELS = ["cat", "dog", "bird"]
+
+
+def write_tiny_classifier(directory: Path, seed: int = 0) -> Path:
+    """A real ONNX model: logits = x @ W + b, x of shape [batch, 4], three classes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(rng.normal(size=(3,)).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"])],
+        "tiny-classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[weight, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = directory / "model.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def write_golden(directory: Path, model_path: Path) -> Path:
+    """Golden vectors: a few inputs and what ONNX Runtime answers for them."""
+    import onnxruntime
+
+    inputs = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"x": inputs})
+    path = directory / "golden.npz"
+    np.savez(path, **{"input:x": inputs, "output:logits": logits})
+    return path
+
+
+def tiny_manifest(version: str = "1.0.0", profile_sha256: str = "0" * 64) -> Manifest:
+    return Manifest(
+        model=ModelInfo(name="tiny-classifier", version=version),
+        target=TargetInfo(name="x86-64-cpu", profile_sha256=profile_sha256, cpu_arch="x86_64", accelerator="cpu"),
+        runtime=RuntimeInfo(engine="onnxruntime", execution_providers=["CPUExecutionProvider"], model_file="model.onnx"),
+        precision="fp32",
+        inputs=[TensorSpec(name="x", datatype="FP32", shape=["batch", 4])],
+        outputs=[TensorSpec(name="logits", datatype="FP32", shape=["batch", 3])],
+        task=TaskInfo(kind="tensor", labels=LABELS),
+        golden=GoldenVectors(file="golden.npz", atol=1e-5, rtol=1e-4),
+        metrics={"accuracy": 1.0},
+    )
+
+
+def tiny_payload(directory: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    model = write_tiny_classifier(directory)
+    return {"model.onnx": model, "golden.npz": write_golden(directory, model)}
+
+
+def write_tiny_bundle(out: Path, key: Ed25519PrivateKey, version: str = "1.0.0") -> Manifest:
+    return write_bundle(out, tiny_manifest(version), tiny_payload(out.parent / f"{out.stem}-payload"), key)
+
+
+# --------------------------------------------------------------------------- the broken-bundle corpus
+
+
+@dataclass
+class Entry:
+    """One raw tar entry, written exactly as given (no safety checks: that is the point)."""
+
+    name: str
+    data: bytes = b""
+    kind: bytes = tarfile.REGTYPE
+    linkname: str = ""
+    declared_size: int | None = None
+
+    def info(self) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(self.name)
+        info.type, info.linkname, info.mode = self.kind, self.linkname, 0o644
+        info.size = len(self.data) if self.kind == tarfile.REGTYPE else 0
+        if self.kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            info.devmajor, info.devminor = 1, 3
+        return info
+
+
+def write_raw_archive(path: Path, entries: list[Entry], compress: bool = False) -> Path:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for entry in entries:
+            archive.addfile(entry.info(), io.BytesIO(entry.data) if entry.kind == tarfile.REGTYPE else None)
+    data = buffer.getvalue()
+    path.write_bytes(gzip.compress(data, compresslevel=1) if compress else data)
+    return path
+
+
+@dataclass
+class Parts:
+    """The pieces of a valid bundle, to be broken one at a time."""
+
+    manifest: Manifest
+    payload: dict[str, bytes]
+    key: Ed25519PrivateKey
+
+    def manifest_bytes(self, manifest: Manifest | None = None) -> bytes:
+        return canonical_manifest_bytes(manifest or self.manifest)
+
+    def entries(self, manifest_bytes: bytes | None = None, key: Ed25519PrivateKey | None = None) -> list[Entry]:
+        manifest_bytes = manifest_bytes if manifest_bytes is not None else self.manifest_bytes()
+        signature = sign_manifest(manifest_bytes, key or self.key)
+        return [Entry(MANIFEST_NAME, manifest_bytes), Entry(SIGNATURE_NAME, signature)] + [
+            Entry(name, data) for name, data in sorted(self.payload.items())
+        ]
+
+
+def valid_parts(workdir: Path, key: Ed25519PrivateKey) -> Parts:
+    bundle = workdir / "valid.ekb"
+    manifest = write_tiny_bundle(bundle, key)
+    payload_dir = workdir / "valid-payload"
+    return Parts(manifest, {name: (payload_dir / name).read_bytes() for name in ("model.onnx", "golden.npz")}, key)
+
+
+@dataclass
+class BrokenBundle:
+    name: str
+    path: Path
+    check: Check
+    limits: BundleLimits = field(default_factory=BundleLimits)
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1:]
+
+
+def _entries_replacing(entries: list[Entry], name: str, data: bytes) -> list[Entry]:
+    return [Entry(e.name, data) if e.name == name else e for e in entries]
+
+
+def build_corpus(workdir: Path, key: Ed25519PrivateKey, untrusted_key: Ed25519PrivateKey) -> list[BrokenBundle]:
+    """Write every broken or malicious bundle the reader must refuse, each with the check that must refuse it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    parts = valid_parts(workdir, key)
+    good = parts.entries()
+    manifest_bytes = parts.manifest_bytes()
+    model = parts.payload["model.onnx"]
+    cases: list[BrokenBundle] = []
+
+    def case(name: str, check: Check, entries: list[Entry], compress: bool = False, limits: BundleLimits | None = None) -> None:
+        path = write_raw_archive(workdir / f"{name}.ekb", entries, compress=compress)
+        cases.append(BrokenBundle(name, path, check, limits or BundleLimits()))
+
+    def resigned(**changes: object) -> list[Entry]:
+        """Entries for a manifest edited with ``changes`` and signed again by the trusted key."""
+        document = json.loads(manifest_bytes)
+        document.update(changes)
+        return parts.entries(json.dumps(document, sort_keys=True, separators=(",", ":")).encode())
+
+    name_at = manifest_bytes.index(b"tiny-classifier")
+    case("manifest-byte-flip", Check.SIGNATURE, _entries_replacing(good, MANIFEST_NAME, _flip(manifest_bytes, name_at)))
+    case("model-byte-flip", Check.FILE_HASH, _entries_replacing(good, "model.onnx", _flip(model, len(model) // 2)))
+    case("missing-signature", Check.SIGNATURE_MISSING, [e for e in good if e.name != SIGNATURE_NAME])
+    case("malformed-signature", Check.SIGNATURE, _entries_replacing(good, SIGNATURE_NAME, b"not a signature"))
+    case("untrusted-key", Check.UNTRUSTED_KEY, parts.entries(key=untrusted_key))
+    case("missing-manifest", Check.MANIFEST_MISSING, [e for e in good if e.name != MANIFEST_NAME])
+    case("file-listed-but-missing", Check.FILE_MISSING, [e for e in good if e.name != "model.onnx"])
+    case("file-present-but-unlisted", Check.FILE_UNLISTED, good + [Entry("extra.txt", b"smuggled")])
+    files = [dict(f, size=f["size"] + 1) if f["path"] == "model.onnx" else f for f in json.loads(manifest_bytes)["files"]]
+    case("wrong-size", Check.FILE_SIZE, resigned(files=files))
+    golden = dict(json.loads(manifest_bytes)["golden"], file="absent.npz")
+    case("reference-to-absent-file", Check.MANIFEST_REFERENCE, resigned(golden=golden))
+    case("dotdot-entry", Check.ENTRY_PATH, good + [Entry("../escaped", b"x")])
+    case("nested-dotdot-entry", Check.ENTRY_PATH, good + [Entry("a/../../escaped", b"x")])
+    case("absolute-entry", Check.ENTRY_PATH, good + [Entry("/tmp/edgekit-escaped", b"x")])
+    case("symlink-entry", Check.ENTRY_TYPE, good + [Entry("link", kind=tarfile.SYMTYPE, linkname="/etc/passwd")])
+    case("hardlink-entry", Check.ENTRY_TYPE, good + [Entry("hard", kind=tarfile.LNKTYPE, linkname="model.onnx")])
+    case("device-entry", Check.ENTRY_TYPE, good + [Entry("null", kind=tarfile.CHRTYPE)])
+    case("fifo-entry", Check.ENTRY_TYPE, good + [Entry("pipe", kind=tarfile.FIFOTYPE)])
+    case("directory-entry", Check.ENTRY_TYPE, [Entry("sub", kind=tarfile.DIRTYPE)] + good)
+    case("duplicate-entry", Check.DUPLICATE_ENTRY, good + [Entry("model.onnx", model)])
+    case("manifest-not-json", Check.MANIFEST_JSON, parts.entries(b"{not json"))
+    case("unknown-schema-version", Check.SCHEMA_VERSION, resigned(schema_version=99))
+    case("manifest-schema-violation", Check.MANIFEST_SCHEMA, resigned(precision="int3"))
+    # 64 MiB of zeros gzip to ~64 KiB: a decompression bomb against a 16 MiB entry limit.
+    bomb_limits = BundleLimits(max_entry_bytes=16 << 20, max_total_bytes=32 << 20)
+    case("gzip-bomb-entry", Check.SIZE_LIMIT, good + [Entry("bomb.bin", bytes(64 << 20))], compress=True, limits=bomb_limits)
+    many = [Entry(f"part{index}.bin", bytes(12 << 20)) for index in range(4)]
+    case("gzip-bomb-total", Check.SIZE_LIMIT, good + many, compress=True, limits=bomb_limits)
+    case("too-many-entries", Check.ENTRY_COUNT, good + [Entry(f"f{i}", b"") for i in range(8)], limits=BundleLimits(max_entries=8))
+    cases.append(BrokenBundle("oversized-entry-header", _oversized_header(workdir / "oversized-entry-header.ekb", good), Check.SIZE_LIMIT))
+
+    valid = workdir / "valid.ekb"
+    truncated = workdir / "truncated.ekb"
+    data = valid.read_bytes()
+    model_at = data.index(model)  # cut in the middle of the last entry's data
+    truncated.write_bytes(data[: model_at + len(model) // 2])
+    cases.append(BrokenBundle("truncated-archive", truncated, Check.ARCHIVE))
+    garbage = workdir / "not-a-tar.ekb"
+    garbage.write_bytes(b"\x7fELF" + bytes(range(256)) * 8)
+    cases.append(BrokenBundle("not-an-archive", garbage, Check.ARCHIVE))
+    return cases
+
+
+def _oversized_header(path: Path, good: list[Entry]) -> Path:
+    """A gzip tar whose entry header claims 5 GiB (over the default 4 GiB limit) with little data behind it."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for entry in good:
+            archive.addfile(entry.info(), io.BytesIO(entry.data))
+        info = tarfile.TarInfo("huge.bin")
+        info.size = 5 << 30
+        buffer.write(info.tobuf(tarfile.PAX_FORMAT))
+        buffer.write(bytes(1 << 16))
+        archive.fileobj = io.BytesIO()  # the archive's own end markers must not land after the fake entry
+    path.write_bytes(gzip.compress(buffer.getvalue(), compresslevel=1))
+    return path
