@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from device_agent.errors import UserErrorGroup
-from edgekit.cli import bundle, doctor, keys, targets
+from edgekit.cli import bundle, doctor, flash, keys, targets
 
 app = typer.Typer(
     name="edgekit",
@@ -26,6 +26,7 @@ app.add_typer(targets.app, name="targets")
 app.add_typer(keys.app, name="keys")
 app.add_typer(bundle.app, name="bundle")
 app.command("doctor")(doctor.doctor)
+app.command("flash")(flash.flash)
 
 
 @app.command()
