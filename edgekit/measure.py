@@ -1,0 +1,123 @@
+"""The one place where edgekit computes numbers: task metrics, fidelity, latency, throughput, size.
+
+Build gates, reports and benchmarks all call these functions, so a number means
+the same thing wherever it appears.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassificationMetrics:
+    accuracy: float
+    precision_macro: float
+    recall_macro: float
+    f1_macro: float
+    per_class: dict[str, dict[str, float]]
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def classification_metrics(true: Sequence[int], predicted: Sequence[int], labels: Sequence[str]) -> ClassificationMetrics:
+    """Accuracy, macro and per-class precision/recall/F1, and the confusion matrix (a class never predicted scores 0)."""
+    true_array, predicted_array = np.asarray(true, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    if true_array.shape != predicted_array.shape or true_array.size == 0:
+        raise ValueError(f"need equal, non-empty label arrays; got {true_array.shape} and {predicted_array.shape}")
+    count = len(labels)
+    confusion = np.zeros((count, count), dtype=np.int64)
+    np.add.at(confusion, (true_array, predicted_array), 1)
+    per_class = {}
+    for index, label in enumerate(labels):
+        hits = confusion[index, index]
+        predicted_total, true_total = confusion[:, index].sum(), confusion[index, :].sum()
+        precision = hits / predicted_total if predicted_total else 0.0
+        recall = hits / true_total if true_total else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(true_total)}
+    present = [label for label in labels if per_class[label]["support"] > 0]
+    return ClassificationMetrics(
+        accuracy=float(np.mean(true_array == predicted_array)),
+        precision_macro=float(np.mean([per_class[label]["precision"] for label in present])),
+        recall_macro=float(np.mean([per_class[label]["recall"] for label in present])),
+        f1_macro=float(np.mean([per_class[label]["f1"] for label in present])),
+        per_class=per_class,
+        confusion=confusion.tolist(),
+    )
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely a candidate model's outputs follow its float reference."""
+
+    top1_agreement: float
+    max_abs_error: float
+    mean_abs_error: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fidelity(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
+    """Compare logits of shape [n, classes] (or any matching shapes: agreement then uses the last axis)."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if reference.shape != candidate.shape:
+        raise ValueError(f"outputs differ in shape: {reference.shape} vs {candidate.shape}")
+    error = np.abs(reference - candidate)
+    agreement = float(np.mean(reference.argmax(-1) == candidate.argmax(-1))) if reference.ndim >= 2 else float("nan")
+    return Fidelity(agreement, float(error.max(initial=0.0)), float(error.mean()) if error.size else 0.0)
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p95_ms: float
+    samples: int
+
+
+def latency(call: Callable[[], object], *, iterations: int = 100, warmup: int = 10) -> Latency:
+    """Wall-clock latency of ``call`` (p50, p95) after a warm-up."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1000)
+    samples.sort()
+    return Latency(statistics.median(samples), samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))], len(samples))
+
+
+def throughput(call: Callable[[], object], items_per_call: int, *, seconds: float = 2.0, warmup: int = 3) -> float:
+    """Items per second when ``call`` (processing ``items_per_call`` items) runs back to back for ``seconds``."""
+    for _ in range(warmup):
+        call()
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or calls == 0:
+        call()
+        calls += 1
+    return calls * items_per_call / elapsed
+
+
+def size_mb(*paths: Path) -> float:
+    """Size on disk in MB (10^6 bytes) of files and folders."""
+    total = 0
+    for path in paths:
+        total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return total / 1e6
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
