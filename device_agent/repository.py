@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import os
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ from device_agent.bundle import BundleError, BundleLimits, Manifest, open_bundle
 from device_agent.errors import UserError
 from device_agent.host import HostReport, probe_host
 from device_agent.keys import Keyring
-from device_agent.runtime import ModelSession, RuntimeOptions, load_session, run_golden_check
+from device_agent.runtime import ModelLoadError, ModelSession, RuntimeOptions, load_session, run_golden_check
 
 log = logging.getLogger("edgekit.agent.repository")
 
@@ -50,6 +51,22 @@ class InstallRefused(UserError):
         self.check = check
         self.status_code = status_code
         super().__init__(f"install refused [{check}]: {message}")
+
+
+class NothingToRollBack(UserError):
+    """A rollback was asked for, but no previous version is on disk."""
+
+    status_code = 409
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,3}$")
+
+
+def _checked(name: str, version: str | None = None) -> None:
+    """Names and versions become folder names: refuse anything a manifest could not have produced."""
+    if not _NAME.match(name) or (version is not None and not _VERSION.match(version)):
+        raise ModelNotFound(f"no model {name!r}" + (f" version {version!r}" if version is not None else "") + ": not a valid name or version")
 
 
 @dataclass(frozen=True)
@@ -216,6 +233,7 @@ class Repository:
 
     def served(self, name: str, version: str | None = None) -> ServedModel:
         """The serving model (its active version); asking for another version of it is ModelNotFound."""
+        _checked(name, version)
         model = self._served.get(name)
         if model is None:
             known = self.model_names()
@@ -261,13 +279,11 @@ class Repository:
                     raise InstallRefused("target", "; ".join(problems))
                 active = self._read_active(name)
                 slot = self._slots(name) / version
-                if slot.exists():
-                    installed = (slot / "manifest.json").read_bytes()
-                    if installed != bundle.manifest_bytes:
-                        raise InstallRefused(
-                            "version", f"{name} {version} is already installed with different content; build with a new version", 409
-                        )
-                elif active["version"] and _version_key(version) < _version_key(active["version"]) and not force:
+                if slot.exists() and (slot / "manifest.json").read_bytes() != bundle.manifest_bytes:
+                    raise InstallRefused(
+                        "version", f"{name} {version} is already installed with different content; build with a new version", 409
+                    )
+                if active["version"] and _version_key(version) < _version_key(active["version"]) and not force:
                     raise InstallRefused(
                         "version", f"{name} {version} is older than the active {active['version']}; pass force to downgrade", 409
                     )
@@ -281,6 +297,7 @@ class Repository:
 
     def activate(self, name: str, version: str) -> ServedModel:
         """Serve an installed version (after loading and golden-checking it again)."""
+        _checked(name, version)
         with self._lock:
             if not (self._slots(name) / version).is_dir():
                 raise ModelNotFound(f"{name} {version} is not installed; installed: {[v.version for v in self.index() if v.name == name]}")
@@ -288,11 +305,14 @@ class Repository:
 
     def rollback(self, name: str) -> ServedModel:
         """Return to the newest previous version still on disk."""
+        _checked(name)
         with self._lock:
             active = self._read_active(name)
             previous = [v for v in active["history"] if (self._slots(name) / v).is_dir()]
+            if active["version"] is None:
+                raise ModelNotFound(f"unknown model {name!r}")
             if not previous:
-                raise ModelNotFound(f"{name} has no previous version to roll back to")
+                raise NothingToRollBack(f"{name} has no previous version on disk to roll back to")
             served = self._load_slot(name, previous[0])
             self._served[name] = served
             self._write_active(name, served.version, previous[1:] + [active["version"]])
@@ -300,6 +320,7 @@ class Repository:
             return served
 
     def load(self, name: str) -> ServedModel:
+        _checked(name)
         with self._lock:
             version = self._read_active(name)["version"]
             if version is None:
@@ -308,6 +329,8 @@ class Repository:
             return self._served[name]
 
     def unload(self, name: str) -> None:
+        """Stop serving a model until ``load`` (not remembered across restarts, as in Triton)."""
+        _checked(name)
         with self._lock:
             if self._served.pop(name, None) is None and name not in self.model_names():
                 raise ModelNotFound(f"unknown model {name!r}")
@@ -325,7 +348,10 @@ class Repository:
 
     def _load_slot(self, name: str, version: str) -> ServedModel:
         slot = self._slots(name) / version
-        manifest = Manifest.model_validate_json((slot / "manifest.json").read_bytes())
+        try:
+            manifest = Manifest.model_validate_json((slot / "manifest.json").read_bytes())
+        except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+            raise ModelLoadError(f"slot {slot} is damaged ({type(error).__name__}); install the bundle again") from None
         served = self._prove(name, version, manifest, slot)
         self._failures.pop((name, version), None)
         return served

@@ -8,21 +8,13 @@ and keeps its traceback.
 from __future__ import annotations
 
 from device_agent.errors import UserError
+from device_agent.validation import ConfigError
+
+__all__ = ["ConfigError", "EdgekitError", "UnknownTargetError"]
 
 
 class EdgekitError(UserError):
     """A problem with the user's input, named together with how to fix it."""
-
-
-class ConfigError(EdgekitError):
-    """A YAML file (target profile, build config) has one or more problems, all reported together."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        noun = "problem" if len(problems) == 1 else "problems"
-        lines = "\n".join(f"  - {problem}" for problem in problems)
-        super().__init__(f"{source}: {len(problems)} {noun}:\n{lines}")
 
 
 class UnknownTargetError(EdgekitError):

@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgekit.errors import EdgekitError
-from edgekit.validation import load_yaml_model
+from device_agent.validation import load_yaml_model
 
 
 class FlashError(EdgekitError):

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgekit.errors import UnknownTargetError
-from edgekit.validation import load_yaml_model
+from device_agent.validation import load_yaml_model
 
 Precision = Literal["int8", "fp16", "fp32"]
 ExecutionProvider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -61,9 +61,9 @@ def show_target(
 @app.command("validate")
 def validate_targets(files: list[Path] = typer.Argument(..., help="One or more YAML files to check.")) -> None:
     """Check target profile files; report every problem of every file, exit 2 if any is broken."""
-    from edgekit.errors import ConfigError
+    from device_agent.validation import ConfigError
     from edgekit.targets import TargetProfile
-    from edgekit.validation import load_yaml_model
+    from device_agent.validation import load_yaml_model
 
     failures = []
     for path in files:

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agent.bundle import TargetInfo, write_bundle
 from device_agent.host import probe_host
-from device_agent.repository import InstallRefused, ModelNotFound, Repository
+from device_agent.repository import InstallRefused, ModelNotFound, NothingToRollBack, Repository
 from tests.support.bundles import build_corpus, tiny_manifest, tiny_payload, write_tiny_bundle
 
 
@@ -134,7 +134,7 @@ def test_unknown_models_and_versions_are_named(repo, tmp_path, signing_key):
     repo.install(_bundle(tmp_path, signing_key, "1.0.0"))
     with pytest.raises(ModelNotFound, match="serves version 1.0.0"):
         repo.served("tiny-classifier", "7")
-    with pytest.raises(ModelNotFound, match="no previous version"):
+    with pytest.raises(NothingToRollBack, match="no previous version"):
         repo.rollback("tiny-classifier")
 
 
@@ -151,3 +151,27 @@ def test_active_pointer_is_small_json(repo, tmp_path, signing_key):
     repo.install(_bundle(tmp_path, signing_key, "1.0.1"))
     document = json.loads((repo.models_dir / "tiny-classifier" / "active.json").read_text())
     assert document == {"version": "1.0.1", "history": ["1.0.0"]}
+
+
+def test_reinstalling_an_older_slot_still_needs_force(repo, tmp_path, signing_key):
+    old = _bundle(tmp_path, signing_key, "1.0.0")
+    repo.install(old)
+    repo.install(_bundle(tmp_path, signing_key, "1.1.0"))
+    with pytest.raises(InstallRefused, match="older than the active"):
+        repo.install(old)
+    assert repo.install(old, force=True).version == "1.0.0"
+
+
+@pytest.mark.parametrize(("name", "version"), [("..", "1.0.0"), ("m", ".."), ("x" * 300, "1"), ("a/b", "1")])
+def test_names_and_versions_never_reach_the_file_system_unchecked(repo, name, version):
+    with pytest.raises(ModelNotFound, match="not a valid name or version"):
+        repo.activate(name, version)
+
+
+def test_a_damaged_slot_is_a_clear_error(repo, tmp_path, signing_key):
+    from device_agent.runtime import ModelLoadError
+
+    repo.install(_bundle(tmp_path, signing_key, "1.0.0"))
+    (repo.models_dir / "tiny-classifier" / "slots" / "1.0.0" / "manifest.json").write_text("{broken")
+    with pytest.raises(ModelLoadError, match="damaged"):
+        repo.load("tiny-classifier")

@@ -2,6 +2,8 @@
 
 One error lists each problem with its file, field, the value found and the
 values allowed, so a user fixes a file in one pass instead of one error per run.
+Both sides use it: target profiles and build configs on the build host, the
+agent's settings on the device.
 """
 
 from __future__ import annotations
@@ -14,13 +16,29 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from edgekit.errors import ConfigError
+from device_agent.errors import UserError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+class ConfigError(UserError):
+    """A YAML file (target profile, build config, agent settings) has problems, all reported together."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        noun = "problem" if len(problems) == 1 else "problems"
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"{source}: {len(problems)} {noun}:\n{lines}")
+
+
 def load_yaml_model(path: Path, model: type[ModelT]) -> ModelT:
     """Parse ``path`` as YAML and validate it as ``model``; raise ConfigError listing every problem."""
+    return validate_model(read_yaml_mapping(path), model, source=str(path))
+
+
+def read_yaml_mapping(path: Path, *, allow_empty: bool = False) -> dict[str, Any]:
+    """The YAML mapping in ``path``; ConfigError when the file is missing, unreadable, not YAML or not a mapping."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -33,21 +51,26 @@ def load_yaml_model(path: Path, model: type[ModelT]) -> ModelT:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
+    if document is None and allow_empty:
+        return {}
     if not isinstance(document, dict):
         kind = "empty" if document is None else f"a {type(document).__name__}"
         raise ConfigError(str(path), [f"must be a mapping of field names to values, but it is {kind}"])
-    return validate_model(document, model, source=str(path))
+    return document
 
 
-def validate_model(document: dict[str, Any], model: type[ModelT], *, source: str) -> ModelT:
-    """Validate a parsed document; raise ConfigError naming every problem."""
+def validate_model(document: dict[str, Any], model: type[ModelT], *, source: str, missing_hints: dict[str, str] | None = None) -> ModelT:
+    """Validate a parsed document; raise ConfigError naming every problem.
+
+    ``missing_hints`` adds, per field, how else a required value can be given (e.g. a command-line flag).
+    """
     try:
         return model.model_validate(document)
     except ValidationError as exc:
-        raise ConfigError(source, [describe_error(error, model) for error in exc.errors()]) from None
+        raise ConfigError(source, [describe_error(error, model, missing_hints or {}) for error in exc.errors()]) from None
 
 
-def describe_error(error: Any, model: type[BaseModel]) -> str:
+def describe_error(error: Any, model: type[BaseModel], missing_hints: dict[str, str] | None = None) -> str:
     """One line for one pydantic error: field, problem, the value found, what is allowed."""
     loc = tuple(error["loc"])
     field = ".".join(str(part) for part in loc) or "(top level)"
@@ -58,7 +81,8 @@ def describe_error(error: Any, model: type[BaseModel]) -> str:
         suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
         return f"{field}: unknown field{suggestion} (allowed here: {', '.join(allowed)})"
     if kind == "missing":
-        return f"{field}: required field is missing"
+        hint = (missing_hints or {}).get(field)
+        return f"{field}: required field is missing" + (f"; {hint}" if hint else "")
     return f"{field}: {error['msg']} (got {error.get('input')!r})"
 
 

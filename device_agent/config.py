@@ -1,0 +1,73 @@
+"""The device agent's settings: one pydantic model, read from YAML, with command-line flags on top.
+
+Every problem of a settings file is reported at once, each naming the field,
+the value found and what is allowed, so a device is fixed in one edit.
+Relative paths in a YAML file are taken from the file's folder, so a config
+file and the keyring beside it can move together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from device_agent.validation import read_yaml_mapping, validate_model
+
+_PATH_FIELDS = ("state_dir", "keyring_dir", "admin_token_file", "ssl_certfile", "ssl_keyfile")
+_FLAG_FOR_FIELD = {
+    "state_dir": "--state-dir",
+    "keyring_dir": "--keyring",
+}
+
+
+class AgentSettings(BaseModel):
+    """Everything ``edgekit-agent serve`` needs; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state_dir: Path = Field(description="models, staging and uploads live here")
+    keyring_dir: Path = Field(description="folder of trusted public keys (*.pub)")
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token_file: Path | None = Field(None, description="file holding the admin API's bearer token; no file, no admin API")
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    max_body_bytes: int = Field(2 << 30, gt=0, description="largest bundle upload (admin API)")
+    max_request_bytes: int = Field(64 << 20, gt=0, description="largest inference request, after decompression")
+    max_batch: int = Field(8, ge=1, description="most rows the dynamic batcher puts into one model run")
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest a request waits for others to join its batch")
+    keep_versions: int = Field(3, ge=2, description="versions kept on disk per model (rollback needs two)")
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per model run; None lets it choose")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> AgentSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together: set both for TLS, or neither")
+        return self
+
+
+def load_settings(config_file: Path | None, overrides: Mapping[str, Any]) -> AgentSettings:
+    """Settings from ``config_file`` (YAML, optional) with the non-None ``overrides`` (command-line flags) on top.
+
+    Raises ConfigError listing every problem.
+    """
+    document = read_yaml_mapping(config_file, allow_empty=True) if config_file is not None else {}
+    if config_file is not None:
+        document = _resolve_paths(document, config_file.parent)
+    document.update({field: value for field, value in overrides.items() if value is not None})
+    source = str(config_file) if config_file is not None else "agent settings"
+    hints = {field: f"set it in the config file or pass {flag}" for field, flag in _FLAG_FOR_FIELD.items()}
+    return validate_model(document, AgentSettings, source=source, missing_hints=hints)
+
+
+def _resolve_paths(document: dict[str, Any], base: Path) -> dict[str, Any]:
+    resolved = dict(document)
+    for field in _PATH_FIELDS:
+        value = resolved.get(field)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            resolved[field] = str(base / value)
+    return resolved

@@ -1,0 +1,674 @@
+"""The device agent's HTTP server: Open Inference Protocol v2, the model repository, an admin API and metrics.
+
+- ``/v2/...`` speaks the Open Inference Protocol (KServe v2) as Triton does, so
+  ``tritonclient.http`` and KServe clients work unchanged: health, server and
+  model metadata, inference (JSON and the binary tensor extension, the
+  classification extension) and the model repository extension (index, load,
+  unload).
+- ``/admin/...`` installs signed bundles, activates versions and rolls back;
+  it needs ``Authorization: Bearer <token>`` (the token file is a setting;
+  without one the admin API is off).
+- ``/metrics`` is Prometheus text under Triton's metric names.
+
+Requests to a model go through its :class:`DynamicBatcher`. Blocking
+repository work (installs, loads, golden checks, directory listings) runs in
+worker threads so inference keeps flowing meanwhile. Every error answers
+``{"error": "..."}``; a client's mistake is never a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from device_agent.batching import DynamicBatcher
+from device_agent.bundle import Manifest, ModelInfo, TensorSpec, TokenizerPreprocessing
+from device_agent.config import AgentSettings
+from device_agent.errors import UserError
+from device_agent.metrics import Metrics, RequestStats
+from device_agent.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    ProtocolError,
+    choose_outputs,
+    decode_inputs,
+    decompress,
+    encode_response,
+    parse_infer_request,
+    parse_json_model,
+)
+from device_agent.repository import ModelNotFound, Repository, ServedModel, VersionInfo
+from device_agent.runtime import ModelSession
+
+log = logging.getLogger("edgekit.agent.server")
+
+SERVER_NAME = "edgekit-agent"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+# Bodies of the small control requests (index, load, unload) never need more.
+_CONTROL_BODY_LIMIT = 64 << 10
+_UPLOAD_WRITE_CHUNK = 1 << 20
+
+
+@functools.cache
+def agent_version() -> str:
+    """The installed edgekit distribution's version (device_agent must not import edgekit itself)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgekit")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+# --------------------------------------------------------------------------- JSON logs
+
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, any ``extra=`` fields, and the traceback if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({key: value for key, value in vars(record).items() if key not in _RECORD_FIELDS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_json_logging(level: str = "info") -> None:
+    """Send every logger's records (uvicorn's included) to stderr as JSON lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# --------------------------------------------------------------------------- the agent's state
+
+
+class Agent:
+    """What the routes share: the repository, settings, counters and one batcher per serving model."""
+
+    def __init__(self, repository: Repository, settings: AgentSettings) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.metrics = Metrics()
+        self.admin_token = _read_admin_token(settings.admin_token_file)
+        self.started_at = time.time()
+        self.start_problem: str | None = "the repository is still loading its models"
+        self._start_ended = asyncio.Event()
+        self._batchers: dict[str, tuple[ModelSession, DynamicBatcher]] = {}
+
+    async def start_repository(self) -> None:
+        """Recover the repository and load its models; until this ends the server is live but not ready."""
+        try:
+            await run_in_threadpool(self.repository.start)
+        except Exception as error:  # the agent stays up to report the problem and take a new install
+            log.exception("the model repository failed to start")
+            self.start_problem = f"the model repository failed to start: {error}"
+        else:
+            self.start_problem = None
+        finally:
+            self._start_ended.set()
+
+    async def start_ended(self) -> None:
+        """Wait for the repository's start; it empties uploads/, so an install must not begin before."""
+        await self._start_ended.wait()
+
+    def serving(self, name: str, version: str | None = None) -> ServedModel:
+        check_model_reference(name, version)
+        return self.repository.served(name, version)
+
+    def batcher_for(self, served: ServedModel) -> DynamicBatcher:
+        """The model's batcher; a new one when the model's session changed (install, activate, rollback, load)."""
+        current = self._batchers.get(served.name)
+        if current is not None and current[0] is served.session:
+            return current[1]
+        # Replacing the entry drops the old session once its in-flight batch ends.
+        stats = self.metrics.for_model(served.name, served.version).batches
+        max_batch = self.settings.max_batch if batchable(served.manifest) else 1
+        batcher = DynamicBatcher(served.session.run, max_batch, self.settings.max_batch_delay_ms, stats)
+        self._batchers[served.name] = (served.session, batcher)
+        return batcher
+
+    def forget(self, name: str) -> None:
+        """Drop an unloaded model's batcher, and with it the last reference to its session."""
+        self._batchers.pop(name, None)
+
+    async def readiness_problems(self) -> list[str]:
+        """Why the server is not ready: still starting, or a model's active version is not serving."""
+        if self.start_problem is not None:
+            return [self.start_problem]
+        infos = await run_in_threadpool(self.repository.index)
+        return [
+            f"{info.name} {info.version} is {info.state}" + (f" ({info.reason})" if info.reason else "")
+            for info in infos
+            if info.active and info.state != "READY"
+        ]
+
+
+def _read_admin_token(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        raise UserError(f"cannot read admin_token_file {path} ({exc.strerror}); create it with a long random token") from None
+    if len(token) < 16:
+        raise UserError(f"admin_token_file {path} holds {len(token)} characters; use a random token of at least 16")
+    if path.stat().st_mode & 0o077:
+        log.warning("admin token file %s is readable by other users; chmod 600 it", path)
+    return token
+
+
+def check_model_reference(name: str, version: str | None = None) -> None:
+    """Refuse what cannot be a model name or version before it reaches the repository, which uses them in paths."""
+    try:
+        ModelInfo(name=name, version=version if version is not None else "0")
+    except ValidationError:
+        what = f"{name!r} version {version!r}" if version is not None else repr(name)
+        raise ModelNotFound(f"no model {what}: not a valid model name or version") from None
+
+
+def batchable(manifest: Manifest) -> bool:
+    """Whether requests can be joined along dimension 0: every tensor starts with the same symbolic dimension."""
+    first_dims = [spec.shape[0] if spec.shape else None for spec in [*manifest.inputs, *manifest.outputs]]
+    return isinstance(first_dims[0], str) and all(dim == first_dims[0] for dim in first_dims)
+
+
+def _agent(request: Request) -> Agent:
+    return request.app.state.agent
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _status_of(error: UserError) -> int:
+    if isinstance(error, ModelNotFound):
+        return 404
+    return getattr(error, "status_code", 400)  # InstallRefused, NothingToRollBack, ProtocolError carry theirs
+
+
+async def _on_user_error(request: Request, error: UserError) -> JSONResponse:
+    return _error(_status_of(error), str(error))
+
+
+async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+
+async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = [f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
+    return _error(400, "; ".join(problems))
+
+
+async def _on_internal_error(request: Request, error: Exception) -> JSONResponse:
+    # Starlette re-raises after this answer, and uvicorn logs the traceback.
+    return _error(500, f"internal error ({type(error).__name__}); see the agent's log")
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+def _too_large(limit: int, setting: str) -> ProtocolError:
+    return ProtocolError(f"the request body is over the {limit}-byte limit ({setting})", 413)
+
+
+def _refuse_declared_length(request: Request, limit: int, setting: str) -> None:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit, setting)
+
+
+async def read_body(request: Request, limit: int, setting: str) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` bytes (the declared length is checked first)."""
+    _refuse_declared_length(request, limit, setting)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, setting)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def receive_to_file(request: Request, path: Path, limit: int) -> int:
+    """Stream the body into a new file (mode 0600) without holding it in memory; 413 past ``limit``."""
+    _refuse_declared_length(request, limit, "max_body_bytes")
+    size, pending = 0, bytearray()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit, "max_body_bytes")
+            pending += chunk
+            if len(pending) >= _UPLOAD_WRITE_CHUNK:
+                data, pending = pending, bytearray()
+                await run_in_threadpool(handle.write, data)
+        await run_in_threadpool(handle.write, pending)
+    return size
+
+
+def _optional_body(document: bytes, model: type[BaseModel], what: str) -> BaseModel:
+    """An optional JSON body: empty means all defaults (tritonclient sends an empty index request)."""
+    return parse_json_model(document or b"{}", model, what)
+
+
+# --------------------------------------------------------------------------- OIP: health and metadata
+
+oip = APIRouter(tags=["inference"])
+
+
+@oip.get("/v2/health/live", summary="Server live")
+async def server_live() -> dict:
+    return {"live": True}
+
+
+@oip.get("/v2/health/ready", summary="Server ready", responses={400: {"description": "not ready, with the reason"}})
+async def server_ready(agent: Agent = Depends(_agent)) -> dict:
+    """200 when every model that has an active version serves it (loaded and golden-checked here).
+
+    A repository with no models at all is ready: there is nothing it should be
+    serving. A model unloaded through the repository API makes the server not
+    ready until it is loaded again, because its active version does not serve.
+    """
+    problems = await agent.readiness_problems()
+    if problems:
+        raise HTTPException(400, "not ready: " + "; ".join(problems))
+    return {"ready": True}
+
+
+@oip.get("/v2", summary="Server metadata")
+async def server_metadata() -> dict:
+    return {"name": SERVER_NAME, "version": agent_version(), "extensions": EXTENSIONS}
+
+
+def _tensor_metadata(spec: TensorSpec) -> dict:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": [dim if isinstance(dim, int) else -1 for dim in spec.shape]}
+
+
+def _model_metadata(served: ServedModel) -> dict:
+    manifest = served.manifest
+    return {
+        "name": served.name,
+        "versions": [served.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [_tensor_metadata(spec) for spec in manifest.inputs],
+        "outputs": [_tensor_metadata(spec) for spec in manifest.outputs],
+    }
+
+
+@oip.get("/v2/models/{name}", summary="Model metadata")
+async def model_metadata(name: str, agent: Agent = Depends(_agent)) -> dict:
+    return _model_metadata(agent.serving(name))
+
+
+@oip.get("/v2/models/{name}/versions/{version}", summary="Model version metadata")
+async def model_version_metadata(name: str, version: str, agent: Agent = Depends(_agent)) -> dict:
+    return _model_metadata(agent.serving(name, version))
+
+
+@oip.get("/v2/models/{name}/ready", summary="Model ready")
+async def model_ready(name: str, agent: Agent = Depends(_agent)) -> dict:
+    served = agent.serving(name)
+    return {"name": served.name, "version": served.version, "ready": True}
+
+
+@oip.get("/v2/models/{name}/versions/{version}/ready", summary="Model version ready")
+async def model_version_ready(name: str, version: str, agent: Agent = Depends(_agent)) -> dict:
+    served = agent.serving(name, version)
+    return {"name": served.name, "version": served.version, "ready": True}
+
+
+# --------------------------------------------------------------------------- OIP: inference
+
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": f"JSON, or with the binary tensor extension a JSON header of {HEADER_LENGTH} bytes followed by raw tensors",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@oip.post("/v2/models/{name}/infer", summary="Inference", openapi_extra=_INFER_BODY)
+async def infer(name: str, request: Request, agent: Agent = Depends(_agent)) -> Response:
+    return await _infer(agent, request, agent.serving(name))
+
+
+@oip.post("/v2/models/{name}/versions/{version}/infer", summary="Inference on a version", openapi_extra=_INFER_BODY)
+async def infer_version(name: str, version: str, request: Request, agent: Agent = Depends(_agent)) -> Response:
+    return await _infer(agent, request, agent.serving(name, version))
+
+
+async def _infer(agent: Agent, request: Request, served: ServedModel) -> Response:
+    """Count the request as Triton does: success or failure, and its duration."""
+    stats = agent.metrics.for_model(served.name, served.version).requests
+    started = time.perf_counter()
+    try:
+        response = await _answer(agent, request, served, stats)
+    except Exception:
+        stats.failure += 1
+        raise
+    stats.success += 1
+    stats.request_duration_us += _microseconds_since(started)
+    return response
+
+
+def _microseconds_since(started: float) -> int:
+    return int((time.perf_counter() - started) * 1e6)
+
+
+async def _answer(agent: Agent, request: Request, served: ServedModel, stats: RequestStats) -> Response:
+    limit = agent.settings.max_request_bytes
+    body = decompress(await read_body(request, limit, "max_request_bytes"), request.headers.get("content-encoding"), limit)
+    infer_request, binary = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+    _refuse_text(served.manifest, infer_request)
+
+    started = time.perf_counter()
+    feeds = decode_inputs(infer_request, binary, served.manifest)
+    choices = choose_outputs(infer_request, served.manifest)
+    stats.compute_input_duration_us += _microseconds_since(started)
+    try:
+        outputs = await agent.batcher_for(served).submit(feeds)
+    except Exception as error:  # validated inputs that the model still refuses: a fault of the model, not the client
+        log.error("model run failed", extra={"model": served.name, "version": served.version}, exc_info=error)
+        raise HTTPException(500, f"{served.name} {served.version} failed to run: {error}") from None
+
+    started = time.perf_counter()
+    content, header_length = encode_response(
+        model_name=served.name,
+        model_version=served.version,
+        request_id=infer_request.id,
+        outputs=outputs,
+        choices=choices,
+        manifest=served.manifest,
+    )
+    stats.compute_output_duration_us += _microseconds_since(started)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+
+def _refuse_text(manifest: Manifest, request: InferRequest) -> None:
+    # Tokenizing text on the device comes later; token ids as tensors are served already.
+    if isinstance(manifest.preprocessing, TokenizerPreprocessing) and any(t.datatype == "BYTES" for t in request.inputs):
+        raise ProtocolError("BYTES input for text models is not supported yet; send the tokenized tensors")
+
+
+# --------------------------------------------------------------------------- OIP: model repository extension
+
+repository_routes = APIRouter(tags=["model repository"])
+
+
+class IndexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ready: bool | None = Field(None, description="true: list only the versions that serve")
+
+
+class ModelRequest(BaseModel):
+    """The body of load and unload (``{"parameters": {"unload_dependents": false}}``); optional."""
+
+    model_config = ConfigDict(extra="forbid")
+    parameters: dict[str, JsonValue] | None = None
+
+
+def _optional_json_body(schema: str) -> dict:
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+        }
+    }
+
+
+def _version_row(info: VersionInfo) -> dict:
+    return {"name": info.name, "version": info.version, "state": info.state, "reason": info.reason}
+
+
+@repository_routes.post("/v2/repository/index", summary="Repository index", openapi_extra=_optional_json_body("IndexRequest"))
+async def repository_index(request: Request, agent: Agent = Depends(_agent)) -> list[dict]:
+    wanted = _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests"), IndexRequest, "the index request")
+    infos = await run_in_threadpool(agent.repository.index)
+    return [_version_row(info) for info in infos if not wanted.ready or info.state == "READY"]
+
+
+@repository_routes.post("/v2/repository/models/{name}/load", summary="Load a model", openapi_extra=_optional_json_body("ModelRequest"))
+async def repository_load(name: str, request: Request, agent: Agent = Depends(_agent)) -> dict:
+    load = _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests"), ModelRequest, "the load request")
+    overrides = sorted(key for key in (load.parameters or {}) if key == "config" or key.startswith("file:"))
+    if overrides:
+        raise ProtocolError(f"load parameters {overrides} are not supported: models come only from signed bundles")
+    check_model_reference(name)
+    served = await run_in_threadpool(agent.repository.load, name)
+    log.info("loaded %s %s through the repository API", served.name, served.version)
+    return {"name": served.name, "version": served.version, "state": "READY"}
+
+
+@repository_routes.post("/v2/repository/models/{name}/unload", summary="Unload a model", openapi_extra=_optional_json_body("ModelRequest"))
+async def repository_unload(name: str, request: Request, agent: Agent = Depends(_agent)) -> dict:
+    _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests"), ModelRequest, "the unload request")
+    check_model_reference(name)
+    await run_in_threadpool(agent.repository.unload, name)
+    agent.forget(name)
+    log.info("unloaded %s through the repository API", name)
+    return {"name": name}
+
+
+# --------------------------------------------------------------------------- admin API
+
+_bearer = HTTPBearer(auto_error=False, description="the token in the agent's admin_token_file")
+
+
+async def require_admin(
+    agent: Agent = Depends(_agent), credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> None:
+    """401 without a bearer token, 403 with a wrong one (compared in constant time)."""
+    if agent.admin_token is None:
+        raise HTTPException(403, "the admin API is off: set admin_token_file in the agent's settings")
+    if credentials is None:
+        raise HTTPException(401, "the admin API needs 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(credentials.credentials.encode("utf-8"), agent.admin_token):
+        raise HTTPException(403, "wrong admin token")
+
+
+admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the signed .ekb bundle, as raw bytes",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+def _served_row(served: ServedModel) -> dict:
+    return {"name": served.name, "version": served.version, "state": "READY", "golden_error": served.golden_error}
+
+
+def _admin_row(info: VersionInfo) -> dict:
+    return {**_version_row(info), "active": info.active}
+
+
+@admin.post("/models", summary="Install a bundle", openapi_extra=_UPLOAD_BODY)
+async def install_bundle(request: Request, force: bool = False, agent: Agent = Depends(_agent)) -> dict:
+    """Verify, load, golden-check and switch to the uploaded bundle; on any failure the serving model stays."""
+    await agent.start_ended()
+    upload = agent.repository.new_upload_path()
+    try:
+        size = await receive_to_file(request, upload, agent.settings.max_body_bytes)
+        served = await run_in_threadpool(agent.repository.install, upload, force=force)
+    except UserError as error:  # a refused bundle, or an upload over the limit
+        agent.metrics.installs["refused"] += 1
+        log.warning("bundle not installed: %s", error)
+        raise
+    except Exception:
+        agent.metrics.installs["error"] += 1
+        raise
+    finally:
+        upload.unlink(missing_ok=True)
+    agent.metrics.installs["success"] += 1
+    log.info("installed %s %s", served.name, served.version, extra={"bytes": size, "golden_error": served.golden_error})
+    return _served_row(served)
+
+
+@admin.get("/models", summary="Installed versions")
+async def list_versions(agent: Agent = Depends(_agent)) -> list[dict]:
+    return [_admin_row(info) for info in await run_in_threadpool(agent.repository.index)]
+
+
+@admin.post("/models/{name}/activate/{version}", summary="Serve an installed version")
+async def activate_version(name: str, version: str, agent: Agent = Depends(_agent)) -> dict:
+    check_model_reference(name, version)
+    served = await run_in_threadpool(agent.repository.activate, name, version)
+    log.info("activated %s %s", served.name, served.version)
+    return _served_row(served)
+
+
+@admin.post("/models/{name}/rollback", summary="Serve the previous version")
+async def rollback_model(name: str, agent: Agent = Depends(_agent)) -> dict:
+    check_model_reference(name)
+    served = await run_in_threadpool(agent.repository.rollback, name)
+    agent.metrics.rollbacks += 1
+    return _served_row(served)
+
+
+@admin.get("/status", summary="Agent status")
+async def agent_status(agent: Agent = Depends(_agent)) -> dict:
+    infos = await run_in_threadpool(agent.repository.index)
+    problems = await agent.readiness_problems()
+    settings = agent.settings
+    return {
+        "name": SERVER_NAME,
+        "version": agent_version(),
+        "uptime_s": round(time.time() - agent.started_at, 3),
+        "ready": not problems,
+        "not_ready_because": problems,
+        "models": [_admin_row(info) for info in infos],
+        "batching": {"max_batch": settings.max_batch, "max_delay_ms": settings.max_batch_delay_ms},
+        "host": agent.repository.host.to_dict(),
+    }
+
+
+# --------------------------------------------------------------------------- metrics
+
+metrics_routes = APIRouter(tags=["metrics"])
+
+
+@metrics_routes.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+async def metrics(agent: Agent = Depends(_agent)) -> PlainTextResponse:
+    infos = await run_in_threadpool(agent.repository.index)
+    active = [(info.name, info.version) for info in infos if info.active and info.state == "READY"]
+    return PlainTextResponse(agent.metrics.render(active), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the request bodies the routes read by hand (they may be binary)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (InferRequest, IndexRequest, ModelRequest):
+            document = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(document.pop("$defs", {}))
+            components[model.__name__] = document
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(repository: Repository, settings: AgentSettings) -> FastAPI:
+    """The agent's web application. At startup it starts ``repository`` in a worker thread
+    (recovery, then loading and golden-checking each active model); the server is
+    live at once and ready when that is done.
+    """
+    agent = Agent(repository, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        starting = asyncio.create_task(agent.start_repository())
+        yield
+        if not starting.done():
+            starting.cancel()
+
+    app = FastAPI(
+        title=SERVER_NAME,
+        version=agent_version(),
+        description="edgekit device agent: Open Inference Protocol v2, model repository, admin API, metrics",
+        lifespan=lifespan,
+    )
+    app.state.agent = agent
+    app.add_exception_handler(UserError, _on_user_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(Exception, _on_internal_error)
+    for router in (oip, repository_routes, admin, metrics_routes):
+        app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def run_server(settings: AgentSettings) -> None:
+    """Serve until stopped (``edgekit-agent serve``): JSON logs, the repository under ``state_dir``, uvicorn."""
+    import uvicorn
+
+    from device_agent.keys import Keyring
+    from device_agent.runtime import RuntimeOptions
+
+    configure_json_logging(settings.log_level)
+    repository = Repository(
+        settings.state_dir,
+        Keyring.load(settings.keyring_dir),
+        keep_versions=settings.keep_versions,
+        # TensorRT engines are built on the device once and kept with its state.
+        runtime_options=RuntimeOptions(
+            intra_op_threads=settings.intra_op_threads, engine_cache_dir=settings.state_dir / "engine-cache"
+        ),
+    )
+    app = create_app(repository, settings)
+    log.info("serving on %s:%s", settings.host, settings.port, extra={"tls": settings.ssl_certfile is not None})
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+        log_config=None,
+        log_level=settings.log_level,
+        server_header=False,
+    )

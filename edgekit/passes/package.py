@@ -1,0 +1,115 @@
+"""package: the signed bundle (.ekb) a device installs.
+
+The bundle carries the model, the tokenizer, golden vectors (real test texts
+with the final model's outputs on this host, and tolerances wide enough for
+another machine's kernels), the build metrics, and the target's identity.
+Its format is ``device_agent.bundle``: the same code the device reads it with.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from edgekit.artifact import Artifact, Pass, PassContext, Stage
+from edgekit.config import BuildConfig
+from edgekit.targets import TargetProfile
+
+# Golden tolerances per precision: int8 kernels differ between CPUs (VNNI, NEON),
+# fp16 between GPUs; fp32 differs only by summation order.
+GOLDEN_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "int8": (5e-2, 5e-2)}
+_ONNX_TO_OIP = {1: "FP32", 10: "FP16", 6: "INT32", 7: "INT64", 9: "BOOL", 2: "UINT8", 3: "INT8", 11: "FP64"}
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+    target: TargetProfile
+    golden_samples: int
+
+
+def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
+    assert target is not None
+    return Options(name=config.model.name, version=config.model.version, target=target, golden_samples=config.evaluation.golden_samples)
+
+
+def _tensor_specs(values) -> list:
+    from device_agent.bundle import TensorSpec
+
+    specs = []
+    for value in values:
+        tensor = value.type.tensor_type
+        shape = [dim.dim_param or dim.dim_value for dim in tensor.shape.dim]
+        specs.append(TensorSpec(name=value.name, datatype=_ONNX_TO_OIP[tensor.elem_type], shape=shape))
+    return specs
+
+
+def bundle_metrics(metrics: dict) -> dict:
+    """The numbers a device or an operator needs, without per-class tables."""
+    final, reference = metrics.get("final", {}), metrics.get("reference", {})
+    keep = ("accuracy", "f1_macro", "latency_p50_ms", "latency_p95_ms", "throughput", "size_mb", "top1_agreement")
+    return {
+        "reference": {k: reference[k] for k in keep if k in reference},
+        "final": {k: final[k] for k in keep if k in final},
+        "gates": metrics.get("gates", []),
+    }
+
+
+def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    from device_agent.bundle import (
+        GoldenVectors, Manifest, ModelInfo, RuntimeInfo, TargetInfo, TaskInfo, TokenizerPreprocessing, write_bundle,
+    )
+    from device_agent.keys import load_private_key
+    from device_agent.preprocess import TextTokenizer
+
+    target = options.target
+    graph = onnx.load(str(artifact.model_path), load_external_data=False).graph
+    texts = ctx.data.test.texts[: options.golden_samples]
+    session = onnxruntime.InferenceSession(str(artifact.model_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = {k: v for k, v in TextTokenizer(artifact.task.tokenizer_file, artifact.task.max_length).encode(texts).items() if k in names}
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+    golden = ctx.work_dir / "golden.npz"
+    np.savez(golden, **{f"input:{k}": v for k, v in feeds.items()}, **{f"output:{k}": v for k, v in outputs.items()})
+    atol, rtol = GOLDEN_TOLERANCES[artifact.precision]
+
+    manifest = Manifest(
+        model=ModelInfo(name=options.name, version=options.version),
+        target=TargetInfo(name=target.name, profile_sha256=target.sha256(), cpu_arch=target.cpu_arch,
+                          accelerator=target.accelerator, gpu_compute_capability=target.gpu_compute_capability,
+                          software=target.software.pinned()),
+        runtime=RuntimeInfo(engine=target.runtime.engine, execution_providers=list(target.runtime.execution_providers),
+                            model_file="model.onnx", engine_build=dict(artifact.engine_build) if artifact.engine_build else None),
+        precision=artifact.precision,
+        inputs=[spec for spec in _tensor_specs(graph.input) if spec.name in names],
+        outputs=_tensor_specs(graph.output),
+        task=TaskInfo(kind="text-classification", labels=list(artifact.task.labels)),
+        preprocessing=TokenizerPreprocessing(tokenizer_file="tokenizer.json", max_length=artifact.task.max_length),
+        metrics=bundle_metrics(dict(artifact.metrics)),
+        golden=GoldenVectors(file="golden.npz", atol=atol, rtol=rtol),
+    )
+    bundle = ctx.work_dir / f"{options.name}-{options.version}.ekb"
+    payload = {"model.onnx": artifact.model_path, "tokenizer.json": artifact.task.tokenizer_file, "golden.npz": golden}
+    write_bundle(bundle, manifest, payload, load_private_key(ctx.signing_key))
+    ctx.say(f"package: signed {bundle.name} ({bundle.stat().st_size / 1e6:.1f} MB)")
+    return Artifact(Stage.BUNDLE, ctx.work_dir, bundle.name, artifact.digest, artifact.task, artifact.precision,
+                    artifact.float_model, artifact.kept_in_float, artifact.engine_build, artifact.metrics)
+
+
+PASS = Pass(
+    name="package",
+    version=1,
+    takes=frozenset({Stage.EVALUATED}),
+    gives=Stage.BUNDLE,
+    target_specific=True,
+    uses_data=True,
+    libraries=("onnx", "onnxruntime"),
+    options_for=options_for,
+    run=run,
+    signs=True,
+)

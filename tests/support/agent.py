@@ -1,0 +1,108 @@
+"""A real device agent for tests: uvicorn on a free loopback port in a background thread, real ONNX Runtime."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from device_agent.config import AgentSettings
+from device_agent.keys import Keyring, generate_keypair, load_private_key
+from device_agent.repository import Repository
+from device_agent.server import create_app
+from tests.support.bundles import write_tiny_bundle
+
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+MODEL = "tiny-classifier"
+
+
+@dataclass
+class LiveAgent:
+    """A running agent and what the tests need to talk to it."""
+
+    url: str  # http://127.0.0.1:PORT
+    address: str  # 127.0.0.1:PORT, as tritonclient wants it
+    workdir: Path
+    settings: AgentSettings
+    repository: Repository
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def bundle(self, version: str) -> Path:
+        """A signed bundle of the tiny classifier at ``version`` (written on first use)."""
+        path = self.workdir / "bundles" / f"tiny-{version}.ekb"
+        if not path.exists():
+            write_tiny_bundle(path, load_private_key(self.workdir / "keys" / "edgekit.key"), version=version)
+        return path
+
+    def model_file(self, version: str = "1.0.0") -> Path:
+        """The ONNX file inside ``bundle(version)``, to run in-process as the reference."""
+        self.bundle(version)
+        return self.workdir / "bundles" / f"tiny-{version}-payload" / "model.onnx"
+
+    def install(self, version: str) -> httpx.Response:
+        return httpx.post(f"{self.url}/admin/models", content=self.bundle(version).read_bytes(), headers=self.admin_headers, timeout=60)
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Run ``app`` under uvicorn on a free port until the block ends; yield ``host:port``."""
+    import uvicorn
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port first
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the agent did not start")
+        time.sleep(0.01)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        listener.close()
+
+
+def wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/v2/health/ready").status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the agent at {url} did not become ready")
+        time.sleep(0.02)
+
+
+@contextmanager
+def live_agent(workdir: Path, *, admin_token: bool = True, **settings: object) -> Iterator[LiveAgent]:
+    """A fresh agent with an empty state folder, a keyring trusting a fresh key, and the admin token set."""
+    generate_keypair(workdir / "keys")
+    keyring_dir = workdir / "keyring"
+    keyring_dir.mkdir()
+    shutil.copy(workdir / "keys" / "edgekit.pub", keyring_dir / "build-host.pub")
+    token_file = None
+    if admin_token:
+        token_file = workdir / "admin.token"
+        token_file.write_text(ADMIN_TOKEN + "\n")
+        token_file.chmod(0o600)
+    agent_settings = AgentSettings(
+        state_dir=workdir / "state", keyring_dir=keyring_dir, admin_token_file=token_file, **settings  # type: ignore[arg-type]
+    )
+    repository = Repository(agent_settings.state_dir, Keyring.load(keyring_dir), keep_versions=agent_settings.keep_versions)
+    with serving(create_app(repository, agent_settings)) as address:
+        agent = LiveAgent(f"http://{address}", address, workdir, agent_settings, repository)
+        wait_ready(agent.url)
+        yield agent
