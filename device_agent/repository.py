@@ -33,7 +33,7 @@ from device_agent.bundle import BundleError, BundleLimits, Manifest, open_bundle
 from device_agent.errors import UserError
 from device_agent.host import HostReport, probe_host
 from device_agent.keys import Keyring
-from device_agent.runtime import ModelLoadError, ModelSession, RuntimeOptions, load_session, run_golden_check
+from device_agent.runtime import ModelLoadError, RuntimeOptions, Session, open_model, run_golden_check
 
 log = logging.getLogger("edgekit.agent.repository")
 
@@ -76,7 +76,7 @@ class ServedModel:
     name: str
     version: str
     manifest: Manifest
-    session: ModelSession
+    session: Session
     slot_dir: Path
     golden_error: float
 
@@ -340,7 +340,7 @@ class Repository:
     def _prove(self, name: str, version: str, manifest: Manifest, root: Path) -> ServedModel:
         """Load the model from ``root`` and run its golden vectors on this device."""
         try:
-            session = load_session(manifest, root / manifest.runtime.model_file, self.runtime_options)
+            session = open_model(manifest, root / manifest.runtime.model_file, self.runtime_options)
             error = run_golden_check(session, root / manifest.golden.file)
         except UserError as failure:
             raise InstallRefused("golden", str(failure)) from None

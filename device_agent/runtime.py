@@ -12,6 +12,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -105,7 +106,28 @@ def load_session(manifest: Manifest, model_path: Path, options: RuntimeOptions =
     return ModelSession(manifest, model_path, list(session.get_providers()), skipped, session)
 
 
-def run_golden_check(session: ModelSession, golden_path: Path) -> float:
+class Session(Protocol):
+    """What serving needs from a loaded model: ONNX Runtime's ModelSession or a native TensorRTSession."""
+
+    manifest: Manifest
+    providers: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def open_model(manifest: Manifest, model_path: Path, options: RuntimeOptions = RuntimeOptions()) -> Session:
+    """A native TensorRT engine for tensorrt bundles where one can be built here; ONNX Runtime otherwise."""
+    if manifest.runtime.engine == "tensorrt" and options.engine_cache_dir is not None:
+        from device_agent.tensorrt_engine import load_tensorrt_session  # imported late: it imports this module
+
+        try:
+            return load_tensorrt_session(manifest, model_path, options.engine_cache_dir / "tensorrt")
+        except ModelLoadError as exc:
+            log.warning("using ONNX Runtime instead of a native TensorRT engine: %s", exc)
+    return load_session(manifest, model_path, options)
+
+
+def run_golden_check(session: Session, golden_path: Path) -> float:
     """Run the bundle's golden inputs and compare with the recorded outputs; return the worst error.
 
     The golden file is an ``.npz`` with ``input:<name>`` and ``output:<name>`` arrays.

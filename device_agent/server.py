@@ -56,7 +56,7 @@ from device_agent.protocol import (
     parse_json_model,
 )
 from device_agent.repository import ModelNotFound, Repository, ServedModel, VersionInfo
-from device_agent.runtime import ModelSession
+from device_agent.runtime import Session
 
 log = logging.getLogger("edgekit.agent.server")
 
@@ -122,7 +122,7 @@ class Agent:
         self.started_at = time.time()
         self.start_problem: str | None = "the repository is still loading its models"
         self._start_ended = asyncio.Event()
-        self._batchers: dict[str, tuple[ModelSession, DynamicBatcher]] = {}
+        self._batchers: dict[str, tuple[Session, DynamicBatcher]] = {}
 
     async def start_repository(self) -> None:
         """Recover the repository and load its models; until this ends the server is live but not ready."""

@@ -11,7 +11,7 @@ FORBIDDEN = ("torch", "transformers", "peft", "optimum", "edgekit", "onnx")
 PROBE = """
 import json, sys
 import device_agent, device_agent.bundle, device_agent.keys, device_agent.host, device_agent.errors, device_agent.cli
-import device_agent.server, device_agent.repository, device_agent.runtime, device_agent.batching, device_agent.preprocess, device_agent.validation
+import device_agent.server, device_agent.repository, device_agent.runtime, device_agent.batching, device_agent.preprocess, device_agent.validation, device_agent.tensorrt_engine
 from device_agent.host import probe_host
 probe_host()
 print(json.dumps(sorted(sys.modules)))
