@@ -106,3 +106,56 @@ def live_agent(workdir: Path, *, admin_token: bool = True, **settings: object) -
         agent = LiveAgent(f"http://{address}", address, workdir, agent_settings, repository)
         wait_ready(agent.url)
         yield agent
+
+
+class AgentProcess:
+    """`edgekit-agent serve` as a real subprocess (so it can be killed with SIGKILL and restarted on the same state)."""
+
+    def __init__(self, workdir: Path, keyring_dir: Path) -> None:
+        import subprocess
+        import sys
+
+        self._subprocess, self._python = subprocess, sys.executable
+        self.workdir = workdir
+        token = workdir / "admin.token"
+        token.write_text(ADMIN_TOKEN)
+        token.chmod(0o600)
+        self.config = workdir / "agent.yaml"
+        self.config.write_text(f"state_dir: state\nkeyring_dir: {keyring_dir}\nadmin_token_file: admin.token\nlog_level: warning\n")
+        self.process = None
+        self.url = ""
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def start(self, timeout: float = 60) -> "AgentProcess":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [self._python, "-c", "from device_agent.cli import main; main()", "serve", "--config", str(self.config), "--port", str(port)]
+        self.process = self._subprocess.Popen(command, stdout=self._subprocess.DEVNULL, stderr=self._subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the agent did not become ready (exit code {self.process.poll()})")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no flush, exactly what a power cut leaves."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except self._subprocess.TimeoutExpired:
+                self.kill()
