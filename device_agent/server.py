@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import time
+
+import numpy as np
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +58,7 @@ from device_agent.protocol import (
     parse_json_model,
 )
 from device_agent.repository import ModelNotFound, Repository, ServedModel, VersionInfo
+from device_agent.preprocess import TextTokenizer
 from device_agent.runtime import Session
 
 log = logging.getLogger("edgekit.agent.server")
@@ -123,6 +126,7 @@ class Agent:
         self.start_problem: str | None = "the repository is still loading its models"
         self._start_ended = asyncio.Event()
         self._batchers: dict[str, tuple[Session, DynamicBatcher]] = {}
+        self._tokenizers: dict[tuple[str, str], TextTokenizer] = {}
 
     async def start_repository(self) -> None:
         """Recover the repository and load its models; until this ends the server is live but not ready."""
@@ -155,6 +159,15 @@ class Agent:
         batcher = DynamicBatcher(served.session.run, max_batch, self.settings.max_batch_delay_ms, stats)
         self._batchers[served.name] = (served.session, batcher)
         return batcher
+
+    def tokenizer_for(self, served: ServedModel) -> TextTokenizer:
+        """The text model's tokenizer, built once per served version."""
+        key = (served.name, served.version)
+        if key not in self._tokenizers:
+            spec = served.manifest.preprocessing
+            assert isinstance(spec, TokenizerPreprocessing)
+            self._tokenizers[key] = TextTokenizer(served.slot_dir / spec.tokenizer_file, spec.max_length)
+        return self._tokenizers[key]
 
     def forget(self, name: str) -> None:
         """Drop an unloaded model's batcher, and with it the last reference to its session."""
@@ -323,7 +336,7 @@ def _model_metadata(served: ServedModel) -> dict:
         "name": served.name,
         "versions": [served.version],
         "platform": "onnxruntime_onnx",
-        "inputs": [_tensor_metadata(spec) for spec in manifest.inputs],
+        "inputs": [_tensor_metadata(spec) for spec in public_inputs(manifest)],
         "outputs": [_tensor_metadata(spec) for spec in manifest.outputs],
     }
 
@@ -396,10 +409,9 @@ async def _answer(agent: Agent, request: Request, served: ServedModel, stats: Re
     limit = agent.settings.max_request_bytes
     body = decompress(await read_body(request, limit, "max_request_bytes"), request.headers.get("content-encoding"), limit)
     infer_request, binary = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-    _refuse_text(served.manifest, infer_request)
 
     started = time.perf_counter()
-    feeds = decode_inputs(infer_request, binary, served.manifest)
+    feeds = _text_feeds(agent, served, infer_request, binary) or decode_inputs(infer_request, binary, served.manifest)
     choices = choose_outputs(infer_request, served.manifest)
     stats.compute_input_duration_us += _microseconds_since(started)
     try:
@@ -423,10 +435,27 @@ async def _answer(agent: Agent, request: Request, served: ServedModel, stats: Re
     return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
 
 
-def _refuse_text(manifest: Manifest, request: InferRequest) -> None:
-    # Tokenizing text on the device comes later; token ids as tensors are served already.
-    if isinstance(manifest.preprocessing, TokenizerPreprocessing) and any(t.datatype == "BYTES" for t in request.inputs):
-        raise ProtocolError("BYTES input for text models is not supported yet; send the tokenized tensors")
+# What a text model takes from clients: raw strings, tokenized here with the bundle's tokenizer.
+TEXT_INPUT = TensorSpec(name="text", datatype="BYTES", shape=["batch"])
+
+
+def public_inputs(manifest: Manifest) -> list[TensorSpec]:
+    """The inputs a client may send: the model's tensors, and raw text for text models."""
+    text = [TEXT_INPUT] if isinstance(manifest.preprocessing, TokenizerPreprocessing) else []
+    return text + list(manifest.inputs)
+
+
+def _text_feeds(agent: Agent, served: ServedModel, request: InferRequest, binary: bytes) -> dict[str, np.ndarray] | None:
+    """Token tensors for a text model's BYTES ``text`` input, or None when the request sends tensors."""
+    if not isinstance(served.manifest.preprocessing, TokenizerPreprocessing) or not any(t.name == TEXT_INPUT.name for t in request.inputs):
+        return None
+    texts = decode_inputs(request, binary, served.manifest.model_copy(update={"inputs": [TEXT_INPUT]}))[TEXT_INPUT.name]
+    try:
+        strings = [item.decode("utf-8") for item in texts]
+    except UnicodeDecodeError:
+        raise ProtocolError("input 'text' must be UTF-8") from None
+    encoded = agent.tokenizer_for(served).encode(strings)
+    return {spec.name: encoded[spec.name] for spec in served.manifest.inputs}
 
 
 # --------------------------------------------------------------------------- OIP: model repository extension

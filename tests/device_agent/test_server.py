@@ -294,22 +294,6 @@ def test_unknown_models_and_routes_are_404_with_an_error(agent: LiveAgent, path:
     assert "error" in response.json()
 
 
-def test_text_models_refuse_bytes_input_for_now(agent: LiveAgent):
-    """A BYTES input is text; tokenizing on the device comes later, so it is a 400, not a crash."""
-    from device_agent.bundle import TokenizerPreprocessing
-    from device_agent.server import _refuse_text
-
-    served = agent.repository.served(MODEL)
-    text_manifest = served.manifest.model_copy(
-        update={"preprocessing": TokenizerPreprocessing(tokenizer_file="tokenizer.json", max_length=8)}
-    )
-    from device_agent.protocol import InferRequest, ProtocolError
-
-    request = InferRequest.model_validate({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]})
-    with pytest.raises(ProtocolError, match="BYTES input for text models is not supported yet"):
-        _refuse_text(text_manifest, request)
-
-
 # --------------------------------------------------------------------------- repository extension
 
 

@@ -1,0 +1,734 @@
+"""The quantize pass: a float ONNX text classifier to the target's int8 recipe, judged against its float parent.
+
+Three schemes, chosen by the target profile:
+
+- ``none``: the model stays float (fp16 conversion is the optimize pass's job).
+- ``dynamic`` (CPU targets): ONNX Runtime's ``quantize_dynamic``, int8 weights and
+  activations quantized at run time. Never for convolutions: ORT's dynamic path
+  has no int8 conv kernels (measured 5-8x slower than fp32), so a graph with Conv
+  falls back to static QDQ with uint8 activations.
+- ``static_qdq``: ``quantize_static`` in QDQ format, calibrated on the build's
+  tokenized calibration texts. Only MatMul/Gemm/Conv are quantized, and the
+  attention-mask path stays float: its float32-minimum sentinels (about -3.4e38)
+  would give the scores a scale near 1e36 and wipe them out (see MEASURED.md).
+
+When ``accuracy_aware`` is on and the quantized model breaks the budget (accuracy
+drop in points, top-1 agreement with the float parent), quantized nodes are ranked
+by their own quantization error in one probe run, and the most sensitive ones are
+returned to float until the budget holds or the time limit ends the search. The
+best model found is always written; ``metrics["quantization"]["budget_met"]`` says
+whether it meets the budget, and the build's gate decides what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.registry import IntegerOpsRegistry
+from pydantic import BaseModel, ConfigDict, Field
+
+from device_agent.preprocess import TextTokenizer
+from edgekit import measure
+from edgekit.artifact import Artifact, Pass, PassContext, Stage, TaskSpec
+from edgekit.config import BuildConfig
+from edgekit.errors import EdgekitError
+from edgekit.targets import TargetProfile
+from edgekit.tasks.text_classification import MIN_CALIBRATION_ROWS, Split
+
+MODEL_FILE = "model.onnx"
+STATIC_OP_TYPES = ("MatMul", "Gemm", "Conv")
+# quantize_dynamic rewrites Gemm as MatMul + Add before quantizing it, so Gemm counts as quantizable there too.
+DYNAMIC_OP_TYPES = tuple(sorted({*IntegerOpsRegistry, "Gemm"}))
+MASK_INPUT = "attention_mask"
+BATCH_ROWS = 32  # rows per inference batch when calibrating and judging
+PROBE_ROWS = 16  # calibration rows of the sensitivity probe: one batch is enough to rank nodes
+_SHAPE_OPS = frozenset({"Shape", "Size"})  # their outputs are metadata, not values derived from an input
+_MASK_SENTINEL = 1e30  # |value| above this is an attention-mask sentinel (float32 min), kept exactly by quantization
+_TWIN_SUFFIX = "__edgekit_float"
+_ORT_CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+_ORT_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+
+
+class QuantizeError(EdgekitError):
+    """The model cannot be quantized with the data or settings given."""
+
+
+class Options(BaseModel):
+    """How to quantize, from the target's quantization section and budgets and the build's quantization section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheme: Literal["none", "dynamic", "static_qdq"]
+    float_precision: Literal["fp32", "fp16"] = Field("fp32", description="the model's precision when scheme is none")
+    weight_type: Literal["int8", "uint8"] = "int8"
+    activation_type: Literal["int8", "uint8"] = "uint8"
+    symmetric_weights: bool = True
+    symmetric_activations: bool = False
+    per_channel: bool = True
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_samples: int = Field(256, ge=1)
+    op_types: tuple[str, ...] = Field(STATIC_OP_TYPES, description="node types static QDQ quantizes")
+    keep_mask_path_float: bool = Field(True, description="leave the attention-mask computation and the Adds applying it unquantized")
+    accuracy_aware: bool = True
+    time_limit_s: float = Field(300, gt=0, description="budget for searching nodes to keep in float")
+    evaluation_samples: int = Field(400, ge=1, description="validation rows that judge a candidate")
+    max_accuracy_drop_points: float = Field(1.0, ge=0)
+    min_top1_agreement: float = Field(0.99, ge=0, le=1)
+
+
+def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
+    """The target's recipe and budgets, with the build config's search settings and calibration override."""
+    if target is None:
+        return Options(scheme="none")
+    spec, search = target.quantization, config.quantization
+    return Options(
+        scheme=spec.scheme,
+        float_precision="fp32" if target.precision.preferred == "int8" else target.precision.preferred,
+        weight_type=spec.weight_type,
+        activation_type=spec.activation_type,
+        symmetric_weights=spec.symmetric_weights,
+        symmetric_activations=spec.symmetric_activations,
+        per_channel=spec.per_channel,
+        calibration_method=search.calibration_method or spec.calibration_method,
+        calibration_samples=spec.calibration_samples,
+        accuracy_aware=search.accuracy_aware,
+        time_limit_s=search.time_limit_s,
+        evaluation_samples=search.evaluation_samples,
+        max_accuracy_drop_points=target.budgets.max_accuracy_drop_points,
+        min_top1_agreement=target.budgets.min_top1_agreement,
+    )
+
+
+def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
+    """Write ``ctx.work_dir/model.onnx`` at the target's precision and report how it compares with the float parent."""
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    output = ctx.work_dir / MODEL_FILE
+    if options.scheme == "none":
+        return _keep_float(artifact, options, output)
+    started = time.perf_counter()
+    float_model = onnx.load(artifact.model_path)
+    recipe = _recipe_for(options, float_model)
+    if recipe.note:
+        ctx.say(f"quantize: {recipe.note}")
+    inputs = _input_names(float_model.graph)
+    judge = Judge.for_float_model(artifact.model_path, inputs, artifact.task, _evaluation_split(ctx, options))
+    # Only calibrated scales suffer from the mask's sentinels: dynamic int8 measures its ranges on each run.
+    mask_path = _mask_path_nodes(float_model.graph) if options.keep_mask_path_float and recipe.scheme == "static_qdq" else ()
+    calibration = _calibrate(recipe, artifact, inputs, ctx, mask_path) if recipe.scheme == "static_qdq" else None
+    budget = Budget(judge.float_accuracy, options.max_accuracy_drop_points, options.min_top1_agreement)
+    search = Search(Quantizer(recipe, artifact.model_path, calibration, base_exclusions=mask_path), judge, budget, output)
+    search.try_keeping(())
+    candidates = _quantized_nodes(float_model, onnx.load(output), recipe.candidate_op_types, mask_path)
+    ranking: list[tuple[str, float]] = []
+    if options.accuracy_aware and not budget.met_by(search.best):
+        deadline = time.perf_counter() + options.time_limit_s
+        ranking = _rank_by_sensitivity(float_model, output, candidates, _probe_inputs(artifact.task, ctx.data.calibration))
+        _return_sensitive_nodes_to_float(search, [node for node, _ in ranking], deadline, ctx)
+    search.discard_scratch()
+    best = search.best
+    kept_in_float = tuple(_quantizable(float_model, mask_path, recipe.candidate_op_types)) + best.kept_in_float
+    report = _report(recipe, calibration, judge, budget, search, ranking, kept_in_float, candidates, started)
+    ctx.say(_summary(recipe, best, budget, len(kept_in_float)))
+    return dataclasses.replace(
+        artifact,
+        stage=Stage.QUANTIZED,
+        directory=ctx.work_dir,
+        model_file=MODEL_FILE,
+        precision="int8" if len(best.kept_in_float) < len(candidates) else "fp32",
+        float_model=artifact.model_path,
+        kept_in_float=kept_in_float,
+        metrics={**artifact.metrics, "quantization": report},
+    )
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What ORT is asked to do, after the pass's own rules have been applied to the target's options."""
+
+    scheme: Literal["dynamic", "static_qdq"]
+    requested_scheme: str
+    weight_type: str
+    activation_type: str
+    symmetric_weights: bool
+    symmetric_activations: bool
+    per_channel: bool
+    calibration_method: str
+    calibration_samples: int
+    candidate_op_types: tuple[str, ...]
+    note: str | None = None
+
+
+def _recipe_for(options: Options, model: onnx.ModelProto) -> Recipe:
+    """The options as a recipe; dynamic int8 on a graph with Conv becomes static QDQ with uint8 activations."""
+    recipe = Recipe(
+        scheme=options.scheme,
+        requested_scheme=options.scheme,
+        weight_type=options.weight_type,
+        activation_type=options.activation_type,
+        symmetric_weights=options.symmetric_weights,
+        symmetric_activations=options.symmetric_activations,
+        per_channel=options.per_channel,
+        calibration_method=options.calibration_method,
+        calibration_samples=options.calibration_samples,
+        candidate_op_types=options.op_types,
+    )
+    if options.scheme == "static_qdq":
+        return recipe
+    if any(node.op_type == "Conv" for node in model.graph.node):
+        note = "the graph has Conv nodes and dynamic int8 has no int8 conv kernels (5-8x slower than fp32); using static QDQ with uint8 activations"
+        return dataclasses.replace(recipe, scheme="static_qdq", activation_type="uint8", symmetric_activations=False, candidate_op_types=STATIC_OP_TYPES, note=note)
+    # Dynamic quantization computes uint8 activation ranges at run time: there is nothing to calibrate or symmetrise.
+    return dataclasses.replace(recipe, activation_type="uint8", symmetric_activations=False, candidate_op_types=DYNAMIC_OP_TYPES)
+
+
+def _keep_float(artifact: Artifact, options: Options, output: Path) -> Artifact:
+    # load + save rather than a file copy: it also brings along weights stored as external data.
+    onnx.save(onnx.load(artifact.model_path), output)
+    return dataclasses.replace(
+        artifact,
+        stage=Stage.QUANTIZED,
+        directory=output.parent,
+        model_file=output.name,
+        precision=options.float_precision,
+        float_model=artifact.float_model or artifact.model_path,
+        kept_in_float=(),
+        metrics={**artifact.metrics, "quantization": {"scheme": "none", "precision": options.float_precision}},
+    )
+
+
+# --------------------------------------------------------------------------- graph analysis
+
+
+def _mask_path_nodes(graph: onnx.GraphProto) -> tuple[str, ...]:
+    """Nodes computing the additive attention mask from ``attention_mask``, up to and including the nodes that apply it.
+
+    Walks forward from the mask input. A node that also consumes a value derived from
+    the other inputs (the attention scores) applies the mask: it is part of the path,
+    but the walk stops there. Shape/Size outputs are metadata and carry nothing on.
+    """
+    if MASK_INPUT not in {value.name for value in graph.input}:
+        return ()
+    activations = _derived_from(graph, [value.name for value in graph.input if value.name != MASK_INPUT])
+    mask_values, path = {MASK_INPUT}, []
+    for node in graph.node:  # ONNX stores nodes in topological order
+        if node.op_type in _SHAPE_OPS or not mask_values.intersection(node.input):
+            continue
+        path.append(node.name)
+        if not activations.intersection(node.input):
+            mask_values.update(node.output)
+    return tuple(name for name in path if name)
+
+
+def _derived_from(graph: onnx.GraphProto, sources: Sequence[str]) -> set[str]:
+    """Every tensor whose value depends on one of ``sources`` (not just on its shape)."""
+    reached = set(sources)
+    for node in graph.node:
+        if node.op_type not in _SHAPE_OPS and reached.intersection(node.input):
+            reached.update(node.output)
+    return reached
+
+
+def _quantizable(model: onnx.ModelProto, names: Sequence[str], op_types: Sequence[str]) -> list[str]:
+    """Those of ``names`` whose node type the recipe would quantize."""
+    op_type_of = {node.name: node.op_type for node in model.graph.node}
+    return [name for name in names if op_type_of.get(name) in op_types]
+
+
+def _quantized_nodes(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, op_types: Sequence[str], excluded: Sequence[str]) -> list[str]:
+    """Float nodes of the recipe's types that quantization replaced (dynamic) or rewired to quantized inputs (QDQ)."""
+    after = {node.name: node for node in quantized_model.graph.node}
+    names = []
+    for node in float_model.graph.node:
+        if not node.name or node.name in excluded or node.op_type not in op_types:
+            continue
+        twin = after.get(node.name)
+        if twin is None or twin.op_type != node.op_type or list(twin.input) != list(node.input):
+            names.append(node.name)
+    return names
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _tokenized_batches(task: TaskSpec, texts: Sequence[str], input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """The texts as the device would see them, in batches padded to their longest row, with only the model's inputs."""
+    tokenizer = TextTokenizer(task.tokenizer_file, task.max_length)
+    batches = []
+    for start in range(0, len(texts), BATCH_ROWS):
+        encoded = tokenizer.encode(texts[start : start + BATCH_ROWS])
+        batches.append({name: encoded[name] for name in input_names})
+    return batches
+
+
+def _input_names(graph: onnx.GraphProto) -> list[str]:
+    initializers = {init.name for init in graph.initializer}
+    return [value.name for value in graph.input if value.name not in initializers]
+
+
+def _calibration_split(ctx: PassContext, recipe: Recipe) -> Split:
+    available = len(ctx.data.calibration)
+    rows = ctx.data.calibration.head(recipe.calibration_samples)
+    if len(rows) < MIN_CALIBRATION_ROWS:
+        raise QuantizeError(
+            f"static int8 calibration needs at least {MIN_CALIBRATION_ROWS} rows, but would use {len(rows)} "
+            f"({available} in the calibration set, calibration_samples {recipe.calibration_samples}); add rows to "
+            "data.calibration_path (or the train split), or raise quantization.calibration_samples in the target profile"
+        )
+    return rows
+
+
+def _evaluation_split(ctx: PassContext, options: Options) -> Split:
+    rows = ctx.data.val.head(options.evaluation_samples)
+    if len(rows) == 0:
+        raise QuantizeError("judging the quantized model needs validation rows, but the val split is empty; add rows with split 'val' to data.path")
+    return rows
+
+
+def _probe_inputs(task: TaskSpec, calibration: Split) -> dict[str, np.ndarray]:
+    return TextTokenizer(task.tokenizer_file, task.max_length).encode(calibration.texts[:PROBE_ROWS])
+
+
+class _CalibrationBatches(CalibrationDataReader):
+    """Tokenized calibration batches for ORT, served one range at a time.
+
+    ``quantize_static`` is run with ``CalibStridedMinMax=1``: it calls ``set_range``
+    for each batch and collects it on its own. That keeps memory to one batch of
+    intermediate tensors, and lets histogram calibrators (Entropy, Percentile) take
+    batches of different sequence lengths, which they cannot stack.
+    """
+
+    def __init__(self, batches: list[dict[str, np.ndarray]], on_batch: Callable[[], None]) -> None:
+        self._batches = batches
+        self._on_batch = on_batch
+        self._pending: Iterator[dict[str, np.ndarray]] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._pending, None)
+        if batch is not None:
+            self._on_batch()
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._pending = iter(self._batches[start_index:end_index])
+
+
+# --------------------------------------------------------------------------- calibration and quantization
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Activation ranges computed once and cached in the work folder, reused by every candidate of the search."""
+
+    method: str
+    rows: int
+    ranges_file: Path
+    fallback: str | None = None  # why the requested method was replaced
+
+
+def _calibrate(recipe: Recipe, artifact: Artifact, input_names: Sequence[str], ctx: PassContext, mask_path: Sequence[str]) -> Calibration:
+    """Compute activation ranges; Entropy that fails (the mask's sentinels break its histogram) falls back to Percentile."""
+    rows = _calibration_split(ctx, recipe)
+    batches = _tokenized_batches(artifact.task, rows.texts, input_names)
+    try:
+        return _calibrate_with(recipe.calibration_method, recipe, artifact.model_path, batches, len(rows), ctx, mask_path)
+    except ValueError as error:
+        if recipe.calibration_method != "entropy" or not _histogram_failed(error):
+            raise
+        reason = f"entropy calibration failed ({error}); used percentile"
+        ctx.say(f"quantize: {reason}")
+        try:
+            return dataclasses.replace(_calibrate_with("percentile", recipe, artifact.model_path, batches, len(rows), ctx, mask_path), fallback=reason)
+        except ValueError as second:
+            if not _histogram_failed(second):
+                raise
+            raise QuantizeError(
+                f"calibration failed with entropy ({error}) and with percentile ({second}); "
+                "set quantization.calibration_method: minmax in the build config"
+            ) from None
+
+
+def _histogram_failed(error: ValueError) -> bool:
+    """numpy's histogram refusing a range, e.g. "Too many bins for data range" when a tensor spans about 3.4e38."""
+    return "bins" in str(error) or "range" in str(error)
+
+
+def _calibrate_with(method: str, recipe: Recipe, source: Path, batches: list[dict[str, np.ndarray]], row_count: int, ctx: PassContext, mask_path: Sequence[str]) -> Calibration:
+    calibration = Calibration(method, row_count, ranges_file=ctx.work_dir / f"calibration-{method}.json")
+    task = ctx.progress.add_task(f"quantize: calibrating ({method}, {row_count} rows)", total=len(batches))
+    reader = _CalibrationBatches(batches, lambda: ctx.progress.advance(task))
+    # ORT calibrates inside quantize_static: this first call computes and caches the ranges.
+    # Its model is scratch; the search writes its own candidates from the cached ranges.
+    scratch = ctx.work_dir / "calibration-scratch.onnx"
+    try:
+        Quantizer(recipe, source, calibration, base_exclusions=tuple(mask_path)).write((), scratch, reader=reader)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return calibration
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    """Writes the recipe's int8 model with given nodes kept in float."""
+
+    recipe: Recipe
+    source: Path
+    calibration: Calibration | None
+    base_exclusions: tuple[str, ...] = ()
+
+    def write(self, keep_in_float: Sequence[str], output: Path, *, reader: CalibrationDataReader | None = None) -> None:
+        exclude = [*self.base_exclusions, *keep_in_float]
+        with _quiet_quantization_tools():
+            if self.recipe.scheme == "dynamic":
+                self._write_dynamic(exclude, output)
+            else:
+                self._write_static(exclude, output, reader)
+
+    def _write_dynamic(self, exclude: list[str], output: Path) -> None:
+        # quantize_dynamic first rewrites Gemm "X" as MatMul "X_MatMul" + Add, then matches exclusions against the new name.
+        exclude = [*exclude, *(f"{name}_MatMul" for name in exclude)]
+        quantize_dynamic(
+            self.source,
+            output,
+            per_channel=self.recipe.per_channel,
+            weight_type=_ORT_TYPES[self.recipe.weight_type],
+            nodes_to_exclude=exclude,
+            # ONNX shape inference cannot type the outputs of ONNX Runtime's fused contrib ops
+            # (Attention, SkipLayerNormalization): they are float tensors.
+            extra_options={"WeightSymmetric": self.recipe.symmetric_weights, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+
+    def _write_static(self, exclude: list[str], output: Path, reader: CalibrationDataReader | None) -> None:
+        assert self.calibration is not None, "static quantization needs a calibration"
+        quantize_static(
+            self.source,
+            output,
+            calibration_data_reader=reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(self.recipe.candidate_op_types),
+            per_channel=self.recipe.per_channel,
+            activation_type=_ORT_TYPES[self.recipe.activation_type],
+            weight_type=_ORT_TYPES[self.recipe.weight_type],
+            nodes_to_exclude=exclude,
+            calibrate_method=_ORT_CALIBRATION[self.calibration.method],
+            calibration_cache_path=self.calibration.ranges_file,
+            extra_options={
+                "ActivationSymmetric": self.recipe.symmetric_activations,
+                "WeightSymmetric": self.recipe.symmetric_weights,
+                "CalibStridedMinMax": 1,
+                "DefaultTensorType": onnx.TensorProto.FLOAT,
+            },
+        )
+
+
+class _DropPreprocessingHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_quantization_tools() -> Iterator[None]:
+    """Silence the noise of ORT's quantization tools, nothing else.
+
+    ORT logs a pre-processing hint twice per call (dozens of lines in a search), and
+    numpy warns about overflow whenever a histogram meets the mask's float32-minimum
+    sentinels, which the calibration fallback already handles and reports.
+    """
+    hint_filter = _DropPreprocessingHint()
+    logging.root.addFilter(hint_filter)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            yield
+    finally:
+        logging.root.removeFilter(hint_filter)
+
+
+# --------------------------------------------------------------------------- judging
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One candidate: which nodes the search returned to float, and how the model scored."""
+
+    kept_in_float: tuple[str, ...]
+    accuracy: float
+    agreement: float
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    float_accuracy: float
+    max_drop_points: float
+    min_agreement: float
+
+    def drop_points(self, trial: Trial) -> float:
+        return (self.float_accuracy - trial.accuracy) * 100
+
+    def met_by(self, trial: Trial) -> bool:
+        return self.drop_points(trial) <= self.max_drop_points and trial.agreement >= self.min_agreement
+
+    def preference(self, trial: Trial) -> tuple:
+        """Larger is better: within budget, the fewest float nodes; otherwise the best agreement, then accuracy."""
+        if self.met_by(trial):
+            return (1, -len(trial.kept_in_float), trial.agreement, trial.accuracy)
+        return (0, trial.agreement, trial.accuracy, -len(trial.kept_in_float))
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+    """Scores candidates on held-out rows against the float parent, with ONNX Runtime on the CPU."""
+
+    task: TaskSpec
+    batches: list[dict[str, np.ndarray]]
+    labels: np.ndarray
+    float_logits: np.ndarray
+    float_accuracy: float
+
+    @classmethod
+    def for_float_model(cls, float_model: Path, input_names: Sequence[str], task: TaskSpec, rows: Split) -> Judge:
+        batches = _tokenized_batches(task, rows.texts, input_names)
+        float_logits = _logits(float_model, batches)
+        accuracy = measure.classification_metrics(rows.labels, float_logits.argmax(-1), task.labels).accuracy
+        return cls(task, batches, rows.labels, float_logits, accuracy)
+
+    def score(self, model: Path) -> tuple[float, float]:
+        """Task accuracy and top-1 agreement with the float parent."""
+        logits = _logits(model, self.batches)
+        accuracy = measure.classification_metrics(self.labels, logits.argmax(-1), self.task.labels).accuracy
+        return accuracy, measure.fidelity(self.float_logits, logits).top1_agreement
+
+
+def _cpu_session(model: Path | bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"])
+
+
+def _logits(model: Path, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    session = _cpu_session(model)
+    return np.concatenate([session.run(None, batch)[0] for batch in batches])
+
+
+# --------------------------------------------------------------------------- sensitivity and search
+
+
+def _rank_by_sensitivity(float_model: onnx.ModelProto, quantized: Path, nodes: Sequence[str], inputs: dict[str, np.ndarray]) -> list[tuple[str, float]]:
+    """Quantized nodes, most damaging first, by the relative error each adds on its own.
+
+    One probe run: the quantized model plus, for each node, a float twin fed the same
+    (already perturbed) inputs before quantization. The gap between what the node's
+    consumers see and the twin's output is the node's own error, not the error it
+    inherits from upstream. Nodes the probe cannot see rank last.
+    """
+    probe, pairs = _probe_model(float_model, onnx.load(quantized), nodes)
+    session = _cpu_session(probe.SerializeToString())
+    feed = {value.name: inputs[value.name] for value in session.get_inputs()}
+    wanted = sorted({name for _, seen, twin in pairs for name in (seen, twin)})
+    values = dict(zip(wanted, session.run(wanted, feed), strict=True))
+    errors = {node: _relative_error(values[twin], values[seen]) for node, seen, twin in pairs}
+    ranked = sorted(errors.items(), key=lambda item: item[1], reverse=True)
+    return ranked + [(node, float("nan")) for node in nodes if node not in errors]
+
+
+def _probe_model(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: Sequence[str]) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
+    """The quantized model with a float twin per node; returns (model, [(node, value its consumers see, twin output)])."""
+    graph = quantized.graph
+    float_nodes = {node.name: node for node in float_model.graph.node}
+    float_weights = {init.name: init for init in float_model.graph.initializer}
+    known = {init.name for init in graph.initializer} | {value.name for value in graph.input} | {out for node in graph.node for out in node.output}
+    outputs = {value.name for value in graph.output}
+    pairs = []
+    for name in nodes:
+        original = float_nodes[name]
+        seen = _value_consumers_see(graph, original.output[0])
+        missing = [value for value in original.input if value and value not in known]
+        if seen is None or any(value not in float_weights for value in missing):
+            continue
+        graph.initializer.extend(float_weights[value] for value in missing)  # quantization replaced the float weights
+        known.update(missing)
+        twin = onnx.NodeProto()
+        twin.CopyFrom(original)
+        twin.name = name + _TWIN_SUFFIX
+        twin.output[:] = [value + _TWIN_SUFFIX for value in original.output]
+        graph.node.append(twin)  # all its inputs already exist, so appending keeps the graph topologically sorted
+        for value in (seen, twin.output[0]):
+            if value not in outputs:
+                graph.output.append(onnx.helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None))
+                outputs.add(value)
+        pairs.append((name, seen, twin.output[0]))
+    return quantized, pairs
+
+
+def _value_consumers_see(graph: onnx.GraphProto, float_output: str) -> str | None:
+    """A float node's output in the quantized graph as consumers see it: after its QuantizeLinear/DequantizeLinear pair, if any.
+
+    Quantization keeps the float output's name (dynamic int8 rebuilds it from the
+    integer result; QDQ keeps the node, or names the DequantizeLinear after a graph output).
+    """
+    if not any(float_output in node.output for node in graph.node):
+        return None
+    quantize = next((node for node in graph.node if node.op_type == "QuantizeLinear" and node.input[0] == float_output), None)
+    dequantize = quantize and next((node for node in graph.node if node.op_type == "DequantizeLinear" and node.input[0] == quantize.output[0]), None)
+    return dequantize.output[0] if dequantize else float_output
+
+
+def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """||candidate - reference|| / ||reference||, ignoring mask sentinels, which would swamp both norms."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    ordinary = np.isfinite(reference) & (np.abs(reference) < _MASK_SENTINEL)
+    scale = np.linalg.norm(reference[ordinary])
+    return float(np.linalg.norm(candidate[ordinary] - reference[ordinary]) / max(scale, 1e-12))
+
+
+class Search:
+    """Candidates tried so far; the best one is always the file at ``output``."""
+
+    def __init__(self, quantizer: Quantizer, judge: Judge, budget: Budget, output: Path) -> None:
+        self.quantizer, self.judge, self.budget, self.output = quantizer, judge, budget, output
+        self.scratch = output.with_name("candidate.onnx")
+        self.trials: list[Trial] = []
+
+    @property
+    def best(self) -> Trial:
+        return max(self.trials, key=self.budget.preference)
+
+    def try_keeping(self, nodes: Sequence[str]) -> Trial:
+        """Quantize with ``nodes`` kept in float, score it, and keep the file if it is the best so far."""
+        started = time.perf_counter()
+        self.quantizer.write(nodes, self.scratch)
+        accuracy, agreement = self.judge.score(self.scratch)
+        trial = Trial(tuple(nodes), accuracy, agreement, time.perf_counter() - started)
+        if not self.trials or self.budget.preference(trial) > self.budget.preference(self.best):
+            self.scratch.replace(self.output)
+        self.trials.append(trial)
+        return trial
+
+    def discard_scratch(self) -> None:
+        self.scratch.unlink(missing_ok=True)
+
+
+def _return_sensitive_nodes_to_float(search: Search, ranking: Sequence[str], deadline: float, ctx: PassContext) -> None:
+    """Keep the top-k sensitive nodes in float, doubling k until the budget holds, then bisect for the smallest k.
+
+    At least one node stays quantized. The first step always runs, so the report
+    shows a trade-off; later steps start only if one more, as long as the last,
+    ends before ``deadline`` (a ``time.perf_counter()`` value).
+    """
+    most = len(ranking) - 1
+    if most < 1:
+        return
+    task = ctx.progress.add_task("quantize: returning sensitive nodes to float", total=None)
+    failing, passing = 0, None  # largest k known to break the budget, smallest known to meet it
+
+    def step(k: int) -> bool:
+        ctx.progress.advance(task)
+        return search.budget.met_by(search.try_keeping(ranking[:k]))
+
+    def time_left() -> bool:
+        return time.perf_counter() + search.trials[-1].seconds <= deadline
+
+    k = 1
+    while passing is None:
+        if step(k):
+            passing = k
+        else:
+            failing = k
+            if k == most or not time_left():
+                return
+            k = min(2 * k, most)
+    while passing - failing > 1 and time_left():
+        middle = (failing + passing) // 2
+        if step(middle):
+            passing = middle
+        else:
+            failing = middle
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _trial_record(trial: Trial, budget: Budget) -> dict:
+    return {
+        "kept_in_float_count": len(trial.kept_in_float),
+        "accuracy": trial.accuracy,
+        "accuracy_drop_points": budget.drop_points(trial),
+        "agreement": trial.agreement,
+        "budget_met": budget.met_by(trial),
+        "seconds": round(trial.seconds, 3),
+    }
+
+
+def _summary(recipe: Recipe, best: Trial, budget: Budget, kept_in_float: int) -> str:
+    scores = f"top-1 agreement {best.agreement:.4f}, accuracy drop {budget.drop_points(best):.2f} points, {kept_in_float} node{'' if kept_in_float == 1 else 's'} kept in float"
+    if budget.met_by(best):
+        return f"quantize: {recipe.scheme} int8 within budget ({scores})"
+    limits = f"needs agreement >= {budget.min_agreement} and drop <= {budget.max_drop_points}"
+    return f"quantize: the best {recipe.scheme} int8 model found breaks the budget ({scores}; {limits}; float accuracy {budget.float_accuracy:.4f})"
+
+
+def _report(
+    recipe: Recipe,
+    calibration: Calibration | None,
+    judge: Judge,
+    budget: Budget,
+    search: Search,
+    ranking: list[tuple[str, float]],
+    kept_in_float: tuple[str, ...],
+    candidates: list[str],
+    started: float,
+) -> dict:
+    best = search.best
+    return {
+        "scheme": recipe.scheme,
+        "requested_scheme": recipe.requested_scheme,
+        "note": recipe.note,
+        "calibration_method": calibration.method if calibration else None,
+        "requested_calibration_method": recipe.calibration_method if calibration else None,
+        "calibration_fallback": calibration.fallback if calibration else None,
+        "calibration_rows": calibration.rows if calibration else 0,
+        "activation_type": recipe.activation_type,
+        "weight_type": recipe.weight_type,
+        "symmetric_activations": recipe.symmetric_activations,
+        "symmetric_weights": recipe.symmetric_weights,
+        "per_channel": recipe.per_channel,
+        "op_types": list(recipe.candidate_op_types),
+        "quantized_nodes": len(candidates) - len(best.kept_in_float),
+        "evaluation_rows": len(judge.labels),
+        "float_accuracy": judge.float_accuracy,
+        "quantized_accuracy": best.accuracy,
+        "accuracy_drop_points": budget.drop_points(best),
+        "top1_agreement": best.agreement,
+        "budget": {"max_accuracy_drop_points": budget.max_drop_points, "min_top1_agreement": budget.min_agreement},
+        "budget_met": budget.met_by(best),
+        "kept_in_float": list(kept_in_float),
+        "sensitivity": [{"node": node, "relative_error": None if np.isnan(error) else error} for node, error in ranking],
+        "trials": [_trial_record(trial, budget) for trial in search.trials],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+PASS = Pass(
+    name="quantize",
+    version=1,
+    takes=frozenset({Stage.OPTIMIZED}),
+    gives=Stage.QUANTIZED,
+    target_specific=True,
+    uses_data=True,
+    libraries=("onnxruntime", "onnx"),
+    options_for=options_for,
+    run=run,
+)

@@ -1,0 +1,259 @@
+"""The build: a literal list of passes, planned per target, cached by content, reported.
+
+    shared prefix (once):      load → export
+    per target (suffix):       optimize → quantize → compile → evaluate → [gates] → package
+
+Every pass output is cached under ``<cache>/<pass>/<key>/`` where the key hashes
+the input artifact's digest, the pass's options and version, the versions of
+the libraries it calls, the data (for passes that read it), the target profile
+(for target-specific passes) and the signing key (for the pass that signs). A
+pass writes into a temporary folder that is renamed into place only when it
+finished, so an interrupted build never poisons the cache. The output's digest
+is its key, so keys chain: a dry run knows what is cached without running
+anything. Each output stays visible from the build folder through a link
+``<out>/[<target>/]passes/NN-<pass>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from edgekit.artifact import Artifact, Pass, PassContext, Stage, TaskSpec
+from edgekit.config import BuildConfig
+from edgekit.errors import EdgekitError
+from edgekit.passes import compile as compile_pass
+from edgekit.passes import evaluate, export, load, optimize, package, quantize
+from edgekit.targets import TargetProfile, load_target
+from edgekit.tasks.text_classification import TaskData
+
+PER_TARGET: tuple[Pass, ...] = (optimize.PASS, quantize.PASS, compile_pass.PASS, evaluate.PASS, package.PASS)
+ARTIFACT_FILE = "artifact.json"
+
+
+def shared_prefix(config: BuildConfig) -> tuple[Pass, ...]:
+    """The target-independent passes: an ONNX source skips the PyTorch stages."""
+    return (load.ONNX_PASS,) if load.is_onnx_source(config.model.source) else (load.PASS, export.PASS)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _library_versions(names: tuple[str, ...]) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+@dataclass(frozen=True)
+class PlannedPass:
+    step: int
+    pass_: Pass
+    options: object
+    key: str
+    target: TargetProfile | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.step:02d}-{self.pass_.name}"
+
+
+def cache_key(pass_: Pass, options, input_digest: str, data: TaskData, target: TargetProfile | None, signer: str) -> str:
+    document = {
+        "pass": pass_.name,
+        "version": pass_.version,
+        "input": input_digest,
+        "options": options.model_dump(mode="json"),
+        "libraries": _library_versions(pass_.libraries),
+        "data": data.digest if pass_.uses_data else None,
+        "target": target.sha256() if pass_.target_specific and target else None,
+        "signer": signer if pass_.signs else None,
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def plan_chain(passes, config: BuildConfig, start_digest: str, data: TaskData, target: TargetProfile | None, signer: str, first_step: int) -> list[PlannedPass]:
+    planned, digest = [], start_digest
+    for offset, pass_ in enumerate(passes):
+        options = pass_.options_for(config, target)
+        digest = cache_key(pass_, options, digest, data, target, signer)
+        planned.append(PlannedPass(first_step + offset, pass_, options, digest, target))
+    return planned
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def _encode(artifact: Artifact, entry: Path, work_dir: Path) -> dict:
+    """The artifact as JSON; paths inside the (temporary) work dir are stored relative to the entry."""
+
+    def path(value: Path | None) -> str | None:
+        if value is None:
+            return None
+        return f"@/{value.relative_to(work_dir)}" if value.is_relative_to(work_dir) else str(value)
+
+    document = {f.name: getattr(artifact, f.name) for f in fields(artifact)}
+    document.update(
+        stage=artifact.stage.value, directory=path(artifact.directory), float_model=path(artifact.float_model),
+        kept_in_float=list(artifact.kept_in_float), engine_build=dict(artifact.engine_build) if artifact.engine_build else None,
+        metrics=dict(artifact.metrics),
+        task={**{f.name: getattr(artifact.task, f.name) for f in fields(artifact.task)},
+              "tokenizer_file": path(artifact.task.tokenizer_file), "labels": list(artifact.task.labels),
+              "input_names": list(artifact.task.input_names)},
+    )
+    return document
+
+
+def _decode(document: dict, entry: Path) -> Artifact:
+    def path(value: str | None) -> Path | None:
+        if value is None:
+            return None
+        return entry / value[2:] if value.startswith("@/") else Path(value)
+
+    task = document["task"]
+    return Artifact(
+        stage=Stage(document["stage"]), directory=path(document["directory"]), model_file=document["model_file"],
+        digest=document["digest"],
+        task=TaskSpec(task["kind"], tuple(task["labels"]), task["max_length"], path(task["tokenizer_file"]),
+                      tuple(task["input_names"]), task["output_name"]),
+        precision=document["precision"], float_model=path(document["float_model"]),
+        kept_in_float=tuple(document["kept_in_float"]), engine_build=document["engine_build"], metrics=document["metrics"],
+    )
+
+
+def cached(cache_dir: Path, planned: PlannedPass) -> Artifact | None:
+    entry = cache_dir / planned.pass_.name / planned.key
+    manifest = entry / ARTIFACT_FILE
+    return _decode(json.loads(manifest.read_text()), entry) if manifest.is_file() else None
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target.resolve(), target_is_directory=True)
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    cached: bool
+    key: str
+
+
+@dataclass
+class TargetResult:
+    target: str
+    artifact: Artifact | None = None
+    bundle: Path | None = None
+    passes: list[PassRecord] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def gates(self) -> list[dict]:
+        return list(self.artifact.metrics.get("gates", [])) if self.artifact else []
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.bundle is not None and all(g["passed"] for g in self.gates)
+
+
+class Build:
+    """One build: the shared prefix once, then each target's suffix."""
+
+    def __init__(self, config: BuildConfig, data: TaskData, out_dir: Path, cache_dir: Path, signing_key: Path, progress, say) -> None:
+        from device_agent.keys import key_id, load_private_key
+
+        self.config, self.data, self.out_dir, self.cache_dir = config, data, out_dir, cache_dir
+        self.signing_key, self.progress, self.say = signing_key, progress, say
+        self.signer = key_id(load_private_key(signing_key).public_key())
+        self.targets = [load_target(name) for name in config.targets]
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise EdgekitError(f"targets {names} name the same profile twice")
+
+    def source_digest(self) -> str:
+        return load.source_digest(self.config.model.source)
+
+    def plan(self) -> tuple[list[PlannedPass], dict[str, list[PlannedPass]]]:
+        prefix = plan_chain(shared_prefix(self.config), self.config, self.source_digest(), self.data, None, self.signer, 1)
+        suffixes = {
+            target.name: plan_chain(PER_TARGET, self.config, prefix[-1].key, self.data, target, self.signer, len(prefix) + 1)
+            for target in self.targets
+        }
+        return prefix, suffixes
+
+    def _execute(self, planned: PlannedPass, artifact: Artifact, link_dir: Path) -> tuple[Artifact, PassRecord]:
+        pass_ = planned.pass_
+        if artifact.stage not in pass_.takes:
+            raise RuntimeError(f"pass {pass_.name} takes {sorted(s.value for s in pass_.takes)}, got {artifact.stage.value}")
+        entry = self.cache_dir / pass_.name / planned.key
+        started = time.perf_counter()
+        hit = cached(self.cache_dir, planned)
+        was_cached = hit is not None
+        if hit is None:
+            work = entry.parent / f".tmp-{planned.key}-{uuid.uuid4().hex[:8]}"
+            work.mkdir(parents=True)
+            try:
+                context = PassContext(work, planned.target, self.data, self.config, self.progress, self.signing_key, self.say)
+                result = pass_.run(artifact, planned.options, context)
+                if result.stage != pass_.gives:
+                    raise RuntimeError(f"pass {pass_.name} must give {pass_.gives.value}, gave {result.stage.value}")
+                result = replace(result, digest=planned.key)
+                document = _encode(result, entry, work)
+                (work / ARTIFACT_FILE).write_text(json.dumps(document, indent=2, default=str))
+                try:
+                    os.rename(work, entry)
+                except OSError:  # another build finished the same pass first: its result is as good
+                    shutil.rmtree(work, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            hit = cached(self.cache_dir, planned)
+            assert hit is not None
+        _link(link_dir / "passes" / planned.label, entry)
+        return hit, PassRecord(pass_.name, time.perf_counter() - started, was_cached, planned.key)
+
+    def run(self) -> list[TargetResult]:
+        prefix, suffixes = self.plan()
+        artifact = Artifact(Stage.SOURCE, Path(self.config.model.source), "", self.source_digest(),
+                            TaskSpec("text-classification", self.data.labels, self.config.task.max_length, Path()))
+        shared_records = []
+        for planned in prefix:
+            artifact, record = self._execute(planned, artifact, self.out_dir)
+            shared_records.append(record)
+        results = []
+        for target in self.targets:
+            result = TargetResult(target.name, passes=list(shared_records))
+            current = artifact
+            for planned in suffixes[target.name]:
+                if planned.pass_ is package.PASS and not all(g["passed"] for g in current.metrics.get("gates", [])):
+                    self.say(f"{target.name}: gates failed; no bundle is written (the best model and the report are kept)")
+                    break
+                try:
+                    current, record = self._execute(planned, current, self.out_dir / target.name)
+                except EdgekitError as error:
+                    result.error = f"{planned.pass_.name}: {error}"
+                    break
+                result.passes.append(record)
+            result.artifact = current
+            if current.stage is Stage.BUNDLE and result.error is None:
+                result.bundle = self.out_dir / target.name / current.model_file
+                shutil.copy(current.model_path, result.bundle)
+            results.append(result)
+        return results

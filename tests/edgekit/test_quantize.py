@@ -1,0 +1,197 @@
+"""The quantize pass on a tiny trained BERT: dynamic and static recipes, the accuracy-aware search, and its failures."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from edgekit.artifact import Stage
+from edgekit.config import BuildConfig, QuantizationSection
+from edgekit.errors import EdgekitError
+from edgekit.passes import quantize
+from edgekit.targets import load_target
+from edgekit.tasks.text_classification import Split
+from tests.support.tiny_bert import TinyBert, artifact_for, build_tiny_bert, context_for, export_text_classifier
+
+# Quantizing the Adds as well puts the attention mask's float32-minimum sentinels into
+# calibration: the Add that applies the mask gets a scale near 1e36 and the scores vanish.
+QUANTIZE_MASK_PATH = {"keep_mask_path_float": False, "op_types": ("MatMul", "Gemm", "Add")}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> TinyBert:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def _options(target_name: str, **changes) -> quantize.Options:
+    options = quantize.options_for(BuildConfig(), load_target(target_name))
+    return quantize.Options(**{**options.model_dump(), **changes})
+
+
+def _run(tiny_bert: TinyBert, work_dir: Path, options: quantize.Options, **context):
+    return quantize.run(artifact_for(tiny_bert), options, context_for(tiny_bert, work_dir, **context))
+
+
+def _op_counts(path: Path) -> Counter:
+    return Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+def _loads_and_runs(artifact, tiny_bert: TinyBert) -> None:
+    from device_agent.preprocess import TextTokenizer
+
+    session = ort.InferenceSession(str(artifact.model_path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, TextTokenizer(tiny_bert.task.tokenizer_file, tiny_bert.task.max_length).encode(["a small dog"]))[0]
+    assert logits.shape == (1, len(tiny_bert.task.labels))
+
+
+def test_options_come_from_the_target_budgets_and_build_config() -> None:
+    config = BuildConfig(quantization=QuantizationSection(time_limit_s=42, calibration_method="percentile", evaluation_samples=50))
+    options = quantize.options_for(config, load_target("jetson-orin-nano-8gb"))
+    assert (options.scheme, options.activation_type, options.symmetric_activations, options.per_channel) == ("static_qdq", "int8", True, True)
+    assert (options.calibration_method, options.time_limit_s, options.evaluation_samples) == ("percentile", 42, 50)
+    assert (options.max_accuracy_drop_points, options.min_top1_agreement) == (1.0, 0.99)
+    assert quantize.options_for(config, None).scheme == "none"
+    with pytest.raises(ValueError, match="extra"):
+        quantize.Options(scheme="dynamic", bits=4)
+
+
+def test_dynamic_int8_for_the_x86_cpu_target(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    result = _run(tiny_bert, tmp_path, _options("x86-64-cpu"))
+    assert (result.stage, result.precision, result.model_path) == (Stage.QUANTIZED, "int8", tmp_path / "model.onnx")
+    assert result.float_model == tiny_bert.model_path
+    ops = _op_counts(result.model_path)
+    assert ops["MatMulInteger"] > 0 and ops["DynamicQuantizeLinear"] > 0
+    _loads_and_runs(result, tiny_bert)
+    report = result.metrics["quantization"]
+    assert report["scheme"] == "dynamic" and report["calibration_rows"] == 0
+    assert 0.0 <= report["top1_agreement"] <= 1.0 and report["evaluation_rows"] == 400
+    assert report["accuracy_drop_points"] == pytest.approx((report["float_accuracy"] - report["quantized_accuracy"]) * 100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_static_symmetric_qdq_for_jetson_leaves_the_mask_path_float(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    result = _run(tiny_bert, tmp_path, _options("jetson-orin-nano-8gb"))
+    model = onnx.load(result.model_path)
+    ops = Counter(node.op_type for node in model.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    dequantizers = [node for node in model.graph.node if node.op_type == "DequantizeLinear"]
+    zero_points = [initializers[node.input[2]] for node in dequantizers if node.input[2] in initializers]
+    assert zero_points and all(not zp.any() for zp in zero_points)  # symmetric: every zero point is 0
+    assert {zp.dtype for zp in zero_points} <= {np.dtype(np.int8), np.dtype(np.int32)}  # int8 tensors, int32 biases
+    weight_scales = [initializers[node.input[1]] for node in dequantizers if node.input[0].endswith("_quantized") and initializers[node.input[0]].ndim == 2]
+    assert weight_scales and all(scale.ndim == 1 and scale.size > 1 for scale in weight_scales)  # per output channel
+    mask_values = _mask_values(onnx.load(tiny_bert.model_path).graph)
+    assert not [node.name for node in model.graph.node if node.op_type == "QuantizeLinear" and node.input[0] in mask_values]
+    report = result.metrics["quantization"]
+    assert (report["calibration_method"], report["calibration_rows"]) == ("minmax", 200)
+    assert (report["activation_type"], report["symmetric_activations"], report["per_channel"]) == ("int8", True, True)
+    _loads_and_runs(result, tiny_bert)
+
+
+def _mask_values(graph: onnx.GraphProto) -> set[str]:
+    path = set(quantize._mask_path_nodes(graph))
+    assert any(name.endswith("attention/self/Add") for name in path)  # the walk reaches the Adds that apply the mask
+    return {"attention_mask"} | {out for node in graph.node if node.name in path for out in node.output}
+
+
+def test_accuracy_aware_search_returns_the_most_sensitive_nodes_to_float(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    options = _options("jetson-orin-nano-8gb", **QUANTIZE_MASK_PATH, min_top1_agreement=0.95, max_accuracy_drop_points=2.0)
+    result = _run(tiny_bert, tmp_path, options)
+    report = result.metrics["quantization"]
+    naive = report["trials"][0]
+    assert naive["kept_in_float_count"] == 0 and naive["agreement"] < 0.95  # quantizing the mask breaks the model
+    assert report["budget_met"] and report["top1_agreement"] >= 0.95
+    assert result.kept_in_float and result.kept_in_float == tuple(report["kept_in_float"])
+    # The Adds that apply the attention mask are the culprits: the probe ranks them first, the search returns them first.
+    mask_adds = {"/inner/bert/encoder/layer.0/attention/self/Add", "/inner/bert/encoder/layer.1/attention/self/Add"}
+    assert {entry["node"] for entry in report["sensitivity"][:2]} == mask_adds
+    assert all(entry["relative_error"] > 0.5 for entry in report["sensitivity"][:2])
+    assert result.kept_in_float[0] in mask_adds
+    assert result.precision == "int8" and report["quantized_nodes"] > 0
+    _loads_and_runs(result, tiny_bert)
+
+
+def test_an_impossible_budget_still_writes_the_best_model_and_lists_the_trade_offs(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    options = _options("jetson-orin-nano-8gb", **QUANTIZE_MASK_PATH, min_top1_agreement=1.0, max_accuracy_drop_points=0.0, time_limit_s=0.001)
+    result = _run(tiny_bert, tmp_path, options)
+    report = result.metrics["quantization"]
+    assert result.model_path.is_file() and report["budget_met"] is False
+    assert len(report["trials"]) == 2  # the naive model, then the one step a tiny time limit still allows
+    assert set(report["trials"][0]) >= {"kept_in_float_count", "accuracy", "agreement", "seconds"}
+    best = max(report["trials"], key=lambda trial: (trial["agreement"], trial["accuracy"]))
+    assert report["top1_agreement"] == best["agreement"]
+    assert result.kept_in_float and all(isinstance(name, str) and name for name in result.kept_in_float)
+    assert not (tmp_path / "candidate.onnx").exists()
+    _loads_and_runs(result, tiny_bert)
+
+
+def test_the_search_ranks_dynamic_int8_nodes_too(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    options = _options("x86-64-cpu", min_top1_agreement=1.0, max_accuracy_drop_points=0.0, time_limit_s=0.001)
+    report = _run(tiny_bert, tmp_path, options).metrics["quantization"]
+    ranked = [entry["node"] for entry in report["sensitivity"]]
+    assert any(name.endswith("Gather") for name in ranked) and any(name.endswith("Gemm") for name in ranked)
+    assert all(entry["relative_error"] is not None for entry in report["sensitivity"])  # the probe saw every node
+    assert [trial["kept_in_float_count"] for trial in report["trials"]] == [0, 1]
+
+
+@pytest.mark.parametrize("rows", [0, 5])
+def test_calibration_without_enough_rows_is_a_clear_user_error(tiny_bert: TinyBert, tmp_path: Path, rows: int) -> None:
+    calibration = tiny_bert.data.calibration.head(rows)
+    data = dataclasses.replace(tiny_bert.data, calibration=Split(calibration.texts, calibration.labels))
+    with pytest.raises(EdgekitError, match=rf"at least 16 rows, but would use {rows} .*calibration_path"):
+        _run(tiny_bert, tmp_path, _options("jetson-orin-nano-8gb"), data=data)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_entropy_that_fails_on_the_mask_falls_back_to_percentile(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    options = _options("jetson-orin-nano-8gb", **QUANTIZE_MASK_PATH, calibration_method="entropy", accuracy_aware=False)
+    report = _run(tiny_bert, tmp_path, options).metrics["quantization"]
+    assert (report["requested_calibration_method"], report["calibration_method"]) == ("entropy", "percentile")
+    assert "Too many bins" in report["calibration_fallback"]
+    assert len(report["trials"]) == 1  # not accuracy-aware: judged, but no search
+
+
+def test_scheme_none_keeps_the_float_model(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    result = _run(tiny_bert, tmp_path, quantize.Options(scheme="none"))
+    assert (result.precision, result.kept_in_float, result.metrics["quantization"]["scheme"]) == ("fp32", (), "none")
+    assert _op_counts(result.model_path) == _op_counts(tiny_bert.model_path)
+
+
+def test_dynamic_int8_never_quantizes_convolutions(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    cnn = dataclasses.replace(tiny_bert, model_path=_export_text_cnn(tmp_path / "cnn", len(tiny_bert.task.labels)))
+    result = _run(cnn, tmp_path / "out", _options("x86-64-cpu", accuracy_aware=False))
+    report = result.metrics["quantization"]
+    assert (report["requested_scheme"], report["scheme"], report["activation_type"]) == ("dynamic", "static_qdq", "uint8")
+    assert "Conv" in report["note"]
+    ops = _op_counts(result.model_path)
+    assert ops["ConvInteger"] == 0 and ops["QuantizeLinear"] > 0
+
+
+def _export_text_cnn(directory: Path, label_count: int) -> Path:
+    """A small untrained convolutional text classifier with the BERT inputs (token types unused)."""
+    import torch
+
+    class TextCnn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(30522, 16)
+            self.conv = torch.nn.Conv1d(16, 16, kernel_size=3, padding=1)
+            self.head = torch.nn.Linear(16, label_count)
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            features = torch.relu(self.conv(self.embed(input_ids).transpose(1, 2)))
+            mask = attention_mask.unsqueeze(1).to(features.dtype)
+            return self.head((features * mask).sum(-1) / mask.sum(-1)) + 0 * token_type_ids.sum()
+
+    torch.manual_seed(0)
+    directory.mkdir(parents=True)
+    export_text_classifier(TextCnn().eval(), directory / "model.onnx")
+    return directory / "model.onnx"
