@@ -8,6 +8,7 @@ Relative paths in a YAML file are taken from the file's folder.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -15,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from device_agent.validation import load_yaml_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_DATA = REPO_ROOT / "calibration" / "wordnet-supersenses" / "data.jsonl"
-DEMO_CALIBRATION = REPO_ROOT / "calibration" / "wordnet-supersenses" / "calibration.jsonl"
+# The demo set ships inside the package (calibration/wordnet-supersenses/ in the repository).
+DEMO_DIR = Path(str(resources.files("edgekit.demo_data")))
+DEMO_DATA = DEMO_DIR / "data.jsonl"
+DEMO_CALIBRATION = DEMO_DIR / "calibration.jsonl"
 EMBEDDED_MODEL = "embedded:all-minilm-l6-v2"
 
 

@@ -31,6 +31,7 @@ def test_wheel_installs_every_package_and_the_targets(tmp_path):
     assert not missing, f"add {sorted(missing)} to [tool.setuptools] packages in pyproject.toml"
     shipped = {Path(name).stem for name in names if name.startswith("edgekit/builtin_targets/") and name.endswith(".yaml")}
     assert shipped == {path.stem for path in (ROOT / "targets").glob("*.yaml")}
+    assert {"edgekit/demo_data/data.jsonl", "edgekit/demo_data/calibration.jsonl"} <= set(names), "the embedded demo's data ships"
 
     # Install the wheel's files only (its dependencies are this environment's) and load the targets from there.
     site = tmp_path / "site"
