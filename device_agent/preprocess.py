@@ -41,3 +41,60 @@ class TextTokenizer:
             "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
             "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int64),
         }
+
+
+class ImagePreprocessor:
+    """Turns raw uint8 images (``[batch, height, width, channels]``) into the model's float input.
+
+    Steps, as the bundle's ``ImagePreprocessing`` spec says: resize so the
+    shorter side is ``resize`` (bilinear), centre-crop to ``crop``, reorder
+    channels, scale, normalise with mean/std, and lay out as NCHW or NHWC. numpy
+    only, so a device needs no imaging library.
+    """
+
+    def __init__(self, spec) -> None:  # spec: device_agent.bundle.ImagePreprocessing
+        self.spec = spec
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise UserError(f"images must be uint8 [batch, height, width, channels], got {images.dtype} {list(images.shape)}")
+        wanted_channels = 1 if self.spec.channel_order == "L" else 3
+        if images.shape[3] != wanted_channels:
+            raise UserError(f"images have {images.shape[3]} channels; this model takes {wanted_channels} ({self.spec.channel_order})")
+        pixels = images.astype(np.float32)
+        if self.spec.resize is not None:
+            pixels = _resize_shorter_side(pixels, self.spec.resize)
+        pixels = _centre_crop(pixels, *self.spec.crop)
+        if self.spec.channel_order == "BGR":
+            pixels = pixels[..., ::-1]
+        pixels = pixels * self.spec.scale
+        if self.spec.mean:
+            pixels = (pixels - np.asarray(self.spec.mean, np.float32)) / np.asarray(self.spec.std or [1.0] * len(self.spec.mean), np.float32)
+        if self.spec.layout == "NCHW":
+            pixels = pixels.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def _resize_shorter_side(pixels: np.ndarray, size: int) -> np.ndarray:
+    height, width = pixels.shape[1:3]
+    scale = size / min(height, width)
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    if (new_height, new_width) == (height, width):
+        return pixels
+    # Bilinear sampling at pixel centres (the convention of PIL and OpenCV).
+    rows = np.clip((np.arange(new_height) + 0.5) / scale - 0.5, 0, height - 1)
+    cols = np.clip((np.arange(new_width) + 0.5) / scale - 0.5, 0, width - 1)
+    top, left = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    bottom, right = np.minimum(top + 1, height - 1), np.minimum(left + 1, width - 1)
+    dy, dx = (rows - top)[None, :, None, None], (cols - left)[None, None, :, None]
+    upper = pixels[:, top][:, :, left] * (1 - dx) + pixels[:, top][:, :, right] * dx
+    lower = pixels[:, bottom][:, :, left] * (1 - dx) + pixels[:, bottom][:, :, right] * dx
+    return upper * (1 - dy) + lower * dy
+
+
+def _centre_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    have_height, have_width = pixels.shape[1:3]
+    if have_height < height or have_width < width:
+        raise UserError(f"images of {have_height}x{have_width} are smaller than the model's {height}x{width} crop; send larger images")
+    top, left = (have_height - height) // 2, (have_width - width) // 2
+    return pixels[:, top:top + height, left:left + width]

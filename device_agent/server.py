@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from device_agent.batching import DynamicBatcher
-from device_agent.bundle import Manifest, ModelInfo, TensorSpec, TokenizerPreprocessing
+from device_agent.bundle import ImagePreprocessing, Manifest, ModelInfo, TensorSpec, TokenizerPreprocessing
 from device_agent.config import AgentSettings
 from device_agent.errors import UserError
 from device_agent.metrics import Metrics, RequestStats
@@ -58,7 +58,7 @@ from device_agent.protocol import (
     parse_json_model,
 )
 from device_agent.repository import ModelNotFound, Repository, ServedModel, VersionInfo
-from device_agent.preprocess import TextTokenizer
+from device_agent.preprocess import ImagePreprocessor, TextTokenizer
 from device_agent.runtime import Session
 
 log = logging.getLogger("edgekit.agent.server")
@@ -411,7 +411,11 @@ async def _answer(agent: Agent, request: Request, served: ServedModel, stats: Re
     infer_request, binary = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
 
     started = time.perf_counter()
-    feeds = _text_feeds(agent, served, infer_request, binary) or decode_inputs(infer_request, binary, served.manifest)
+    feeds = (
+        _text_feeds(agent, served, infer_request, binary)
+        or _image_feeds(served, infer_request, binary)
+        or decode_inputs(infer_request, binary, served.manifest)
+    )
     choices = choose_outputs(infer_request, served.manifest)
     stats.compute_input_duration_us += _microseconds_since(started)
     try:
@@ -435,14 +439,27 @@ async def _answer(agent: Agent, request: Request, served: ServedModel, stats: Re
     return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
 
 
-# What a text model takes from clients: raw strings, tokenized here with the bundle's tokenizer.
+# What text and image models take from clients besides their tensors: raw strings, tokenized here with
+# the bundle's tokenizer; raw uint8 images, preprocessed here as the bundle's spec says.
 TEXT_INPUT = TensorSpec(name="text", datatype="BYTES", shape=["batch"])
+IMAGE_INPUT = TensorSpec(name="image", datatype="UINT8", shape=["batch", "height", "width", "channels"])
 
 
 def public_inputs(manifest: Manifest) -> list[TensorSpec]:
-    """The inputs a client may send: the model's tensors, and raw text for text models."""
-    text = [TEXT_INPUT] if isinstance(manifest.preprocessing, TokenizerPreprocessing) else []
-    return text + list(manifest.inputs)
+    """The inputs a client may send: the model's tensors, and raw text or images where the bundle preprocesses."""
+    raw = {TokenizerPreprocessing: [TEXT_INPUT], ImagePreprocessing: [IMAGE_INPUT]}.get(type(manifest.preprocessing), [])
+    return raw + list(manifest.inputs)
+
+
+def _image_feeds(served: ServedModel, request: InferRequest, binary: bytes) -> dict[str, np.ndarray] | None:
+    """The model's float input for a raw ``image`` input, or None when the request sends tensors."""
+    spec = served.manifest.preprocessing
+    if not isinstance(spec, ImagePreprocessing) or not any(t.name == IMAGE_INPUT.name for t in request.inputs):
+        return None
+    if len(served.manifest.inputs) != 1:
+        raise ProtocolError(f"raw images feed models with one input; this one takes {[i.name for i in served.manifest.inputs]}")
+    images = decode_inputs(request, binary, served.manifest.model_copy(update={"inputs": [IMAGE_INPUT]}))[IMAGE_INPUT.name]
+    return {served.manifest.inputs[0].name: ImagePreprocessor(spec)(images)}
 
 
 def _text_feeds(agent: Agent, served: ServedModel, request: InferRequest, binary: bytes) -> dict[str, np.ndarray] | None:
