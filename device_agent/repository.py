@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import os
+import re
 import shutil
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
@@ -31,9 +30,16 @@ from pathlib import Path
 
 from device_agent.bundle import BundleError, BundleLimits, Manifest, open_bundle
 from device_agent.errors import UserError
+from device_agent.files import fsync_dir, write_atomically
 from device_agent.host import HostReport, probe_host
 from device_agent.keys import Keyring
-from device_agent.runtime import ModelLoadError, RuntimeOptions, Session, open_model, run_golden_check
+from device_agent.runtime import (
+    ModelLoadError,
+    RuntimeOptions,
+    Session,
+    open_model,
+    run_golden_check,
+)
 
 log = logging.getLogger("edgekit.agent.repository")
 
@@ -88,28 +94,6 @@ class VersionInfo:
     state: str  # READY (serving), AVAILABLE (on disk), UNAVAILABLE (failed to load or check)
     reason: str
     active: bool
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -208,7 +192,7 @@ class Repository:
 
     def _write_active(self, name: str, version: str, history: list[str]) -> None:
         document = {"version": version, "history": [v for v in history if v != version]}
-        _write_atomically(self.models_dir / name / ACTIVE_FILE, json.dumps(document).encode())
+        write_atomically(self.models_dir / name / ACTIVE_FILE, json.dumps(document).encode())
 
     # ----------------------------------------------------------------- start and queries
 
@@ -291,7 +275,7 @@ class Repository:
                 if not slot.exists():
                     slot.parent.mkdir(parents=True, exist_ok=True)
                     os.rename(bundle.root, slot)
-                    _fsync_dir(slot.parent)
+                    fsync_dir(slot.parent)
             served = ServedModel(name, version, manifest, candidate.session, slot, candidate.golden_error)
             return self._switch(served, active)
 

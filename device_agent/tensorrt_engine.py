@@ -26,9 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 import time
 from collections import deque
@@ -41,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from device_agent.bundle import Manifest, TensorSpec
 from device_agent.errors import UserError
+from device_agent.files import write_atomically
 from device_agent.runtime import NUMPY_DTYPES, ModelLoadError
 
 log = logging.getLogger("edgekit.agent.tensorrt")
@@ -332,32 +331,12 @@ def _serialize_engine(onnx_path: Path, options: EngineBuildOptions) -> bytes:
     return bytes(memoryview(plan))
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def build_engine_file(onnx_path: Path, options: EngineBuildOptions, destination: Path) -> float:
     """Build the engine and write its plan to ``destination`` atomically; return the build time in seconds."""
     started = time.perf_counter()
     log.info("building a TensorRT engine for %s (%s); this can take minutes", onnx_path.name, options.precision)
     plan = _serialize_engine(onnx_path, options)
-    _write_atomically(destination, plan)
+    write_atomically(destination, plan)
     seconds = time.perf_counter() - started
     log.info("built %s in %.1f s (%d bytes)", destination.name, seconds, len(plan))
     return seconds
@@ -391,7 +370,7 @@ def build_or_load_engine(onnx_path: Path, options: EngineBuildOptions, cache_dir
             "options": options.to_manifest(),
             "build_seconds": round(seconds, 3),
         }
-        _write_atomically(plan_path.with_suffix(".json"), json.dumps(record, indent=2, sort_keys=True).encode())
+        write_atomically(plan_path.with_suffix(".json"), json.dumps(record, indent=2, sort_keys=True).encode())
     return plan_path
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent import tensorrt_engine
+from device_agent import files, tensorrt_engine
 from device_agent.bundle import Manifest, RuntimeInfo, canonical_manifest_bytes
 from device_agent.runtime import ModelLoadError, load_session, run_golden_check
 from device_agent.tensorrt_engine import (
@@ -250,7 +250,7 @@ def test_an_interrupted_write_leaves_no_plan_and_stale_temp_files_go(fake_builde
     def crash(*args: object) -> None:
         raise Killed
 
-    monkeypatch.setattr(tensorrt_engine.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(Killed):
         build_engine_file(model, _fp32_options(), destination)
     monkeypatch.undo()
