@@ -95,3 +95,41 @@ def test_build_config_paths_are_relative_to_the_file(tmp_path):
     config = load_build_config(path)
     assert config.data.path == tmp_path / "sub" / "rows.jsonl"
     assert config.targets == ["x86-64-cpu", str(tmp_path / "sub" / "mine.yaml")]
+
+
+def _context(tmp_path, data=None):
+    from rich.progress import Progress
+
+    from edgekit.artifact import PassContext
+
+    config = BuildConfig()
+    return PassContext(tmp_path / "work", None, data or load_task_data(config.data), config, Progress(disable=True), tmp_path / "k", print)
+
+
+def test_corrupt_onnx_source_is_named(tmp_path):
+    from edgekit.artifact import Artifact, Stage, TaskSpec
+    from edgekit.passes import load
+
+    (tmp_path / "work").mkdir()
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"\x08\x07 this is not a protobuf")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    source = Artifact(Stage.SOURCE, tmp_path, "", "d", TaskSpec("text-classification", ("a", "b"), 8, tmp_path))
+    options = load.Options(source=str(broken), max_length=8, head=BuildConfig().head)
+    with pytest.raises(EdgekitError, match="is not a valid ONNX model"):
+        load.run_onnx(source, options, _context(tmp_path))
+
+
+def test_architecture_the_exporter_does_not_support_is_named(tmp_path):
+    from transformers import CanineConfig, CanineForSequenceClassification
+
+    from edgekit.artifact import Artifact, Stage, TaskSpec
+    from edgekit.passes import export
+
+    folder = tmp_path / "canine"
+    config = CanineConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=8)
+    CanineForSequenceClassification(config).save_pretrained(folder)
+    (tmp_path / "work").mkdir()
+    artifact = Artifact(Stage.TORCH, folder, ".", "d", TaskSpec("text-classification", tuple("abcdefgh"), 8, tmp_path / "tok.json"))
+    with pytest.raises(EdgekitError, match="optimum cannot export this model"):
+        export.run(artifact, export.Options(opset=17, parity_atol=1e-4, parity_samples=2), _context(tmp_path))
