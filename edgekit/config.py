@@ -55,6 +55,25 @@ class HeadSection(_Strict):
     seed: int = 0
 
 
+class FinetuneSection(_Strict):
+    """Adapt the whole model to the data after the head is fitted (off by default: it takes minutes on a CPU)."""
+
+    enabled: bool = False
+    method: Literal["lora", "full"] = "lora"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_target_modules: list[str] | None = Field(None, description="default: the attention and feed-forward projections of the architecture")
+    learning_rate: float = Field(5e-4, gt=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    early_stopping_patience: int = Field(1, ge=1, description="epochs without a better validation accuracy before stopping")
+    max_train_rows: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
 class ExportSection(_Strict):
     opset: int | None = Field(None, ge=13, le=23, description="default: the lowest opset of the build's targets")
     parity_atol: float = Field(1e-4, gt=0, description="largest ONNX Runtime vs PyTorch logit difference accepted")
@@ -79,6 +98,7 @@ class BuildConfig(_Strict):
     task: TaskSection = TaskSection()
     data: DataSection = DataSection()
     head: HeadSection = HeadSection()
+    finetune: FinetuneSection = FinetuneSection()
     export: ExportSection = ExportSection()
     quantization: QuantizationSection = QuantizationSection()
     evaluation: EvaluationSection = EvaluationSection()

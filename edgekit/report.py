@@ -29,6 +29,7 @@ def target_report(result: TargetResult) -> dict:
             "confusion": metrics.get("final", {}).get("confusion"),
             "evaluation": metrics.get("evaluation"),
             "load": metrics.get("load"),
+            "finetune": metrics.get("finetune"),
             "export": metrics.get("export"),
             "optimize": metrics.get("optimize"),
             "compile": metrics.get("compile"),

@@ -1,0 +1,63 @@
+"""The finetune pass: LoRA (or full) training on the build's data, adapter saved and merged, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+from rich.progress import Progress
+
+from edgekit.artifact import Artifact, PassContext, Stage, TaskSpec
+from edgekit.config import BuildConfig, FinetuneSection
+from edgekit.errors import EdgekitError
+from edgekit.passes import finetune
+from edgekit.tasks.text_classification import load_task_data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests.support.tiny_bert import MAX_LENGTH, tiny_hf_folder
+
+    folder = tiny_hf_folder(tmp_path_factory.mktemp("tiny") / "model")
+    data = load_task_data(BuildConfig().data)
+    task = TaskSpec("text-classification", data.labels, MAX_LENGTH, folder / "tokenizer.json")
+    return Artifact(Stage.TORCH, folder, ".", "tiny", task), data
+
+
+def _run(tiny, tmp_path, **settings):
+    artifact, data = tiny
+    work = tmp_path / "work"
+    work.mkdir()
+    config = BuildConfig(finetune=FinetuneSection(enabled=True, max_train_rows=320, **settings))
+    ctx = PassContext(work, None, data, config, Progress(disable=True), tmp_path / "k", print)
+    return finetune.run(artifact, finetune.options_for(config, None), ctx)
+
+
+def test_lora_trains_saves_the_adapter_and_merges_it(tiny, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    result = _run(tiny, tmp_path, learning_rate=2e-3)
+    assert result.stage is Stage.TORCH
+    assert (result.directory / "adapter" / "adapter_config.json").is_file()
+    assert (result.directory / "tokenizer.json").is_file() and result.task.tokenizer_file == result.directory / "tokenizer.json"
+    merged = AutoModelForSequenceClassification.from_pretrained(result.directory)
+    assert not any("lora" in name for name, _ in merged.named_parameters()), "the adapter is merged into plain weights"
+    metrics = result.metrics["finetune"]
+    assert metrics["method"] == "lora" and metrics["device"] in ("cpu", "cuda")
+    assert metrics["val_accuracy"] >= metrics["val_accuracy_head_only"], "the best of head-only and fine-tuned is kept"
+    assert metrics["samples_per_second"] > 0 and metrics["loss_curve"]
+
+
+def test_full_fine_tuning_runs_too(tiny, tmp_path):
+    assert _run(tiny, tmp_path, method="full", learning_rate=1e-3).metrics["finetune"]["method"] == "full"
+
+
+def test_a_lora_target_module_that_does_not_exist_is_named(tiny, tmp_path):
+    with pytest.raises(EdgekitError, match=r"LoRA target modules \['qkv_proj'\] do not exist .* some of: .*query"):
+        _run(tiny, tmp_path, lora_target_modules=["qkv_proj"])
+
+
+def test_fine_tuning_joins_the_shared_prefix_only_when_enabled():
+    from edgekit.pipeline import shared_prefix
+
+    assert [p.name for p in shared_prefix(BuildConfig())] == ["load", "export"]
+    enabled = BuildConfig(finetune=FinetuneSection(enabled=True))
+    assert [p.name for p in shared_prefix(enabled)] == ["load", "finetune", "export"]
