@@ -1,0 +1,608 @@
+"""Build-pipeline benchmark: `edgekit build`'s demo bundle against PyTorch, ONNX Runtime, Optimum and Olive, in one run.
+
+The model is the embedded demo: all-MiniLM-L6-v2 with the head the load pass
+fits on WordNet glosses (8 supersense classes), for x86-64-cpu, sequence 128.
+
+Steps:
+1. ``edgekit build`` as a subprocess with a fresh cache dir (timed), then again
+   fully cached (timed); the pass outputs of that build are the inputs of
+   everything else.
+2. Contenders, all judged on the demo's test split:
+   - PyTorch eager fp32: the load pass's Hugging Face folder;
+   - ONNX Runtime fp32: the export pass's ``model.onnx``;
+   - edgekit: the int8 model inside the signed bundle (verified with the
+     build's development key);
+   - Optimum: its own ONNX export of the same folder, then ``ORTQuantizer`` with
+     the ``AutoQuantizationConfig.avx512_vnni(is_static=False)`` preset;
+   - Olive (``olive-ai``, in its own virtual environment): its
+     ``OnnxDynamicQuantization`` and ``OnnxQuantization`` (static, calibrated on
+     the demo's calibration texts) passes on the export pass's fp32 ONNX, with
+     Olive's default options.
+3. Measures per contender: p50 latency at batch 1 and throughput at batch 32
+   (inputs padded to 128 tokens), size on disk, top-1 agreement with ONNX
+   Runtime fp32 and task accuracy on the test split (tokenized as the build's
+   evaluate pass does: batches of 32 padded to their longest row), accuracy drop
+   against fp32. Every number comes from ``edgekit.measure``.
+
+Process layout (torch's idle OpenMP threads spin and steal the two cores from
+ONNX Runtime when torch is imported in the same process): this process never
+imports torch; model preparation (Optimum) and PyTorch eager each run in a child
+process; all ONNX Runtime contenders are measured in ONE child without torch,
+round robin over several rounds (median per contender), so VM drift hits them
+alike; intra_op_num_threads=2 everywhere. PyTorch eager is measured in two
+children, one before and one after the ONNX Runtime child, and its median is
+taken over both.
+
+Run: python bench/build_bench.py [--rounds 5] [--out bench/results/build.json] [--keep DIR]
+Timing on shared VMs drifts by up to 2x: compare numbers only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = "x86-64-cpu"
+SEQUENCE = 128
+BATCH = 32  # throughput batch, and the batch the build's evaluate pass tokenizes with
+THREADS = 2
+OLIVE_SPEC = "olive-ai==0.13.0"  # the version this benchmark was written against
+OLIVE_PACKAGES = (OLIVE_SPEC, "onnxruntime==1.32.0", "onnx", "numpy", "requests")  # olive-ai 0.13.0 imports requests without requiring it
+OPTIMUM_PER_CHANNEL = True  # the avx512_vnni preset's own default
+PEERS = ("optimum-dynamic", "olive-dynamic", "olive-static")
+
+# Targets from the build-pipeline issue.
+TARGET_EAGER_SPEEDUP = 4.0
+TARGET_MIN_AGREEMENT = 0.99
+TARGET_MAX_DROP_POINTS = 1.0
+TARGET_MAX_SIZE_RATIO = 0.30
+TARGET_BUILD_S = 120.0
+TARGET_REBUILD_S = 10.0
+NOISE = 0.20  # differences under ~20% are within this VM's drift (MEASURED.md)
+
+
+# --------------------------------------------------------------------------- shared helpers (children use these too)
+
+
+def demo_data():
+    from edgekit.config import BuildConfig
+    from edgekit.tasks.text_classification import load_task_data
+
+    return load_task_data(BuildConfig().data)
+
+
+def accuracy_batches(tokenizer_file: Path, texts) -> list[dict]:
+    """Test texts as the build's evaluate pass tokenizes them: batches of 32, padded to their longest row."""
+    from device_agent.preprocess import TextTokenizer
+
+    tokenizer = TextTokenizer(tokenizer_file, SEQUENCE)
+    return [tokenizer.encode(texts[start:start + BATCH]) for start in range(0, len(texts), BATCH)]
+
+
+def timing_feeds(tokenizer_file: Path, texts) -> tuple[dict, dict]:
+    """Batch 1 and batch 32 of test texts, padded to 128 tokens."""
+    from device_agent.preprocess import TextTokenizer
+
+    padded = TextTokenizer(tokenizer_file, SEQUENCE, pad_to_max_length=True)
+    return padded.encode(texts[:1]), padded.encode(texts[:BATCH])
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_files(path: Path) -> list[Path]:
+    """An ONNX file and any external-data files beside it (each model lives in its own folder here)."""
+    return [path] + sorted(p for p in path.parent.iterdir() if p != path and (p.suffix in {".data", ".bin"} or p.name.endswith("_data")))
+
+
+GRAPH_OPS = ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
+             "Attention", "QAttention", "EmbedLayerNormalization")
+
+
+def graph_ops(path: Path) -> dict[str, int]:
+    """How many nodes of the kinds that show where a model computes in int8 and where in float."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type in GRAPH_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- child: Optimum export + quantization
+
+
+def prepare_optimum(hf_folder: Path, out_dir: Path) -> None:
+    import importlib.metadata
+
+    from optimum.onnxruntime import ORTModelForSequenceClassification, ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    started = time.perf_counter()
+    export_dir = out_dir / "optimum-export"
+    ORTModelForSequenceClassification.from_pretrained(hf_folder, export=True).save_pretrained(export_dir)
+    exported = time.perf_counter()
+    config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=OPTIMUM_PER_CHANNEL)
+    quantized_dir = out_dir / "optimum-quantized"
+    ORTQuantizer.from_pretrained(export_dir, file_name="model.onnx").quantize(config, quantized_dir)
+    finished = time.perf_counter()
+    model_dir = out_dir / "optimum-dynamic"
+    model_dir.mkdir()
+    shutil.copy(quantized_dir / "model_quantized.onnx", model_dir / "model.onnx")
+    (out_dir / "optimum.json").write_text(json.dumps({
+        "export_s": exported - started, "quantize_s": finished - exported, "model": str(model_dir / "model.onnx"),
+        "config": {"preset": "AutoQuantizationConfig.avx512_vnni", "is_static": False, "per_channel": OPTIMUM_PER_CHANNEL,
+                   "weights_dtype": str(config.weights_dtype), "activations_dtype": str(config.activations_dtype),
+                   "format": str(config.format), "operators_to_quantize": list(config.operators_to_quantize)},
+        "versions": {name: importlib.metadata.version(name) for name in ("optimum", "optimum-onnx", "onnxruntime", "torch", "transformers")},
+    }, indent=2))
+
+
+# --------------------------------------------------------------------------- child (Olive's venv): Olive's quantization passes
+
+OLIVE_PASSES = {
+    # Olive's defaults otherwise: int8 weights, per_channel false, reduce_range false, quant_preprocess true.
+    "olive-dynamic": {"type": "OnnxDynamicQuantization"},
+    # Defaults otherwise: QDQ, int8 activations and weights, MinMax calibration, per_channel false, prepare_qdq_config true.
+    "olive-static": {"type": "OnnxQuantization", "quant_mode": "static", "data_config": "edgekit_calibration"},
+}
+
+
+def olive_worker(fp32: Path, calibration: Path, out_dir: Path) -> None:
+    """Runs under Olive's own Python: only the standard library, numpy, torch and olive are importable there."""
+    import importlib.metadata
+
+    import numpy as np
+    from olive.data.registry import Registry
+    from olive.workflows import run
+
+    @Registry.register_dataset("edgekit_calibration_texts")
+    def calibration_dataset(path):  # the demo's calibration texts, tokenized by edgekit and padded to 128 tokens
+        import torch
+
+        arrays = np.load(path)
+        names = list(arrays.files)
+
+        class Calibration(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(arrays[names[0]])
+
+            def __getitem__(self, index):
+                return {name: torch.from_numpy(arrays[name][index]) for name in names}, 0
+
+        return Calibration()
+
+    results = {"versions": {name: importlib.metadata.version(name) for name in ("olive-ai", "onnxruntime", "onnx", "torch", "numpy")}}
+    for name, pass_config in OLIVE_PASSES.items():
+        started = time.perf_counter()
+        try:
+            run({
+                "input_model": {"type": "ONNXModel", "model_path": str(fp32)},
+                "systems": {"local": {"type": "LocalSystem",
+                                      "accelerators": [{"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
+                "data_configs": [{"name": "edgekit_calibration",
+                                  "load_dataset_config": {"type": "edgekit_calibration_texts", "params": {"path": str(calibration)}},
+                                  "dataloader_config": {"batch_size": 8}}],
+                "passes": {"quantize": pass_config},
+                "host": "local", "target": "local", "log_severity_level": 2,
+                "output_dir": str(out_dir / f"{name}-output"), "cache_dir": str(out_dir / "olive-cache"),
+            })
+            produced = out_dir / f"{name}-output" / "model.onnx"
+            if not produced.is_file():
+                raise RuntimeError(f"Olive wrote no {produced}")
+            model_dir = out_dir / name
+            model_dir.mkdir()
+            for file in produced.parent.iterdir():
+                if file.name == "model.onnx" or file.name.startswith("model.onnx."):
+                    shutil.copy(file, model_dir / file.name)
+            results[name] = {"seconds": time.perf_counter() - started, "model": str(model_dir / "model.onnx"), "pass": pass_config}
+        except Exception as error:  # noqa: BLE001 - any failure of Olive is reported as "not measured", with the reason
+            results[name] = {"error": f"{type(error).__name__}: {error}", "pass": pass_config}
+    (out_dir / "olive.json").write_text(json.dumps(results, indent=2))
+
+
+def ensure_olive(python: Path, log: Path) -> str | None:
+    """Create Olive's virtual environment when it is missing; the reason it cannot be used, or None."""
+    if not python.is_file():
+        venv = python.parent.parent
+        print(f"creating Olive's virtual environment {venv} ...", flush=True)
+        with log.open("w") as handle:
+            steps = [["python3", "-m", "venv", str(venv)], [str(venv / "bin" / "pip"), "install", *OLIVE_PACKAGES]]
+            for step in steps:
+                if subprocess.run(step, check=False, stdout=handle, stderr=subprocess.STDOUT).returncode != 0:
+                    return f"`{' '.join(step)}` failed: {tail(log.read_text(), 8)}"
+    probe = subprocess.run([str(python), "-c", "import olive.workflows, onnxruntime"], check=False, capture_output=True, text=True,
+                           env={**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"})
+    return None if probe.returncode == 0 else f"import olive failed under {python}: {tail(probe.stderr, 8)}"
+
+
+# --------------------------------------------------------------------------- child: PyTorch eager
+
+
+def measure_torch(hf_folder: Path, tokenizer_file: Path, out_file: Path, rounds: int, iterations: int, seconds: float) -> None:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from edgekit.measure import latency, throughput
+
+    torch.set_num_threads(THREADS)
+    model = AutoModelForSequenceClassification.from_pretrained(hf_folder).eval()
+    test = demo_data().test
+
+    def run(feeds):
+        return model(**{name: torch.from_numpy(array) for name, array in feeds.items()}).logits
+
+    with torch.inference_mode():
+        logits = np.concatenate([run(feeds).numpy() for feeds in accuracy_batches(tokenizer_file, test.texts)])
+        one, batch = timing_feeds(tokenizer_file, test.texts)
+        p50, p95, rates = [], [], []
+        for _ in range(rounds):
+            timing = latency(lambda: run(one), iterations=iterations)
+            p50.append(timing.p50_ms)
+            p95.append(timing.p95_ms)
+            rates.append(throughput(lambda: run(batch), BATCH, seconds=seconds))
+    np.save(out_file.with_suffix(".npy"), logits)
+    out_file.write_text(json.dumps({"p50_ms": p50, "p95_ms": p95, "items_per_s": rates, "threads": torch.get_num_threads()}))
+
+
+# --------------------------------------------------------------------------- child: every ONNX Runtime contender, round robin
+
+
+def measure_ort(spec_file: Path, out_file: Path) -> None:
+    import numpy as np
+    import onnxruntime
+
+    from edgekit.measure import latency, throughput
+
+    spec = json.loads(spec_file.read_text())
+    tokenizer_file = Path(spec["tokenizer"])
+    test = demo_data().test
+    batches = accuracy_batches(tokenizer_file, test.texts)
+    one, batch = timing_feeds(tokenizer_file, test.texts)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    sessions, feeds = {}, {}
+    for name, path in spec["models"].items():
+        session = onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        sessions[name] = session
+        feeds[name] = ({k: v for k, v in one.items() if k in names}, {k: v for k, v in batch.items() if k in names})
+        logits = np.concatenate([session.run(None, {k: v for k, v in b.items() if k in names})[0] for b in batches])
+        np.save(out_file.parent / f"{name}.npy", logits)
+    order = list(sessions)
+    samples = {name: {"p50_ms": [], "p95_ms": [], "items_per_s": []} for name in order}
+    for round_ in range(spec["rounds"]):
+        rotated = order[round_ % len(order):] + order[:round_ % len(order)]  # nobody always goes first
+        for name in rotated:
+            session, (single, many) = sessions[name], feeds[name]
+            timing = latency(lambda s=session, f=single: s.run(None, f), iterations=spec["iterations"])
+            samples[name]["p50_ms"].append(timing.p50_ms)
+            samples[name]["p95_ms"].append(timing.p95_ms)
+            samples[name]["items_per_s"].append(throughput(lambda s=session, f=many: s.run(None, f), BATCH, seconds=spec["seconds"]))
+        print(f"  round {round_ + 1}/{spec['rounds']}: " + ", ".join(f"{n} {samples[n]['p50_ms'][-1]:.1f} ms" for n in order), flush=True)
+    out_file.write_text(json.dumps({"samples": samples, "torch_imported": "torch" in sys.modules,
+                                    "onnxruntime": onnxruntime.__version__, "threads": THREADS}))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def child(*arguments: str, python: str = sys.executable, log: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [python, str(Path(__file__).resolve()), *arguments]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT, env=env)
+    if log is not None:
+        log.write_text(result.stdout + result.stderr)
+    return result
+
+
+def timed_build(edgekit: Path, out: Path, cache: Path, log: Path) -> dict:
+    started = time.perf_counter()
+    result = subprocess.run([str(edgekit), "build", "--out", str(out), "--cache-dir", str(cache)],
+                            check=False, capture_output=True, text=True, cwd=out.parent)
+    seconds = time.perf_counter() - started
+    log.write_text(result.stdout + result.stderr)
+    report_file = out / TARGET / "report.json"
+    if not report_file.is_file():
+        raise SystemExit(f"edgekit build exited {result.returncode} without a report:\n{tail(result.stdout + result.stderr)}")
+    report = json.loads(report_file.read_text())
+    return {
+        "seconds": seconds, "exit_code": result.returncode, "passed": report["passed"], "bundle": report["bundle"],
+        "passes": [{k: p[k] for k in ("name", "seconds", "cached")} for p in report["passes"]],
+        "gates": report["gates"], "report": report,
+    }
+
+
+def summarize(samples: dict) -> dict:
+    return {
+        "latency_p50_ms_batch1": statistics.median(samples["p50_ms"]),
+        "latency_p95_ms_batch1": statistics.median(samples["p95_ms"]),
+        f"throughput_items_per_s_batch{BATCH}": statistics.median(samples["items_per_s"]),
+        "rounds": {key: [round(v, 3) for v in values] for key, values in samples.items()},
+    }
+
+
+def verdict(value: float, limit: float, met: bool, note: str = "") -> dict:
+    return {"value": round(value, 4), "target": limit, "met": bool(met), **({"note": note} if note else {})}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds of latency and throughput per contender")
+    parser.add_argument("--iterations", type=int, default=100, help="samples per latency measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="duration of each throughput measurement")
+    parser.add_argument("--olive-python", type=Path, default=Path("/tmp/olive-venv/bin/python"),
+                        help=f"Python of Olive's own virtual environment; created with {' '.join(OLIVE_PACKAGES)} when missing")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "build.json")
+    parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it, instead of a temporary one")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "optimum":
+            prepare_optimum(Path(rest[0]), Path(rest[1]))
+        elif kind == "olive":
+            olive_worker(Path(rest[0]), Path(rest[1]), Path(rest[2]))
+        elif kind == "torch":
+            measure_torch(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]), int(rest[4]), float(rest[5]))
+        elif kind == "ort":
+            measure_ort(Path(rest[0]), Path(rest[1]))
+        return
+
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=False)
+        run_benchmark(args, args.keep.resolve())
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgekit-build-bench-") as tmp:
+            run_benchmark(args, Path(tmp))
+
+
+def run_benchmark(args, work: Path) -> None:
+    import importlib.metadata
+
+    import numpy as np
+
+    from device_agent.bundle import open_bundle
+    from device_agent.keys import Keyring
+    from edgekit.measure import classification_metrics, fidelity, size_mb
+
+    begun = time.perf_counter()
+    load_before = os.getloadavg()
+    edgekit = Path(sys.executable).with_name("edgekit")
+    out, cache, logs, models = work / "out", work / "cache", work / "logs", work / "models"
+    for folder in (logs, models):
+        folder.mkdir()
+
+    # 1. the builds
+    print("edgekit build, fresh cache ...", flush=True)
+    first = timed_build(edgekit, out, cache, logs / "build-first.log")
+    print(f"  {first['seconds']:.1f} s, exit {first['exit_code']}", flush=True)
+    print("edgekit build, fully cached ...", flush=True)
+    rebuild = timed_build(edgekit, out, cache, logs / "build-cached.log")
+    print(f"  {rebuild['seconds']:.1f} s, exit {rebuild['exit_code']}", flush=True)
+    report = first.pop("report")
+    rebuild.pop("report")
+
+    hf_folder = (out / "passes" / "01-load").resolve()
+    tokenizer_file = hf_folder / "tokenizer.json"
+    fp32_export = (out / "passes" / "02-export").resolve() / "model.onnx"
+    quantize_entry = next((out / TARGET / "passes").glob("*-quantize")).resolve()
+    contenders: dict[str, Path] = {}
+    (models / "onnxruntime-fp32").mkdir()
+    contenders["onnxruntime-fp32"] = models / "onnxruntime-fp32" / "model.onnx"
+    shutil.copy(fp32_export, contenders["onnxruntime-fp32"])
+    (models / "edgekit").mkdir()
+    contenders["edgekit"] = models / "edgekit" / "model.onnx"
+    bundle_note = {}
+    if report["bundle"]:
+        bundle = Path(report["bundle"])
+        bundle = bundle if bundle.is_absolute() else out.parent / bundle
+        with open_bundle(bundle, Keyring.load(cache / "dev-key")) as opened:
+            shutil.copy(opened.path(opened.manifest.runtime.model_file), contenders["edgekit"])
+            bundle_note = {"model_from": "the signed bundle (verified with the build's development key)",
+                           "bundle": bundle.name, "bundle_size_mb": size_mb(bundle), "precision": opened.manifest.precision}
+    else:  # gates failed: no bundle; the quantize pass's model is what the bundle would carry
+        shutil.copy(quantize_entry / "model.onnx", contenders["edgekit"])
+        bundle_note = {"model_from": "the quantize pass (the build wrote no bundle: a gate failed)"}
+    bundle_note["identical_to_quantize_pass_output"] = sha256(contenders["edgekit"]) == sha256(quantize_entry / "model.onnx")
+    quantization = report["quantization"]
+
+    data = demo_data()
+    from device_agent.preprocess import TextTokenizer
+
+    calibration = TextTokenizer(tokenizer_file, SEQUENCE, pad_to_max_length=True).encode(list(data.calibration.texts))
+    np.savez(work / "calibration.npz", **calibration)
+
+    # 2. the peers' models
+    print("Optimum: export and quantize ...", flush=True)
+    optimum_run = child("--child", "optimum", str(hf_folder), str(models), log=logs / "optimum.log")
+    peers_info: dict[str, dict] = {}
+    if optimum_run.returncode == 0:
+        optimum = json.loads((models / "optimum.json").read_text())
+        contenders["optimum-dynamic"] = Path(optimum["model"])
+        peers_info["optimum"] = optimum
+    else:
+        peers_info["optimum"] = {"error": tail(optimum_run.stderr)}
+    print("Olive: dynamic and static quantization passes ...", flush=True)
+    olive_problem = ensure_olive(args.olive_python, logs / "olive-install.log")
+    if olive_problem is None:
+        olive_run = child("--child", "olive", str(fp32_export), str(work / "calibration.npz"), str(models),
+                          python=str(args.olive_python), log=logs / "olive.log", env={**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"})
+        if (models / "olive.json").is_file():
+            olive = json.loads((models / "olive.json").read_text())
+            for name in OLIVE_PASSES:
+                if "model" in olive.get(name, {}):
+                    contenders[name] = Path(olive[name]["model"])
+            peers_info["olive"] = olive
+        else:
+            peers_info["olive"] = {"error": f"Olive's worker exited {olive_run.returncode}: {tail(olive_run.stderr)}"}
+    else:
+        peers_info["olive"] = {"error": olive_problem}
+
+    # 3. measurements: eager before, every ONNX Runtime contender round robin, eager after
+    torch_out = [work / f"torch-{i}.json" for i in (1, 2)]
+    torch_args = [str(hf_folder), str(tokenizer_file)]
+    timing = [str(max(1, args.rounds // 2 + 1)), str(args.iterations), str(args.seconds)]
+    print("PyTorch eager (first child) ...", flush=True)
+    torch_runs = [child("--child", "torch", *torch_args, str(torch_out[0]), *timing, log=logs / "torch-1.log")]
+    spec = {"tokenizer": str(tokenizer_file), "models": {k: str(v) for k, v in contenders.items()},
+            "rounds": args.rounds, "iterations": args.iterations, "seconds": args.seconds}
+    (work / "ort-spec.json").write_text(json.dumps(spec))
+    print(f"ONNX Runtime contenders ({', '.join(contenders)}), {args.rounds} rounds ...", flush=True)
+    ort_run = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "ort", str(work / "ort-spec.json"),
+                              str(work / "ort.json")], check=False, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    if ort_run.returncode != 0:
+        raise SystemExit(f"the ONNX Runtime child failed:\n{tail(ort_run.stderr)}")
+    print("PyTorch eager (second child) ...", flush=True)
+    torch_runs.append(child("--child", "torch", *torch_args, str(torch_out[1]), *timing, log=logs / "torch-2.log"))
+    for run_, log_name in zip(torch_runs, ("torch-1.log", "torch-2.log"), strict=True):
+        if run_.returncode != 0:
+            raise SystemExit(f"the PyTorch child failed ({log_name}):\n{tail(run_.stderr)}")
+
+    ort = json.loads((work / "ort.json").read_text())
+    torch_samples = {key: [] for key in ("p50_ms", "p95_ms", "items_per_s")}
+    for path in torch_out:
+        for key, values in json.loads(path.read_text()).items():
+            if key in torch_samples:
+                torch_samples[key] += values
+    samples = {"pytorch-eager-fp32": torch_samples, **ort["samples"]}
+    logits = {"pytorch-eager-fp32": np.load(torch_out[0].with_suffix(".npy"))}
+    logits |= {name: np.load(work / f"{name}.npy") for name in ort["samples"]}
+    sizes = {"pytorch-eager-fp32": size_mb(hf_folder / "model.safetensors")}
+    sizes |= {name: size_mb(*model_files(path)) for name, path in contenders.items()}
+
+    reference = logits["onnxruntime-fp32"]
+    fp32_accuracy = classification_metrics(data.test.labels, reference.argmax(-1), data.labels).accuracy
+    results = {}
+    for name, measured in samples.items():
+        scores = classification_metrics(data.test.labels, logits[name].argmax(-1), data.labels)
+        agreement = fidelity(reference, logits[name])
+        results[name] = {
+            **summarize(measured),
+            "size_mb": sizes[name],
+            "size_vs_fp32_onnx": sizes[name] / sizes["onnxruntime-fp32"],
+            "top1_agreement_vs_onnxruntime_fp32": agreement.top1_agreement,
+            "max_abs_logit_error_vs_onnxruntime_fp32": agreement.max_abs_error,
+            "mean_abs_logit_error_vs_onnxruntime_fp32": agreement.mean_abs_error,
+            "accuracy": scores.accuracy,
+            "f1_macro": scores.f1_macro,
+            "accuracy_drop_points_vs_fp32": (fp32_accuracy - scores.accuracy) * 100,
+            "graph_ops": graph_ops(contenders[name]) if name in contenders else None,
+        }
+    eager_p50 = results["pytorch-eager-fp32"]["latency_p50_ms_batch1"]
+    fp32_p50 = results["onnxruntime-fp32"]["latency_p50_ms_batch1"]
+    for values in results.values():
+        values["speedup_vs_eager_batch1"] = eager_p50 / values["latency_p50_ms_batch1"]
+        values["speedup_vs_onnxruntime_fp32_batch1"] = fp32_p50 / values["latency_p50_ms_batch1"]
+
+    # 4. targets
+    ours = results["edgekit"]
+    rate = f"throughput_items_per_s_batch{BATCH}"
+    measured_peers = [name for name in PEERS if name in results]
+    targets = {
+        "demo build <= 120 s (fresh cache)": verdict(first["seconds"], TARGET_BUILD_S, first["seconds"] <= TARGET_BUILD_S),
+        "cached rebuild <= 10 s": verdict(rebuild["seconds"], TARGET_REBUILD_S, rebuild["seconds"] <= TARGET_REBUILD_S),
+        ">= 4x faster than PyTorch eager fp32 at batch 1": verdict(ours["speedup_vs_eager_batch1"], TARGET_EAGER_SPEEDUP,
+                                                                  ours["speedup_vs_eager_batch1"] >= TARGET_EAGER_SPEEDUP),
+        ">= 99% top-1 agreement with fp32": verdict(ours["top1_agreement_vs_onnxruntime_fp32"], TARGET_MIN_AGREEMENT,
+                                                    ours["top1_agreement_vs_onnxruntime_fp32"] >= TARGET_MIN_AGREEMENT),
+        "accuracy drop <= 1 point": verdict(ours["accuracy_drop_points_vs_fp32"], TARGET_MAX_DROP_POINTS,
+                                            ours["accuracy_drop_points_vs_fp32"] <= TARGET_MAX_DROP_POINTS),
+        "size <= 30% of fp32": verdict(ours["size_vs_fp32_onnx"], TARGET_MAX_SIZE_RATIO, ours["size_vs_fp32_onnx"] <= TARGET_MAX_SIZE_RATIO),
+    }
+    if measured_peers:
+        fastest_1 = min(measured_peers, key=lambda n: results[n]["latency_p50_ms_batch1"])
+        fastest_32 = max(measured_peers, key=lambda n: results[n][rate])
+        ratio_1 = results[fastest_1]["latency_p50_ms_batch1"] / ours["latency_p50_ms_batch1"]
+        ratio_32 = ours[rate] / results[fastest_32][rate]
+        targets["faster than the fastest peer at batch 1"] = verdict(
+            ratio_1, 1.0, ratio_1 > 1.0, f"edgekit's speed relative to {fastest_1} (p50 latency ratio)"
+            + ("; within this VM's noise" if abs(ratio_1 - 1) < NOISE else ""))
+        targets["faster than the fastest peer at batch 32"] = verdict(
+            ratio_32, 1.0, ratio_32 > 1.0, f"edgekit's throughput relative to {fastest_32}"
+            + ("; within this VM's noise" if abs(ratio_32 - 1) < NOISE else ""))
+
+    versions = {name: importlib.metadata.version(name) for name in ("edgekit", "onnxruntime", "onnx", "numpy")}
+    versions |= peers_info.get("optimum", {}).get("versions", {})
+    versions["olive-ai"] = peers_info.get("olive", {}).get("versions", {}).get("olive-ai", "not measured")
+    document = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+                 "load_average_at_start": [round(v, 2) for v in load_before], "load_average_at_end": [round(v, 2) for v in os.getloadavg()]},
+        "versions": versions,
+        "olive_environment": {"python": str(args.olive_python), "versions": peers_info.get("olive", {}).get("versions")},
+        "setup": {"target": TARGET, "sequence_length": SEQUENCE, "intra_op_num_threads": THREADS, "torch_threads": THREADS,
+                  "throughput_batch": BATCH, "rounds": args.rounds, "latency_iterations": args.iterations,
+                  "throughput_seconds": args.seconds, "test_rows": len(data.test), "calibration_rows": len(data.calibration),
+                  "fp32_reference": "onnxruntime-fp32 (the export pass's model.onnx)",
+                  "fp32_accuracy": fp32_accuracy, "ort_child_imported_torch": ort["torch_imported"],
+                  "pytorch_eager_rounds": len(torch_samples["p50_ms"]),
+                  "peers": measured_peers},
+        "build": {"first": first, "cached_rebuild": rebuild},
+        "edgekit_model": {**bundle_note, "scheme": quantization.get("scheme"), "per_channel": quantization.get("per_channel"),
+                          "kept_in_float": len(report["kept_in_float"]),
+                          "quantize_pass_quantized_nodes": quantization.get("quantized_nodes"),
+                          "quantize_pass_validation_agreement": quantization.get("top1_agreement")},
+        "peers": peers_info,
+        "contenders": results,
+        "targets": targets,
+        "total_seconds": time.perf_counter() - begun,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print_table(document)
+    print(f"wrote {args.out} in {document['total_seconds']:.0f} s")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(document: dict) -> None:
+    rate = f"throughput_items_per_s_batch{BATCH}"
+    print(f"\n{'contender':<20} {'p50 b1 ms':>10} {'x eager':>8} {'items/s b32':>12} {'MB':>7} {'agree':>7} {'acc':>7} {'drop pt':>8}")
+    for name, r in document["contenders"].items():
+        print(f"{name:<20} {r['latency_p50_ms_batch1']:>10.2f} {r['speedup_vs_eager_batch1']:>8.2f} {r[rate]:>12.1f} "
+              f"{r['size_mb']:>7.1f} {r['top1_agreement_vs_onnxruntime_fp32']:>7.4f} {r['accuracy']:>7.4f} "
+              f"{r['accuracy_drop_points_vs_fp32']:>8.2f}")
+    print(f"\nbuild: fresh {document['build']['first']['seconds']:.1f} s, cached {document['build']['cached_rebuild']['seconds']:.1f} s")
+    for name, row in document["targets"].items():
+        print(f"{'met   ' if row['met'] else 'MISSED'} {name}: {row['value']} (target {row['target']}){' - ' + row['note'] if row.get('note') else ''}")
+    for tool in ("optimum", "olive"):
+        if "error" in document["peers"].get(tool, {}):
+            print(f"{tool}: not measured: {document['peers'][tool]['error']}")
+    for name in OLIVE_PASSES:
+        if "error" in document["peers"].get("olive", {}).get(name, {}):
+            print(f"{name}: not measured: {document['peers']['olive'][name]['error']}")
+
+
+if __name__ == "__main__":
+    main()
