@@ -42,6 +42,9 @@ class GoldenCheckError(UserError):
 class RuntimeOptions:
     intra_op_threads: int | None = None
     engine_cache_dir: Path | None = None
+    # ONNX Runtime's worker threads busy-wait between runs by default. In the agent they share the
+    # device's few cores with the HTTP server's event loop, so spinning costs more than it saves.
+    allow_spinning: bool = False
 
 
 @dataclass
@@ -95,6 +98,7 @@ def load_session(manifest: Manifest, model_path: Path, options: RuntimeOptions =
     session_options = onnxruntime.SessionOptions()
     if options.intra_op_threads:
         session_options.intra_op_num_threads = options.intra_op_threads
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.allow_spinning else "0")
     try:
         session = onnxruntime.InferenceSession(
             str(model_path),
