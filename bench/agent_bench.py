@@ -147,17 +147,6 @@ class Agent:
             raise RuntimeError("the agent did not stop within 30 s of SIGTERM") from None
 
 
-def p50_ms(call, iterations: int) -> float:
-    for _ in range(20):
-        call()
-    samples = []
-    for _ in range(iterations):
-        started = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
-
-
 def http_infer_call(url: str, feeds: dict[str, np.ndarray]):
     import tritonclient.http as http
 
@@ -241,6 +230,7 @@ def main() -> None:
     import onnxruntime
 
     from edgekit.flash import flash
+    from edgekit.measure import latency
 
     with tempfile.TemporaryDirectory(prefix="edgekit-agent-bench-") as tmp:
         workdir = Path(tmp)
@@ -269,7 +259,7 @@ def main() -> None:
             }
             for _ in range(ROUNDS):
                 for name, call in calls.items():
-                    samples[name].append(p50_ms(call, args.iterations // ROUNDS))
+                    samples[name].append(latency(call, iterations=args.iterations // ROUNDS, warmup=20).p50_ms)
             time.sleep(1.0)
             results["agent_idle_rss_mb"] = agent.rss_mb()
             results[f"agent_unbatched_items_per_s_c{args.concurrency}"] = http_throughput(agent.url, args.concurrency, args.requests)
