@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from edgekit.config import BuildConfig
     from edgekit.targets import TargetProfile
-    from edgekit.tasks.text_classification import TaskData
+    from edgekit.data import TaskData
 
 
 class Stage(str, Enum):

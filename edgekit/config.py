@@ -39,7 +39,7 @@ class TaskSection(_Strict):
 
 
 class DataSection(_Strict):
-    path: Path = Field(DEMO_DATA, description="JSONL with text, label and split (train/val/test) columns")
+    path: Path = Field(DEMO_DATA, description="CSV/TSV, JSONL, Parquet or a datasets save_to_disk folder with text, label and (optional) split columns")
     calibration_path: Path | None = Field(DEMO_CALIBRATION, description="JSONL rows for quantization calibration; default: from train")
     text_column: str = "text"
     label_column: str = "label"

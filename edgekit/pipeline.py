@@ -32,7 +32,7 @@ from edgekit.errors import EdgekitError
 from edgekit.passes import compile as compile_pass
 from edgekit.passes import evaluate, export, finetune, load, optimize, package, quantize
 from edgekit.targets import TargetProfile, load_target
-from edgekit.tasks.text_classification import TaskData
+from edgekit.data import TaskData
 
 PER_TARGET: tuple[Pass, ...] = (optimize.PASS, quantize.PASS, compile_pass.PASS, evaluate.PASS, package.PASS)
 ARTIFACT_FILE = "artifact.json"

@@ -43,7 +43,7 @@ from edgekit.artifact import Artifact, Pass, PassContext, Stage, TaskSpec
 from edgekit.config import BuildConfig
 from edgekit.errors import EdgekitError
 from edgekit.targets import TargetProfile
-from edgekit.tasks.text_classification import MIN_CALIBRATION_ROWS, Split
+from edgekit.data import MIN_CALIBRATION_ROWS, Split
 
 MODEL_FILE = "model.onnx"
 STATIC_OP_TYPES = ("MatMul", "Gemm", "Conv")

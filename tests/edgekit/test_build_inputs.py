@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from edgekit.config import BuildConfig, DataSection, load_build_config
+from edgekit.data import DataError
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.passes.load import resolve_source
-from edgekit.tasks.text_classification import DataError, load_task_data
+from edgekit.tasks.text_classification import load_task_data
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -45,7 +46,7 @@ def test_unknown_embedded_model_lists_the_known_ones():
 
 def test_labels_the_model_never_learned_are_refused(tmp_path):
     rows = _rows() + [{"text": "a stranger", "label": "zebra", "split": "test"}]
-    with pytest.raises(DataError, match=r"test has labels \['zebra'\] that train does not"):
+    with pytest.raises(DataError, match=r"test has label\(s\) \['zebra'\] that train does not"):
         load_task_data(DataSection(path=_jsonl(tmp_path / "d.jsonl", rows), calibration_path=None))
 
 
@@ -65,7 +66,7 @@ def test_empty_calibration_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("{not json\n", "is not JSON"), ('{"text": "x"}\n', "has no \\['label'\\] column"), ("", "holds no rows")],
+    [("{not json\n", "d.jsonl:1 is not JSON"), ('{"text": "x"}\n', "has no column 'label'"), ("", "holds no rows")],
 )
 def test_malformed_data_files_are_named_with_line(tmp_path, content, message):
     (tmp_path / "d.jsonl").write_text(content)

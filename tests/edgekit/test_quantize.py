@@ -14,10 +14,10 @@ from onnx import numpy_helper
 
 from edgekit.artifact import Stage
 from edgekit.config import BuildConfig, QuantizationSection
+from edgekit.data import Split
 from edgekit.errors import EdgekitError
 from edgekit.passes import quantize
 from edgekit.targets import load_target
-from edgekit.tasks.text_classification import Split
 from tests.support.tiny_bert import TinyBert, artifact_for, build_tiny_bert, context_for, export_text_classifier
 
 # Quantizing the Adds as well puts the attention mask's float32-minimum sentinels into

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from device_agent.validation import load_yaml_model
 from edgekit.errors import ConfigError, UnknownTargetError
 from edgekit.targets import TargetProfile, builtin_target_names, load_builtin_targets, load_target, resolve_target_file
-from device_agent.validation import load_yaml_model
 
 REPO_TARGETS = Path(__file__).resolve().parents[2] / "targets"
 REQUIRED = {"x86-64-cpu", "arm64-cpu", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb", "x86-64-nvidia-gpu"}

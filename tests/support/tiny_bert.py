@@ -17,7 +17,8 @@ import numpy as np
 
 from edgekit.artifact import Artifact, PassContext, Stage, TaskSpec
 from edgekit.config import BuildConfig
-from edgekit.tasks.text_classification import TaskData, load_task_data
+from edgekit.data import TaskData
+from edgekit.tasks.text_classification import load_task_data
 
 MAX_LENGTH = 64
 VOCAB_SIZE = 30522  # the all-MiniLM-L6-v2 (bert-base-uncased) vocabulary
