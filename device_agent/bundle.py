@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
 from device_agent.errors import UserError
+from device_agent.files import atomic_output
 from device_agent.keys import Keyring, key_id
 
 SCHEMA_VERSION = 1
@@ -327,22 +328,12 @@ def write_bundle(
     manifest_bytes = canonical_manifest_bytes(written)
     signature_bytes = sign_manifest(manifest_bytes, private_key)
     mtime = written.created_at.timestamp()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
-            for name, data in ((MANIFEST_NAME, manifest_bytes), (SIGNATURE_NAME, signature_bytes)):
-                archive.addfile(_tar_info(name, len(data), mtime), io.BytesIO(data))
-            for entry in entries:
-                with payload[entry.path].open("rb") as handle:
-                    archive.addfile(_tar_info(entry.path, entry.size, mtime), handle)
-            archive.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(out_path) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in ((MANIFEST_NAME, manifest_bytes), (SIGNATURE_NAME, signature_bytes)):
+            archive.addfile(_tar_info(name, len(data), mtime), io.BytesIO(data))
+        for entry in entries:
+            with payload[entry.path].open("rb") as handle:
+                archive.addfile(_tar_info(entry.path, entry.size, mtime), handle)
     return written
 
 
