@@ -78,6 +78,9 @@ class PassContext:
     progress: "Progress"
     signing_key: Path
     say: Callable[[str], None]
+    # Survives an interrupted run of the same pass (same cache key), so long
+    # training can resume; the pipeline deletes it once the pass has finished.
+    checkpoint_dir: Path | None = None
 
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)

@@ -212,7 +212,9 @@ class Build:
             work = entry.parent / f".tmp-{planned.key}-{uuid.uuid4().hex[:8]}"
             work.mkdir(parents=True)
             try:
-                context = PassContext(work, planned.target, self.data, self.config, self.progress, self.signing_key, self.say)
+                checkpoints = entry.parent / f"{planned.key}.checkpoints"
+                context = PassContext(work, planned.target, self.data, self.config, self.progress, self.signing_key, self.say,
+                                      checkpoint_dir=checkpoints)
                 result = pass_.run(artifact, planned.options, context)
                 if result.stage != pass_.gives:
                     raise RuntimeError(f"pass {pass_.name} must give {pass_.gives.value}, gave {result.stage.value}")
@@ -223,6 +225,7 @@ class Build:
                     os.rename(work, entry)
                 except OSError:  # another build finished the same pass first: its result is as good
                     shutil.rmtree(work, ignore_errors=True)
+                shutil.rmtree(checkpoints, ignore_errors=True)
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
