@@ -25,7 +25,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +65,23 @@ class DataError(EdgekitError):
 
 @dataclass(frozen=True)
 class Split:
-    texts: tuple[str, ...]
+    """Raw model inputs with their labels: texts (a tuple of str) or images (uint8 ``[n, height, width, channels]``)."""
+
+    inputs: "tuple[str, ...] | np.ndarray"
     labels: np.ndarray  # int64 class indices into TaskData.labels
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.inputs)
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        if not isinstance(self.inputs, tuple):
+            raise TypeError("this split holds images, not texts; encode it with edgekit.tasks.model_feeds")
+        return self.inputs
 
     def head(self, count: int) -> "Split":
         """The first ``count`` rows (splits are stored in a fixed, stratified order)."""
-        return Split(self.texts[:count], self.labels[:count])
+        return Split(self.inputs[:count], self.labels[:count])
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ class TaskData:
     test: Split
     calibration: Split
     digest: str  # content hash of the rows: part of the cache key of every pass that uses data
+    # What the report says about the data: source, rows read/kept, drops by reason, class balance per split.
+    summary: dict = field(default_factory=dict)
 
 
 def stratified_order(texts: list[str], labels: list[int]) -> tuple[tuple[str, ...], np.ndarray]:
@@ -505,4 +515,6 @@ def to_task_data(dataset: Dataset, calibration_rows: list[Row] | None = None) ->
     digest.update(json.dumps(dataset.labels).encode())
     for name, split in (*splits.items(), ("calibration", calibration)):
         digest.update(json.dumps([name, list(split.texts), split.labels.tolist()]).encode())
-    return TaskData(dataset.labels, splits["train"], splits["val"], splits["test"], calibration, digest.hexdigest())
+    summary = {"source": dataset.source, "rows_read": dataset.cleaning.rows_read, "rows_kept": dataset.cleaning.rows_kept,
+               "dropped": dataset.cleaning.dropped(), "balance": dataset.balance, "warnings": list(dataset.warnings)}
+    return TaskData(dataset.labels, splits["train"], splits["val"], splits["test"], calibration, digest.hexdigest(), summary)

@@ -1,7 +1,13 @@
-"""The build report: ``<out>/<target>/report.json`` and the same facts as terminal tables."""
+"""The build report: ``<out>/<target>/report.json``, ``report.html`` beside it, and the same facts as terminal tables.
+
+The HTML page is self-contained and needs no plotting library (a build host
+need not have one): the confusion matrix is a table shaded by row share, the
+fine-tuning loss curve an inline SVG.
+"""
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -30,6 +36,7 @@ def target_report(result: TargetResult) -> dict:
             "evaluation": metrics.get("evaluation"),
             "load": metrics.get("load"),
             "finetune": metrics.get("finetune"),
+            "prune": metrics.get("prune"),
             "export": metrics.get("export"),
             "optimize": metrics.get("optimize"),
             "compile": metrics.get("compile"),
@@ -40,16 +47,100 @@ def target_report(result: TargetResult) -> dict:
     }
 
 
-def write_reports(results: list[TargetResult], out_dir: Path, signing: dict) -> list[dict]:
-    """Write ``<out>/<target>/report.json`` for each target; ``signing`` says which key signed (and if it is the development key)."""
+def write_reports(results: list[TargetResult], out_dir: Path, signing: dict, data: dict | None = None) -> list[dict]:
+    """Write ``report.json`` and ``report.html`` per target; ``signing`` says which key signed, ``data`` what was read and dropped."""
     reports = []
     for result in results:
-        report = {**target_report(result), "signing": signing}
+        report = {**target_report(result), "signing": signing, "data": data or {}}
         path = out_dir / result.target / "report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (path.parent / "report.html").write_text(report_html(report))
         reports.append(report)
     return reports
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def _confusion_html(labels: list[str], confusion: list[list[int]]) -> str:
+    """Rows are true classes, columns predictions; a cell's shade is its share of the row."""
+    head = "".join(f"<th class=rot><span>{html.escape(label)}</span></th>" for label in labels)
+    rows = []
+    for label, row in zip(labels, confusion, strict=True):
+        total = sum(row) or 1
+        cells = []
+        for column, count in enumerate(row):
+            share = count / total
+            hue = 140 if column == len(rows) else 0  # the diagonal green, errors red
+            colour = f"hsla({hue}, 70%, 45%, {share:.3f})"
+            cells.append(f'<td style="background:{colour}" title="{count} of {total} ({share:.1%})">{count}</td>')
+        rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
+    return f"<table class=confusion><tr><th>true \\ predicted</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _curve_svg(values: list[float], width: int = 480, height: int = 160) -> str:
+    if len(values) < 2:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    points = " ".join(f"{i * (width - 20) / (len(values) - 1) + 10:.1f},{height - 10 - (v - low) * (height - 20) / span:.1f}"
+                      for i, v in enumerate(values))
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="training loss">'
+            f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{points}"/>'
+            f'<text x="12" y="14" font-size="11">{high:.3f}</text><text x="12" y="{height - 2}" font-size="11">{low:.3f}</text></svg>')
+
+
+def report_html(report: dict) -> str:
+    """One target's report as a self-contained page: summary, gates, per-class metrics, confusion matrix, fine-tuning."""
+    e = html.escape
+    metrics = report["metrics"]
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    summary = "".join(f"<tr><td>{e(k)}</td><td>{_number(metrics['reference'].get(k))}</td><td>{_number(metrics['final'].get(k))}</td></tr>"
+                      for k in (*_SUMMARY, "top1_agreement"))
+    gates = "".join(f"<tr><td>{e(g['name'])}</td><td>{_number(g['value'])}</td><td>{_number(g['budget'])}</td>"
+                    f"<td class={'ok' if g['passed'] else 'bad'}>{'pass' if g['passed'] else 'FAIL'}</td></tr>" for g in report["gates"])
+    per_class = metrics.get("per_class") or {}
+    classes = "".join(f"<tr><td>{e(label)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td><td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
+                      for label, v in per_class.items())
+    confusion = _confusion_html(list(per_class), metrics["confusion"]) if metrics.get("confusion") and per_class else "<p>not measured</p>"
+    finetune = metrics.get("finetune") or {}
+    tuning = ""
+    if finetune:
+        rows = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{_number(finetune.get(k))}</td></tr>" for k in
+                       ("method", "device", "test_accuracy_head_only", "test_accuracy", "test_f1_macro_head_only", "test_f1_macro",
+                        "val_accuracy_head_only", "val_accuracy", "epochs_run", "seconds", "samples_per_second") if k in finetune)
+        tuning = f"<h2>Fine-tuning</h2><table>{rows}</table>{_curve_svg(list(finetune.get('loss_curve') or []))}"
+    data = report.get("data") or {}
+    data_html = ""
+    if data:
+        dropped = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in (data.get("dropped") or {}).items()) or "none"
+        balance = data.get("balance") or {}
+        balance_rows = "".join(f"<tr><td>{e(label)}</td>" + "".join(f"<td>{balance.get(split, {}).get(label, 0)}</td>" for split in balance) + "</tr>"
+                               for label in sorted({label for counts in balance.values() for label in counts}))
+        data_html = (f"<h2>Data</h2><p>{e(str(data.get('source', '')))}: {data.get('rows_kept')} of {data.get('rows_read')} rows kept; "
+                     f"dropped: {e(dropped)}</p><table><tr><th>class</th>{''.join(f'<th>{e(s)}</th>' for s in balance)}</tr>{balance_rows}</table>")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>edgekit build report: {e(report['target'])}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #111; }}
+table {{ border-collapse: collapse; margin: .5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+th {{ background: #f3f4f6; }} td:first-child, th:first-child {{ text-align: left; }}
+.ok {{ color: #166534; }} .bad {{ color: #b91c1c; font-weight: bold; }}
+.confusion td {{ min-width: 2.5em; text-align: center; }}
+th.rot {{ height: 110px; white-space: nowrap; vertical-align: bottom; }}
+th.rot span {{ writing-mode: vertical-rl; transform: rotate(180deg); }}
+</style></head><body>
+<h1>{e(report['target'])}: {verdict}</h1>
+<p>precision {e(str(report['precision']))}; bundle {e(str(report['bundle']))}{('; error: ' + e(report['error'])) if report['error'] else ''}</p>
+<h2>Metrics (test split)</h2><table><tr><th>metric</th><th>fp32 reference</th><th>final</th></tr>{summary}</table>
+<h2>Gates</h2><table><tr><th>gate</th><th>value</th><th>budget</th><th>result</th></tr>{gates}</table>
+<h2>Per class (final model)</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{classes}</table>
+<h2>Confusion matrix (final model)</h2>{confusion}
+{tuning}{data_html}
+</body></html>
+"""
 
 
 def _number(value) -> str:
@@ -74,6 +165,16 @@ def render(reports: list[dict], console) -> None:
         for key in (*_SUMMARY, "top1_agreement"):
             metrics.add_row(key, _number(report["metrics"]["reference"].get(key)), _number(report["metrics"]["final"].get(key)))
         console.print(metrics)
+        finetune = report["metrics"].get("finetune") or {}
+        if "test_accuracy_head_only" in finetune:
+            tuning = Table("test split", "head only", f"fine-tuned ({finetune['method']})", title="customization", title_justify="left")
+            for name in ("accuracy", "f1_macro"):
+                tuning.add_row(name, _number(finetune[f"test_{name}_head_only"]), _number(finetune[f"test_{name}"]))
+            console.print(tuning)
+        if report.get("data"):
+            data = report["data"]
+            dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in data["dropped"].items()) or "none"
+            console.print(f"data: {data['rows_kept']} of {data['rows_read']} rows kept (dropped: {dropped})", highlight=False)
         if report["gates"]:
             gates = Table("gate", "value", "budget", "result", title="gates", title_justify="left")
             for gate in report["gates"]:

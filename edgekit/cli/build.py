@@ -80,7 +80,8 @@ def build(
 
     with progress:
         results = builder.run()
-    reports = write_reports(results, out, signing={"key": str(key), "development_key": development_key, "key_id": builder.signer})
+    reports = write_reports(results, out, signing={"key": str(key), "development_key": development_key, "key_id": builder.signer},
+                            data=data_set.summary)
     if as_json:
         print_json(reports)
     else:

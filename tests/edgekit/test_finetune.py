@@ -61,3 +61,40 @@ def test_fine_tuning_joins_the_shared_prefix_only_when_enabled():
     assert [p.name for p in shared_prefix(BuildConfig())] == ["load", "export"]
     enabled = BuildConfig(finetune=FinetuneSection(enabled=True))
     assert [p.name for p in shared_prefix(enabled)] == ["load", "finetune", "export"]
+
+
+def test_the_report_compares_head_only_and_fine_tuned_on_test(tiny, tmp_path):
+    metrics = _run(tiny, tmp_path, learning_rate=2e-3).metrics["finetune"]
+    for key in ("test_accuracy_head_only", "test_accuracy", "test_f1_macro_head_only", "test_f1_macro"):
+        assert 0 <= metrics[key] <= 1, key
+
+
+def test_an_interrupted_fine_tune_resumes_after_its_last_finished_epoch(tiny, tmp_path):
+    artifact, data = tiny
+    config = BuildConfig(finetune=FinetuneSection(enabled=True, max_train_rows=160, epochs=3, early_stopping_patience=5, learning_rate=2e-3))
+    checkpoints = tmp_path / "checkpoints"
+
+    def interrupt_in_epoch_two(message: str) -> None:
+        if "epoch 2:" in message:
+            raise KeyboardInterrupt
+
+    first = tmp_path / "first"
+    first.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(artifact, finetune.options_for(config, None),
+                     PassContext(first, None, data, config, Progress(disable=True), tmp_path / "k", interrupt_in_epoch_two, checkpoints))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch-1.pt"], "epoch 1 was saved, epoch 2 never finished"
+    messages: list[str] = []
+    second = tmp_path / "second"
+    second.mkdir()
+    result = finetune.run(artifact, finetune.options_for(config, None),
+                          PassContext(second, None, data, config, Progress(disable=True), tmp_path / "k", messages.append, checkpoints))
+    metrics = result.metrics["finetune"]
+    assert metrics["resumed_after_epoch"] == 1 and metrics["epochs_run"] == 3
+    assert any("resuming after epoch 1" in m for m in messages)
+    assert not any("epoch 1:" in m for m in messages), "epoch 1 is not trained again"
+
+
+def test_a_batch_too_large_for_the_memory_is_refused_before_training(tiny, tmp_path):
+    with pytest.raises(EdgekitError, match=r"finetune.batch_size 100000000 .* GiB .* lower finetune.batch_size"):
+        _run(tiny, tmp_path, batch_size=100_000_000)

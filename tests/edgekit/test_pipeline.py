@@ -77,6 +77,11 @@ def test_build_writes_a_bundle_and_a_report_per_target(built):
         assert 0 <= report["metrics"]["final"]["top1_agreement"] <= 1
         assert isinstance(report["kept_in_float"], list)
         assert (root / "out" / target / "passes" / "04-quantize" / "model.onnx").is_file(), "intermediates stay visible"
+        labels = list(report["metrics"]["per_class"])
+        assert len(report["metrics"]["confusion"]) == len(labels) and sum(map(sum, report["metrics"]["confusion"])) > 0
+        assert report["data"]["rows_kept"] > 0 and set(report["data"]["balance"]) == {"train", "val", "test"}
+        page = (root / "out" / target / "report.html").read_text()
+        assert "<table class=confusion>" in page and all(label in page for label in labels)
 
 
 @pytest.mark.slow
