@@ -30,6 +30,8 @@ class TextTokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
             raise UserError(f"{tokenizer_file} is not a tokenizers JSON file ({exc})") from None
         self.max_length = max_length
+        # The drift features count unknown tokens (device_agent.features.text_features).
+        self.unknown_id: int | None = self._tokenizer.token_to_id("[UNK]")
         self._tokenizer.enable_truncation(max_length)
         pad_id = self._tokenizer.token_to_id("[PAD]") or 0
         self._tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]", length=max_length if pad_to_max_length else None)

@@ -1,0 +1,207 @@
+"""The drift reference a bundle carries: fixed bins, reference proportions and calibrated thresholds.
+
+Features come from ``device_agent.features`` (the device computes them with the
+same code) on reference rows run through the float model. Then, per feature:
+
+- bins: numeric features get edges at reference quantiles (10 interior bins,
+  20 from 2,000 rows) plus an underflow and an overflow bin; features with few
+  distinct values (truncation, token counts of short texts) get edges halfway
+  between their values instead, so every value has its own bin and a value the
+  reference never showed lands in a bin of its own. Categorical features (the
+  predicted class) get one bin per label.
+- thresholds, calibrated for the *window* false-alarm rate: bootstrap windows
+  of ``window_size`` rows drawn from the reference are scored like device
+  windows; each feature's PSI and JS scores are standardised by their bootstrap
+  mean and standard deviation, and one multiplier ``z`` is set at the
+  ``1 - target/2`` quantile of the largest standardised score per window (the
+  max statistic corrects for the many features at once, without Bonferroni's
+  excess caution for correlated features). A feature's threshold is
+  ``mean + z * std``, widened for the reference's own sampling error (a live
+  window differs from the true distribution by 1/W and the reference by 1/N in
+  variance: PSI thresholds times ``1 + W/N``, JS times its square root) and
+  floored where a score's bootstrap spread is degenerate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from device_agent import features as drift_features
+from device_agent.drift import bin_index, js_distance, psi
+from device_agent.telemetry_schema import DriftReference, FeatureReference, Thresholds
+
+# Below these a score difference means nothing in practice, and a constant reference feature has no spread to calibrate on.
+PSI_FLOOR = 0.05
+JS_FLOOR = 0.05
+# A feature with at most this many distinct reference values is binned per value.
+_DISCRETE_VALUES = 20
+
+
+def numeric_edges(values: np.ndarray, rows: int | None = None) -> list[float]:
+    """Ascending bin edges for one numeric feature (see the module docstring)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return [0.0]
+    distinct = np.unique(values)
+    if distinct.size <= _DISCRETE_VALUES:
+        gap = float(np.min(np.diff(distinct))) if distinct.size > 1 else 1.0
+        midpoints = (distinct[:-1] + distinct[1:]) / 2
+        edges = np.concatenate([[distinct[0] - gap / 2], midpoints, [distinct[-1] + gap / 2]])
+    else:
+        interior_bins = 20 if (rows or values.size) >= 2000 else 10
+        edges = np.quantile(values, np.linspace(0, 1, interior_bins + 1))
+        # The largest reference value belongs inside the last interior bin, not in the overflow bin.
+        edges[-1] = np.nextafter(edges[-1], np.inf)
+        edges = np.unique(edges)
+    return [float(edge) for edge in edges]
+
+
+def _counts(feature: FeatureReference, values: np.ndarray) -> np.ndarray:
+    if feature.kind == "numeric":
+        return np.bincount(bin_index(np.asarray(feature.edges), values), minlength=feature.bins)
+    indices = np.asarray(values, dtype=np.int64)
+    indices = indices[(indices >= 0) & (indices < feature.bins)]
+    return np.bincount(indices, minlength=feature.bins)
+
+
+def build_reference(
+    features: dict[str, np.ndarray],
+    *,
+    task: str,
+    labels: Sequence[str],
+    window_size: int = 500,
+    min_window_size: int = 100,
+    consecutive_for_alert: int = 2,
+    target_false_alarm: float = 0.01,
+    bootstrap_windows: int = 400,
+    seed: int = 0,
+) -> DriftReference:
+    """The reference for ``features`` (name → one value per reference row, from ``device_agent.features``)."""
+    rows = {len(v) for v in features.values()}
+    if len(rows) != 1 or 0 in rows:
+        raise ValueError(f"every feature needs one value per reference row; got row counts {sorted(rows)}")
+    (row_count,) = rows
+    provisional: dict[str, FeatureReference] = {}
+    placeholder = Thresholds(psi=1.0, js=1.0)
+    for name, values in sorted(features.items()):
+        source = "output" if name.startswith("output.") else "input"
+        if drift_features.is_categorical(name):
+            categories = list(labels) or [str(i) for i in range(int(np.max(values)) + 1)]
+            bins: dict = {"kind": "categorical", "categories": categories}
+            count = len(categories)
+        else:
+            edges = numeric_edges(values, row_count)
+            bins = {"kind": "numeric", "edges": edges}
+            count = len(edges) + 1
+        provisional[name] = FeatureReference(source=source, proportions=[1 / count] * count, thresholds=placeholder, **bins)
+        counts = _counts(provisional[name], values)
+        provisional[name] = provisional[name].model_copy(update={"proportions": (counts / counts.sum()).tolist()})
+
+    thresholds = calibrate_thresholds(
+        provisional, features, window_size=window_size, target_false_alarm=target_false_alarm,
+        bootstrap_windows=bootstrap_windows, seed=seed,
+    )
+    return DriftReference(
+        task=task,
+        features={name: feature.model_copy(update={"thresholds": thresholds[name]}) for name, feature in provisional.items()},
+        reference_rows=row_count,
+        window_size=window_size,
+        min_window_size=min(min_window_size, window_size),
+        consecutive_for_alert=consecutive_for_alert,
+    )
+
+
+def calibrate_thresholds(
+    references: dict[str, FeatureReference],
+    features: dict[str, np.ndarray],
+    *,
+    window_size: int,
+    target_false_alarm: float,
+    bootstrap_windows: int,
+    seed: int,
+) -> dict[str, Thresholds]:
+    """Per-feature thresholds such that about ``target_false_alarm`` of reference windows drift on any feature."""
+    generator = np.random.default_rng(seed)
+    names = sorted(references)
+    row_count = len(next(iter(features.values())))
+    binned = {}
+    for name in names:
+        feature = references[name]
+        values = np.asarray(features[name])
+        binned[name] = bin_index(np.asarray(feature.edges), values) if feature.kind == "numeric" else values.astype(np.int64)
+    scores = np.zeros((bootstrap_windows, len(names), 2))
+    for window in range(bootstrap_windows):
+        rows = generator.integers(0, row_count, window_size)
+        for column, name in enumerate(names):
+            feature = references[name]
+            counts = np.bincount(binned[name][rows], minlength=feature.bins)[: feature.bins]
+            scores[window, column] = psi(feature.proportions, counts), js_distance(feature.proportions, counts)
+    mean = scores.mean(axis=0)
+    spread = np.maximum(scores.std(axis=0), 1e-9)
+    largest = ((scores - mean) / spread).max(axis=(1, 2))
+    z = float(np.quantile(largest, 1 - target_false_alarm / 2))
+    widen = 1 + window_size / row_count
+    thresholds = {}
+    for column, name in enumerate(names):
+        psi_threshold = (mean[column, 0] + z * spread[column, 0]) * widen
+        js_threshold = (mean[column, 1] + z * spread[column, 1]) * np.sqrt(widen)
+        thresholds[name] = Thresholds(psi=max(float(psi_threshold), PSI_FLOOR), js=max(float(js_threshold), JS_FLOOR))
+    return thresholds
+
+
+# --------------------------------------------------------------------------- features of a model on reference rows
+
+
+def model_features(
+    model_path: Path,
+    inputs: Sequence[str] | np.ndarray,
+    *,
+    tokenizer_file: Path | None = None,
+    max_length: int | None = None,
+    image_preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    output_name: str | None = None,
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """Input and output drift features of ``inputs`` (texts, or raw uint8 images) through an ONNX classifier.
+
+    Texts are tokenized with the bundle's tokenizer (``tokenizer_file``,
+    ``max_length``); images are fed through ``image_preprocess`` (the bundle's
+    ``device_agent.preprocess.ImagePreprocessor``) and their features taken
+    from the raw pixels, as the device does.
+    """
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    input_names = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+    wanted_output = output_name if output_name in output_names else output_names[0]
+    is_text = not isinstance(inputs, np.ndarray)
+    tokenizer = None
+    if is_text:
+        from device_agent.preprocess import TextTokenizer
+
+        if tokenizer_file is None or max_length is None:
+            raise ValueError("text reference rows need the tokenizer file and max_length")
+        tokenizer = TextTokenizer(tokenizer_file, max_length)
+    elif image_preprocess is None:
+        raise ValueError("image reference rows need the bundle's image preprocessing")
+
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        if tokenizer is not None:
+            encoded = tokenizer.encode(list(chunk))
+            feeds = {name: encoded[name] for name in input_names if name in encoded}
+            found = drift_features.text_features(encoded["input_ids"], encoded["attention_mask"], tokenizer.unknown_id, max_length)
+        else:
+            images = np.asarray(chunk)
+            feeds = {input_names[0]: image_preprocess(images if images.ndim == 4 else images[..., None])}
+            found = drift_features.image_features(images)
+        (logits,) = session.run([wanted_output], feeds)
+        found.update(drift_features.output_features(logits))
+        parts.append(found)
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
