@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from device_agent.errors import UserErrorGroup
-from edgekit.cli import build, bundle, doctor, flash, keys, targets
+from edgekit.cli import build, bundle, doctor, fleet, flash, keys, targets
 
 app = typer.Typer(
     name="edgekit",
@@ -25,6 +25,7 @@ app = typer.Typer(
 app.add_typer(targets.app, name="targets")
 app.add_typer(keys.app, name="keys")
 app.add_typer(bundle.app, name="bundle")
+app.add_typer(fleet.app, name="fleet")
 app.command("build")(build.build)
 app.command("doctor")(doctor.doctor)
 app.command("flash")(flash.flash)

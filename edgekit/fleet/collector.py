@@ -1,0 +1,165 @@
+"""The telemetry collector: a stateless FastAPI app over the fleet store.
+
+Ingest: ``POST /v1/telemetry`` with ``Authorization: Bearer <device token>`` and
+an ``UploadBatch`` body; the answer is an ``UploadAck`` naming every sequence of
+the batch, stored now or before. Missing or unknown token → 401; a token of
+another device than the batch's ``device_id`` → 403; a body that breaks the
+contract → 422 (``{"error": "<field>: <problem>; …"}``); the database away → 503,
+which a device treats like any other failure: it keeps the rows and retries.
+
+Queries (``GET /v1/devices``, ``/v1/devices/{id}/windows``, ``/v1/report``) are
+for operators and dashboards, not devices: they need the operator token the
+collector was started with (``--operator-token-file``); without one the query
+API answers 403 and says how to turn it on. The CLI's ``report`` and ``alerts``
+read the database directly and need no token.
+
+No state lives in the process (tokens are checked against the database on each
+request), so several collectors can serve one database behind a load balancer.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from device_agent.errors import UserError
+from device_agent.telemetry_schema import DeviceId, UploadAck, UploadBatch, reference_sha256
+from edgekit.fleet.store import Store
+
+_UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class DeviceInfo(BaseModel):
+    id: str
+    created_at: float
+    windows: int
+    last_seen: float | None
+
+
+_ERRORS = {
+    401: {"model": ErrorBody, "description": "missing or unknown token"},
+    403: {"model": ErrorBody, "description": "the token may not do this"},
+    422: {"model": ErrorBody, "description": "the request breaks the contract"},
+    503: {"model": ErrorBody, "description": "the database is unavailable; retry later"},
+}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+
+async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"][1:] if part != "body") or str(problem["loc"][0])
+        problems.append(f"{where}: {problem['msg']}")
+    return _error(422, "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
+
+
+async def _on_user_error(request: Request, error: UserError) -> JSONResponse:
+    return _error(getattr(error, "status_code", 400), str(error))
+
+
+async def _on_database_error(request: Request, error: sa.exc.SQLAlchemyError) -> JSONResponse:
+    # Connection losses and lock timeouts: the device keeps its rows and retries later, nothing is lost.
+    return _error(503, f"the fleet database is unavailable ({type(error).__name__}); retry later", {"Retry-After": "5"})
+
+
+async def _on_internal_error(request: Request, error: Exception) -> JSONResponse:
+    return _error(500, f"internal error ({type(error).__name__}); see the collector's log")
+
+
+_bearer = HTTPBearer(auto_error=False, description="a device token (edgekit fleet devices add) or the operator token")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def _authenticated_device(request: Request, credentials: Credentials) -> str:
+    if credentials is None:
+        raise HTTPException(401, "missing bearer token: send Authorization: Bearer <device token>", _UNAUTHORIZED)
+    device = _store(request).device_for_token(credentials.credentials)
+    if device is None:
+        raise HTTPException(401, "unknown device token; issue one with `edgekit fleet devices add NAME`", _UNAUTHORIZED)
+    return device
+
+
+def _operator(request: Request, credentials: Credentials) -> None:
+    expected: bytes | None = request.app.state.operator_token
+    if expected is None:
+        raise HTTPException(403, "the query API is off: start the collector with --operator-token-file FILE")
+    if credentials is None:
+        raise HTTPException(401, "missing bearer token: send Authorization: Bearer <operator token>", _UNAUTHORIZED)
+    if not hmac.compare_digest(credentials.credentials.encode("utf-8"), expected):
+        raise HTTPException(401, "wrong operator token", _UNAUTHORIZED)
+
+
+def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
+    """The collector over ``store``; ``operator_token`` turns the query API on."""
+    app = FastAPI(
+        title="edgekit fleet collector",
+        version="1",
+        description="Telemetry ingest for edgekit device agents, and a query API for operators.",
+    )
+    app.state.store = store
+    app.state.operator_token = operator_token.encode("utf-8") if operator_token else None
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(UserError, _on_user_error)
+    app.add_exception_handler(sa.exc.OperationalError, _on_database_error)
+    app.add_exception_handler(sa.exc.InterfaceError, _on_database_error)
+    app.add_exception_handler(Exception, _on_internal_error)
+
+    @app.get("/v1/health", summary="Liveness and database reachability")
+    def health(request: Request) -> dict:
+        from edgekit.fleet.store import current_version
+
+        return {"status": "ok", "schema_version": current_version(_store(request).engine)}
+
+    @app.post("/v1/telemetry", response_model=UploadAck, responses=_ERRORS, summary="Upload window summaries (idempotent)")
+    def upload(batch: UploadBatch, request: Request, device: Annotated[str, Depends(_authenticated_device)]) -> UploadAck:
+        if batch.device_id != device:
+            raise HTTPException(403, f"this token belongs to device {device!r}; it cannot write records of {batch.device_id!r}")
+        for digest, reference in batch.references.items():
+            actual = reference_sha256(reference)
+            if actual != digest:
+                raise HTTPException(422, f"references.{digest}: the reference's sha256 is {actual}; name it by that digest")
+        return _store(request).ingest(batch)
+
+    @app.get("/v1/devices", response_model=list[DeviceInfo], responses=_ERRORS, dependencies=[Depends(_operator)],
+             summary="Registered devices with their window count and last upload")
+    def list_devices(request: Request) -> list[DeviceInfo]:
+        return [DeviceInfo(**vars(row)) for row in _store(request).list_devices()]
+
+    @app.get("/v1/devices/{device_id}/windows", responses={**_ERRORS, 404: {"model": ErrorBody}},
+             dependencies=[Depends(_operator)], summary="One device's stored windows, oldest first")
+    def device_windows(
+        request: Request,
+        device_id: Annotated[DeviceId, Path()],
+        since: Annotated[float | None, Query(ge=0, le=1e11, description="only windows that ended at or after (unix seconds)")] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> list[dict]:
+        store = _store(request)
+        if not store.has_device(device_id):
+            raise HTTPException(404, f"unknown device {device_id!r}")
+        return [window.to_dict() for window in store.fetch_windows(device=device_id, since=since, limit=limit)]
+
+    return app

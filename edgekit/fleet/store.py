@@ -1,0 +1,482 @@
+"""The fleet's telemetry store: SQLAlchemy Core tables on SQLite (default) or PostgreSQL.
+
+Storage is exactly-once by key: a window is stored under ``(device_id, sequence)``
+with ``INSERT … ON CONFLICT DO NOTHING`` (both dialects), in one transaction with
+its captured samples, so a device's at-least-once retries and two collectors
+racing on the same batch store each window once. The collector keeps no state
+of its own: any number of collector processes can share one database.
+
+Migrations, without Alembic. A table ``edgekit_schema_version`` holds one row
+with the schema's version; ``MIGRATIONS`` is a literal, ordered list of steps,
+each idempotent (it checks what exists before creating it). ``migrate`` runs the
+missing steps and bumps the version in ONE transaction taken under a lock that
+both databases honour: ``pg_advisory_xact_lock`` on PostgreSQL, and on SQLite
+``BEGIN IMMEDIATE`` (every transaction here starts that way, which takes the
+database's write lock up front). Both databases run DDL inside transactions, so
+a crash mid-migration leaves the previous version intact, and two processes
+starting at once migrate once. Why not Alembic: the schema is four tables with
+additive changes, the migration must run at every collector start without an
+``alembic.ini`` or a scripts folder on disk, and the locking above is what
+Alembic would leave to us anyway. A database written by a newer edgekit is
+refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from device_agent.telemetry_schema import CapturedSample, DriftReference, UploadAck, UploadBatch, WindowSummary
+from edgekit.errors import EdgekitError
+
+DEFAULT_DB_URL = "sqlite:///edgekit-fleet.db"
+DB_HINT = "use sqlite:///path/to/fleet.db (the default: sqlite:///edgekit-fleet.db) or postgresql://user[:password]@host:5432/dbname"
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # telemetry_schema.DeviceId
+TOKEN_PREFIX = "ekd_"
+# Any fixed 64-bit number: the advisory lock that serialises migrations on PostgreSQL.
+_PG_MIGRATION_LOCK = 0x6564_6765_666C_7431
+
+
+class FleetError(EdgekitError):
+    """A problem with the fleet database or the operator's input."""
+
+
+# --------------------------------------------------------------------------- tables (the latest version)
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "edgekit_schema_version", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+devices = sa.Table(
+    "devices", metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+windows = sa.Table(
+    "windows", metadata,
+    sa.Column("device_id", sa.String(128), sa.ForeignKey("devices.id"), primary_key=True),
+    sa.Column("sequence", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("ended_at", sa.Float, nullable=False),
+    sa.Column("model_name", sa.String(128)),
+    sa.Column("model_version", sa.String(32)),
+    sa.Column("reference_sha256", sa.String(64)),
+    sa.Column("requests", sa.BigInteger, nullable=False),
+    sa.Column("errors", sa.BigInteger, nullable=False),
+    sa.Column("p50_ms", sa.Float),
+    sa.Column("p95_ms", sa.Float),
+    sa.Column("p99_ms", sa.Float),
+    sa.Column("histograms", sa.Text, nullable=False),  # JSON {feature: [counts]}
+    sa.Column("scores", sa.Text, nullable=False),  # JSON {feature: {psi, js, drifting}}
+    sa.Column("drifting", sa.Boolean, nullable=False),
+    sa.Column("alert", sa.Boolean, nullable=False),
+    sa.Column("top_features", sa.Text, nullable=False),  # JSON [feature]
+    sa.Column("evicted_total", sa.BigInteger, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False, server_default="0"),  # since version 2
+)
+
+drift_references = sa.Table(
+    "drift_references", metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("document", sa.Text, nullable=False),  # the DriftReference as JSON
+    sa.Column("stored_at", sa.Float, nullable=False),
+)
+
+samples = sa.Table(  # since version 2
+    "samples", metadata,
+    sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("sequence", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("captured_at", sa.Float, nullable=False),
+    sa.Column("document", sa.Text, nullable=False),  # the CapturedSample as JSON
+    sa.Column("predicted", sa.String(256)),
+)
+
+windows_by_time = sa.Index("windows_device_ended_at", windows.c.device_id, windows.c.ended_at)  # since version 2
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+def _migration_1(conn: Connection) -> None:
+    """devices, windows (without received_at), drift_references."""
+    old = sa.MetaData()
+    for table in (devices, drift_references):
+        table.to_metadata(old)
+    window_columns = [
+        sa.Column(column.name, column.type, primary_key=column.primary_key, nullable=column.nullable, autoincrement=False)
+        for column in windows.columns if column.name != "received_at"
+    ]
+    sa.Table("windows", old, *window_columns, sa.ForeignKeyConstraint(["device_id"], ["devices.id"]))
+    old.create_all(conn, checkfirst=True)
+
+
+def _migration_2(conn: Connection) -> None:
+    """windows.received_at (when the collector stored it: "last seen"), the samples table, a time index."""
+    present = {column["name"] for column in sa.inspect(conn).get_columns("windows")}
+    if "received_at" not in present:
+        column_type = sa.Float().compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE windows ADD COLUMN received_at {column_type} NOT NULL DEFAULT 0")
+    samples.create(conn, checkfirst=True)
+    windows_by_time.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _migration_1),
+    (2, _migration_2),
+]
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+def current_version(engine: Engine) -> int:
+    """The schema version the database is at (0 for an empty database)."""
+    with engine.begin() as conn:
+        if not sa.inspect(conn).has_table(schema_version.name):
+            return 0
+        return conn.scalar(sa.select(schema_version.c.version).where(schema_version.c.id == 1)) or 0
+
+
+def migrate(engine: Engine, *, up_to: int = LATEST_VERSION) -> int:
+    """Bring the schema to ``up_to`` (default: the latest) under a lock; safe to run again and concurrently."""
+    if current_version(engine) == up_to:
+        return up_to
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        schema_version.create(conn, checkfirst=True)
+        version = conn.scalar(sa.select(schema_version.c.version).where(schema_version.c.id == 1))
+        if version is None:
+            conn.execute(schema_version.insert().values(id=1, version=0))
+            version = 0
+        if version > LATEST_VERSION:
+            raise FleetError(
+                f"the fleet database is at schema version {version}, newer than this edgekit knows ({LATEST_VERSION}); "
+                "upgrade edgekit (pip install -U edgekit[fleet])"
+            )
+        for step_version, step in MIGRATIONS:
+            if version < step_version <= up_to:
+                step(conn)
+                conn.execute(schema_version.update().where(schema_version.c.id == 1).values(version=step_version))
+                version = step_version
+    return version
+
+
+# --------------------------------------------------------------------------- connecting
+
+
+def _describe(url: sa.URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def create_engine(db_url: str) -> Engine:
+    """An engine for ``db_url``; every problem with the URL or the server is a FleetError that says how to fix it."""
+    try:
+        url = sa.make_url(db_url)
+    except sa.exc.ArgumentError:
+        raise FleetError(f"--db {db_url!r} is not a database URL; {DB_HINT}") from None
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")
+        try:
+            import psycopg  # noqa: F401
+        except ModuleNotFoundError:
+            raise FleetError("PostgreSQL needs the psycopg driver: pip install 'edgekit[fleet]'") from None
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    elif backend == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            raise FleetError(f"--db {db_url!r} names no file; the collector and the CLI must share the database: {DB_HINT}")
+        folder = Path(url.database).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise FleetError(f"--db {db_url!r}: the folder {folder} does not exist; create it or choose another path")
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        sa.event.listen(engine, "connect", _sqlite_on_connect)
+        sa.event.listen(engine, "begin", _sqlite_on_begin)
+    else:
+        raise FleetError(f"--db {db_url!r}: the {backend!r} database is not supported; {DB_HINT}")
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.DBAPIError as exc:
+        engine.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        raise FleetError(
+            f"cannot open the fleet database {_describe(url)}: {reason}; check that the server is running and the URL's "
+            f"host, port, user and database are right ({DB_HINT})"
+        ) from None
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    # pysqlite's own transaction handling would BEGIN lazily (DEFERRED); we issue BEGIN IMMEDIATE ourselves,
+    # so a writer takes the lock before reading and never fails half-way with "database is locked".
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers (reports) do not block the collector
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; a power cut loses at most the last commits
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _insert_ignoring_duplicates(conn: Connection, table: sa.Table, keys: list[str]):  # type: ignore[no-untyped-def]
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing(index_elements=keys)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    id: str
+    created_at: float
+    windows: int
+    last_seen: float | None
+
+
+class Store:
+    """The fleet database: devices and their tokens, windows, drift references, captured samples."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, db_url: str, *, migrate_schema: bool = True) -> Store:
+        """Connect, and bring the schema up to date unless told not to."""
+        engine = create_engine(db_url)
+        if migrate_schema:
+            migrate(engine)
+        elif current_version(engine) != LATEST_VERSION:
+            raise FleetError(f"the fleet database {_describe(engine.url)} is not set up; run `edgekit fleet serve --db …` once")
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- devices
+
+    def add_device(self, name: str, *, rotate: bool = False) -> str:
+        """Register ``name`` and return its new token (only its SHA-256 is stored). ``rotate`` replaces an existing token."""
+        if not DEVICE_NAME.match(name):
+            raise FleetError(f"device name {name!r} is not allowed; use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        digest = token_sha256(token)
+        with self.engine.begin() as conn:
+            exists = conn.scalar(sa.select(devices.c.id).where(devices.c.id == name)) is not None
+            if exists and not rotate:
+                raise FleetError(
+                    f"device {name!r} is already registered; keep using its token, or pass --rotate to issue a new one "
+                    "(the old token stops working)"
+                )
+            if exists:
+                conn.execute(devices.update().where(devices.c.id == name).values(token_sha256=digest))
+            else:
+                conn.execute(devices.insert().values(id=name, token_sha256=digest, created_at=time.time()))
+        return token
+
+    def device_for_token(self, token: str) -> str | None:
+        """The device a bearer token belongs to, or None.
+
+        Looked up by the token's SHA-256: the tokens carry 256 random bits, so the
+        hash is as unguessable as the token, and the timing of an index lookup on a
+        hash leaks nothing useful. The final comparison is constant-time anyway.
+        """
+        digest = token_sha256(token)
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(devices.c.id, devices.c.token_sha256).where(devices.c.token_sha256 == digest)).first()
+        if row is None or not hmac.compare_digest(row.token_sha256, digest):
+            return None
+        return row.id
+
+    def list_devices(self) -> list[DeviceRow]:
+        counts = (
+            sa.select(windows.c.device_id, sa.func.count().label("windows"), sa.func.max(windows.c.received_at).label("last_seen"))
+            .group_by(windows.c.device_id)
+            .subquery()
+        )
+        query = (
+            sa.select(devices.c.id, devices.c.created_at, counts.c.windows, counts.c.last_seen)
+            .select_from(devices.outerjoin(counts, counts.c.device_id == devices.c.id))
+            .order_by(devices.c.id)
+        )
+        with self.engine.begin() as conn:
+            return [DeviceRow(r.id, r.created_at, r.windows or 0, r.last_seen) for r in conn.execute(query)]
+
+    def has_device(self, name: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.scalar(sa.select(devices.c.id).where(devices.c.id == name)) is not None
+
+    def require_device(self, name: str) -> None:
+        if not self.has_device(name):
+            known = [device.id for device in self.list_devices()]
+            raise FleetError(
+                f"unknown device {name!r}; known: {', '.join(known) if known else 'none yet'} "
+                "(register one with `edgekit fleet devices add NAME`)"
+            )
+
+    # -- ingest
+
+    def ingest(self, batch: UploadBatch, *, received_at: float | None = None) -> UploadAck:
+        """Store a batch exactly once per (device_id, sequence); the ack names every sequence of the batch."""
+        now = time.time() if received_at is None else received_at
+        unique: dict[int, WindowSummary] = {}
+        for window in batch.windows:
+            unique.setdefault(window.sequence, window)  # a sequence twice in one batch: the first copy wins, as across batches
+        rows = [_window_row(batch.device_id, window, now) for window in unique.values()]
+        with self.engine.begin() as conn:
+            if batch.references:
+                conn.execute(
+                    _insert_ignoring_duplicates(conn, drift_references, ["sha256"]),
+                    [{"sha256": sha, "document": _json(ref.model_dump(mode="json")), "stored_at": now} for sha, ref in batch.references.items()],
+                )
+            statement = _insert_ignoring_duplicates(conn, windows, ["device_id", "sequence"]).returning(windows.c.sequence)
+            new = set(conn.execute(statement, rows).scalars())
+            sample_rows = [
+                {
+                    "device_id": batch.device_id,
+                    "sequence": window.sequence,
+                    "position": position,
+                    "captured_at": sample.captured_at,
+                    "document": _json(sample.model_dump(mode="json")),
+                    "predicted": sample.predicted,
+                }
+                for window in unique.values() if window.sequence in new
+                for position, sample in enumerate(window.samples)
+            ]
+            if sample_rows:
+                conn.execute(_insert_ignoring_duplicates(conn, samples, ["device_id", "sequence", "position"]), sample_rows)
+        return UploadAck(stored=sorted(unique), duplicates=len(unique) - len(new))
+
+    # -- queries
+
+    def fetch_windows(self, *, device: str | None = None, since: float | None = None, limit: int | None = None) -> list[StoredWindow]:
+        """Stored windows, by device then sequence; ``since`` keeps windows that ended at or after it (unix seconds)."""
+        query = sa.select(windows).order_by(windows.c.device_id, windows.c.sequence)
+        if device is not None:
+            query = query.where(windows.c.device_id == device)
+        if since is not None:
+            query = query.where(windows.c.ended_at >= since)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.begin() as conn:
+            return [StoredWindow.from_row(row) for row in conn.execute(query)]
+
+    def count_windows(self, device: str | None = None) -> int:
+        query = sa.select(sa.func.count()).select_from(windows)
+        if device is not None:
+            query = query.where(windows.c.device_id == device)
+        with self.engine.begin() as conn:
+            return int(conn.scalar(query) or 0)
+
+    def references(self, digests: Iterable[str] | None = None) -> dict[str, DriftReference]:
+        query = sa.select(drift_references.c.sha256, drift_references.c.document)
+        if digests is not None:
+            query = query.where(drift_references.c.sha256.in_(list(digests)))
+        with self.engine.begin() as conn:
+            return {row.sha256: DriftReference.model_validate_json(row.document) for row in conn.execute(query)}
+
+    def fetch_samples(self, device: str) -> list[CapturedSample]:
+        query = sa.select(samples.c.document).where(samples.c.device_id == device).order_by(samples.c.sequence, samples.c.position)
+        with self.engine.begin() as conn:
+            return [CapturedSample.model_validate_json(row.document) for row in conn.execute(query)]
+
+
+def _json(document: object) -> str:
+    return json.dumps(document, separators=(",", ":"))
+
+
+def _window_row(device_id: str, window: WindowSummary, received_at: float) -> dict:
+    return {
+        "device_id": device_id,
+        "sequence": window.sequence,
+        "started_at": window.started_at,
+        "ended_at": window.ended_at,
+        "model_name": window.model.name if window.model else None,
+        "model_version": window.model.version if window.model else None,
+        "reference_sha256": window.reference_sha256,
+        "requests": window.requests,
+        "errors": window.errors,
+        "p50_ms": window.latency.p50_ms,
+        "p95_ms": window.latency.p95_ms,
+        "p99_ms": window.latency.p99_ms,
+        "histograms": _json(window.histograms),
+        "scores": _json({name: score.model_dump() for name, score in window.scores.items()}),
+        "drifting": window.drifting,
+        "alert": window.alert,
+        "top_features": _json(window.top_features),
+        "evicted_total": window.evicted_total,
+        "received_at": received_at,
+    }
+
+
+@dataclass(frozen=True)
+class StoredWindow:
+    """One stored window, as the reports read it."""
+
+    device_id: str
+    sequence: int
+    started_at: float
+    ended_at: float
+    received_at: float
+    model_name: str | None
+    model_version: str | None
+    reference_sha256: str | None
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    histograms: dict[str, list[int]]
+    scores: dict[str, dict]
+    drifting: bool
+    alert: bool
+    top_features: list[str]
+    evicted_total: int
+
+    @classmethod
+    def from_row(cls, row) -> StoredWindow:  # type: ignore[no-untyped-def]
+        return cls(
+            device_id=row.device_id, sequence=int(row.sequence), started_at=row.started_at, ended_at=row.ended_at,
+            received_at=row.received_at, model_name=row.model_name, model_version=row.model_version,
+            reference_sha256=row.reference_sha256, requests=int(row.requests), errors=int(row.errors),
+            p50_ms=row.p50_ms, p95_ms=row.p95_ms, p99_ms=row.p99_ms, histograms=json.loads(row.histograms),
+            scores=json.loads(row.scores), drifting=bool(row.drifting), alert=bool(row.alert),
+            top_features=json.loads(row.top_features), evicted_total=int(row.evicted_total),
+        )
+
+    @property
+    def judged(self) -> bool:
+        """The device scored this window (it was large enough to judge)."""
+        return bool(self.scores)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
