@@ -147,3 +147,133 @@ def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _since_option() -> str | None:
+    return typer.Option(None, "--since", help="Only windows that ended since: a duration (30m, 24h, 7d), an ISO date/time, or unix seconds.")
+
+
+@app.command("report")
+def report(
+    db: str = _db_option(),
+    since: str | None = _since_option(),
+    device: str | None = typer.Option(None, "--device", help="Only this device."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    html: Path | None = typer.Option(None, "--html", help="Also write a self-contained HTML report with plots to this file."),
+) -> None:
+    """Review the fleet: per device its model, requests, p95 latency, error rate, drift status and evictions;
+    and drift per model version recomputed from every device's summed histogram counts.
+
+    p95 is the worst window p95 in the period (an upper bound of the period's p95). A drift status's
+    "since" is when the current run of alert (or drifting) windows began.
+    """
+    from edgekit.fleet.report import build_report, format_time, parse_since
+
+    since_time = parse_since(since)
+    store = _open(db, migrate=False)
+    try:
+        review = build_report(store, since=since_time, device=device)
+    finally:
+        store.close()
+    if html is not None:
+        from edgekit.fleet.html import write_html
+
+        write_html(review, html)
+    if as_json:
+        print_json(review.to_dict())
+        return
+    rows = [
+        [
+            d.device_id,
+            f"{d.model_name} {d.model_version}" if d.model_name else "-",
+            str(d.requests),
+            f"{d.p95_ms:.1f}" if d.p95_ms is not None else "-",
+            f"{d.error_rate:.2%}" if d.error_rate is not None else "-",
+            _status(d.status) + (f" since {format_time(d.status_since)}" if d.status_since else ""),
+            ", ".join(d.top_features),
+            str(d.evicted_total),
+            format_time(d.last_seen),
+        ]
+        for d in review.devices
+    ]
+    period = f" since {format_time(since_time)}" if since_time else ""
+    print_table(f"Fleet: {len(review.devices)} devices, {len(review.windows)} windows{period}",
+                ["device", "model", "requests", "p95 ms", "errors", "drift", "top drifting features", "evicted", "last seen"], rows)
+    if review.fleet_drift:
+        print_table(
+            "Fleet-wide drift per model version (summed histogram counts)",
+            ["model", "devices", "windows", "requests", "drift", "top drifting features"],
+            [
+                [f"{f.model_name} {f.model_version}", str(f.devices), str(f.windows), str(f.requests),
+                 "no reference stored" if f.reference_missing else _status("alert" if f.drifting else "ok"),
+                 ", ".join(f.top_features)]
+                for f in review.fleet_drift
+            ],
+        )
+    if html is not None:
+        console.print(f"HTML report: {html}", highlight=False)
+
+
+def _status(status: str) -> str:
+    colour = {"alert": "red", "drifting": "yellow", "ok": "green"}.get(status)
+    return f"[{colour}]{status}[/{colour}]" if colour else status
+
+
+@app.command("alerts")
+def alerts_command(
+    db: str = _db_option(),
+    since: str | None = _since_option(),
+    max_error_rate: float | None = typer.Option(0.05, "--max-error-rate", help="Alert above this error rate (0.05 = 5%)."),
+    max_p95_ms: float | None = typer.Option(None, "--max-p95-ms", help="Alert when the worst window p95 passes this (off by default)."),
+    max_evictions: int | None = typer.Option(None, "--max-evictions", help="Alert when a device's outbox evicted more windows (off by default)."),
+    stale_after: str | None = typer.Option(None, "--stale-after", help="Alert when a device sent nothing for this long, e.g. 1h (off by default)."),
+    no_fleet_drift: bool = typer.Option(False, "--no-fleet-drift", help="Do not alert on fleet-wide drift per model version."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
+) -> None:
+    """List devices past thresholds (drift alerts, error rate, and the optional ones); exit 1 when any, 0 when none.
+
+    For cron and CI: `edgekit fleet alerts --since 1h || notify-operators`. Exit 2 means the command itself failed.
+    """
+    from edgekit.fleet.report import AlertThresholds, alerts, build_report, parse_duration, parse_since
+
+    stale_seconds = parse_duration(stale_after, "--stale-after") if stale_after is not None else None
+    thresholds = AlertThresholds(max_error_rate=max_error_rate, max_p95_ms=max_p95_ms, max_evictions=max_evictions,
+                                 stale_after_s=stale_seconds, fleet_drift=not no_fleet_drift)
+    store = _open(db, migrate=False)
+    try:
+        found = alerts(build_report(store, since=parse_since(since)), thresholds)
+    finally:
+        store.close()
+    if as_json:
+        print_json([{"subject": alert.subject, "reasons": alert.reasons} for alert in found])
+    elif found:
+        for alert in found:
+            typer.echo(f"{alert.subject}: {'; '.join(alert.reasons)}")
+    else:
+        typer.echo("no alerts")
+    if found:
+        raise typer.Exit(1)
+
+
+@app.command("export-samples")
+def export_samples(
+    device: str = typer.Option(..., "--device", help="The device whose captured samples to export."),
+    out: Path = typer.Option(..., "--out", help="Text: a .jsonl file. Images: a folder (one sub-folder of PNGs per label)."),
+    db: str = _db_option(),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+) -> None:
+    """Write a device's captured samples as a dataset `edgekit build` reads, labelled with the model's predictions.
+
+    Text samples become JSONL rows {"text", "label"}; images become OUT/<label>/<n>.png. The labels are the
+    model's own predictions (pseudo-labels): review and correct them before fine-tuning on them. Samples
+    exist only where the agent's sampled capture was turned on.
+    """
+    from edgekit.fleet.export import export_samples as export
+
+    store = _open(db, migrate=False)
+    try:
+        store.require_device(device)
+        written = export(store.fetch_samples(device), out, device=device, force=force)
+    finally:
+        store.close()
+    typer.echo(f"wrote {written.count} samples of {device} to {out} ({written.kind}; {written.unlabelled} without a predicted label)")

@@ -162,4 +162,19 @@ def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
             raise HTTPException(404, f"unknown device {device_id!r}")
         return [window.to_dict() for window in store.fetch_windows(device=device_id, since=since, limit=limit)]
 
+    @app.get("/v1/report", responses={**_ERRORS, 404: {"model": ErrorBody}}, dependencies=[Depends(_operator)],
+             summary="The fleet review (as `edgekit fleet report --json`)")
+    def fleet_report(
+        request: Request,
+        since: Annotated[float | None, Query(ge=0, le=1e11, description="only windows that ended at or after (unix seconds)")] = None,
+        device: Annotated[DeviceId | None, Query()] = None,
+    ) -> dict:
+        from edgekit.fleet.report import build_report
+        from edgekit.fleet.store import FleetError
+
+        try:
+            return build_report(_store(request), since=since, device=device).to_dict()
+        except FleetError as error:  # an unknown device
+            raise HTTPException(404, str(error)) from None
+
     return app

@@ -1,0 +1,170 @@
+"""The fleet report as one self-contained HTML file: tables, and matplotlib plots embedded as PNG data URIs.
+
+No script, stylesheet or image is fetched from anywhere, so the file can be
+mailed, archived by CI, or opened on a machine without network access.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from edgekit.fleet.report import FleetReport, format_time
+
+_TEMPLATE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>edgekit fleet report</title>
+<style>
+ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+ table { border-collapse: collapse; margin: 1em 0 2em; }
+ th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; font-size: 14px; }
+ th { background: #f2f2f2; }
+ .alert { background: #fdd; } .drifting { background: #ffe9c4; } .ok { background: #e3f6e3; } .unknown { color: #888; }
+ img { max-width: 100%; display: block; margin: 0 0 2em; }
+ .muted { color: #777; font-size: 13px; }
+</style>
+</head>
+<body>
+<h1>edgekit fleet report</h1>
+<p class="muted">generated {{ when(report.generated_at) }}{% if report.since %}; windows that ended since {{ when(report.since) }}{% endif %};
+ {{ report.devices|length }} devices, {{ report.windows|length }} windows</p>
+
+<h2>Devices</h2>
+<table>
+<tr><th>device</th><th>model</th><th>requests</th><th>p95 ms (worst window)</th><th>error rate</th><th>drift</th><th>since</th>
+<th>top drifting features</th><th>outbox evictions</th><th>sequence gaps</th><th>last seen</th></tr>
+{% for d in report.devices %}
+<tr>
+ <td>{{ d.device_id }}</td>
+ <td>{{ d.model_name or "-" }} {{ d.model_version or "" }}</td>
+ <td>{{ d.requests }}</td>
+ <td>{{ "%.1f"|format(d.p95_ms) if d.p95_ms is not none else "-" }}</td>
+ <td>{{ "%.2f%%"|format(100 * d.error_rate) if d.error_rate is not none else "-" }}</td>
+ <td class="{{ d.status }}">{{ d.status }}</td>
+ <td>{{ when(d.status_since) if d.status_since else "" }}</td>
+ <td>{{ d.top_features|join(", ") }}</td>
+ <td>{{ d.evicted_total }}</td>
+ <td>{{ d.sequence_gaps }}</td>
+ <td>{{ when(d.last_seen) }}</td>
+</tr>
+{% endfor %}
+</table>
+
+<h2>Fleet-wide drift (summed histogram counts)</h2>
+{% if report.fleet_drift %}
+<table>
+<tr><th>model</th><th>version</th><th>devices</th><th>windows</th><th>requests</th><th>drift</th><th>top drifting features</th><th>worst PSI</th></tr>
+{% for f in report.fleet_drift %}
+<tr>
+ <td>{{ f.model_name }}</td><td>{{ f.model_version }}</td><td>{{ f.devices }}</td><td>{{ f.windows }}</td><td>{{ f.requests }}</td>
+ <td class="{{ 'alert' if f.drifting else ('unknown' if f.reference_missing else 'ok') }}">
+  {{ 'drifting' if f.drifting else ('no reference stored' if f.reference_missing else 'ok') }}</td>
+ <td>{{ f.top_features|join(", ") }}</td>
+ <td>{{ "%.3f"|format(worst_psi(f)) if f.scores else "-" }}</td>
+</tr>
+{% endfor %}
+</table>
+{% else %}<p class="muted">no windows with a model and a drift reference in this period</p>{% endif %}
+
+{% for title, uri in plots %}
+<h2>{{ title }}</h2>
+<img alt="{{ title }}" src="{{ uri }}">
+{% endfor %}
+</body>
+</html>
+"""
+
+
+def render_html(report: FleetReport) -> str:
+    """The whole report as one HTML document."""
+    import jinja2
+
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    template = environment.from_string(_TEMPLATE)
+    return template.render(
+        report=report,
+        plots=_plots(report),
+        when=format_time,
+        worst_psi=lambda entry: max(score.psi for score in entry.scores.values()),
+    )
+
+
+def write_html(report: FleetReport, path: Path) -> None:
+    from device_agent.files import write_atomically
+
+    write_atomically(path, render_html(report).encode("utf-8"))
+
+
+def _plots(report: FleetReport) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    from matplotlib import pyplot as plt
+
+    series: dict[str, list] = defaultdict(list)
+    for window in report.windows:
+        series[window.device_id].append(window)
+    plots = []
+
+    figure, axes = plt.subplots(figsize=(11, 4))
+    for device, windows in sorted(series.items()):
+        judged = [w for w in windows if w.scores]
+        if not judged:
+            continue
+        times = [dt.datetime.fromtimestamp(w.ended_at) for w in judged]
+        worst = [max(score["psi"] for score in w.scores.values()) for w in judged]
+        (line,) = axes.plot(times, worst, marker=".", label=device)
+        alert_points = [(t, s) for t, s, w in zip(times, worst, judged) if w.alert]
+        if alert_points:
+            axes.scatter(*zip(*alert_points), marker="x", s=60, color=line.get_color(), zorder=3)
+    axes.set_ylabel("worst feature PSI in window")
+    axes.set_title("Drift score over time per device (x: alert windows)")
+    _finish(axes)
+    plots.append(("Drift score over time", _png(figure)))
+
+    figure, axes = plt.subplots(figsize=(11, 4))
+    for device, windows in sorted(series.items()):
+        points = [(dt.datetime.fromtimestamp(w.ended_at), w.p95_ms) for w in windows if w.p95_ms is not None]
+        if points:
+            axes.plot(*zip(*points), marker=".", label=device)
+    axes.set_ylabel("p95 latency (ms)")
+    axes.set_title("Latency over time per device (window p95)")
+    _finish(axes)
+    plots.append(("Latency over time", _png(figure)))
+
+    figure, axes = plt.subplots(figsize=(11, 3.5))
+    versions = Counter(
+        f"{d.model_name} {d.model_version}" if d.model_name else "no model" for d in report.devices
+    )
+    labels = sorted(versions)
+    axes.barh(labels, [versions[label] for label in labels], color="#4c72b0")
+    axes.set_xlabel("devices (latest window's model)")
+    axes.set_title("Model versions across the fleet")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    figure.tight_layout()
+    plots.append(("Model versions across the fleet", _png(figure)))
+    return plots
+
+
+def _finish(axes) -> None:  # type: ignore[no-untyped-def]
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="upper left", fontsize=8)
+    else:
+        axes.text(0.5, 0.5, "no data in this period", ha="center", va="center", transform=axes.transAxes)
+    axes.grid(alpha=0.3)
+    axes.figure.autofmt_xdate()
+    axes.figure.tight_layout()
+
+
+def _png(figure) -> str:  # type: ignore[no-untyped-def]
+    from matplotlib import pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

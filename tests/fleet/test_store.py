@@ -1,0 +1,234 @@
+"""The store on real SQLite and PostgreSQL: exactly-once upserts, references and samples once, migrations."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from device_agent.telemetry_schema import CapturedSample, reference_sha256
+from edgekit.fleet.store import (
+    LATEST_VERSION,
+    FleetError,
+    Store,
+    create_engine,
+    current_version,
+    migrate,
+)
+from tests.fleet.conftest import make_batch, make_reference, make_window
+
+
+def test_the_same_batch_twice_is_stored_once_and_both_acks_name_every_sequence(store: Store):
+    store.add_device("dev-1")
+    batch = make_batch("dev-1", range(10))
+    first = store.ingest(batch)
+    second = store.ingest(batch)
+    assert first.stored == second.stored == list(range(10))
+    assert (first.duplicates, second.duplicates) == (0, 10)
+    assert store.count_windows("dev-1") == 10
+
+
+def test_an_overlapping_batch_stores_only_the_new_windows_and_keeps_the_first_copy(store: Store):
+    store.add_device("dev-1")
+    store.ingest(make_batch("dev-1", range(0, 5), requests=100))
+    ack = store.ingest(make_batch("dev-1", range(3, 8), requests=999))
+    assert ack.stored == [3, 4, 5, 6, 7] and ack.duplicates == 2
+    stored = {w.sequence: w.requests for w in store.fetch_windows(device="dev-1")}
+    assert stored == {0: 100, 1: 100, 2: 100, 3: 100, 4: 100, 5: 999, 6: 999, 7: 999}
+
+
+def test_a_sequence_twice_in_one_batch_is_stored_once(store: Store):
+    store.add_device("dev-1")
+    batch = make_batch("dev-1", [4, 4, 5])
+    ack = store.ingest(batch)
+    assert ack.stored == [4, 5] and ack.duplicates == 0
+    assert store.count_windows() == 2
+
+
+def test_windows_round_trip_every_field(store: Store):
+    store.add_device("dev-1")
+    reference = make_reference()
+    window = make_window(
+        7, reference_sha256=reference_sha256(reference), errors=3,
+        histograms={"f0": [1] * 21}, scores={"f0": {"psi": 0.5, "js": 0.2, "drifting": True}},
+        drifting=True, alert=True, top_features=["f0"], evicted_total=4,
+    )
+    from device_agent.telemetry_schema import UploadBatch
+
+    store.ingest(UploadBatch(device_id="dev-1", windows=[window], references={reference_sha256(reference): reference}),
+                 received_at=123.0)
+    (stored,) = store.fetch_windows()
+    assert (stored.device_id, stored.sequence, stored.errors, stored.evicted_total) == ("dev-1", 7, 3, 4)
+    assert (stored.model_name, stored.model_version, stored.p95_ms, stored.received_at) == ("clf", "1.0.0", 5.0, 123.0)
+    assert stored.histograms == {"f0": [1] * 21} and stored.scores["f0"]["psi"] == 0.5
+    assert stored.drifting and stored.alert and stored.top_features == ["f0"]
+
+
+def test_devices_own_their_sequences(store: Store):
+    store.add_device("dev-1")
+    store.add_device("dev-2")
+    store.ingest(make_batch("dev-1", range(3)))
+    ack = store.ingest(make_batch("dev-2", range(3)))
+    assert ack.duplicates == 0 and store.count_windows() == 6
+
+
+def test_a_reference_is_stored_once(store: Store, db_url: str):
+    store.add_device("dev-1")
+    reference = make_reference()
+    for start in (0, 10, 20):
+        store.ingest(make_batch("dev-1", range(start, start + 10), reference))
+    digest = reference_sha256(reference)
+    assert store.references() == {digest: reference}
+    with store.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM drift_references")) == 1
+
+
+def test_samples_are_stored_once_with_their_window(store: Store):
+    store.add_device("dev-1")
+    samples = [CapturedSample(captured_at=1.0, text=f"text {i}", predicted="a") for i in range(3)]
+    batch = make_batch("dev-1", [0], samples=[s.model_dump() for s in samples])
+    store.ingest(batch)
+    store.ingest(batch)
+    assert store.fetch_samples("dev-1") == samples
+
+
+def test_concurrent_duplicate_ingests_store_each_window_once(db_url: str):
+    """Four connections race the same 200 windows; exactly one of them stores each window."""
+    stores = [Store.open(db_url) for _ in range(4)]
+    stores[0].add_device("dev-1")
+    batches = [make_batch("dev-1", range(start, start + 50)) for start in range(0, 200, 50)]
+    acks, errors = [], []
+    barrier = threading.Barrier(len(stores))
+
+    def run(store: Store) -> None:
+        barrier.wait()
+        try:
+            for batch in batches:
+                acks.append(store.ingest(batch))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert stores[0].count_windows() == 200
+    assert sum(len(a.stored) - a.duplicates for a in acks) == 200, "each window is new to exactly one ingest"
+    for s in stores:
+        s.close()
+
+
+def test_device_tokens_are_stored_hashed_and_name_their_device(store: Store):
+    token = store.add_device("dev-1")
+    assert token.startswith("ekd_") and len(token) > 40
+    assert store.device_for_token(token) == "dev-1"
+    assert store.device_for_token(token + "x") is None
+    with store.engine.connect() as conn:
+        assert token not in json.dumps([list(r) for r in conn.execute(sa.text("SELECT * FROM devices"))])
+
+
+def test_adding_a_device_twice_is_a_clear_error_and_rotate_replaces_the_token(store: Store):
+    old = store.add_device("dev-1")
+    with pytest.raises(FleetError, match="already registered.*--rotate"):
+        store.add_device("dev-1")
+    new = store.add_device("dev-1", rotate=True)
+    assert store.device_for_token(old) is None and store.device_for_token(new) == "dev-1"
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 129, "dev/1"])
+def test_bad_device_names_are_refused(store: Store, name: str):
+    with pytest.raises(FleetError, match="not allowed"):
+        store.add_device(name)
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+def _tables(engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names())
+
+
+def test_migrations_run_twice_safely(db_url: str):
+    engine = create_engine(db_url)
+    assert current_version(engine) == 0
+    assert migrate(engine) == LATEST_VERSION
+    assert migrate(engine) == LATEST_VERSION
+    assert {"devices", "windows", "drift_references", "samples", "edgekit_schema_version"} <= _tables(engine)
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM edgekit_schema_version")) == 1
+    engine.dispose()
+
+
+def test_concurrent_migrations_migrate_once(db_url: str):
+    engines = [create_engine(db_url) for _ in range(4)]
+    results, errors = [], []
+    barrier = threading.Barrier(len(engines))
+
+    def run(engine) -> None:
+        barrier.wait()
+        try:
+            results.append(migrate(engine))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert results == [LATEST_VERSION] * 4
+    for engine in engines:
+        engine.dispose()
+
+
+def test_an_old_version_database_is_upgraded_and_keeps_its_data(db_url: str):
+    engine = create_engine(db_url)
+    assert migrate(engine, up_to=1) == 1
+    assert "samples" not in _tables(engine)
+    assert "received_at" not in {c["name"] for c in sa.inspect(engine).get_columns("windows")}
+    with engine.begin() as conn:  # a version-1 collector's data
+        conn.execute(sa.text("INSERT INTO devices (id, token_sha256, created_at) VALUES ('old', :h, 1.0)"), {"h": "0" * 64})
+        conn.execute(sa.text(
+            "INSERT INTO windows (device_id, sequence, started_at, ended_at, requests, errors, histograms, scores, "
+            "drifting, alert, top_features, evicted_total) VALUES ('old', 0, 1.0, 2.0, 10, 1, '{}', '{}', false, false, '[]', 0)"
+        ))
+    engine.dispose()
+
+    store = Store.open(db_url)
+    assert current_version(store.engine) == LATEST_VERSION
+    (window,) = store.fetch_windows(device="old")
+    assert (window.requests, window.errors, window.received_at) == (10, 1, 0.0)
+    store.ingest(make_batch("old", [0, 1], samples=[{"captured_at": 1.0, "text": "hi"}]))
+    assert store.count_windows("old") == 2 and len(store.fetch_samples("old")) == 1
+    store.close()
+
+
+def test_a_database_from_a_newer_edgekit_is_refused(db_url: str):
+    engine = create_engine(db_url)
+    migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE edgekit_schema_version SET version = 99"))
+    with pytest.raises(FleetError, match="newer than this edgekit"):
+        migrate(engine)
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("not a url", "is not a database URL"),
+        ("mysql://u@h/db", "not supported"),
+        ("sqlite://", "names no file"),
+        ("sqlite:////no/such/folder/fleet.db", "does not exist"),
+        ("postgresql://nobody@127.0.0.1:1/none", "cannot open the fleet database"),
+    ],
+)
+def test_bad_database_urls_are_user_errors_that_say_what_to_use(url: str, expected: str):
+    with pytest.raises(FleetError, match=expected) as caught:
+        create_engine(url)
+    assert "sqlite:///" in str(caught.value) or "create it" in str(caught.value)
