@@ -61,6 +61,11 @@ def serve(
     admin_token_file: Path | None = typer.Option(None, "--admin-token-file", help="File with the admin API's bearer token."),
     ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile."),
     ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM); with --ssl-certfile."),
+    telemetry_url: str | None = typer.Option(None, "--telemetry-url", help="Fleet collector base URL; turns telemetry and drift monitoring on."),
+    device_id: str | None = typer.Option(None, "--device-id", help="This device's name at the collector."),
+    device_token_file: Path | None = typer.Option(None, "--device-token-file", help="File with this device's collector token."),
+    window_size: int | None = typer.Option(None, "--window-size", help="Rows per drift window [default: the bundle's, 500]."),
+    window_seconds: float | None = typer.Option(None, "--window-seconds", help="A window also closes after this many seconds [default: 300]."),
 ) -> None:
     """Serve the installed models over the Open Inference Protocol (flags override the --config file)."""
     from device_agent.config import load_settings
@@ -68,6 +73,8 @@ def serve(
     flags = {
         "state_dir": state_dir, "keyring_dir": keyring, "host": host, "port": port,
         "admin_token_file": admin_token_file, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
+        "telemetry_url": telemetry_url, "device_id": device_id, "device_token_file": device_token_file,
+        "window_size": window_size, "window_seconds": window_seconds,
     }
     settings = load_settings(config, {field: _absolute(value) for field, value in flags.items()})
     from device_agent.server import run_server

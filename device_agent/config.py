@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from device_agent.validation import read_yaml_mapping, validate_model
 
-_PATH_FIELDS = ("state_dir", "keyring_dir", "admin_token_file", "ssl_certfile", "ssl_keyfile")
+_PATH_FIELDS = ("state_dir", "keyring_dir", "admin_token_file", "ssl_certfile", "ssl_keyfile", "device_token_file")
 _FLAG_FOR_FIELD = {
     "state_dir": "--state-dir",
     "keyring_dir": "--keyring",
@@ -42,11 +42,25 @@ class AgentSettings(BaseModel):
     keep_versions: int = Field(3, ge=2, description="versions kept on disk per model (rollback needs two)")
     intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per model run; None lets it choose")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Telemetry and drift monitoring (device_agent.telemetry): on when telemetry_url is set.
+    telemetry_url: str | None = Field(None, pattern=r"^https?://", description="the fleet collector's base URL; windows go to {url}/v1/telemetry")
+    device_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="this device's name at the collector")
+    device_token_file: Path | None = Field(None, description="file holding the token `edgekit fleet devices add NAME` printed")
+    window_size: int | None = Field(None, ge=1, description="rows per drift window; None: the bundle's reference (500)")
+    window_seconds: float = Field(300.0, gt=0, description="a window also closes after this many seconds")
+    alert_after_windows: int | None = Field(None, ge=1, description="consecutive drifting windows before an alert; None: the bundle's (2)")
+    outbox_max_windows: int = Field(10_000, ge=1, description="unsent windows kept; past it the oldest are evicted and counted")
+    outbox_max_bytes: int = Field(64 << 20, ge=1 << 16, description="bytes of unsent windows kept")
+    capture_every: int | None = Field(None, ge=1, description="keep every n-th raw input for retraining; None (default): keep none")
+    capture_max_samples: int = Field(20, ge=1, le=1000, description="raw inputs kept per window when capture is on")
+    capture_max_bytes: int = Field(1 << 20, ge=1, description="bytes of raw inputs kept per window when capture is on")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> AgentSettings:
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together: set both for TLS, or neither")
+        if self.telemetry_url is not None and (self.device_id is None or self.device_token_file is None):
+            raise ValueError("telemetry_url needs device_id and device_token_file too (register the device with `edgekit fleet devices add NAME`)")
         return self
 
 

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from device_agent import features as drift_features
 from device_agent.batching import DynamicBatcher
 from device_agent.bundle import ImagePreprocessing, Manifest, ModelInfo, TensorSpec, TokenizerPreprocessing
 from device_agent.config import AgentSettings
@@ -60,6 +62,7 @@ from device_agent.protocol import (
 from device_agent.repository import ModelNotFound, Repository, ServedModel, VersionInfo
 from device_agent.preprocess import ImagePreprocessor, TextTokenizer
 from device_agent.runtime import Session
+from device_agent.telemetry import Telemetry
 
 log = logging.getLogger("edgekit.agent.server")
 
@@ -127,6 +130,17 @@ class Agent:
         self._start_ended = asyncio.Event()
         self._batchers: dict[str, tuple[Session, DynamicBatcher]] = {}
         self._tokenizers: dict[tuple[str, str], TextTokenizer] = {}
+        self.telemetry = _make_telemetry(settings)
+
+    def record_request(self, served: ServedModel, observed: _Observed | None, latency_ms: float, error: bool) -> None:
+        """Count one inference request in its model's drift window (telemetry on); a full window goes to the outbox."""
+        if self.telemetry is None:
+            return
+        monitor = self.telemetry.monitor_for(served.name, served.version, served.manifest.drift_reference)
+        if observed is not None and observed.sample is not None and monitor.wants_sample():
+            monitor.add_sample(**observed.sample)
+        window = monitor.observe(observed.features if observed else None, observed.rows if observed else 0, latency_ms, error)
+        self.telemetry.submit(monitor, window)
 
     async def start_repository(self) -> None:
         """Recover the repository and load its models; until this ends the server is live but not ready."""
@@ -183,6 +197,63 @@ class Agent:
             for info in infos
             if info.active and info.state != "READY"
         ]
+
+
+def _make_telemetry(settings: AgentSettings) -> Telemetry | None:
+    """The outbox, uploader and monitors when ``telemetry_url`` is set; None (no monitoring) otherwise."""
+    if settings.telemetry_url is None:
+        return None
+    from device_agent.drift import CaptureSettings, MonitorSettings
+    from device_agent.telemetry import Outbox, Uploader, read_device_token
+
+    assert settings.device_id is not None and settings.device_token_file is not None  # AgentSettings checks
+    outbox = Outbox(settings.state_dir / "telemetry" / "outbox.sqlite", settings.device_id,
+                    max_rows=settings.outbox_max_windows, max_bytes=settings.outbox_max_bytes)
+    capture = None
+    if settings.capture_every is not None:
+        capture = CaptureSettings(settings.capture_every, settings.capture_max_samples, settings.capture_max_bytes)
+    monitor_settings = MonitorSettings(window_size=settings.window_size, window_seconds=settings.window_seconds,
+                                       consecutive_for_alert=settings.alert_after_windows, capture=capture)
+    uploader = Uploader(outbox, settings.telemetry_url, read_device_token(settings.device_token_file))
+    return Telemetry(outbox, uploader, monitor_settings)
+
+
+@dataclass(frozen=True)
+class _Observed:
+    """What the drift monitor takes from one answered request: feature values, rows, and a raw input when captured."""
+
+    features: dict[str, np.ndarray] | None
+    rows: int
+    sample: dict | None = None
+
+
+def _observe(agent: Agent, served: ServedModel, feeds: dict[str, np.ndarray], raw: dict, outputs: dict[str, np.ndarray]) -> _Observed:
+    """Drift features of an answered request (device_agent.features), computed only for a bundle with a drift reference."""
+    rows = int(next(iter(feeds.values())).shape[0]) if feeds else 0
+    if served.manifest.drift_reference is None:
+        return _Observed(None, rows)
+    spec = served.manifest.preprocessing
+    if "images" in raw:
+        found = drift_features.image_features(raw["images"])
+    elif isinstance(spec, TokenizerPreprocessing) and "input_ids" in feeds and "attention_mask" in feeds:
+        found = drift_features.text_features(feeds["input_ids"], feeds["attention_mask"], agent.tokenizer_for(served).unknown_id, spec.max_length)
+    else:
+        found = drift_features.tensor_features(feeds)
+    logits = outputs.get(served.manifest.outputs[0].name)
+    if logits is not None and logits.ndim == 2 and logits.dtype.kind == "f":
+        found.update(drift_features.output_features(logits))
+    sample = None
+    if agent.settings.capture_every is not None and rows:
+        labels = served.manifest.task.labels
+        predicted = None
+        if "output.predicted_class" in found and labels:
+            index = int(found["output.predicted_class"][0])
+            predicted = labels[index] if index < len(labels) else None
+        if "texts" in raw:
+            sample = {"text": raw["texts"][0], "predicted": predicted}
+        elif "images" in raw:
+            sample = {"image": raw["images"][0], "predicted": predicted}
+    return _Observed(found, rows, sample)
 
 
 def _read_admin_token(path: Path | None) -> bytes | None:
@@ -392,12 +463,15 @@ async def _infer(agent: Agent, request: Request, served: ServedModel) -> Respons
     stats = agent.metrics.for_model(served.name, served.version).requests
     started = time.perf_counter()
     try:
-        response = await _answer(agent, request, served, stats)
+        response, observed = await _answer(agent, request, served, stats)
     except Exception:
         stats.failure += 1
+        agent.record_request(served, None, (time.perf_counter() - started) * 1e3, error=True)
         raise
     stats.success += 1
-    stats.request_duration_us += _microseconds_since(started)
+    elapsed_us = _microseconds_since(started)
+    stats.request_duration_us += elapsed_us
+    agent.record_request(served, observed, elapsed_us / 1e3, error=False)
     return response
 
 
@@ -405,15 +479,16 @@ def _microseconds_since(started: float) -> int:
     return int((time.perf_counter() - started) * 1e6)
 
 
-async def _answer(agent: Agent, request: Request, served: ServedModel, stats: RequestStats) -> Response:
+async def _answer(agent: Agent, request: Request, served: ServedModel, stats: RequestStats) -> tuple[Response, _Observed | None]:
     limit = agent.settings.max_request_bytes
     body = decompress(await read_body(request, limit, "max_request_bytes"), request.headers.get("content-encoding"), limit)
     infer_request, binary = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
 
     started = time.perf_counter()
+    raw: dict = {}  # the raw texts or images, for the drift features and capture
     feeds = (
-        _text_feeds(agent, served, infer_request, binary)
-        or _image_feeds(served, infer_request, binary)
+        _text_feeds(agent, served, infer_request, binary, raw)
+        or _image_feeds(served, infer_request, binary, raw)
         or decode_inputs(infer_request, binary, served.manifest)
     )
     choices = choose_outputs(infer_request, served.manifest)
@@ -423,6 +498,7 @@ async def _answer(agent: Agent, request: Request, served: ServedModel, stats: Re
     except Exception as error:  # validated inputs that the model still refuses: a fault of the model, not the client
         log.error("model run failed", extra={"model": served.name, "version": served.version}, exc_info=error)
         raise HTTPException(500, f"{served.name} {served.version} failed to run: {error}") from None
+    observed = _observe(agent, served, feeds, raw, outputs) if agent.telemetry is not None else None
 
     started = time.perf_counter()
     content, header_length = encode_response(
@@ -435,8 +511,8 @@ async def _answer(agent: Agent, request: Request, served: ServedModel, stats: Re
     )
     stats.compute_output_duration_us += _microseconds_since(started)
     if header_length is None:
-        return Response(content, media_type="application/json")
-    return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+        return Response(content, media_type="application/json"), observed
+    return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}), observed
 
 
 # What text and image models take from clients besides their tensors: raw strings, tokenized here with
@@ -451,7 +527,7 @@ def public_inputs(manifest: Manifest) -> list[TensorSpec]:
     return raw + list(manifest.inputs)
 
 
-def _image_feeds(served: ServedModel, request: InferRequest, binary: bytes) -> dict[str, np.ndarray] | None:
+def _image_feeds(served: ServedModel, request: InferRequest, binary: bytes, raw: dict) -> dict[str, np.ndarray] | None:
     """The model's float input for a raw ``image`` input, or None when the request sends tensors."""
     spec = served.manifest.preprocessing
     if not isinstance(spec, ImagePreprocessing) or not any(t.name == IMAGE_INPUT.name for t in request.inputs):
@@ -459,10 +535,11 @@ def _image_feeds(served: ServedModel, request: InferRequest, binary: bytes) -> d
     if len(served.manifest.inputs) != 1:
         raise ProtocolError(f"raw images feed models with one input; this one takes {[i.name for i in served.manifest.inputs]}")
     images = decode_inputs(request, binary, served.manifest.model_copy(update={"inputs": [IMAGE_INPUT]}))[IMAGE_INPUT.name]
+    raw["images"] = images
     return {served.manifest.inputs[0].name: ImagePreprocessor(spec)(images)}
 
 
-def _text_feeds(agent: Agent, served: ServedModel, request: InferRequest, binary: bytes) -> dict[str, np.ndarray] | None:
+def _text_feeds(agent: Agent, served: ServedModel, request: InferRequest, binary: bytes, raw: dict) -> dict[str, np.ndarray] | None:
     """Token tensors for a text model's BYTES ``text`` input, or None when the request sends tensors."""
     if not isinstance(served.manifest.preprocessing, TokenizerPreprocessing) or not any(t.name == TEXT_INPUT.name for t in request.inputs):
         return None
@@ -472,6 +549,7 @@ def _text_feeds(agent: Agent, served: ServedModel, request: InferRequest, binary
     except UnicodeDecodeError:
         raise ProtocolError("input 'text' must be UTF-8") from None
     encoded = agent.tokenizer_for(served).encode(strings)
+    raw["texts"] = strings
     return {spec.name: encoded[spec.name] for spec in served.manifest.inputs}
 
 
@@ -639,7 +717,10 @@ metrics_routes = APIRouter(tags=["metrics"])
 async def metrics(agent: Agent = Depends(_agent)) -> PlainTextResponse:
     infos = await run_in_threadpool(agent.repository.index)
     active = [(info.name, info.version) for info in infos if info.active and info.state == "READY"]
-    return PlainTextResponse(agent.metrics.render(active), media_type="text/plain; version=0.0.4; charset=utf-8")
+    text = agent.metrics.render(active)
+    if agent.telemetry is not None:
+        text += "\n".join(await run_in_threadpool(agent.telemetry.metric_lines)) + "\n"
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 # --------------------------------------------------------------------------- the app
@@ -658,6 +739,16 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+async def _close_due_windows(telemetry: Telemetry) -> None:
+    """Close windows by time: once a second, on the event loop that also counts requests (the monitors take no lock)."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            telemetry.tick()
+        except Exception:
+            log.exception("closing telemetry windows failed")
+
+
 def create_app(repository: Repository, settings: AgentSettings) -> FastAPI:
     """The agent's web application. At startup it starts ``repository`` in a worker thread
     (recovery, then loading and golden-checking each active model); the server is
@@ -668,9 +759,17 @@ def create_app(repository: Repository, settings: AgentSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         starting = asyncio.create_task(agent.start_repository())
+        ticking = None
+        if agent.telemetry is not None:
+            agent.telemetry.start()
+            ticking = asyncio.create_task(_close_due_windows(agent.telemetry))
         yield
         if not starting.done():
             starting.cancel()
+        if ticking is not None:
+            ticking.cancel()
+            # Windows still open are written to the outbox: a clean stop loses nothing.
+            await run_in_threadpool(agent.telemetry.stop)
 
     app = FastAPI(
         title=SERVER_NAME,
