@@ -205,3 +205,35 @@ def model_features(
         found.update(drift_features.output_features(logits))
         parts.append(found)
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def reference_from_splits(
+    model_path: Path,
+    task,  # edgekit.artifact.TaskSpec
+    splits: Sequence,  # edgekit.data.Split
+    *,
+    image_preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    max_rows: int = 20_000,
+    window_size: int = 500,
+) -> DriftReference:
+    """The bundle's reference from data the model never trained on (validation and test splits), through the final model."""
+    parts = [split.inputs for split in splits if len(split)]
+    if not parts:
+        raise ValueError("no reference rows: the validation and test splits are empty")
+    if isinstance(parts[0], np.ndarray):
+        inputs: Sequence[str] | np.ndarray = np.concatenate(parts)[:max_rows]
+        if image_preprocess is None:
+            spec = getattr(task, "image_preprocessing", None)
+            if spec is None:
+                raise ValueError("image reference rows need the task's image preprocessing")
+            from device_agent.preprocess import ImagePreprocessor
+
+            image_preprocess = ImagePreprocessor(spec)
+    else:
+        inputs = [text for part in parts for text in part][:max_rows]
+    found = model_features(
+        model_path, inputs, tokenizer_file=getattr(task, "tokenizer_file", None), max_length=getattr(task, "max_length", None),
+        image_preprocess=image_preprocess, output_name=getattr(task, "output_name", None),
+    )
+    return build_reference(found, task=task.kind, labels=list(task.labels), window_size=window_size,
+                           min_window_size=max(1, window_size // 5))

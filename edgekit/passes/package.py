@@ -77,6 +77,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     golden = ctx.work_dir / "golden.npz"
     np.savez(golden, **{f"input:{k}": v for k, v in feeds.items()}, **{f"output:{k}": v for k, v in outputs.items()})
     atol, rtol = GOLDEN_TOLERANCES[artifact.precision]
+    drift_reference = _drift_reference(artifact, ctx)
 
     manifest = Manifest(
         model=ModelInfo(name=options.name, version=options.version),
@@ -92,6 +93,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         preprocessing=TokenizerPreprocessing(tokenizer_file="tokenizer.json", max_length=artifact.task.max_length),
         metrics=bundle_metrics(dict(artifact.metrics)),
         golden=GoldenVectors(file="golden.npz", atol=atol, rtol=rtol),
+        drift_reference=drift_reference,
     )
     bundle = ctx.work_dir / f"{options.name}-{options.version}.ekb"
     payload = {"model.onnx": artifact.model_path, "tokenizer.json": artifact.task.tokenizer_file, "golden.npz": golden}
@@ -101,9 +103,23 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
                     artifact.float_model, artifact.kept_in_float, artifact.engine_build, artifact.metrics)
 
 
+def _drift_reference(artifact: Artifact, ctx: PassContext) -> dict | None:
+    """The drift reference (edgekit.drift_reference) from the validation and test rows through the final model."""
+    from edgekit.drift_reference import reference_from_splits
+
+    try:
+        reference = reference_from_splits(artifact.model_path, artifact.task, (ctx.data.val, ctx.data.test))
+    except ValueError as problem:  # e.g. an image task without its preprocessing: the bundle serves, unmonitored
+        ctx.say(f"package: no drift reference ({problem}); the device will not score drift for this bundle")
+        return None
+    (ctx.work_dir / "drift_reference.json").write_text(reference.model_dump_json(indent=1))
+    ctx.say(f"package: drift reference from {reference.reference_rows} rows, {len(reference.features)} features")
+    return reference.model_dump(mode="json")
+
+
 PASS = Pass(
     name="package",
-    version=1,
+    version=2,
     takes=frozenset({Stage.EVALUATED}),
     gives=Stage.BUNDLE,
     target_specific=True,
