@@ -126,7 +126,7 @@ def devices_list(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List registered devices with their stored windows and last upload."""
-    store = _open(db)
+    store = _open(db, migrate=False)
     try:
         rows = store.list_devices()
     finally:

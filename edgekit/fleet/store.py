@@ -223,6 +223,19 @@ def create_engine(db_url: str) -> Engine:
     return engine
 
 
+def _require_existing_sqlite_file(db_url: str) -> None:
+    # Readers must not create an empty database file where the operator mistyped the path.
+    try:
+        url = sa.make_url(db_url)
+    except sa.exc.ArgumentError:
+        return  # create_engine explains
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:" and not Path(url.database).expanduser().exists():
+        raise FleetError(
+            f"no fleet database at {url.database}; pass the collector's --db URL (or set EDGEKIT_FLEET_DB), "
+            "or create one with `edgekit fleet serve --db …`"
+        )
+
+
 def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
     # pysqlite's own transaction handling would BEGIN lazily (DEFERRED); we issue BEGIN IMMEDIATE ourselves,
     # so a writer takes the lock before reading and never fails half-way with "database is locked".
@@ -269,7 +282,9 @@ class Store:
 
     @classmethod
     def open(cls, db_url: str, *, migrate_schema: bool = True) -> Store:
-        """Connect, and bring the schema up to date unless told not to."""
+        """Connect, and bring the schema up to date; without ``migrate_schema`` the database must exist already."""
+        if not migrate_schema:
+            _require_existing_sqlite_file(db_url)
         engine = create_engine(db_url)
         if migrate_schema:
             migrate(engine)
