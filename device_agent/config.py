@@ -51,6 +51,8 @@ class AgentSettings(BaseModel):
     alert_after_windows: int | None = Field(None, ge=1, description="consecutive drifting windows before an alert; None: the bundle's (2)")
     outbox_max_windows: int = Field(10_000, ge=1, description="unsent windows kept; past it the oldest are evicted and counted")
     outbox_max_bytes: int = Field(64 << 20, ge=1 << 16, description="bytes of unsent windows kept")
+    upload_timeout_s: float = Field(10.0, gt=0, le=600, description="timeout of each upload request to the collector")
+    upload_backoff_max_s: float = Field(300.0, gt=0, description="longest wait between failed uploads (exponential, full jitter)")
     capture_every: int | None = Field(None, ge=1, description="keep every n-th raw input for retraining; None (default): keep none")
     capture_max_samples: int = Field(20, ge=1, le=1000, description="raw inputs kept per window when capture is on")
     capture_max_bytes: int = Field(1 << 20, ge=1, description="bytes of raw inputs kept per window when capture is on")

@@ -214,7 +214,8 @@ def _make_telemetry(settings: AgentSettings) -> Telemetry | None:
         capture = CaptureSettings(settings.capture_every, settings.capture_max_samples, settings.capture_max_bytes)
     monitor_settings = MonitorSettings(window_size=settings.window_size, window_seconds=settings.window_seconds,
                                        consecutive_for_alert=settings.alert_after_windows, capture=capture)
-    uploader = Uploader(outbox, settings.telemetry_url, read_device_token(settings.device_token_file))
+    uploader = Uploader(outbox, settings.telemetry_url, read_device_token(settings.device_token_file),
+                        timeout_s=settings.upload_timeout_s, backoff_max_s=settings.upload_backoff_max_s)
     return Telemetry(outbox, uploader, monitor_settings)
 
 
