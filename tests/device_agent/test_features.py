@@ -1,0 +1,53 @@
+"""Drift features: one implementation for build and device, checked against hand-computed values and a real tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from device_agent import features as F
+
+
+def test_text_features_from_a_real_tokenizer():
+    from device_agent.preprocess import TextTokenizer
+    from tests.support.tiny_bert import minilm_tokenizer_file
+
+    tokenizer = TextTokenizer(minilm_tokenizer_file(), 8)
+    encoded = tokenizer.encode(["a cat", "one two three four five six seven eight nine", "\u2fd5\u2fd5"])
+    found = F.text_features(encoded["input_ids"], encoded["attention_mask"], tokenizer.unknown_id, 8)
+    assert found["input.token_count"].tolist() == [4.0, 8.0, 3.0]  # [CLS] a cat [SEP]; truncated at 8; [CLS] [UNK] [SEP]
+    assert found["input.truncated"].tolist() == [0.0, 1.0, 0.0]
+    assert found["input.unknown_rate"][0] == 0.0 and found["input.unknown_rate"][2] == pytest.approx(1 / 3)
+
+
+def test_image_features_gray_and_colour():
+    gray = np.zeros((2, 4, 4), np.uint8)
+    gray[1] = 200
+    gray[1, :2] = 0
+    found = F.image_features(gray)
+    assert found["input.brightness"].tolist() == [0.0, 100.0]
+    assert found["input.contrast"].tolist() == [0.0, 100.0]
+    assert "input.channel_mean.0" not in found
+    colour = np.zeros((1, 300, 300, 3), np.uint8)
+    colour[..., 2] = 90
+    found = F.image_features(colour)  # sampled on a grid: same statistics for a uniform image
+    assert [found[f"input.channel_mean.{c}"][0] for c in range(3)] == [0.0, 0.0, 90.0]
+    assert found["input.brightness"][0] == pytest.approx(30.0)
+    with pytest.raises(ValueError, match="images must be"):
+        F.image_features(np.zeros((4, 4), np.uint8))
+
+
+def test_output_features():
+    found = F.output_features(np.array([[0.0, 0.0], [10.0, -10.0]]))
+    assert found["output.predicted_class"].tolist() == [0, 0]
+    assert found["output.top_probability"][0] == pytest.approx(0.5)
+    assert found["output.entropy"][0] == pytest.approx(np.log(2))
+    assert found["output.entropy"][1] == pytest.approx(0.0, abs=1e-6)
+    assert F.is_categorical("output.predicted_class") and not F.is_categorical("output.entropy")
+
+
+def test_tensor_features_small_rows_per_value_large_rows_summarised():
+    found = F.tensor_features({"x": np.array([[1.0, 2.0], [3.0, 4.0]]), "big": np.ones((2, 100)), "s": np.array(["a", "b"])})
+    assert found["input.x.1"].tolist() == [2.0, 4.0]
+    assert found["input.big.mean"].tolist() == [1.0, 1.0] and found["input.big.std"].tolist() == [0.0, 0.0]
+    assert not any(name.startswith("input.s") for name in found)
