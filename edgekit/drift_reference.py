@@ -223,7 +223,8 @@ def reference_from_splits(
     if isinstance(parts[0], np.ndarray):
         inputs: Sequence[str] | np.ndarray = np.concatenate(parts)[:max_rows]
         if image_preprocess is None:
-            spec = getattr(task, "image_preprocessing", None)
+            # TaskSpec.image is the bundle's ImagePreprocessing spec (image-classification tasks).
+            spec = getattr(task, "image_preprocessing", None) or getattr(task, "image", None)
             if spec is None:
                 raise ValueError("image reference rows need the task's image preprocessing")
             from device_agent.preprocess import ImagePreprocessor
