@@ -27,7 +27,8 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from device_agent.errors import UserError
@@ -35,6 +36,8 @@ from device_agent.telemetry_schema import DeviceId, UploadAck, UploadBatch, refe
 from edgekit.fleet.store import Store
 
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
+MAX_BODY_BYTES = 64 << 20
+_UPLOAD_BODY = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/UploadBatch"}}}}
 
 
 class ErrorBody(BaseModel):
@@ -64,12 +67,16 @@ async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSO
     return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
 
 
-async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+def _describe_problems(errors) -> str:  # type: ignore[no-untyped-def]
     problems = []
-    for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"][1:] if part != "body") or str(problem["loc"][0])
+    for problem in errors:
+        where = ".".join(str(part) for part in problem["loc"] if part != "body") or "body"
         problems.append(f"{where}: {problem['msg']}")
-    return _error(422, "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    return "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+
+
+async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    return _error(422, _describe_problems(error.errors()))
 
 
 async def _on_user_error(request: Request, error: UserError) -> JSONResponse:
@@ -134,15 +141,25 @@ def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
 
         return {"status": "ok", "schema_version": current_version(_store(request).engine)}
 
-    @app.post("/v1/telemetry", response_model=UploadAck, responses=_ERRORS, summary="Upload window summaries (idempotent)")
-    def upload(batch: UploadBatch, request: Request, device: Annotated[str, Depends(_authenticated_device)]) -> UploadAck:
+    @app.post("/v1/telemetry", response_model=UploadAck, responses={**_ERRORS, 413: {"model": ErrorBody}},
+              summary="Upload window summaries (idempotent)", openapi_extra={"requestBody": _UPLOAD_BODY})
+    async def upload(request: Request, device: Annotated[str, Depends(_authenticated_device)]) -> UploadAck:
+        # The body is parsed here, after the token check, so that a caller without a valid token learns
+        # nothing but 401 (FastAPI would decode a declared body first), and in one pass from bytes.
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPException(413, f"the body has {len(body)} bytes; the limit is {MAX_BODY_BYTES}: send fewer windows per batch")
+        try:
+            batch = UploadBatch.model_validate_json(body)
+        except ValidationError as error:
+            raise HTTPException(422, _describe_problems(error.errors())) from None
         if batch.device_id != device:
             raise HTTPException(403, f"this token belongs to device {device!r}; it cannot write records of {batch.device_id!r}")
         for digest, reference in batch.references.items():
             actual = reference_sha256(reference)
             if actual != digest:
                 raise HTTPException(422, f"references.{digest}: the reference's sha256 is {actual}; name it by that digest")
-        return _store(request).ingest(batch)
+        return await run_in_threadpool(_store(request).ingest, batch)
 
     @app.get("/v1/devices", response_model=list[DeviceInfo], responses=_ERRORS, dependencies=[Depends(_operator)],
              summary="Registered devices with their window count and last upload")
@@ -177,4 +194,18 @@ def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
         except FleetError as error:  # an unknown device
             raise HTTPException(404, str(error)) from None
 
+    def openapi() -> dict:
+        # The ingest body is parsed by hand (see upload); its schema still belongs in the document.
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema = UploadBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            components.update(schema.pop("$defs", {}))
+            components["UploadBatch"] = schema
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -41,6 +41,8 @@ def test_missing_or_wrong_tokens_get_401(store: Store, collector: str):
         assert response.headers["www-authenticate"] == "Bearer" and "token" in response.json()["error"]
     response = httpx.post(f"{collector}/v1/telemetry", json=batch.model_dump(mode="json"), headers={"Authorization": f"Basic {token}"})
     assert response.status_code == 401
+    garbage = httpx.post(f"{collector}/v1/telemetry", content=b"\x00", headers={"Content-Type": "application/json"})
+    assert garbage.status_code == 401, "the token is checked before the body is read"
     assert store.count_windows() == 0
 
 
