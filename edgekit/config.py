@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from device_agent.validation import load_yaml_model
 
@@ -74,6 +74,36 @@ class FinetuneSection(_Strict):
     seed: int = 0
 
 
+class PruneSection(_Strict):
+    """Structured pruning before export: whole attention heads and FFN neurons (BERT family) or conv channels (sequential CNNs)."""
+
+    enabled: bool = False
+    ratio: float | None = Field(None, gt=0, lt=1, description="share of heads and of FFN neurons / channels to remove; default 0.3 when no latency goal is set")
+    speedup: float | None = Field(None, gt=1, description="goal: ONNX Runtime latency at batch 1 this many times lower than unpruned, on this host (the ratio is searched)")
+    target_latency_ms: float | None = Field(None, gt=0, description="goal: ONNX Runtime p50 latency at batch 1 on this host (the ratio is searched)")
+    max_ratio: float = Field(0.7, gt=0, lt=1, description="the largest ratio a latency goal may reach")
+    importance: Literal["taylor", "magnitude"] = Field("taylor", description="taylor: |gradient x activation| on the build's data; magnitude: weight norms (no data)")
+    calibration_rows: int = Field(256, ge=8, description="train rows used to rank heads, neurons and channels")
+    recovery_steps: int = Field(200, ge=0, description="optimizer steps of recovery fine-tuning after pruning (0: none)")
+    recovery_learning_rate: float = Field(5e-5, gt=0)
+    recovery_batch_size: int = Field(32, ge=1)
+    distillation: bool = Field(True, description="recovery learns the unpruned model's logits as well as the labels")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_goal(self) -> PruneSection:
+        goals = [name for name in ("ratio", "speedup", "target_latency_ms") if getattr(self, name) is not None]
+        if len(goals) > 1:
+            raise ValueError(f"set one of ratio, speedup or target_latency_ms, not {' and '.join(goals)}")
+        if self.ratio is not None and self.ratio > self.max_ratio:
+            raise ValueError(f"ratio {self.ratio} is above max_ratio {self.max_ratio}; raise max_ratio to prune that much")
+        return self
+
+    @property
+    def goal(self) -> str:
+        return "speedup" if self.speedup else "target_latency_ms" if self.target_latency_ms else "ratio"
+
+
 class ExportSection(_Strict):
     opset: int | None = Field(None, ge=13, le=23, description="default: the lowest opset of the build's targets")
     parity_atol: float = Field(1e-4, gt=0, description="largest ONNX Runtime vs PyTorch logit difference accepted")
@@ -99,6 +129,7 @@ class BuildConfig(_Strict):
     data: DataSection = DataSection()
     head: HeadSection = HeadSection()
     finetune: FinetuneSection = FinetuneSection()
+    prune: PruneSection = PruneSection()
     export: ExportSection = ExportSection()
     quantization: QuantizationSection = QuantizationSection()
     evaluation: EvaluationSection = EvaluationSection()

@@ -97,6 +97,22 @@ def latency(call: Callable[[], object], *, iterations: int = 100, warmup: int = 
     return Latency(statistics.median(samples), samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))], len(samples))
 
 
+def latency_rounds(calls: dict[str, Callable[[], object]], *, rounds: int = 3, iterations: int = 30, warmup: int = 5) -> dict[str, Latency]:
+    """Latency of several calls measured in alternating rounds: the median of each call's per-round p50 and p95.
+
+    Timing on shared hosts drifts by tens of percent within a minute; measuring
+    every call in every round makes a before/after comparison see the same drift.
+    """
+    per_round: dict[str, list[Latency]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            per_round[name].append(latency(call, iterations=iterations, warmup=warmup))
+    return {
+        name: Latency(statistics.median(r.p50_ms for r in results), statistics.median(r.p95_ms for r in results), sum(r.samples for r in results))
+        for name, results in per_round.items()
+    }
+
+
 def throughput(call: Callable[[], object], items_per_call: int, *, seconds: float = 2.0, warmup: int = 3) -> float:
     """Items per second when ``call`` (processing ``items_per_call`` items) runs back to back for ``seconds``."""
     for _ in range(warmup):

@@ -1,6 +1,6 @@
 """The build: a literal list of passes, planned per target, cached by content, reported.
 
-    shared prefix (once):      load → [finetune] → export
+    shared prefix (once):      load → [finetune] → [prune] → export
     per target (suffix):       optimize → quantize → compile → evaluate → [gates] → package
 
 Every pass output is cached under ``<cache>/<pass>/<key>/`` where the key hashes
@@ -30,7 +30,7 @@ from edgekit.artifact import Artifact, Pass, PassContext, Stage, TaskSpec
 from edgekit.config import BuildConfig
 from edgekit.errors import EdgekitError
 from edgekit.passes import compile as compile_pass
-from edgekit.passes import evaluate, export, finetune, load, optimize, package, quantize
+from edgekit.passes import evaluate, export, finetune, load, optimize, package, prune, quantize
 from edgekit.targets import TargetProfile, load_target
 from edgekit.data import TaskData
 
@@ -39,10 +39,11 @@ ARTIFACT_FILE = "artifact.json"
 
 
 def shared_prefix(config: BuildConfig) -> tuple[Pass, ...]:
-    """The target-independent passes: an ONNX source skips the PyTorch stages; fine-tuning runs when enabled."""
+    """The target-independent passes: an ONNX source skips the PyTorch stages; fine-tuning and pruning run when enabled."""
     if load.is_onnx_source(config.model.source):
         return (load.ONNX_PASS,)
-    return (load.PASS, finetune.PASS, export.PASS) if config.finetune.enabled else (load.PASS, export.PASS)
+    optional = ((finetune.PASS,) if config.finetune.enabled else ()) + ((prune.PASS,) if config.prune.enabled else ())
+    return (load.PASS, *optional, export.PASS)
 
 
 # --------------------------------------------------------------------------- planning
