@@ -165,7 +165,7 @@ def plan_encoder(importance: EncoderImportance, ratio: float) -> EncoderPlan:
     norms = np.linalg.norm(np.where(finite, heads, 0.0), axis=1, keepdims=True)
     normalised = np.where(finite, heads / np.maximum(norms, 1e-30), np.inf)
     total = int(finite.sum())
-    to_remove = int(round(ratio * total))
+    to_remove = round(ratio * total)
     remaining = finite.sum(1).astype(int)
     removal: dict[int, list[int]] = {}
     for flat in np.argsort(normalised, axis=None, kind="stable"):
@@ -178,7 +178,7 @@ def plan_encoder(importance: EncoderImportance, ratio: float) -> EncoderPlan:
         remaining[layer] -= 1
         to_remove -= 1
     width = importance.neurons.shape[1]
-    keep = width - int(round(ratio * width))
+    keep = width - round(ratio * width)
     if width >= 4 * GEMM_TILE:
         keep = min(width, math.ceil(keep / GEMM_TILE) * GEMM_TILE)
     keep = max(keep, 1)
@@ -210,7 +210,7 @@ def apply_encoder_plan(model, plan: EncoderPlan) -> None:
         index = torch.as_tensor(keep, dtype=torch.long)
         layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, index, dim=0)
         layer.output.dense = prune_linear_layer(layer.output.dense, index, dim=1)
-    model.config.intermediate_size = int(len(plan.neurons_kept[0]))
+    model.config.intermediate_size = len(plan.neurons_kept[0])
 
 
 def encoder_shape(model) -> dict:
@@ -338,7 +338,7 @@ def prune_sequential_cnn(model, importance: list[np.ndarray], ratio: float, exam
     for unit, scores in zip(units, importance, strict=True):
         conv = chain[unit.conv]
         width = conv.out_channels
-        keep_count = max(1, width - int(round(ratio * width)))
+        keep_count = max(1, width - round(ratio * width))
         keep = torch.as_tensor(np.sort(np.argsort(-scores, kind="stable")[:keep_count]), dtype=torch.long)
         conv.weight = torch.nn.Parameter(conv.weight.detach()[keep].clone())
         if conv.bias is not None:
@@ -456,29 +456,45 @@ def _accuracy(model, tokenizer, split, labels) -> float:
     return classification_metrics(split.labels, _logits(model, tokenizer, split.texts).argmax(-1), labels).accuracy
 
 
-def recover(model, teacher_logits: np.ndarray | None, tokenizer, train, settings: PruneSection, ctx: PassContext) -> dict:
+def recovery_order(rows: int, settings: PruneSection) -> np.ndarray:
+    """The train rows recovery visits, in order: seeded epochs of shuffled rows, cut at steps x batch size."""
+    import torch
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    wanted = settings.recovery_steps * settings.recovery_batch_size
+    return torch.cat([torch.randperm(rows, generator=generator) for _ in range(math.ceil(wanted / rows))]).numpy()[:wanted]
+
+
+def teacher_logits(model, tokenizer, train, settings: PruneSection) -> np.ndarray:
+    """The unpruned model's logits for the rows recovery will visit (other rows stay zero: they are never read)."""
+    rows = np.unique(recovery_order(len(train), settings))
+    logits = _logits(model, tokenizer, [train.texts[i] for i in rows])
+    full = np.zeros((len(train), logits.shape[1]), dtype=np.float32)
+    full[rows] = logits
+    return full
+
+
+def recover(model, teacher: np.ndarray | None, tokenizer, train, settings: PruneSection, ctx: PassContext) -> dict:
     """Fine-tune the pruned model for ``recovery_steps`` on the train split (labels, plus the teacher's logits when given)."""
     import torch
     import torch.nn.functional as F
     from transformers import get_linear_schedule_with_warmup
 
     steps = settings.recovery_steps
-    generator = torch.Generator().manual_seed(settings.seed)
-    order = torch.cat([torch.randperm(len(train), generator=generator)
-                       for _ in range(math.ceil(steps * settings.recovery_batch_size / len(train)))])
+    order = recovery_order(len(train), settings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.recovery_learning_rate, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
     started, losses = time.perf_counter(), []
     progress = ctx.progress.add_task("prune: recovery fine-tuning", total=steps)
     model.train()
     for step in range(steps):
-        rows = order[step * settings.recovery_batch_size:(step + 1) * settings.recovery_batch_size].numpy()
+        rows = order[step * settings.recovery_batch_size:(step + 1) * settings.recovery_batch_size]
         batch = {k: torch.from_numpy(v) for k, v in tokenizer.encode([train.texts[i] for i in rows]).items()}
         logits = model(**batch).logits
         loss = F.cross_entropy(logits, torch.from_numpy(train.labels[rows]))
-        if teacher_logits is not None:
+        if teacher is not None:
             t = DISTILLATION_TEMPERATURE
-            soft = F.kl_div(F.log_softmax(logits / t, -1), F.softmax(torch.from_numpy(teacher_logits[rows]) / t, -1), reduction="batchmean")
+            soft = F.kl_div(F.log_softmax(logits / t, -1), F.softmax(torch.from_numpy(teacher[rows]) / t, -1), reduction="batchmean")
             loss = 0.5 * loss + 0.5 * t * t * soft
         optimizer.zero_grad()
         loss.backward()
@@ -488,7 +504,7 @@ def recover(model, teacher_logits: np.ndarray | None, tokenizer, train, settings
         ctx.progress.update(progress, advance=1, description=f"prune: recovery loss {np.mean(losses[-20:]):.3f}")
     ctx.progress.remove_task(progress)
     model.eval()
-    return {"steps": steps, "seconds": time.perf_counter() - started, "distillation": teacher_logits is not None,
+    return {"steps": steps, "seconds": time.perf_counter() - started, "distillation": teacher is not None,
             "learning_rate": settings.recovery_learning_rate, "batch_size": settings.recovery_batch_size,
             "final_loss": float(np.mean(losses[-20:])) if losses else None}
 
@@ -545,8 +561,10 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     from edgekit.measure import size_mb
 
     settings = options.prune
+    if artifact.task.kind == "image-classification":
+        return run_image(artifact, settings, ctx)
     if artifact.task.kind != "text-classification":
-        raise PruneError(f"prune does not support {artifact.task.kind!r} builds yet; supported: {SUPPORTED}")
+        raise PruneError(f"prune does not support {artifact.task.kind!r} builds; supported: {SUPPORTED}")
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     model = AutoModelForSequenceClassification.from_pretrained(artifact.directory).eval()
@@ -570,7 +588,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         raise PruneError(f"ratio {ratio} removes nothing from this model ({sum(shape_before['heads'])} heads, "
                          f"{shape_before['intermediate'][0]} FFN neurons per layer); raise prune.ratio")
     accuracy_before = _accuracy(model, tokenizer, val, artifact.task.labels)
-    teacher = _logits(model, tokenizer, train.texts) if settings.recovery_steps and settings.distillation else None
+    teacher = teacher_logits(model, tokenizer, train, settings) if settings.recovery_steps and settings.distillation else None
     apply_encoder_plan(model, plan)
     accuracy_pruned = _accuracy(model, tokenizer, val, artifact.task.labels)
     ctx.say(f"prune: removed {sum(len(h) for h in plan.heads.values())} heads and "
@@ -617,6 +635,74 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     # The timing exports are 2 fp32 copies of the model; the export pass writes the one that ships.
     shutil.rmtree(timing_dir)
     task = replace(artifact.task, tokenizer_file=ctx.work_dir / "tokenizer.json")
+    return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, task, metrics={**artifact.metrics, "prune": metrics})
+
+
+def run_image(artifact: Artifact, settings: PruneSection, ctx: PassContext) -> Artifact:
+    """The image task's small CNN (``edgekit.tasks.image_models``): conv channels out, widths recorded, optional recovery."""
+    import contextlib
+
+    import torch
+
+    from edgekit.measure import size_mb
+    from edgekit.tasks import image_classification, image_models, model_feeds
+
+    if settings.goal != "ratio":
+        raise PruneError("latency goals (prune.speedup, prune.target_latency_ms) are implemented for text encoders only; "
+                         "set prune.ratio for image models")
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    model, record = image_models.load(artifact.directory)
+    if record.family != "small-cnn":
+        raise PruneError(f"prune does not support the image model {record.source!r}; supported: {SUPPORTED} "
+                         f"({image_models.SMALL_CNN} is one)")
+    task, train, val = artifact.task, ctx.data.train, ctx.data.val
+    input_name = task.input_names[0]
+
+    def pixels(split, start: int, stop: int):
+        return torch.from_numpy(model_feeds(task, split.inputs[start:stop])[input_name])
+
+    rows = min(settings.calibration_rows, len(train))
+    batches = [(pixels(train, i, min(i + 32, rows)), torch.from_numpy(train.labels[i:min(i + 32, rows)])) for i in range(0, rows, 32)]
+    parameters_before = parameter_count(model)
+    importance = conv_importance(model, batches, settings.importance)
+    accuracy_before = image_classification.accuracy(model, val, task, "cpu", contextlib.nullcontext())
+    timing_dir = ctx.work_dir / "timing"
+    timing_dir.mkdir()
+    image_models.export_onnx(model, record, input_name, timing_dir / "unpruned.onnx", 17)
+    ratio = settings.ratio or DEFAULT_RATIO
+    channels = prune_sequential_cnn(model, importance, ratio, batches[0][0][:1])
+    if channels["channels_before"] == channels["channels_after"]:
+        raise PruneError(f"ratio {ratio} removes no channel from convs of {channels['channels_before']} channels; raise prune.ratio")
+    # small_cnn has one conv per stage, so the pruned widths rebuild it exactly at load time.
+    record = replace(record, widths=channels["channels_after"])
+    accuracy_pruned = image_classification.accuracy(model, val, task, "cpu", contextlib.nullcontext())
+    recovery = None
+    if settings.recovery_steps:
+        loop = image_classification.LoopSettings(1, settings.recovery_batch_size, settings.recovery_learning_rate, 0.01, 0.1, 1,
+                                                 settings.seed, settings.recovery_steps * settings.recovery_batch_size, True)
+        recovery = image_classification.train(model, ctx.data, task, loop, ctx, "prune.recovery", keep_initial=True)
+        model.to("cpu").eval()
+    accuracy_after = image_classification.accuracy(model, val, task, "cpu", contextlib.nullcontext())
+    image_models.export_onnx(model, record, input_name, timing_dir / "pruned.onnx", 17)
+    feeds = {input_name: batches[0][0][:1].numpy()}
+    timing = compare_latency({"before": timing_dir / "unpruned.onnx", "after": timing_dir / "pruned.onnx"}, feeds)
+    image_models.save(model, record, ctx.work_dir)
+    metrics = {
+        "architecture": record.source, "goal": "ratio", "ratio": ratio, "importance": settings.importance, "calibration_rows": rows,
+        **channels, "parameters": {"before": parameters_before, "after": parameter_count(model)},
+        "size_mb": {"before": size_mb(timing_dir / "unpruned.onnx"), "after": size_mb(timing_dir / "pruned.onnx")},
+        "latency_p50_ms": {"before": timing["before"].p50_ms, "after": timing["after"].p50_ms},
+        "latency_p95_ms": {"before": timing["before"].p95_ms, "after": timing["after"].p95_ms},
+        "speedup": timing["before"].p50_ms / timing["after"].p50_ms,
+        "latency_note": "fp32 ONNX Runtime on the build host, batch 1, alternating rounds",
+        "val_accuracy": {"before": accuracy_before, "pruned": accuracy_pruned, "recovered": accuracy_after if recovery else None},
+        "recovery": recovery, "seconds": time.perf_counter() - started,
+    }
+    shutil.rmtree(timing_dir)
+    ctx.say(f"prune: conv channels {channels['channels_before']} → {channels['channels_after']}; validation accuracy "
+            f"{accuracy_before:.4f} → {accuracy_after:.4f}; ONNX Runtime p50 {metrics['latency_p50_ms']['before']:.2f} → "
+            f"{metrics['latency_p50_ms']['after']:.2f} ms")
     return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, task, metrics={**artifact.metrics, "prune": metrics})
 
 

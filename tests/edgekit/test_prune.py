@@ -39,7 +39,12 @@ def tiny(tmp_path_factory, data):
 
     from transformers import BertConfig, BertForSequenceClassification
 
-    from tests.support.tiny_bert import MAX_LENGTH, VOCAB_SIZE, _train, minilm_tokenizer_file
+    from tests.support.tiny_bert import (
+        MAX_LENGTH,
+        VOCAB_SIZE,
+        _train,
+        minilm_tokenizer_file,
+    )
 
     folder = tmp_path_factory.mktemp("tiny-prune") / "model"
     task = TaskSpec("text-classification", data.labels, MAX_LENGTH, minilm_tokenizer_file())
@@ -404,3 +409,41 @@ def test_cnns_that_are_not_plain_chains_are_refused():
     no_consumer = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
     with pytest.raises(PruneError, match="found no prunable Conv2d"):
         prune.conv_units(prune.flatten_sequential(no_consumer), torch.zeros(1, 3, 8, 8))
+
+
+def test_the_image_tasks_small_cnn_is_pruned_saved_and_reloaded(tmp_path):
+    image_models = pytest.importorskip("edgekit.tasks.image_models")
+    from edgekit.config import ImageSection
+    from edgekit.data import Split, TaskData
+    from edgekit.tasks import image_classification, model_feeds
+
+    labels = ("a", "b", "c", "d")
+    task = image_classification.task_spec(labels, ImageSection(size=(16, 16), channel_order="L"))
+
+    def split(count, seed):
+        images, classes = _images(count, seed)
+        return Split((images.mean(1, keepdim=True).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), classes.numpy())
+
+    data = TaskData(labels, split(256, 1), split(128, 2), split(64, 3), split(32, 4), "images")
+    record = image_models.record_for(image_models.SMALL_CNN, 1, 4, [8, 16, 16], (16, 16))
+    model = image_models.build(record)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pixels = torch.from_numpy(model_feeds(task, data.train.inputs)[task.input_names[0]])
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(pixels), torch.from_numpy(data.train.labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    image_models.save(model.eval(), record, tmp_path / "cnn")
+    artifact = Artifact(Stage.TORCH, tmp_path / "cnn", ".", "cnn", task)
+
+    result = _run(artifact, data, tmp_path, ratio=0.5, recovery_steps=3, recovery_batch_size=32)
+    metrics = result.metrics["prune"]
+    assert metrics["channels_before"] == [8, 16, 16] and metrics["channels_after"] == [4, 8, 8]
+    assert metrics["parameters"]["after"] < metrics["parameters"]["before"] and metrics["size_mb"]["after"] < metrics["size_mb"]["before"]
+    reloaded, saved = image_models.load(result.directory)
+    assert saved.widths == [4, 8, 8] and prune.flatten_sequential(reloaded)[0].out_channels == 4
+    assert metrics["val_accuracy"]["recovered"] is not None
+    (tmp_path / "again").mkdir()
+    with pytest.raises(PruneError, match="set prune.ratio for image models"):
+        _run(artifact, data, tmp_path / "again", speedup=1.5)
