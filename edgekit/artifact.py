@@ -19,6 +19,7 @@ from pydantic import BaseModel, JsonValue
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+    from device_agent.bundle import ImagePreprocessing
     from edgekit.config import BuildConfig
     from edgekit.targets import TargetProfile
     from edgekit.data import TaskData
@@ -39,12 +40,14 @@ class Stage(str, Enum):
 class TaskSpec:
     """What the model does and how its inputs are made."""
 
-    kind: str
+    kind: str  # "text-classification" or "image-classification"
     labels: tuple[str, ...]
-    max_length: int
-    tokenizer_file: Path  # tokenizer.json (Hugging Face tokenizers format)
+    max_length: int  # text: tokens per input (0 for images)
+    tokenizer_file: Path | None  # text: tokenizer.json (Hugging Face tokenizers format)
     input_names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
     output_name: str = "logits"
+    # Images: how raw uint8 images become the model's input, exactly as the bundle records it for the device.
+    image: "ImagePreprocessing | None" = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ DEMO_DIR = Path(str(resources.files("edgekit.demo_data")))
 DEMO_DATA = DEMO_DIR / "data.jsonl"
 DEMO_CALIBRATION = DEMO_DIR / "calibration.jsonl"
 EMBEDDED_MODEL = "embedded:all-minilm-l6-v2"
+IMAGE_MODEL_PREFIXES = ("builtin:", "config:")  # image models defined in edgekit and trained from scratch
 
 
 class _Strict(BaseModel):
@@ -28,14 +29,55 @@ class _Strict(BaseModel):
 
 
 class ModelSection(_Strict):
-    source: str = Field(EMBEDDED_MODEL, description="embedded:all-minilm-l6-v2, a Hugging Face model folder, or a .onnx file")
+    source: str = Field(EMBEDDED_MODEL, description=(
+        "text: embedded:all-minilm-l6-v2, a Hugging Face model folder, or a .onnx file; images: builtin:small-cnn, "
+        "config:resnet, config:mobilenet_v2, or a Hugging Face image model folder (config.json is enough: random init)"))
+    widths: list[int] | None = Field(None, min_length=1, max_length=6, description=(
+        "image models built here: output channels per stage (builtin:small-cnn default [32, 64, 64]; config:* default per family)"))
     name: str = Field("wordnet-supersense", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     version: str = Field("1.0.0", pattern=r"^[0-9]+(\.[0-9]+){0,3}$")
 
 
+class ImageSection(_Strict):
+    """How raw uint8 images become the model's input; recorded in the bundle and run by the device as written."""
+
+    size: tuple[int, int] = Field((224, 224), description="height, width the model sees (a centre crop)")
+    resize: int | None = Field(None, gt=0, description="shorter side before the crop; default: the crop's longer side")
+    channel_order: Literal["RGB", "BGR", "L"] = Field("RGB", description="L: one grayscale channel")
+    mean: list[float] | None = Field(None, description="per channel, on 0..1 pixels; default: ImageNet's for RGB/BGR, 0.5 for L")
+    std: list[float] | None = Field(None, description="per channel; default: ImageNet's for RGB/BGR, 0.25 for L")
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    @model_validator(mode="after")
+    def _channels_agree(self) -> "ImageSection":
+        channels = 1 if self.channel_order == "L" else 3
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != channels:
+                raise ValueError(f"{name} has {len(value)} values; channel_order {self.channel_order} has {channels} channel(s)")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError("std values must be positive")
+        if min(self.size) < 8 or max(self.size) > 1024:
+            raise ValueError(f"size {list(self.size)} is outside 8..1024 pixels")
+        if self.resize is not None and self.resize < max(self.size):
+            raise ValueError(f"resize {self.resize} is smaller than the crop {list(self.size)}; the crop must fit")
+        return self
+
+
 class TaskSection(_Strict):
-    kind: Literal["text-classification"] = "text-classification"
-    max_length: int = Field(128, ge=8, le=512, description="tokens per input; longer texts are truncated")
+    kind: Literal["text-classification", "image-classification"] = "text-classification"
+    max_length: int = Field(128, ge=8, le=512, description="text: tokens per input; longer texts are truncated")
+    image: ImageSection = ImageSection()
+
+
+class IdxFiles(_Strict):
+    """IDX image and label files (gzip or not), as MNIST and Fashion-MNIST ship; val is carved from train."""
+
+    train_images: Path
+    train_labels: Path
+    test_images: Path
+    test_labels: Path
+    val_share: float = Field(0.1, gt=0, lt=0.5, description="share of train held out (stratified, seeded) for validation")
 
 
 class DataSection(_Strict):
@@ -44,6 +86,22 @@ class DataSection(_Strict):
     text_column: str = "text"
     label_column: str = "label"
     split_column: str = "split"
+    idx: IdxFiles | None = Field(None, description="images: IDX files (MNIST, Fashion-MNIST) instead of data.path")
+    label_names: list[str] | None = Field(None, description="images: class names for integer labels (IDX), in label order")
+
+
+class TrainSection(_Strict):
+    """Image models built here (builtin:, config:) are trained from scratch in the load pass with these settings."""
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    early_stopping_patience: int = Field(2, ge=1, description="epochs without a better validation accuracy before stopping")
+    max_train_rows: int | None = Field(None, ge=1)
+    augment: bool = Field(True, description="random horizontal flips and 2-pixel shifts of training images")
+    seed: int = 0
 
 
 class HeadSection(_Strict):
@@ -129,11 +187,27 @@ class BuildConfig(_Strict):
     data: DataSection = DataSection()
     head: HeadSection = HeadSection()
     finetune: FinetuneSection = FinetuneSection()
+    train: TrainSection = TrainSection()
     prune: PruneSection = PruneSection()
     export: ExportSection = ExportSection()
     quantization: QuantizationSection = QuantizationSection()
     evaluation: EvaluationSection = EvaluationSection()
     targets: list[str] = Field(["x86-64-cpu"], min_length=1, description="built-in target names or YAML paths")
+
+    @model_validator(mode="after")
+    def _model_fits_task(self) -> "BuildConfig":
+        source = self.model.source
+        built_here = source.startswith(IMAGE_MODEL_PREFIXES)
+        if self.task.kind == "image-classification":
+            if source.startswith("embedded:") or source.endswith(".onnx"):
+                raise ValueError(f"model.source {source!r} is a text model; image-classification takes builtin:small-cnn, "
+                                 "config:resnet, config:mobilenet_v2 or a Hugging Face image model folder")
+            if self.finetune.enabled and self.finetune.method == "lora":
+                raise ValueError("finetune.method lora adapts Hugging Face text models; image models are fine-tuned fully: "
+                                 "set finetune.method: full")
+        elif built_here:
+            raise ValueError(f"model.source {source!r} is an image model; set task.kind: image-classification")
+        return self
 
 
 def load_build_config(path: Path | None) -> BuildConfig:
@@ -146,9 +220,12 @@ def load_build_config(path: Path | None) -> BuildConfig:
     def anchored(value: Path | None) -> Path | None:
         return value if value is None or value.is_absolute() else base / value
 
-    data = config.data.model_copy(update={"path": anchored(config.data.path), "calibration_path": anchored(config.data.calibration_path)})
+    idx = config.data.idx and config.data.idx.model_copy(update={
+        name: anchored(getattr(config.data.idx, name)) for name in ("train_images", "train_labels", "test_images", "test_labels")})
+    data = config.data.model_copy(update={"path": anchored(config.data.path), "calibration_path": anchored(config.data.calibration_path),
+                                          "idx": idx})
     targets = [str(base / t) if t.endswith((".yaml", ".yml")) and not Path(t).is_absolute() else t for t in config.targets]
     source = config.model.source
-    if not source.startswith("embedded:") and not Path(source).is_absolute():
+    if not source.startswith(("embedded:", *IMAGE_MODEL_PREFIXES)) and not Path(source).is_absolute():
         source = str(base / source)
     return config.model_copy(update={"data": data, "targets": targets, "model": config.model.model_copy(update={"source": source})})

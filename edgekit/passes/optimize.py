@@ -8,7 +8,7 @@
 - fp16 targets: weights to fp16, with fp32 inputs and outputs when the profile
   keeps I/O in fp32.
 The optimised model must still agree with its input: the largest logit
-difference on a few validation texts is recorded, and a large one stops the build.
+difference on a few validation inputs is recorded, and a large one stops the build.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class Options(BaseModel):
 def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
     assert target is not None  # a target-specific pass
     return Options(
-        fuse_transformer=target.runtime.engine == "onnxruntime",
+        # The fusions match BERT's subgraphs; a CNN's Conv+BN folding is done by the exporter and ONNX Runtime itself.
+        fuse_transformer=target.runtime.engine == "onnxruntime" and config.task.kind == "text-classification",
         fp16=target.precision.preferred == "fp16",
         keep_io_fp32=target.precision.keep_io_fp32,
     )
@@ -75,9 +76,9 @@ def _max_difference(artifact: Artifact, optimized, ctx: PassContext) -> float:
     import numpy as np
     import onnxruntime
 
-    from device_agent.preprocess import TextTokenizer
+    from edgekit.tasks import model_feeds
 
-    feeds = TextTokenizer(artifact.task.tokenizer_file, artifact.task.max_length).encode(ctx.data.val.texts[:8])
+    feeds = model_feeds(artifact.task, ctx.data.val.inputs[:8])
     results = []
     for path in (artifact.model_path, optimized):
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -1,6 +1,7 @@
 """package: the signed bundle (.ekb) a device installs.
 
-The bundle carries the model, the tokenizer, golden vectors (real test texts
+The bundle carries the model, its preprocessing (the tokenizer, or the image
+preprocessing record), golden vectors (real test inputs
 with the final model's outputs on this host, and tolerances wide enough for
 another machine's kernels), the build metrics, and the target's identity.
 Its format is ``device_agent.bundle``: the same code the device reads it with.
@@ -65,14 +66,14 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         GoldenVectors, Manifest, ModelInfo, RuntimeInfo, TargetInfo, TaskInfo, TokenizerPreprocessing, write_bundle,
     )
     from device_agent.keys import load_private_key
-    from device_agent.preprocess import TextTokenizer
+    from edgekit.tasks import model_feeds
 
     target = options.target
     graph = onnx.load(str(artifact.model_path), load_external_data=False).graph
-    texts = ctx.data.test.texts[: options.golden_samples]
+    texts = ctx.data.test.inputs[: options.golden_samples]
     session = onnxruntime.InferenceSession(str(artifact.model_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    feeds = {k: v for k, v in TextTokenizer(artifact.task.tokenizer_file, artifact.task.max_length).encode(texts).items() if k in names}
+    feeds = {k: v for k, v in model_feeds(artifact.task, texts).items() if k in names}
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
     golden = ctx.work_dir / "golden.npz"
     np.savez(golden, **{f"input:{k}": v for k, v in feeds.items()}, **{f"output:{k}": v for k, v in outputs.items()})
@@ -89,14 +90,16 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         precision=artifact.precision,
         inputs=[spec for spec in _tensor_specs(graph.input) if spec.name in names],
         outputs=_tensor_specs(graph.output),
-        task=TaskInfo(kind="text-classification", labels=list(artifact.task.labels)),
-        preprocessing=TokenizerPreprocessing(tokenizer_file="tokenizer.json", max_length=artifact.task.max_length),
+        task=TaskInfo(kind=artifact.task.kind, labels=list(artifact.task.labels)),
+        preprocessing=artifact.task.image or TokenizerPreprocessing(tokenizer_file="tokenizer.json", max_length=artifact.task.max_length),
         metrics=bundle_metrics(dict(artifact.metrics)),
         golden=GoldenVectors(file="golden.npz", atol=atol, rtol=rtol),
         drift_reference=drift_reference,
     )
     bundle = ctx.work_dir / f"{options.name}-{options.version}.ekb"
-    payload = {"model.onnx": artifact.model_path, "tokenizer.json": artifact.task.tokenizer_file, "golden.npz": golden}
+    payload = {"model.onnx": artifact.model_path, "golden.npz": golden}
+    if artifact.task.image is None:
+        payload["tokenizer.json"] = artifact.task.tokenizer_file
     write_bundle(bundle, manifest, payload, load_private_key(ctx.signing_key))
     ctx.say(f"package: signed {bundle.name} ({bundle.stat().st_size / 1e6:.1f} MB)")
     return Artifact(Stage.BUNDLE, ctx.work_dir, bundle.name, artifact.digest, artifact.task, artifact.precision,

@@ -37,13 +37,13 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.registry import IntegerOpsRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
-from device_agent.preprocess import TextTokenizer
 from edgekit import measure
 from edgekit.artifact import Artifact, Pass, PassContext, Stage, TaskSpec
 from edgekit.config import BuildConfig
 from edgekit.errors import EdgekitError
 from edgekit.targets import TargetProfile
 from edgekit.data import MIN_CALIBRATION_ROWS, Split
+from edgekit.tasks import model_feeds
 
 MODEL_FILE = "model.onnx"
 STATIC_OP_TYPES = ("MatMul", "Gemm", "Conv")
@@ -91,6 +91,10 @@ def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
     if target is None:
         return Options(scheme="none")
     spec, search = target.quantization, config.quantization
+    if config.task.kind == "image-classification" and spec.scheme == "dynamic":
+        # CNNs: dynamic int8 has no int8 convolutions (5-8x slower than fp32, MEASURED.md); static QDQ with uint8
+        # activations runs ONNX Runtime's int8 conv kernels on CPUs.
+        spec = spec.model_copy(update={"scheme": "static_qdq", "activation_type": "uint8", "symmetric_activations": False})
     return Options(
         scheme=spec.scheme,
         float_precision="fp32" if target.precision.preferred == "int8" else target.precision.preferred,
@@ -263,12 +267,11 @@ def _quantized_nodes(float_model: onnx.ModelProto, quantized_model: onnx.ModelPr
 # --------------------------------------------------------------------------- data
 
 
-def _tokenized_batches(task: TaskSpec, texts: Sequence[str], input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    """The texts as the device would see them, in batches padded to their longest row, with only the model's inputs."""
-    tokenizer = TextTokenizer(task.tokenizer_file, task.max_length)
+def _tokenized_batches(task: TaskSpec, texts: Sequence[str] | np.ndarray, input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """Raw inputs as the device would feed them (texts padded to the batch's longest row), with only the model's inputs."""
     batches = []
     for start in range(0, len(texts), BATCH_ROWS):
-        encoded = tokenizer.encode(texts[start : start + BATCH_ROWS])
+        encoded = model_feeds(task, texts[start : start + BATCH_ROWS])
         batches.append({name: encoded[name] for name in input_names})
     return batches
 
@@ -298,7 +301,7 @@ def _evaluation_split(ctx: PassContext, options: Options) -> Split:
 
 
 def _probe_inputs(task: TaskSpec, calibration: Split) -> dict[str, np.ndarray]:
-    return TextTokenizer(task.tokenizer_file, task.max_length).encode(calibration.texts[:PROBE_ROWS])
+    return model_feeds(task, calibration.inputs[:PROBE_ROWS])
 
 
 class _CalibrationBatches(CalibrationDataReader):
@@ -344,7 +347,7 @@ class Calibration:
 def _calibrate(recipe: Recipe, artifact: Artifact, input_names: Sequence[str], ctx: PassContext, mask_path: Sequence[str]) -> Calibration:
     """Compute activation ranges; Entropy that fails (the mask's sentinels break its histogram) falls back to Percentile."""
     rows = _calibration_split(ctx, recipe)
-    batches = _tokenized_batches(artifact.task, rows.texts, input_names)
+    batches = _tokenized_batches(artifact.task, rows.inputs, input_names)
     try:
         return _calibrate_with(recipe.calibration_method, recipe, artifact.model_path, batches, len(rows), ctx, mask_path)
     except ValueError as error:
@@ -502,7 +505,7 @@ class Judge:
 
     @classmethod
     def for_float_model(cls, float_model: Path, input_names: Sequence[str], task: TaskSpec, rows: Split) -> Judge:
-        batches = _tokenized_batches(task, rows.texts, input_names)
+        batches = _tokenized_batches(task, rows.inputs, input_names)
         float_logits = _logits(float_model, batches)
         accuracy = measure.classification_metrics(rows.labels, float_logits.argmax(-1), task.labels).accuracy
         return cls(task, batches, rows.labels, float_logits, accuracy)
