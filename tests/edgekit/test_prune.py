@@ -447,3 +447,23 @@ def test_the_image_tasks_small_cnn_is_pruned_saved_and_reloaded(tmp_path):
     (tmp_path / "again").mkdir()
     with pytest.raises(PruneError, match="set prune.ratio for image models"):
         _run(artifact, data, tmp_path / "again", speedup=1.5)
+
+
+def test_roberta_shares_the_bert_layout_and_reloads_pruned(tmp_path):
+    from transformers import (
+        AutoModelForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                           intermediate_size=64, max_position_embeddings=40, num_labels=3)).eval()
+    rng = np.random.default_rng(1)
+    prune.apply_encoder_plan(model, prune.plan_encoder(prune.EncoderImportance(rng.random((2, 4)), rng.random((2, 64))), 0.5))
+    model.save_pretrained(tmp_path / "roberta")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "roberta").eval()
+    assert prune.encoder_shape(reloaded) == prune.encoder_shape(model) and sum(prune.encoder_shape(model)["heads"]) == 4
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
