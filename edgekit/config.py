@@ -33,7 +33,7 @@ class ModelSection(_Strict):
         "text: embedded:all-minilm-l6-v2, a Hugging Face model folder, or a .onnx file; images: builtin:small-cnn, "
         "config:resnet, config:mobilenet_v2, or a Hugging Face image model folder (config.json is enough: random init)"))
     widths: list[int] | None = Field(None, min_length=1, max_length=6, description=(
-        "image models built here: output channels per stage (builtin:small-cnn default [32, 64, 64]; config:* default per family)"))
+        "image models built here: output channels per stage (builtin:small-cnn default [16, 32, 64, 128]; config:* default per family)"))
     name: str = Field("wordnet-supersense", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     version: str = Field("1.0.0", pattern=r"^[0-9]+(\.[0-9]+){0,3}$")
 
@@ -100,7 +100,8 @@ class TrainSection(_Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     early_stopping_patience: int = Field(2, ge=1, description="epochs without a better validation accuracy before stopping")
     max_train_rows: int | None = Field(None, ge=1)
-    augment: bool = Field(True, description="random horizontal flips and 2-pixel shifts of training images")
+    augment: Literal["none", "flip", "flip+shift"] = Field(
+        "flip", description="random horizontal flips (and shifts of up to 2 pixels) of training images; none for digits or text")
     seed: int = 0
 
 

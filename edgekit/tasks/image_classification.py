@@ -331,7 +331,7 @@ class LoopSettings:
     patience: int
     seed: int
     max_train_rows: int | None = None
-    augment: bool = True
+    augment: str = "flip"  # none | flip | flip+shift
 
 
 def step_bytes(model: torch.nn.Module, batch: int, channels: int, size: tuple[int, int]) -> int:
@@ -372,9 +372,11 @@ def check_memory(model: torch.nn.Module, batch: int, channels: int, size: tuple[
                f"set {setting} to {largest} or less")
 
 
-def _augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random horizontal flips and shifts of up to 2 pixels (edges repeated), on the raw uint8 images."""
+def _augment(images: np.ndarray, rng: np.random.Generator, shift: bool) -> np.ndarray:
+    """Random horizontal flips and (``shift``) shifts of up to 2 pixels (edges repeated), on the raw uint8 images."""
     flipped = np.where(rng.random(len(images))[:, None, None, None] < 0.5, images[:, :, ::-1], images)
+    if not shift:
+        return flipped
     padded = np.pad(flipped, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
     height, width = images.shape[1:3]
     out = np.empty_like(images)
@@ -454,8 +456,8 @@ def train(model: torch.nn.Module, data: TaskData, task: TaskSpec, settings: Loop
         rng = np.random.default_rng(settings.seed * 1000 + epoch)
         for rows in order.split(settings.batch_size):
             images = train_split.inputs[rows.numpy()]
-            if settings.augment:
-                images = _augment(images, rng)
+            if settings.augment != "none":
+                images = _augment(images, rng, shift=settings.augment == "flip+shift")
             pixels = torch.from_numpy(model_feeds(task, images)[task.input_names[0]]).to(device)
             labels = torch.from_numpy(train_split.labels[rows.numpy()]).to(device)
             with autocast:
@@ -497,7 +499,7 @@ def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext) ->
 
     model, record = image_models.load(artifact.directory)
     loop = LoopSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.warmup_ratio,
-                        settings.early_stopping_patience, settings.seed, settings.max_train_rows, augment=True)
+                        settings.early_stopping_patience, settings.seed, settings.max_train_rows, augment="flip")
     metrics = train(model, ctx.data, artifact.task, loop, ctx, "finetune", keep_initial=True)
     ctx.say(f"finetune: validation accuracy {metrics['val_accuracy']:.4f} (before: {metrics['val_accuracy_before']:.4f})")
     image_models.save(model, record, ctx.work_dir)

@@ -31,7 +31,7 @@ KNOWN_SOURCES = (SMALL_CNN, *HF_CONFIG_FAMILIES)
 RECORD_FILE = "image_model.json"
 WEIGHTS_FILE = "model.pt"
 HF_FOLDER = "hf"
-DEFAULT_WIDTHS = {SMALL_CNN: [32, 64, 128], "config:resnet": [32, 64, 128], "config:mobilenet_v2": [16, 24, 32]}
+DEFAULT_WIDTHS = {SMALL_CNN: [16, 32, 64, 128], "config:resnet": [32, 64, 128], "config:mobilenet_v2": [16, 24, 32]}
 
 
 @dataclass(frozen=True)

@@ -272,7 +272,7 @@ def tiny_build(tmp_path_factory):
         "model": {"source": "builtin:small-cnn", "name": "tiny-cnn", "widths": [8, 16]},
         "task": {"kind": "image-classification", "image": {"size": [12, 12], "channel_order": "L"}},
         "data": {"path": "images"},
-        "train": {"epochs": 12, "batch_size": 16, "learning_rate": 0.01, "augment": False},
+        "train": {"epochs": 12, "batch_size": 16, "learning_rate": 0.01, "augment": "none"},
         "finetune": {"enabled": True, "method": "full", "epochs": 1, "batch_size": 16, "learning_rate": 0.001},
         "quantization": {"time_limit_s": 10},
         "evaluation": {"latency_iterations": 5, "throughput_seconds": 0.1},
