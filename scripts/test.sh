@@ -4,11 +4,13 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/python-env.sh"
 
-# Debian packages some tests need: the Fashion-MNIST IDX files (image task) and
-# Chromium (the fleet report rendered headless). Installed when missing and apt
-# is usable; without them those tests skip and say why.
+# Debian packages some tests need: the Fashion-MNIST IDX files (image task),
+# WordNet 3.0 (the demo set regenerates byte for byte) and Chromium (the fleet
+# report rendered headless). Installed when missing and apt is usable; without
+# them those tests skip and say why.
 debian_packages=()
 [ -d /usr/share/datasets/fashion-mnist ] || debian_packages+=(dataset-fashion-mnist)
+[ -f /usr/share/wordnet/data.noun ] || debian_packages+=(wordnet-base)
 command -v chromium >/dev/null 2>&1 || debian_packages+=(chromium)
 if [ "${#debian_packages[@]}" -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then

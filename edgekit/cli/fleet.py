@@ -15,6 +15,8 @@ import typer
 from edgekit.cli.output import console, print_json, print_table
 
 DEFAULT_DB = "sqlite:///edgekit-fleet.db"
+# The terminal table names the three most drifting features (--json and --html list them all).
+TOP_IN_TABLE = 3
 DB_HELP = (
     "The fleet database: sqlite:///path/fleet.db (default: sqlite:///edgekit-fleet.db in this folder) "
     "or postgresql://user[:password]@host:5432/dbname. Also read from EDGEKIT_FLEET_DB."
@@ -190,7 +192,7 @@ def report(
             f"{d.p95_ms:.1f}" if d.p95_ms is not None else "-",
             f"{d.error_rate:.2%}" if d.error_rate is not None else "-",
             _status(d.status) + (f" since {format_time(d.status_since)}" if d.status_since else ""),
-            ", ".join(d.top_features),
+            ", ".join(d.top_features[:TOP_IN_TABLE]),
             str(d.evicted_total),
             format_time(d.last_seen),
         ]
@@ -206,7 +208,7 @@ def report(
             [
                 [f"{f.model_name} {f.model_version}", str(f.devices), str(f.windows), str(f.requests),
                  "no reference stored" if f.reference_missing else _status("alert" if f.drifting else "ok"),
-                 ", ".join(f.top_features)]
+                 ", ".join(f.top_features[:TOP_IN_TABLE])]
                 for f in review.fleet_drift
             ],
         )

@@ -157,7 +157,13 @@ def _finish(axes) -> None:  # type: ignore[no-untyped-def]
     else:
         axes.text(0.5, 0.5, "no data in this period", ha="center", va="center", transform=axes.transAxes)
     axes.grid(alpha=0.3)
-    axes.figure.autofmt_xdate()
+    if axes.get_legend_handles_labels()[0]:
+        from matplotlib import dates
+
+        # Ticks that fit the period shown: seconds for a short run, days for a month, never 54:40.500000.
+        locator = dates.AutoDateLocator()
+        axes.xaxis.set_major_locator(locator)
+        axes.xaxis.set_major_formatter(dates.ConciseDateFormatter(locator))
     axes.figure.tight_layout()
 
 

@@ -21,6 +21,7 @@ from edgekit.config import BuildConfig, DataSection, IdxFiles, ImageSection
 from edgekit.data import DataError
 from edgekit.errors import EdgekitError
 from edgekit.tasks import image_classification, model_feeds
+from tests.support.builds import relaxed_target
 
 ROOT = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -254,14 +255,8 @@ def test_a_batch_too_large_for_memory_is_refused_before_training(tmp_path):
 # ---------------------------------------------------------------- the build, end to end
 
 
-def _relaxed_target(folder: Path, name: str) -> Path:
-    """A shipped profile under another name, with accuracy budgets a 3-class toy test set can be judged by."""
-    document = yaml.safe_load((ROOT / "targets" / f"{name}.yaml").read_text())
-    document["name"] = f"{name}-test"
-    document["budgets"].update(max_accuracy_drop_points=25.0, min_top1_agreement=0.7)
-    path = folder / f"{name}-test.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
+# Accuracy budgets a 3-class toy test set can be judged by.
+TOY_BUDGETS = {"max_accuracy_drop_points": 25.0, "min_top1_agreement": 0.7}
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +271,7 @@ def tiny_build(tmp_path_factory):
         "finetune": {"enabled": True, "method": "full", "epochs": 1, "batch_size": 16, "learning_rate": 0.001},
         "quantization": {"time_limit_s": 10},
         "evaluation": {"latency_iterations": 5, "throughput_seconds": 0.1},
-        "targets": [str(_relaxed_target(root, "x86-64-cpu")), str(_relaxed_target(root, "jetson-orin-nano-8gb"))],
+        "targets": [str(relaxed_target(root, "x86-64-cpu", **TOY_BUDGETS)), str(relaxed_target(root, "jetson-orin-nano-8gb", **TOY_BUDGETS))],
     }
     (root / "build.yaml").write_text(yaml.safe_dump(config))
     result = runner.invoke(app, ["build", str(root / "build.yaml"), "--out", str(root / "out"), "--cache-dir", str(root / "cache")])

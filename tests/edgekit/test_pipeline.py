@@ -15,33 +15,10 @@ from typer.testing import CliRunner
 from device_agent.bundle import open_bundle, read_manifest_unverified
 from device_agent.keys import Keyring
 from edgekit.cli import app
+from tests.support.builds import relaxed_target, tiny_text_build_config
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
-
-
-def _relaxed_target(folder: Path, name: str, **budgets) -> Path:
-    """A shipped profile under another name with the given budgets (a tiny model cannot meet MiniLM's)."""
-    document = yaml.safe_load((ROOT / "targets" / f"{name}.yaml").read_text())
-    document["name"] = f"{name}-test"
-    document["budgets"].update(budgets)
-    path = folder / f"{name}-test.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
-
-
-def _config(root: Path, model: Path, targets: list[Path]) -> Path:
-    document = {
-        "model": {"source": str(model), "name": "tiny", "version": "1.0.0"},
-        "task": {"max_length": 64},
-        "head": {"epochs": 5},
-        "quantization": {"time_limit_s": 20, "evaluation_samples": 100},
-        "evaluation": {"latency_iterations": 5, "throughput_seconds": 0.2},
-        "targets": [str(t) for t in targets],
-    }
-    path = root / "build.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
 
 
 def _build(config: Path, out: Path, cache: Path, *extra: str):
@@ -55,8 +32,8 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     model = tiny_hf_folder(root / "tiny-model")
     loose = {"max_accuracy_drop_points": 100.0, "min_top1_agreement": 0.0}
-    targets = [_relaxed_target(root, "x86-64-cpu", **loose), _relaxed_target(root, "jetson-orin-nano-8gb", **loose)]
-    config = _config(root, model, targets)
+    targets = [relaxed_target(root, "x86-64-cpu", **loose), relaxed_target(root, "jetson-orin-nano-8gb", **loose)]
+    config = tiny_text_build_config(root, model, targets)
     result = _build(config, root / "out", root / "cache")
     assert result.exit_code == 0, result.output
     return root, config
@@ -132,7 +109,7 @@ def test_rebuild_is_fully_cached_and_dry_run_says_so(built):
 @pytest.mark.slow
 def test_a_broken_budget_fails_the_build_without_a_bundle(built):
     root, config = built
-    strict = _relaxed_target(root, "x86-64-cpu", max_model_size_mb=0.001)  # no model is that small
+    strict = relaxed_target(root, "x86-64-cpu", max_model_size_mb=0.001)  # no model is that small
     strict_name = "x86-64-cpu-strict"
     document = yaml.safe_load(strict.read_text())
     document["name"] = strict_name

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from device_agent.telemetry_schema import UploadBatch
 from edgekit.cli import app
 from edgekit.fleet.store import Store
 from tests.fleet.conftest import make_window
+from tests.support.browser import screenshot
 
 runner = CliRunner()
 
@@ -56,21 +55,10 @@ def test_the_html_report_is_one_self_contained_file_with_three_plots(tmp_path):
 
 @pytest.mark.browser
 def test_headless_chromium_renders_the_html_report(tmp_path):
-    from PIL import Image
-
     url = _fleet(tmp_path)
     page = tmp_path / "fleet.html"
     assert runner.invoke(app, ["fleet", "report", "--db", url, "--html", str(page)]).exit_code == 0
-    browser = next(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name))
-    screenshot = tmp_path / "fleet.png"
-    subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}",
-         "--window-size=1280,2000", page.as_uri()],
-        check=True, capture_output=True, timeout=120,
-    )
-    assert screenshot.stat().st_size > 30_000
-    image = Image.open(screenshot).convert("RGB")
+    image = screenshot(page, tmp_path)
     assert image.size == (1280, 2000)
     colours = image.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50, "a rendered page with tables and plots, not a blank one"
