@@ -384,3 +384,39 @@ def test_fashion_mnist_example_meets_its_accuracy_bars(tmp_path):
         assert report["passed"] and report["precision"] == "int8"
         assert report["metrics"]["reference"]["accuracy"] >= 0.90
         assert report["metrics"]["reference"]["accuracy"] - report["metrics"]["final"]["accuracy"] <= 0.005
+
+
+def test_a_pruned_image_build_removes_conv_channels_and_still_bundles(tmp_path):
+    from device_agent.bundle import open_bundle
+    from device_agent.keys import Keyring
+
+    make_image_folder(tmp_path / "images")
+    config = {
+        "model": {"source": "builtin:small-cnn", "name": "tiny-cnn", "widths": [8, 16]},
+        "task": {"kind": "image-classification", "image": {"size": [12, 12], "channel_order": "L"}},
+        "data": {"path": "images"},
+        "train": {"epochs": 12, "batch_size": 16, "learning_rate": 0.01, "augment": "none"},
+        "prune": {"enabled": True, "ratio": 0.5, "recovery_steps": 20, "recovery_batch_size": 16},
+        "quantization": {"time_limit_s": 10},
+        "evaluation": {"latency_iterations": 5, "throughput_seconds": 0.1},
+        "targets": [str(relaxed_target(tmp_path, "x86-64-cpu", **TOY_BUDGETS))],
+    }
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["build", str(tmp_path / "build.yaml"), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "x86-64-cpu-test" / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]][:3] == ["load", "prune", "export"]
+    pruned = report["metrics"]["prune"]
+    assert (pruned["channels_before"], pruned["channels_after"]) == ([8, 16], [4, 8])
+    assert pruned["parameters"]["after"] < pruned["parameters"]["before"] / 2
+    assert report["metrics"]["export"]["parity_max_abs_error"] < 1e-4, "the rebuilt narrower CNN exports faithfully"
+    keyring = tmp_path / "keyring"
+    keyring.mkdir()
+    shutil.copy(tmp_path / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
+    with open_bundle(tmp_path / "out" / "x86-64-cpu-test" / "tiny-cnn-1.0.0.ekb", Keyring.load(keyring)) as opened:
+        graph = onnx.load(str(opened.path("model.onnx"))).graph
+        weights = {init.name: init for init in graph.initializer}
+        first_conv = next(node for node in graph.node if node.op_type == "Conv")
+        # The conv's weight may sit behind a DequantizeLinear in the int8 model.
+        source = next((n.input[0] for n in graph.node if n.output[0] == first_conv.input[1]), first_conv.input[1])
+        assert weights[source].dims[0] == 4, "four of the eight first-stage channels are gone"
