@@ -56,16 +56,16 @@ def serve(
     config: Path | None = typer.Option(None, "--config", help="YAML settings file (see deploy/agent.yaml)."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help="Where models and their versions are kept."),
     keyring: Path | None = typer.Option(None, "--keyring", help="Folder of trusted public keys (*.pub)."),
-    host: str | None = typer.Option(None, "--host", help="Address to listen on [default: 127.0.0.1]."),
-    port: int | None = typer.Option(None, "--port", help="Port to listen on [default: 8000]."),
+    host: str | None = typer.Option(None, "--host", help="Address to listen on (default: 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", help="Port to listen on (default: 8000)."),
     admin_token_file: Path | None = typer.Option(None, "--admin-token-file", help="File with the admin API's bearer token."),
     ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile."),
     ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM); with --ssl-certfile."),
     telemetry_url: str | None = typer.Option(None, "--telemetry-url", help="Fleet collector base URL; turns telemetry and drift monitoring on."),
     device_id: str | None = typer.Option(None, "--device-id", help="This device's name at the collector."),
     device_token_file: Path | None = typer.Option(None, "--device-token-file", help="File with this device's collector token."),
-    window_size: int | None = typer.Option(None, "--window-size", help="Rows per drift window [default: the bundle's, 500]."),
-    window_seconds: float | None = typer.Option(None, "--window-seconds", help="A window also closes after this many seconds [default: 300]."),
+    window_size: int | None = typer.Option(None, "--window-size", help="Rows per drift window (default: the bundle's, 500)."),
+    window_seconds: float | None = typer.Option(None, "--window-seconds", help="A window also closes after this many seconds (default: 300)."),
 ) -> None:
     """Serve the installed models over the Open Inference Protocol (flags override the --config file)."""
     from device_agent.config import load_settings

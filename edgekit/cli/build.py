@@ -22,7 +22,7 @@ def build(
     target: list[str] = typer.Option([], "--target", help="A built-in target name or a profile YAML; repeat for several."),
     out: Path = typer.Option(Path("out"), "--out", help="Where bundles, reports and pass outputs go."),
     key: Path | None = typer.Option(None, "--key", help="Signing key (edgekit.key); default: a development key in the cache dir."),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Pass cache [default: $XDG_CACHE_HOME/edgekit]."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Pass cache (default: $XDG_CACHE_HOME/edgekit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print each target's pass plan and what is cached; build nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
 ) -> None:
