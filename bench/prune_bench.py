@@ -11,7 +11,7 @@ Steps:
    ``--recovery-steps``).
 3. Control: the unpruned model gets the same recovery training, so the table
    separates what pruning costs from what the extra training gains.
-4. Every model is exported to fp32 ONNX (``prune.export_for_timing``) and, as
+4. Every model is exported to fp32 ONNX (``prune.export_classifier_onnx``) and, as
    the build's optimize pass does for ONNX Runtime targets, with ONNX Runtime's
    transformer fusions. A child process without torch (torch's idle OpenMP
    threads steal the cores otherwise) measures p50 latency at batch 1 (one test
@@ -101,7 +101,7 @@ def prepare(work: Path, ratios: list[float], recovery: dict, control: bool) -> d
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         record["models"].setdefault(name, {})["parameters"] = prune.parameter_count(model)
         record["models"][name]["shape"] = prune.encoder_shape(model)
-        plain = prune.export_for_timing(model, onnx_dir / f"{index}.onnx")
+        plain = prune.export_classifier_onnx(model, onnx_dir / f"{index}.onnx")
         fused = _fuse(plain, onnx_dir / f"{index}-fused.onnx")
         files[name] = {"plain": str(plain), "fused": str(fused)}
     record["onnx"] = files

@@ -373,8 +373,8 @@ def parameter_count(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def export_for_timing(model, path: Path) -> Path:
-    """The classifier as ONNX with dynamic batch and sequence (TorchScript exporter, opset 17), logits only."""
+def export_classifier_onnx(model, path: Path) -> Path:
+    """A Hugging Face sequence classifier as ONNX, logits only: dynamic batch and sequence, TorchScript exporter, opset 17."""
     import warnings
 
     import torch
@@ -529,7 +529,7 @@ def search_ratio(model, importance: EncoderImportance, settings: PruneSection, b
     trials: list[dict] = []
 
     def meets(ratio: float) -> bool:
-        path = export_for_timing(_pruned_copy(model, importance, ratio), work / f"candidate-{ratio:.2f}.onnx")
+        path = export_classifier_onnx(_pruned_copy(model, importance, ratio), work / f"candidate-{ratio:.2f}.onnx")
         timing = compare_latency({"before": baseline, "after": path}, feeds)
         before, after = timing["before"].p50_ms, timing["after"].p50_ms
         ok = _meets(settings, before, after)
@@ -576,7 +576,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     importance = encoder_importance(model, list(_batches(tokenizer, train, settings.calibration_rows)), settings.importance)
     timing_dir = ctx.work_dir / "timing"
     timing_dir.mkdir()
-    baseline = export_for_timing(model, timing_dir / "unpruned.onnx")
+    baseline = export_classifier_onnx(model, timing_dir / "unpruned.onnx")
     feeds = batch_one_feeds(artifact.task.tokenizer_file, options.max_length, val.texts[0] if len(val) else "a")
     search: list[dict] = []
     if settings.goal == "ratio":
@@ -605,7 +605,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         else:
             model.load_state_dict(pruned_state)
             kept = "pruned (recovery did not beat it on validation)"
-    pruned_path = export_for_timing(model, timing_dir / "pruned.onnx")
+    pruned_path = export_classifier_onnx(model, timing_dir / "pruned.onnx")
     timing = compare_latency({"before": baseline, "after": pruned_path}, feeds)
     shape_after = encoder_shape(model)
     model.save_pretrained(ctx.work_dir)

@@ -182,7 +182,7 @@ def test_the_pass_prunes_exports_and_runs_in_onnx_runtime_like_the_pruned_torch_
     ctx = PassContext(work, None, data, config, Progress(disable=True), tmp_path / "k", print)
     exported = export.run(result, export.options_for(config, None), ctx)
     unpruned = tmp_path / "unpruned.onnx"
-    prune.export_for_timing(_model(tiny), unpruned)
+    prune.export_classifier_onnx(_model(tiny), unpruned)
     assert exported.model_path.stat().st_size < unpruned.stat().st_size
     session = onnxruntime.InferenceSession(str(exported.model_path), providers=["CPUExecutionProvider"])
     feeds = _tokenizer(tiny).encode(data.test.texts[:32])

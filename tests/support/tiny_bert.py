@@ -18,6 +18,7 @@ import numpy as np
 from edgekit.artifact import Artifact, PassContext, Stage, TaskSpec
 from edgekit.config import BuildConfig
 from edgekit.data import TaskData
+from edgekit.passes.prune import export_classifier_onnx
 from edgekit.tasks.text_classification import load_task_data
 
 MAX_LENGTH = 64
@@ -50,7 +51,7 @@ def build_tiny_bert(directory: Path, *, seed: int = 0, hidden_size: int = 32, la
     _train(model, data, task, train_rows=train_rows, epochs=epochs)
     directory.mkdir(parents=True, exist_ok=True)
     model_path = directory / "model.onnx"
-    export_hf_classifier(model, model_path)
+    export_classifier_onnx(model, model_path)
     return TinyBert(model_path, task, data)
 
 
@@ -132,21 +133,6 @@ def export_text_classifier(module, path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), input_names=names, output_names=["logits"], dynamic_axes=dynamic, opset_version=17, dynamo=False)
-
-
-def export_hf_classifier(model, path: Path) -> None:
-    """Export a Hugging Face sequence classifier, keeping only its logits."""
-    import torch
-
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self, inner) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
-
-    export_text_classifier(LogitsOnly(model).eval(), path)
 
 
 def tiny_hf_folder(directory: Path, *, seed: int = 0) -> Path:
