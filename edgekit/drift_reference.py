@@ -9,22 +9,32 @@ same code) on reference rows run through the float model. Then, per feature:
   between their values instead, so every value has its own bin and a value the
   reference never showed lands in a bin of its own. Categorical features (the
   predicted class) get one bin per label.
-- thresholds, calibrated for the *window* false-alarm rate: bootstrap windows
-  of ``window_size`` rows drawn from the reference are scored like device
-  windows; each feature's PSI and JS scores are standardised by their bootstrap
-  mean and standard deviation, and one multiplier ``z`` is set at the
-  ``1 - target/2`` quantile of the largest standardised score per window (the
-  max statistic corrects for the many features at once, without Bonferroni's
-  excess caution for correlated features). A feature's threshold is
-  ``mean + z * std``, widened for the reference's own sampling error (a live
-  window differs from the true distribution by 1/W and the reference by 1/N in
-  variance: PSI thresholds times ``1 + W/N``, JS times its square root) and
-  floored where a score's bootstrap spread is degenerate.
+- proportions: the reference rows' share of each bin, except that the two
+  overflow bins of quantile-binned features get ``1 / (N + 1)`` each (N
+  reference rows): that is the expected share of new values beyond the largest
+  (smallest) of N, and about 2W/N rows of every window of W land there even
+  without drift. Left empty (floored at 1e-4) each such row added 0.006-0.011 to PSI,
+  which made small references drift on unshifted data (2-4% of windows at
+  N = 600-1,200, W = 300-500).
+- thresholds, calibrated for the *window* false-alarm rate by a bootstrap that
+  mimics the device: each round redraws a reference of N rows and a window of
+  W rows (with replacement, from the reference rows), adds the window's rows
+  beyond the reference's range (binomial, at a Beta(1, N) share per side), and
+  scores the window against the redrawn reference. So the scores carry the
+  window's sampling noise and the reference's own, which is the same for every
+  window of one bundle. Each feature's PSI and JS scores are standardised by
+  their bootstrap mean and standard deviation, and one multiplier ``z`` is set
+  at the ``1 - target/2`` quantile of the largest standardised score per round
+  (the max statistic corrects for the many features at once, without
+  Bonferroni's excess caution for correlated features; the halved target leaves
+  room for how one reference's rate varies around the average). A feature's
+  threshold is ``mean + z * std``, floored where a score's bootstrap spread is
+  degenerate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,22 +52,34 @@ _DISCRETE_VALUES = 20
 
 def numeric_edges(values: np.ndarray, rows: int | None = None) -> list[float]:
     """Ascending bin edges for one numeric feature (see the module docstring)."""
+    return _binning(values, rows)[0]
+
+
+def _binning(values: np.ndarray, rows: int | None = None) -> tuple[list[float], bool]:
+    """The edges, and whether they are reference quantiles (their overflow bins then hold values beyond the reference's range)."""
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if values.size == 0:
-        return [0.0]
+        return [0.0], False
     distinct = np.unique(values)
     if distinct.size <= _DISCRETE_VALUES:
         gap = float(np.min(np.diff(distinct))) if distinct.size > 1 else 1.0
         midpoints = (distinct[:-1] + distinct[1:]) / 2
         edges = np.concatenate([[distinct[0] - gap / 2], midpoints, [distinct[-1] + gap / 2]])
-    else:
-        interior_bins = 20 if (rows or values.size) >= 2000 else 10
-        edges = np.quantile(values, np.linspace(0, 1, interior_bins + 1))
-        # The largest reference value belongs inside the last interior bin, not in the overflow bin.
-        edges[-1] = np.nextafter(edges[-1], np.inf)
-        edges = np.unique(edges)
-    return [float(edge) for edge in edges]
+        return [float(edge) for edge in edges], False
+    interior_bins = 20 if (rows or values.size) >= 2000 else 10
+    edges = np.quantile(values, np.linspace(0, 1, interior_bins + 1))
+    # The largest reference value belongs inside the last interior bin, not in the overflow bin.
+    edges[-1] = np.nextafter(edges[-1], np.inf)
+    return [float(edge) for edge in np.unique(edges)], True
+
+
+def with_range_share(proportions: np.ndarray, share: float) -> np.ndarray:
+    """``proportions`` (reference rows only, overflow bins empty) with ``share`` moved into each overflow bin."""
+    adjusted = proportions * (1 - 2 * share)
+    adjusted[0] += share
+    adjusted[-1] += share
+    return adjusted
 
 
 def _counts(feature: FeatureReference, values: np.ndarray) -> np.ndarray:
@@ -77,7 +99,7 @@ def build_reference(
     min_window_size: int = 100,
     consecutive_for_alert: int = 2,
     target_false_alarm: float = 0.01,
-    bootstrap_windows: int = 400,
+    bootstrap_windows: int = 1000,
     seed: int = 0,
 ) -> DriftReference:
     """The reference for ``features`` (name → one value per reference row, from ``device_agent.features``)."""
@@ -86,6 +108,7 @@ def build_reference(
         raise ValueError(f"every feature needs one value per reference row; got row counts {sorted(rows)}")
     (row_count,) = rows
     provisional: dict[str, FeatureReference] = {}
+    beyond_range: dict[str, float] = {}  # quantile-binned features: expected share of new values past each end
     placeholder = Thresholds(psi=1.0, js=1.0)
     for name, values in sorted(features.items()):
         source = "output" if name.startswith("output.") else "input"
@@ -94,16 +117,21 @@ def build_reference(
             bins: dict = {"kind": "categorical", "categories": categories}
             count = len(categories)
         else:
-            edges = numeric_edges(values, row_count)
+            edges, quantile_bins = _binning(values, row_count)
             bins = {"kind": "numeric", "edges": edges}
             count = len(edges) + 1
+            if quantile_bins:
+                beyond_range[name] = 1 / (row_count + 1)
         provisional[name] = FeatureReference(source=source, proportions=[1 / count] * count, thresholds=placeholder, **bins)
         counts = _counts(provisional[name], values)
-        provisional[name] = provisional[name].model_copy(update={"proportions": (counts / counts.sum()).tolist()})
+        proportions = counts / counts.sum()
+        if name in beyond_range:
+            proportions = with_range_share(proportions, beyond_range[name])
+        provisional[name] = provisional[name].model_copy(update={"proportions": proportions.tolist()})
 
     thresholds = calibrate_thresholds(
         provisional, features, window_size=window_size, target_false_alarm=target_false_alarm,
-        bootstrap_windows=bootstrap_windows, seed=seed,
+        bootstrap_windows=bootstrap_windows, seed=seed, beyond_range=beyond_range,
     )
     return DriftReference(
         task=task,
@@ -123,10 +151,17 @@ def calibrate_thresholds(
     target_false_alarm: float,
     bootstrap_windows: int,
     seed: int,
+    beyond_range: Mapping[str, float] | None = None,
 ) -> dict[str, Thresholds]:
-    """Per-feature thresholds such that about ``target_false_alarm`` of reference windows drift on any feature."""
+    """Per-feature thresholds such that about ``target_false_alarm / 2`` of unshifted windows drift on any feature.
+
+    ``beyond_range`` gives, for quantile-binned features, the reference proportion of each overflow bin (``1 / (N + 1)``).
+    Each round redraws the reference as well as the window (see the module docstring): on the device a window
+    differs from the reference by its own sampling noise and by the reference's, which is the same for every window.
+    """
     generator = np.random.default_rng(seed)
     names = sorted(references)
+    beyond_range = beyond_range or {}
     row_count = len(next(iter(features.values())))
     binned = {}
     for name in names:
@@ -135,20 +170,27 @@ def calibrate_thresholds(
         binned[name] = bin_index(np.asarray(feature.edges), values) if feature.kind == "numeric" else values.astype(np.int64)
     scores = np.zeros((bootstrap_windows, len(names), 2))
     for window in range(bootstrap_windows):
+        redrawn = generator.integers(0, row_count, row_count)
         rows = generator.integers(0, row_count, window_size)
         for column, name in enumerate(names):
-            feature = references[name]
-            counts = np.bincount(binned[name][rows], minlength=feature.bins)[: feature.bins]
-            scores[window, column] = psi(feature.proportions, counts), js_distance(feature.proportions, counts)
+            bins = references[name].bins
+            reference_counts = np.bincount(binned[name][redrawn], minlength=bins)[:bins]
+            proportions = reference_counts / max(int(reference_counts.sum()), 1)
+            counts = np.bincount(binned[name][rows], minlength=bins)[:bins]
+            if name in beyond_range:
+                proportions = with_range_share(proportions, beyond_range[name])
+                # The reference rows never fall outside their own range; new rows do, at a share that varies
+                # with the reference drawn: Beta(1, N) per side for the largest (smallest) of N values.
+                counts[[0, -1]] += generator.binomial(window_size, generator.beta(1, row_count, size=2))
+            scores[window, column] = psi(proportions, counts), js_distance(proportions, counts)
     mean = scores.mean(axis=0)
     spread = np.maximum(scores.std(axis=0), 1e-9)
     largest = ((scores - mean) / spread).max(axis=(1, 2))
     z = float(np.quantile(largest, 1 - target_false_alarm / 2))
-    widen = 1 + window_size / row_count
     thresholds = {}
     for column, name in enumerate(names):
-        psi_threshold = (mean[column, 0] + z * spread[column, 0]) * widen
-        js_threshold = (mean[column, 1] + z * spread[column, 1]) * np.sqrt(widen)
+        psi_threshold = mean[column, 0] + z * spread[column, 0]
+        js_threshold = mean[column, 1] + z * spread[column, 1]
         thresholds[name] = Thresholds(psi=max(float(psi_threshold), PSI_FLOOR), js=max(float(js_threshold), JS_FLOOR))
     return thresholds
 

@@ -51,3 +51,23 @@ def test_tensor_features_small_rows_per_value_large_rows_summarised():
     assert found["input.x.1"].tolist() == [2.0, 4.0]
     assert found["input.big.mean"].tolist() == [1.0, 1.0] and found["input.big.std"].tolist() == [0.0, 0.0]
     assert not any(name.startswith("input.s") for name in found)
+
+
+def test_features_do_not_depend_on_the_batch_a_row_came_in():
+    # The build computes the reference in batches, the device one request at a time: a row must get the same values.
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(64, 10)) * rng.uniform(0.1, 30, (64, 1))).astype(np.float32)
+    images = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    batched = F.output_features(logits) | F.image_features(images)
+    for row in range(64):
+        alone = F.output_features(logits[row:row + 1]) | F.image_features(images[row:row + 1])
+        assert all(alone[name][0] == batched[name][row] for name in batched)
+    exact = images.reshape(64, -1).astype(np.float64)
+    assert np.allclose(batched["input.contrast"], exact.std(axis=1), rtol=1e-12, atol=1e-9)
+    assert np.array_equal(batched["input.brightness"], exact.mean(axis=1))
+
+
+def test_output_features_with_an_impossible_class():
+    found = F.output_features(np.array([[0.0, 0.0, -np.inf]]))
+    assert found["output.top_probability"][0] == pytest.approx(0.5)
+    assert found["output.entropy"][0] == pytest.approx(np.log(2))
