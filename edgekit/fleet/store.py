@@ -3,8 +3,19 @@
 Storage is exactly-once by key: a window is stored under ``(device_id, sequence)``
 with ``INSERT … ON CONFLICT DO NOTHING`` (both dialects), in one transaction with
 its captured samples, so a device's at-least-once retries and two collectors
-racing on the same batch store each window once. The collector keeps no state
-of its own: any number of collector processes can share one database.
+racing on the same batch store each window once. A batch is one multi-row
+``INSERT … ON CONFLICT DO NOTHING RETURNING sequence`` (``RETURNING`` names the
+windows that were new, whose samples are then stored) and one commit. The
+collector keeps no state of its own: any number of collector processes can share
+one database.
+
+Durability: the ack tells the device to delete its only copy, so a batch is
+acknowledged only after its commit is on disk. PostgreSQL does that by default
+(``synchronous_commit=on``); SQLite runs in WAL mode with ``synchronous=FULL``,
+one fsync of the WAL per commit. ``NORMAL`` would skip that fsync and survive a
+crash of the collector, but not a power cut or a kernel crash after the ack:
+those windows would be gone from both sides. With batches the fsync is paid once
+per batch (~3.5 ms on the build VM, 35 µs per window at 100 windows a batch).
 
 Migrations, without Alembic. A table ``edgekit_schema_version`` holds one row
 with the schema's version; ``MIGRATIONS`` is a literal, ordered list of steps,
@@ -28,16 +39,26 @@ import hmac
 import json
 import re
 import secrets
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
+from operator import itemgetter
 from pathlib import Path
 
 import pydantic_core
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from device_agent.telemetry_schema import CapturedSample, DriftReference, UploadAck, UploadBatch, WindowSummary
+from device_agent.telemetry_schema import (
+    CapturedSample,
+    DriftReference,
+    UploadAck,
+    UploadBatch,
+    WindowSummary,
+)
 from edgekit.errors import EdgekitError
 
 DEFAULT_DB_URL = "sqlite:///edgekit-fleet.db"
@@ -46,6 +67,9 @@ DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # telemetry_sch
 TOKEN_PREFIX = "ekd_"
 # Any fixed 64-bit number: the advisory lock that serialises migrations on PostgreSQL.
 _PG_MIGRATION_LOCK = 0x6564_6765_666C_7431
+# Bound parameters per SQLite statement: at most 32,766 (since SQLite 3.32).
+_MAX_PARAMETERS = 30_000
+_READ_ONLY = "edgekit_read_only"  # an execution option: this transaction only reads (see _sqlite_on_begin)
 
 
 class FleetError(EdgekitError):
@@ -243,21 +267,56 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-un
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers (reports) do not block the collector
-    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; a power cut loses at most the last commits
+    cursor.execute("PRAGMA synchronous=FULL")  # each commit is on disk before the ack (see the module's docstring)
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # A reader (token checks, reports) reads a WAL snapshot and needs no lock; a writer takes the write lock up front.
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
 
-def _insert_ignoring_duplicates(conn: Connection, table: sa.Table, keys: list[str]):  # type: ignore[no-untyped-def]
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+@lru_cache(maxsize=128)
+def _insert_sql(dialect: sa.Dialect, table: sa.Table, keys: tuple[str, ...], rows: int, returning: str | None) -> str:
+    """``INSERT … ON CONFLICT (keys) DO NOTHING [RETURNING …]`` of ``rows`` rows (SQLite), or of one array per column (PostgreSQL)."""
+    quote = dialect.identifier_preparer.quote
+    head = f"INSERT INTO {dialect.identifier_preparer.format_table(table)} ({', '.join(quote(c.name) for c in table.columns)}) "
+    if dialect.name == "postgresql":
+        # unnest() zips the arrays back into rows: a short statement whatever the batch size, which psycopg parses once
+        # and prepares, where a VALUES list of 10,000 placeholders is re-parsed by psycopg on every call. Strings go as
+        # text[] so that the column's own varchar(n) still refuses what is too long (a cast to varchar(n)[] would cut).
+        arrays = ", ".join(f"%b::{'TEXT' if isinstance(c.type, sa.String) else c.type.compile(dialect=dialect)}[]"
+                           for c in table.columns)
+        body = f"SELECT * FROM unnest({arrays})"
     else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing(index_elements=keys)
+        body = "VALUES " + ", ".join(["(" + ", ".join("?" * len(table.columns)) + ")"] * rows)
+    sql = f"{head}{body} ON CONFLICT ({', '.join(map(quote, keys))}) DO NOTHING"
+    return sql + (f" RETURNING {quote(returning)}" if returning else "")
+
+
+def _insert_ignoring_duplicates(conn: Connection, table: sa.Table, keys: tuple[str, ...], rows: list[dict],
+                                returning: str | None = None) -> list:
+    """Insert ``rows`` with one ``INSERT … ON CONFLICT (keys) DO NOTHING``; the ``returning`` column of the rows that were new.
+
+    The statement is rendered from the table and the values go to the driver as they are (every value here is already
+    a str, int, float, bool or None): per batch, SQLAlchemy's processing of each parameter cost more than the
+    database's own work. SQLite gets a multi-row VALUES list, split only past its limit of bound parameters.
+    """
+    values = itemgetter(*(column.name for column in table.columns))
+    if conn.dialect.name == "postgresql":
+        arrays = tuple(map(list, zip(*map(values, rows))))  # one list per column
+        result = conn.exec_driver_sql(_insert_sql(conn.dialect, table, keys, 0, returning), arrays)
+        return list(result.scalars()) if returning else []
+    new = []
+    per_statement = _MAX_PARAMETERS // len(table.columns)
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start:start + per_statement]
+        result = conn.exec_driver_sql(_insert_sql(conn.dialect, table, keys, len(chunk), returning),
+                                      tuple(value for row in chunk for value in values(row)))
+        if returning:
+            new.extend(result.scalars())
+    return new
 
 
 # --------------------------------------------------------------------------- the store
@@ -280,6 +339,10 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # SQLite has one writer at a time. Ingests of this process queue on a lock, which wakes the next one as soon as
+        # a commit ends, rather than in SQLite's busy handler, which sleeps in steps of up to 100 ms. Other processes
+        # still meet the busy handler; PostgreSQL needs no lock (rows are locked by key).
+        self._ingest_lock = threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
 
     @classmethod
     def open(cls, db_url: str, *, migrate_schema: bool = True) -> Store:
@@ -295,6 +358,13 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """A read-only transaction: on SQLite it takes no write lock, so token checks do not queue behind ingests."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{_READ_ONLY: True})
+            yield conn
 
     # -- devices
 
@@ -325,7 +395,7 @@ class Store:
         hash leaks nothing useful. The final comparison is constant-time anyway.
         """
         digest = token_sha256(token)
-        with self.engine.begin() as conn:
+        with self._reading() as conn:
             row = conn.execute(sa.select(devices.c.id, devices.c.token_sha256).where(devices.c.token_sha256 == digest)).first()
         if row is None or not hmac.compare_digest(row.token_sha256, digest):
             return None
@@ -342,11 +412,11 @@ class Store:
             .select_from(devices.outerjoin(counts, counts.c.device_id == devices.c.id))
             .order_by(devices.c.id)
         )
-        with self.engine.begin() as conn:
+        with self._reading() as conn:
             return [DeviceRow(r.id, r.created_at, r.windows or 0, r.last_seen) for r in conn.execute(query)]
 
     def has_device(self, name: str) -> bool:
-        with self.engine.begin() as conn:
+        with self._reading() as conn:
             return conn.scalar(sa.select(devices.c.id).where(devices.c.id == name)) is not None
 
     def require_device(self, name: str) -> None:
@@ -366,14 +436,13 @@ class Store:
         for window in batch.windows:
             unique.setdefault(window.sequence, window)  # a sequence twice in one batch: the first copy wins, as across batches
         rows = [_window_row(batch.device_id, window, now) for window in unique.values()]
-        with self.engine.begin() as conn:
+        with self._ingest_lock, self.engine.begin() as conn:
             if batch.references:
-                conn.execute(
-                    _insert_ignoring_duplicates(conn, drift_references, ["sha256"]),
+                _insert_ignoring_duplicates(
+                    conn, drift_references, ("sha256",),
                     [{"sha256": sha, "document": _json(ref), "stored_at": now} for sha, ref in batch.references.items()],
                 )
-            statement = _insert_ignoring_duplicates(conn, windows, ["device_id", "sequence"]).returning(windows.c.sequence)
-            new = set(conn.execute(statement, rows).scalars())
+            new = set(_insert_ignoring_duplicates(conn, windows, ("device_id", "sequence"), rows, returning="sequence"))
             sample_rows = [
                 {
                     "device_id": batch.device_id,
@@ -387,7 +456,7 @@ class Store:
                 for position, sample in enumerate(window.samples)
             ]
             if sample_rows:
-                conn.execute(_insert_ignoring_duplicates(conn, samples, ["device_id", "sequence", "position"]), sample_rows)
+                _insert_ignoring_duplicates(conn, samples, ("device_id", "sequence", "position"), sample_rows)
         return UploadAck(stored=sorted(unique), duplicates=len(unique) - len(new))
 
     # -- queries
@@ -401,26 +470,26 @@ class Store:
             query = query.where(windows.c.ended_at >= since)
         if limit is not None:
             query = query.limit(limit)
-        with self.engine.begin() as conn:
+        with self._reading() as conn:
             return [StoredWindow.from_row(row) for row in conn.execute(query)]
 
     def count_windows(self, device: str | None = None) -> int:
         query = sa.select(sa.func.count()).select_from(windows)
         if device is not None:
             query = query.where(windows.c.device_id == device)
-        with self.engine.begin() as conn:
+        with self._reading() as conn:
             return int(conn.scalar(query) or 0)
 
     def references(self, digests: Iterable[str] | None = None) -> dict[str, DriftReference]:
         query = sa.select(drift_references.c.sha256, drift_references.c.document)
         if digests is not None:
             query = query.where(drift_references.c.sha256.in_(list(digests)))
-        with self.engine.begin() as conn:
+        with self._reading() as conn:
             return {row.sha256: DriftReference.model_validate_json(row.document) for row in conn.execute(query)}
 
     def fetch_samples(self, device: str) -> list[CapturedSample]:
         query = sa.select(samples.c.document).where(samples.c.device_id == device).order_by(samples.c.sequence, samples.c.position)
-        with self.engine.begin() as conn:
+        with self._reading() as conn:
             return [CapturedSample.model_validate_json(row.document) for row in conn.execute(query)]
 
 

@@ -32,7 +32,7 @@ def test_the_same_batch_twice_is_stored_once_and_both_acks_name_every_sequence(s
 
 def test_an_overlapping_batch_stores_only_the_new_windows_and_keeps_the_first_copy(store: Store):
     store.add_device("dev-1")
-    store.ingest(make_batch("dev-1", range(0, 5), requests=100))
+    store.ingest(make_batch("dev-1", range(5), requests=100))
     ack = store.ingest(make_batch("dev-1", range(3, 8), requests=999))
     assert ack.stored == [3, 4, 5, 6, 7] and ack.duplicates == 2
     stored = {w.sequence: w.requests for w in store.fetch_windows(device="dev-1")}
@@ -64,6 +64,15 @@ def test_windows_round_trip_every_field(store: Store):
     assert (stored.model_name, stored.model_version, stored.p95_ms, stored.received_at) == ("clf", "1.0.0", 5.0, 123.0)
     assert stored.histograms == {"f0": [1] * 21} and stored.scores["f0"]["psi"] == 0.5
     assert stored.drifting and stored.alert and stored.top_features == ["f0"]
+
+
+def test_windows_without_model_or_latency_store_nulls(store: Store):
+    """A column that is NULL in every row of a batch (PostgreSQL gets one typed array per column)."""
+    store.add_device("dev-1")
+    ack = store.ingest(make_batch("dev-1", range(3), model=None, latency={}))
+    assert ack.stored == [0, 1, 2] and ack.duplicates == 0
+    stored = store.fetch_windows()
+    assert {(w.model_name, w.model_version, w.reference_sha256, w.p50_ms, w.p99_ms) for w in stored} == {(None,) * 5}
 
 
 def test_devices_own_their_sequences(store: Store):
@@ -120,6 +129,50 @@ def test_concurrent_duplicate_ingests_store_each_window_once(db_url: str):
     assert sum(len(a.stored) - a.duplicates for a in acks) == 200, "each window is new to exactly one ingest"
     for s in stores:
         s.close()
+
+
+def test_a_batch_split_over_several_statements_is_still_stored_once(store: Store, monkeypatch: pytest.MonkeyPatch):
+    """With room for two windows per INSERT, a batch of seven spans four statements; RETURNING is summed over them."""
+    import edgekit.fleet.store as store_module
+
+    monkeypatch.setattr(store_module, "_MAX_PARAMETERS", 2 * len(store_module.windows.columns))
+    store.add_device("dev-1")
+    store.ingest(make_batch("dev-1", [1, 4]))
+    samples = [CapturedSample(captured_at=1.0, text=f"text {i}") for i in range(5)]
+    ack = store.ingest(make_batch("dev-1", range(7), samples=[s.model_dump() for s in samples]))
+    assert ack.stored == list(range(7)) and ack.duplicates == 2
+    assert [w.sequence for w in store.fetch_windows()] == list(range(7))
+    assert len(store.fetch_samples("dev-1")) == 5 * 5, "samples of the five new windows only, each once"
+
+
+def test_sqlite_commits_are_durable_before_the_ack(tmp_path):
+    """WAL with synchronous=FULL: the ack lets the device delete its copy, so a commit must survive a power cut."""
+    store = Store.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    store.close()
+
+
+def test_token_checks_do_not_wait_for_a_writer_on_sqlite(tmp_path):
+    """A reader takes no write lock: with another connection holding it, the token lookup still answers at once."""
+    import sqlite3
+
+    path = tmp_path / "fleet.db"
+    store = Store.open(f"sqlite:///{path}")
+    token = store.add_device("dev-1")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        answers: list[str | None] = []
+        reader = threading.Thread(target=lambda: answers.append(store.device_for_token(token)))
+        reader.start()
+        reader.join(timeout=10)  # a lock wait would last the 30 s busy timeout
+        assert answers == ["dev-1"]
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        store.close()
 
 
 def test_device_tokens_are_stored_hashed_and_name_their_device(store: Store):
