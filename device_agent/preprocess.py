@@ -30,11 +30,22 @@ class TextTokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
             raise UserError(f"{tokenizer_file} is not a tokenizers JSON file ({exc})") from None
         self.max_length = max_length
-        # The drift features count unknown tokens (device_agent.features.text_features).
-        self.unknown_id: int | None = self._tokenizer.token_to_id("[UNK]")
+        # The drift features count unknown tokens (device_agent.features.text_features). BERT vocabularies say [UNK] and
+        # [PAD], RoBERTa's <unk> and <pad>; the tokenizer file's own model and padding settings say which, where they do.
+        unknown = getattr(self._tokenizer.model, "unk_token", None)
+        self.unknown_id: int | None = self._first_known(unknown, "[UNK]", "<unk>")
         self._tokenizer.enable_truncation(max_length)
-        pad_id = self._tokenizer.token_to_id("[PAD]") or 0
-        self._tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]", length=max_length if pad_to_max_length else None)
+        padding = self._tokenizer.padding or {}
+        pad_token = next((t for t in (padding.get("pad_token"), "[PAD]", "<pad>") if t and self._tokenizer.token_to_id(t) is not None), None)
+        pad_id = self._tokenizer.token_to_id(pad_token) if pad_token else 0
+        self._tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token or "[PAD]", length=max_length if pad_to_max_length else None)
+
+    def _first_known(self, *tokens: str | None) -> int | None:
+        """The id of the first of ``tokens`` the vocabulary has."""
+        for token in tokens:
+            if token and (found := self._tokenizer.token_to_id(token)) is not None:
+                return found
+        return None
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         encodings = self._tokenizer.encode_batch(list(texts))

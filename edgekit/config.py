@@ -106,7 +106,7 @@ class TrainSection(_Strict):
 
 
 class HeadSection(_Strict):
-    """Fit the classification head (pooler + classifier) on the frozen encoder until fine-tuning lands."""
+    """Fit the classification head (pooler + classifier) on the frozen encoder: the untuned baseline, and fine-tuning's start."""
 
     enabled: bool = True
     epochs: int = Field(60, ge=1)

