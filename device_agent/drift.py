@@ -233,7 +233,9 @@ class DriftMonitor:
         self.model = model
         self.window_size = settings.window_size or (reference.window_size if reference else 500)
         self.window_seconds = settings.window_seconds
-        self.min_window_size = settings.min_window_size or (reference.min_window_size if reference else 100)
+        # A window_size below the reference's minimum would leave every full window unjudged: the smaller size wins
+        # (thresholds widen for small windows in score_histograms).
+        self.min_window_size = min(settings.min_window_size or (reference.min_window_size if reference else 100), self.window_size)
         self.consecutive_for_alert = settings.consecutive_for_alert or (reference.consecutive_for_alert if reference else 2)
         self.capture = settings.capture
         self._clock = clock

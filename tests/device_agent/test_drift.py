@@ -116,6 +116,14 @@ def test_windows_close_by_count_and_are_valid_summaries():
         assert summary.latency.p50_ms == pytest.approx(2.0)
 
 
+def test_a_window_size_below_the_references_minimum_is_still_judged():
+    rng = np.random.default_rng(2)
+    monitor = DriftMonitor(_reference(min_window_size=20), None, MonitorSettings(window_size=10), clock=FakeClock())
+    windows = _feed(monitor, *_normal(rng, 30))
+    assert [w["requests"] for w in windows] == [10, 10, 10]
+    assert all(w["scores"] for w in windows), "full windows of the configured size are judged"
+
+
 def test_windows_close_by_time_and_small_ones_are_not_judged():
     clock = FakeClock()
     rng = np.random.default_rng(2)
