@@ -19,7 +19,10 @@ request), so several collectors can serve one database behind a load balancer.
 
 from __future__ import annotations
 
+import gc
 import hmac
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated
 
 import sqlalchemy as sa
@@ -32,7 +35,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from device_agent.errors import UserError
-from device_agent.telemetry_schema import DeviceId, UploadAck, UploadBatch, reference_sha256
+from device_agent.telemetry_schema import (
+    DeviceId,
+    UploadAck,
+    UploadBatch,
+    reference_sha256,
+)
 from edgekit.fleet.store import Store
 
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
@@ -119,12 +127,44 @@ def _operator(request: Request, credentials: Credentials) -> None:
         raise HTTPException(401, "wrong operator token", _UNAUTHORIZED)
 
 
+# Young-generation threshold: a 500-window batch is ~45,000 container objects (models, their dicts, the histogram
+# lists), alive until it is stored. At Python's default of 700 they went through ~60 young collections per batch and
+# set off full ones; at 50,000 a batch costs about one. Older generations: collected 20x less often than they fill.
+_GC_THRESHOLDS = (50_000, 20, 20)
+
+
+@contextmanager
+def gc_tuned_for_ingest() -> Iterator[None]:
+    """Garbage collection tuned for ingest while the collector serves (the app's lifespan); restored afterwards.
+
+    The objects made at start-up (FastAPI, SQLAlchemy, the pydantic schemas: ~90,000) will never be garbage, yet every
+    full collection walked them; they are frozen out of it. With the thresholds above, the collector's CPU per window
+    went from ~200 to ~150 µs in bench/collector_bench.py; its validation alone, in-process, from ~137 to ~70 µs.
+    """
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    with gc_tuned_for_ingest():
+        yield
+
+
 def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
     """The collector over ``store``; ``operator_token`` turns the query API on."""
     app = FastAPI(
         title="edgekit fleet collector",
         version="1",
         description="Telemetry ingest for edgekit device agents, and a query API for operators.",
+        lifespan=_lifespan,
     )
     app.state.store = store
     app.state.operator_token = operator_token.encode("utf-8") if operator_token else None

@@ -9,7 +9,13 @@ import pytest
 
 from device_agent.telemetry_schema import UploadAck, reference_sha256
 from edgekit.fleet.store import Store
-from tests.fleet.conftest import collector_in_thread, collector_process, make_batch, make_reference, post
+from tests.fleet.conftest import (
+    collector_in_thread,
+    collector_process,
+    make_batch,
+    make_reference,
+    post,
+)
 
 OPERATOR = "operator-token-0123456789abcdef"
 
@@ -148,6 +154,24 @@ def test_fleet_serve_refuses_an_unreachable_database_without_a_traceback():
     import sys
 
     result = subprocess.run([sys.executable, "-m", "edgekit", "fleet", "serve", "--db", "postgresql://nobody@127.0.0.1:1/x"],
-                            capture_output=True, text=True, timeout=60)
+                            check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot open the fleet database") and "Traceback" not in result.stderr
+
+
+def test_the_collector_tunes_garbage_collection_while_it_serves_and_restores_it(tmp_path):
+    """Start-up objects frozen out of full collections and a large young generation, only while the app runs."""
+    import gc
+
+    from edgekit.fleet.collector import _GC_THRESHOLDS
+
+    before = gc.get_threshold()
+    store = Store.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+    try:
+        with collector_in_thread(store) as url:
+            assert gc.get_threshold() == _GC_THRESHOLDS and gc.get_freeze_count() > 0
+            token = store.add_device("dev-1")
+            assert post(url, token, make_batch("dev-1", range(3))).status_code == 200
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    finally:
+        store.close()
