@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from device_agent.protocol import HEADER_LENGTH
 from tests.support.agent import ADMIN_TOKEN, MODEL, LiveAgent, live_agent
 from tests.support.bundles import LABELS, build_corpus
+from tests.support.network import free_port
 
 
 @pytest.fixture(scope="module")
@@ -535,12 +535,6 @@ def _agent_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(_agent_command(*args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_serve_and_status_from_the_command_line(tmp_path: Path, signing_key, keyring_dir: Path):
     from tests.support.bundles import write_tiny_bundle
 
@@ -549,7 +543,7 @@ def test_serve_and_status_from_the_command_line(tmp_path: Path, signing_key, key
     token.chmod(0o600)
     config = tmp_path / "agent.yaml"
     config.write_text(f"state_dir: state\nkeyring_dir: {keyring_dir}\nadmin_token_file: admin.token\nport: 1\n")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         _agent_command("serve", "--config", str(config), "--port", str(port)), cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True
     )
@@ -586,6 +580,6 @@ def test_serve_and_status_from_the_command_line(tmp_path: Path, signing_key, key
 
 
 def test_status_names_an_unreachable_agent():
-    result = _agent_cli("status", "--url", f"http://127.0.0.1:{_free_port()}")
+    result = _agent_cli("status", "--url", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 2
     assert "cannot reach the agent" in result.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +14,7 @@ import pytest
 
 from device_agent.telemetry import Outbox, Uploader
 from device_agent.telemetry_schema import DriftReference, FeatureReference, ModelRef, Thresholds, UploadBatch
+from tests.support.network import free_port
 
 DEVICE = "jetson-01"
 TOKEN = "device-token-0123456789"
@@ -120,12 +120,6 @@ class Collector:
         return [w["sequence"] for batch in self.batches for w in batch["windows"]]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _wait(condition, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -163,7 +157,7 @@ def test_uploader_deletes_only_acknowledged_rows_and_sends_references(tmp_path):
 
 
 def test_uploader_retries_through_refused_connections_timeouts_and_5xx(tmp_path):
-    port = _free_port()
+    port = free_port()
     outbox = Outbox(tmp_path / "outbox.sqlite", DEVICE)
     for _ in range(4):
         outbox.append(_window())
@@ -219,7 +213,7 @@ def _reference_for_tiny_classifier(model_path: Path) -> DriftReference:
 
 def test_agent_sends_windows_and_exposes_drift_metrics(tmp_path):
     from device_agent.bundle import write_bundle
-    from device_agent.keys import generate_keypair, load_private_key
+    from device_agent.keys import load_private_key
     from tests.support.agent import live_agent
     from tests.support.bundles import tiny_manifest, tiny_payload
 

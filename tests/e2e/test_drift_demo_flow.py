@@ -26,9 +26,10 @@ from typer.testing import CliRunner
 from edgekit.cli import app
 from edgekit.config import BuildConfig
 from edgekit.tasks.text_classification import load_task_data
-from tests.fleet.conftest import collector_process, free_port
+from tests.fleet.conftest import collector_process
 from tests.support.agent import ADMIN_TOKEN
 from tests.support.builds import relaxed_target, tiny_text_build_config
+from tests.support.network import free_port
 
 runner = CliRunner()
 DEVICE = "jetson-demo-01"

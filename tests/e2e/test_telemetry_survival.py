@@ -24,14 +24,9 @@ import pytest
 from device_agent.keys import generate_keypair, load_private_key
 from tests.support.agent import ADMIN_TOKEN
 from tests.support.bundles import write_tiny_bundle
+from tests.support.network import free_port
 
 DEVICE = "survivor-01"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait(condition, timeout: float, what: str) -> None:
@@ -47,7 +42,7 @@ class ChaosProxy:
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.port = _free_port()
+        self.port = free_port()
         self.mode = "forward"
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
@@ -122,7 +117,7 @@ class Collector:
     def __init__(self, workdir: Path) -> None:
         self.db = workdir / "fleet.sqlite"
         self.url_db = f"sqlite:///{self.db}"
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.token_file = workdir / "device.token"
         subprocess.run([sys.executable, "-m", "edgekit", "fleet", "devices", "add", DEVICE, "--db", self.url_db,
@@ -174,7 +169,7 @@ class Agent:
         self.sent = 0
 
     def start(self) -> None:
-        port = _free_port()
+        port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from device_agent.cli import main; main()", "serve", "--config", str(self.config), "--port", str(port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

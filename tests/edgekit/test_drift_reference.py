@@ -115,7 +115,7 @@ def test_package_pass_writes_the_reference_into_the_signed_manifest(tmp_path):
     from edgekit.targets import load_target
     from tests.support.tiny_bert import minilm_tokenizer_file
 
-    model = _text_model(tmp_path / "model.onnx")
+    _text_model(tmp_path / "model.onnx")
     task = TaskSpec(kind="text-classification", labels=LABELS, max_length=32, tokenizer_file=minilm_tokenizer_file(),
                     input_names=("input_ids", "attention_mask"))
     split = _split(_texts(400, 4))

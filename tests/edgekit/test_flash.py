@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 
 from typer.testing import CliRunner
 
 from edgekit.cli import app
 from tests.support.bundles import write_tiny_bundle
+from tests.support.network import free_port
 
 runner = CliRunner()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_dead_device_is_named_with_the_fix(tmp_path, signing_key):
@@ -23,7 +17,7 @@ def test_dead_device_is_named_with_the_fix(tmp_path, signing_key):
     write_tiny_bundle(bundle, signing_key)
     token = tmp_path / "token"
     token.write_text("secret\n")
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     result = runner.invoke(app, ["flash", str(bundle), "--device", url, "--token-file", str(token)])
     assert result.exit_code == 2
     assert f"cannot reach {url}" in result.stderr and "edgekit-agent serve" in result.stderr
@@ -36,8 +30,8 @@ def test_fleet_flash_reports_every_device_and_fails_if_any_failed(tmp_path, sign
     devices = tmp_path / "devices.yaml"
     devices.write_text(
         "devices:\n"
-        f"  - {{name: a, url: 'http://127.0.0.1:{_free_port()}', token_file: token}}\n"
-        f"  - {{name: b, url: 'http://127.0.0.1:{_free_port()}', token_file: missing-token}}\n"
+        f"  - {{name: a, url: 'http://127.0.0.1:{free_port()}', token_file: token}}\n"
+        f"  - {{name: b, url: 'http://127.0.0.1:{free_port()}', token_file: missing-token}}\n"
     )
     result = runner.invoke(app, ["flash", str(bundle), "--devices", str(devices)])
     assert result.exit_code == 1

@@ -29,6 +29,7 @@ from device_agent.telemetry_schema import (
     WindowSummary,
     reference_sha256,
 )
+from tests.support.network import free_port
 
 PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
 PG_USERS = ("postgres", os.environ.get("USER") or "root", "root")
@@ -128,12 +129,6 @@ def make_batch(device: str, sequences, reference: DriftReference | None = None, 
 
 
 # --------------------------------------------------------------------------- collectors
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

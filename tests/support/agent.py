@@ -18,6 +18,7 @@ from device_agent.keys import Keyring, generate_keypair, load_private_key
 from device_agent.repository import Repository
 from device_agent.server import create_app
 from tests.support.bundles import write_tiny_bundle
+from tests.support.network import free_port
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 MODEL = "tiny-classifier"
@@ -130,9 +131,7 @@ class AgentProcess:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
     def start(self, timeout: float = 60) -> "AgentProcess":
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         command = [self._python, "-c", "from device_agent.cli import main; main()", "serve", "--config", str(self.config), "--port", str(port)]
         self.process = self._subprocess.Popen(command, stdout=self._subprocess.DEVNULL, stderr=self._subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
