@@ -29,6 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 FeatureName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+# Counts are stored as 64-bit integers (SQLite INTEGER, PostgreSQL bigint): larger ones are refused here, with a 422.
+COUNT_MAX = 2**62
+# Names stored in database text columns: no control characters (PostgreSQL text cannot hold NUL at all).
+_NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
 MAX_WINDOWS_PER_BATCH = 1000
 
 
@@ -75,15 +79,15 @@ class DriftReference(_Strict):
     format: Literal[1] = 1
     task: str
     features: dict[FeatureName, FeatureReference]
-    reference_rows: int = Field(ge=1)
+    reference_rows: int = Field(ge=1, le=COUNT_MAX)
     window_size: int = Field(500, ge=1, description="the window size the thresholds were calibrated for")
     min_window_size: int = Field(100, ge=1, description="smaller windows are reported but never judged")
     consecutive_for_alert: int = Field(2, ge=1, description="drifting windows in a row before an alert")
 
 
 class ModelRef(_Strict):
-    name: str = Field(max_length=128)
-    version: str = Field(max_length=32)
+    name: str = Field(max_length=128, pattern=_NO_CONTROL_CHARACTERS)
+    version: str = Field(max_length=32, pattern=_NO_CONTROL_CHARACTERS)
 
 
 class Latency(_Strict):
@@ -109,7 +113,8 @@ class CapturedSample(_Strict):
     captured_at: float = Field(ge=0)
     text: str | None = Field(None, max_length=100_000)
     image: CapturedImage | None = None
-    predicted: str | None = Field(None, description="the model's label for it (a pseudo-label: review before training)")
+    predicted: str | None = Field(None, max_length=256, pattern=_NO_CONTROL_CHARACTERS,
+                                  description="the model's label for it (a pseudo-label: review before training)")
 
     @model_validator(mode="after")
     def _one_input(self) -> "CapturedSample":
@@ -119,20 +124,20 @@ class CapturedSample(_Strict):
 
 
 class WindowSummary(_Strict):
-    sequence: int = Field(ge=0, le=2**62)
+    sequence: int = Field(ge=0, le=COUNT_MAX)
     started_at: float = Field(ge=0, description="unix seconds")
     ended_at: float = Field(ge=0, description="unix seconds")
     model: ModelRef | None = Field(None, description="None while no model is active")
     reference_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="sha256 of the canonical JSON of the DriftReference")
-    requests: int = Field(ge=0)
-    errors: int = Field(ge=0)
+    requests: int = Field(ge=0, le=COUNT_MAX)
+    errors: int = Field(ge=0, le=COUNT_MAX)
     latency: Latency = Latency()
-    histograms: dict[FeatureName, list[Annotated[int, Field(ge=0)]]] = Field(default_factory=dict)
+    histograms: dict[FeatureName, list[Annotated[int, Field(ge=0, le=COUNT_MAX)]]] = Field(default_factory=dict)
     scores: dict[FeatureName, FeatureScore] = Field(default_factory=dict, description="empty when the window was too small to judge")
     drifting: bool = False
     alert: bool = Field(False, description="this window completes k consecutive drifting windows (or continues such a run)")
     top_features: list[FeatureName] = Field(default_factory=list, max_length=10)
-    evicted_total: int = Field(0, ge=0, description="outbox rows this device has evicted unsent, since it was installed")
+    evicted_total: int = Field(0, ge=0, le=COUNT_MAX, description="outbox rows this device has evicted unsent, since it was installed")
     samples: list[CapturedSample] = Field(default_factory=list, max_length=1000, description="only when capture is enabled")
 
 

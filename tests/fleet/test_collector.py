@@ -70,6 +70,11 @@ def test_a_device_cannot_write_another_devices_records(store: Store, collector: 
         (lambda b: b["windows"][0].update(surprise=1), "windows.0.surprise: Extra inputs are not permitted"),
         (lambda b: b.pop("device_id"), "device_id: Field required"),
         (lambda b: b["windows"][0].update(histograms={"f0": [-1]}), "windows.0.histograms.f0.0"),
+        # Found by schemathesis: a count past 64 bits reached the database (OverflowError / bigint out of range: 500).
+        (lambda b: b["windows"][0].update(evicted_total=62587447670298254508032), "windows.0.evicted_total"),
+        (lambda b: b["windows"][0].update(requests=2**63), "windows.0.requests"),
+        # Also found by schemathesis: PostgreSQL text cannot hold NUL (CharacterNotInRepertoire: 500).
+        (lambda b: b["windows"][0].update(model={"name": "clf\u0000", "version": "1.0.0"}), "windows.0.model.name"),
     ],
 )
 def test_a_body_that_breaks_the_contract_gets_422_naming_the_field(store: Store, collector: str, mutate, expected: str):
