@@ -103,3 +103,6 @@ class Pass(Generic[OptionsT]):
     options_for: Callable[["BuildConfig", "TargetProfile | None"], OptionsT]
     run: Callable[[Artifact, OptionsT, PassContext], Artifact]
     signs: bool = False  # the signing key is part of the cache key
+    # Its output includes measurements of this host at run time (latency): a cached result whose gates failed is not
+    # replayed but measured again, so a build that failed on a busy machine can pass by being rerun.
+    remeasures_failures: bool = False

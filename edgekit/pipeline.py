@@ -147,6 +147,16 @@ def cached(cache_dir: Path, planned: PlannedPass) -> Artifact | None:
     return _decode(json.loads(manifest.read_text()), entry) if manifest.is_file() else None
 
 
+def _evict(entry: Path) -> None:
+    """Remove a cache entry: renamed away first (one atomic step for a concurrent build), then deleted."""
+    doomed = entry.parent / f".evicted-{entry.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(entry, doomed)
+    except FileNotFoundError:  # another build evicted it first
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _link(link: Path, target: Path) -> None:
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
@@ -214,6 +224,10 @@ class Build:
         entry = self.cache_dir / pass_.name / planned.key
         started = time.perf_counter()
         hit = cached(self.cache_dir, planned)
+        if hit is not None and pass_.remeasures_failures and not all(g["passed"] for g in hit.metrics.get("gates", [])):
+            self.say(f"{pass_.name}: the cached result failed its gates; measuring again on this host")
+            _evict(entry)
+            hit = None
         was_cached = hit is not None
         if hit is None:
             work = entry.parent / f".tmp-{planned.key}-{uuid.uuid4().hex[:8]}"

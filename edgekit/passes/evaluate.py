@@ -142,4 +142,5 @@ PASS = Pass(
     libraries=("onnxruntime",),
     options_for=options_for,
     run=run,
+    remeasures_failures=True,
 )

@@ -128,6 +128,13 @@ def test_a_broken_budget_fails_the_build_without_a_bundle(built):
     assert not list((root / "out-strict" / strict_name).glob("*.ekb"))
     assert (root / "out-strict" / strict_name / "passes" / "04-quantize" / "model.onnx").is_file(), "the best model is kept"
 
+    # Rerun: every pass up to evaluate comes from the cache, but a failed verdict is measured again, not replayed.
+    again = _build(strict_config, root / "out-strict", root / "cache", "--json")
+    assert again.exit_code == 1
+    (rerun,) = json.loads(again.stdout)
+    cached = {p["name"]: p["cached"] for p in rerun["passes"]}
+    assert cached == {"load": True, "export": True, "optimize": True, "quantize": True, "compile": True, "evaluate": False}
+
 
 @pytest.mark.slow
 def test_the_device_serves_the_text_bundle_with_bytes_input(built, tmp_path):
