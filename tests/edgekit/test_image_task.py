@@ -259,19 +259,19 @@ def test_a_batch_too_large_for_memory_is_refused_before_training(tmp_path):
 TOY_BUDGETS = {"max_accuracy_drop_points": 25.0, "min_top1_agreement": 0.7}
 
 
-@pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory):
-    root = tmp_path_factory.mktemp("image-build")
+def _build_tiny_cnn(root: Path, targets: tuple[str, ...], **sections: dict) -> Path:
+    """Build the small CNN (widths 8, 16) on the 3-pattern image folder under ``root``, with ``sections`` added to the
+    config; ``root/keyring`` trusts the build's development key."""
     make_image_folder(root / "images")
     config = {
         "model": {"source": "builtin:small-cnn", "name": "tiny-cnn", "widths": [8, 16]},
         "task": {"kind": "image-classification", "image": {"size": [12, 12], "channel_order": "L"}},
         "data": {"path": "images"},
         "train": {"epochs": 12, "batch_size": 16, "learning_rate": 0.01, "augment": "none"},
-        "finetune": {"enabled": True, "method": "full", "epochs": 1, "batch_size": 16, "learning_rate": 0.001},
         "quantization": {"time_limit_s": 10},
         "evaluation": {"latency_iterations": 5, "throughput_seconds": 0.1},
-        "targets": [str(relaxed_target(root, "x86-64-cpu", **TOY_BUDGETS)), str(relaxed_target(root, "jetson-orin-nano-8gb", **TOY_BUDGETS))],
+        "targets": [str(relaxed_target(root, name, **TOY_BUDGETS)) for name in targets],
+        **sections,
     }
     (root / "build.yaml").write_text(yaml.safe_dump(config))
     result = runner.invoke(app, ["build", str(root / "build.yaml"), "--out", str(root / "out"), "--cache-dir", str(root / "cache")])
@@ -280,6 +280,12 @@ def tiny_build(tmp_path_factory):
     keyring.mkdir()
     shutil.copy(root / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    return _build_tiny_cnn(tmp_path_factory.mktemp("image-build"), ("x86-64-cpu", "jetson-orin-nano-8gb"),
+                           finetune={"enabled": True, "method": "full", "epochs": 1, "batch_size": 16, "learning_rate": 0.001})
 
 
 def test_tiny_image_build_trains_exports_faithfully_and_quantizes_static_qdq(tiny_build):
@@ -390,30 +396,14 @@ def test_a_pruned_image_build_removes_conv_channels_and_still_bundles(tmp_path):
     from device_agent.bundle import open_bundle
     from device_agent.keys import Keyring
 
-    make_image_folder(tmp_path / "images")
-    config = {
-        "model": {"source": "builtin:small-cnn", "name": "tiny-cnn", "widths": [8, 16]},
-        "task": {"kind": "image-classification", "image": {"size": [12, 12], "channel_order": "L"}},
-        "data": {"path": "images"},
-        "train": {"epochs": 12, "batch_size": 16, "learning_rate": 0.01, "augment": "none"},
-        "prune": {"enabled": True, "ratio": 0.5, "recovery_steps": 20, "recovery_batch_size": 16},
-        "quantization": {"time_limit_s": 10},
-        "evaluation": {"latency_iterations": 5, "throughput_seconds": 0.1},
-        "targets": [str(relaxed_target(tmp_path, "x86-64-cpu", **TOY_BUDGETS))],
-    }
-    (tmp_path / "build.yaml").write_text(yaml.safe_dump(config))
-    result = runner.invoke(app, ["build", str(tmp_path / "build.yaml"), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
-    assert result.exit_code == 0, result.output
+    _build_tiny_cnn(tmp_path, ("x86-64-cpu",), prune={"enabled": True, "ratio": 0.5, "recovery_steps": 20, "recovery_batch_size": 16})
     report = json.loads((tmp_path / "out" / "x86-64-cpu-test" / "report.json").read_text())
     assert [p["name"] for p in report["passes"]][:3] == ["load", "prune", "export"]
     pruned = report["metrics"]["prune"]
     assert (pruned["channels_before"], pruned["channels_after"]) == ([8, 16], [4, 8])
     assert pruned["parameters"]["after"] < pruned["parameters"]["before"] / 2
     assert report["metrics"]["export"]["parity_max_abs_error"] < 1e-4, "the rebuilt narrower CNN exports faithfully"
-    keyring = tmp_path / "keyring"
-    keyring.mkdir()
-    shutil.copy(tmp_path / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
-    with open_bundle(tmp_path / "out" / "x86-64-cpu-test" / "tiny-cnn-1.0.0.ekb", Keyring.load(keyring)) as opened:
+    with open_bundle(tmp_path / "out" / "x86-64-cpu-test" / "tiny-cnn-1.0.0.ekb", Keyring.load(tmp_path / "keyring")) as opened:
         graph = onnx.load(str(opened.path("model.onnx"))).graph
         weights = {init.name: init for init in graph.initializer}
         first_conv = next(node for node in graph.node if node.op_type == "Conv")
