@@ -19,6 +19,7 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, NonNegativeInt, ValidationError
@@ -260,6 +261,25 @@ def _bytes_from_json(tensor: RequestInput, data: list, count: int) -> np.ndarray
     return array.reshape(tensor.shape)
 
 
+# How the errors of _claim_tensor word each kind: what the model does with it, what the request did twice.
+_CLAIM_VERBS = {"input": ("takes", "given"), "output": ("gives", "requested")}
+
+
+def _claim_tensor(kind: Literal["input", "output"], name: str, specs: dict[str, TensorSpec], seen: set[str]) -> TensorSpec:
+    """The manifest's spec of the request's ``kind`` tensor ``name``, which is added to ``seen``.
+
+    Raises ProtocolError for a name the model does not have, and for one the request already named.
+    """
+    model_verb, request_verb = _CLAIM_VERBS[kind]
+    spec = specs.get(name)
+    if spec is None:
+        raise ProtocolError(f"unknown {kind} {name!r}; the model {model_verb} {sorted(specs)}")
+    if name in seen:
+        raise ProtocolError(f"{kind} {name!r} is {request_verb} twice")
+    seen.add(name)
+    return spec
+
+
 def decode_inputs(request: InferRequest, binary: bytes, manifest: Manifest) -> dict[str, np.ndarray]:
     """The request's tensors as numpy arrays of the manifest's datatypes, each checked against the manifest."""
     specs = {spec.name: spec for spec in manifest.inputs}
@@ -267,12 +287,7 @@ def decode_inputs(request: InferRequest, binary: bytes, manifest: Manifest) -> d
     bound: dict[str, tuple[int, str]] = {}
     feeds, offset = {}, 0
     for tensor in request.inputs:
-        spec = specs.get(tensor.name)
-        if spec is None:
-            raise ProtocolError(f"unknown input {tensor.name!r}; the model takes {sorted(specs)}")
-        if tensor.name in seen:
-            raise ProtocolError(f"input {tensor.name!r} is given twice")
-        seen.add(tensor.name)
+        spec = _claim_tensor("input", tensor.name, specs, seen)
         if tensor.datatype != spec.datatype:
             raise ProtocolError(f"input {tensor.name!r} is {tensor.datatype}; the model takes {spec.datatype}")
         _check_shape(tensor, spec, bound)
@@ -320,12 +335,7 @@ def choose_outputs(request: InferRequest, manifest: Manifest) -> list[OutputChoi
         return [OutputChoice(spec.name, binary_default) for spec in manifest.outputs]
     choices, seen = [], set()
     for wanted in request.outputs:
-        spec = specs.get(wanted.name)
-        if spec is None:
-            raise ProtocolError(f"unknown output {wanted.name!r}; the model gives {sorted(specs)}")
-        if wanted.name in seen:
-            raise ProtocolError(f"output {wanted.name!r} is requested twice")
-        seen.add(wanted.name)
+        spec = _claim_tensor("output", wanted.name, specs, seen)
         where = f"output {wanted.name!r}"
         if "shared_memory_region" in (wanted.parameters or {}):
             raise ProtocolError(f"{where}: shared memory is not supported by this agent")

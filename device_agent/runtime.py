@@ -47,15 +47,10 @@ class RuntimeOptions:
     allow_spinning: bool = False
 
 
-@dataclass
-class ModelSession:
-    """One loaded model: ``run`` takes and returns numpy arrays by tensor name."""
+class ManifestTensors:
+    """The ``inputs`` and ``outputs`` of a loaded model (ModelSession, TensorRTSession): those its ``manifest`` declares."""
 
     manifest: Manifest
-    model_path: Path
-    providers: list[str]
-    skipped_providers: dict[str, str] = field(default_factory=dict)
-    _session: object = None
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -64,6 +59,17 @@ class ModelSession:
     @property
     def outputs(self) -> list[TensorSpec]:
         return self.manifest.outputs
+
+
+@dataclass
+class ModelSession(ManifestTensors):
+    """One loaded model: ``run`` takes and returns numpy arrays by tensor name."""
+
+    manifest: Manifest
+    model_path: Path
+    providers: list[str]
+    skipped_providers: dict[str, str] = field(default_factory=dict)
+    _session: object = None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [spec.name for spec in self.manifest.outputs]

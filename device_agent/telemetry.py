@@ -29,8 +29,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,18 @@ class Outbox:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """The block under the lock in one write transaction (BEGIN IMMEDIATE): committed at its end, rolled back if it raises."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def _counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE device_id = ? AND name = ?", (self.device_id, name)).fetchone()
         return row[0] if row else 0
@@ -108,32 +121,26 @@ class Outbox:
 
     def append(self, fields: dict, reference: DriftReference | None = None) -> WindowSummary:
         """Give the window its sequence and ``evicted_total``, make room, and commit it; returns what was stored."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                sequence = self._next_sequence()
-                evicted = self._counter("evicted_total")
-                summary = WindowSummary(**fields, sequence=sequence, evicted_total=evicted)
+        with self._transaction():
+            sequence = self._next_sequence()
+            evicted = self._counter("evicted_total")
+            summary = WindowSummary(**fields, sequence=sequence, evicted_total=evicted)
+            body = summary.model_dump_json()
+            evicted += self._make_room(len(body))
+            if evicted != summary.evicted_total:
+                summary = summary.model_copy(update={"evicted_total": evicted})
                 body = summary.model_dump_json()
-                evicted += self._make_room(len(body))
-                if evicted != summary.evicted_total:
-                    summary = summary.model_copy(update={"evicted_total": evicted})
-                    body = summary.model_dump_json()
+            self._db.execute(
+                "INSERT INTO windows (device_id, sequence, body, size, reference_sha256) VALUES (?, ?, ?, ?, ?)",
+                (self.device_id, sequence, body, len(body), summary.reference_sha256),
+            )
+            if reference is not None and summary.reference_sha256 is not None:
                 self._db.execute(
-                    "INSERT INTO windows (device_id, sequence, body, size, reference_sha256) VALUES (?, ?, ?, ?, ?)",
-                    (self.device_id, sequence, body, len(body), summary.reference_sha256),
+                    "INSERT OR IGNORE INTO drift_references (sha256, body) VALUES (?, ?)",
+                    (summary.reference_sha256, reference.model_dump_json()),
                 )
-                if reference is not None and summary.reference_sha256 is not None:
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO drift_references (sha256, body) VALUES (?, ?)",
-                        (summary.reference_sha256, reference.model_dump_json()),
-                    )
-                self._set_counter("next_sequence", sequence + 1)
-                self._set_counter("evicted_total", evicted)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            self._set_counter("next_sequence", sequence + 1)
+            self._set_counter("evicted_total", evicted)
         return summary
 
     def _next_sequence(self) -> int:
@@ -191,20 +198,14 @@ class Outbox:
         wanted = [(self.device_id, int(s)) for s in set(sequences)]
         if not wanted:
             return 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                before = self._db.total_changes
-                self._db.executemany("DELETE FROM windows WHERE device_id = ? AND sequence = ?", wanted)
-                deleted = self._db.total_changes - before
-                self._db.execute(
-                    "DELETE FROM drift_references WHERE sha256 NOT IN "
-                    "(SELECT DISTINCT reference_sha256 FROM windows WHERE reference_sha256 IS NOT NULL)"
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            before = self._db.total_changes
+            self._db.executemany("DELETE FROM windows WHERE device_id = ? AND sequence = ?", wanted)
+            deleted = self._db.total_changes - before
+            self._db.execute(
+                "DELETE FROM drift_references WHERE sha256 NOT IN "
+                "(SELECT DISTINCT reference_sha256 FROM windows WHERE reference_sha256 IS NOT NULL)"
+            )
         return deleted
 
     def stats(self) -> OutboxStats:

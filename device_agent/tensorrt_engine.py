@@ -37,10 +37,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from device_agent.bundle import Manifest, TensorSpec
+from device_agent.bundle import Manifest
 from device_agent.errors import UserError
 from device_agent.files import write_atomically
-from device_agent.runtime import NUMPY_DTYPES, ModelLoadError
+from device_agent.runtime import NUMPY_DTYPES, ManifestTensors, ModelLoadError
 
 log = logging.getLogger("edgekit.agent.tensorrt")
 
@@ -377,7 +377,7 @@ def build_or_load_engine(onnx_path: Path, options: EngineBuildOptions, cache_dir
 # --------------------------------------------------------------------------- running
 
 
-class TensorRTSession:
+class TensorRTSession(ManifestTensors):
     """One deserialized engine with the interface of ``runtime.ModelSession``: ``run`` maps numpy arrays by name.
 
     Runs are serialised by a lock (an execution context is not thread-safe).
@@ -415,14 +415,6 @@ class TensorRTSession:
         if self._context is None:
             raise EngineBuildError(f"TensorRT could not create an execution context for {engine_path.name}{_recent_errors()}")
         self._stream = _cuda_check(cudart, cudart.cudaStreamCreate())
-
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self.manifest.inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self.manifest.outputs
 
     def _device_buffer(self, name: str, nbytes: int) -> int:
         pointer, capacity = self._buffers.get(name, (0, 0))

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from edgekit.cli.output import console, print_json
+
+if TYPE_CHECKING:  # imported in the functions at run time, so that --help stays instant
+    from rich.progress import Progress
+
+    from edgekit.config import BuildConfig
+    from edgekit.pipeline import Build
 
 
 def default_cache_dir() -> Path:
@@ -18,7 +25,10 @@ def build(
     config_file: Path | None = typer.Argument(None, help="Build config YAML; omit it to build the embedded demo.", metavar="[CONFIG.yaml]"),
     model: str | None = typer.Option(None, "--model", help="Model source: a Hugging Face folder, a .onnx file, or embedded:all-minilm-l6-v2."),
     task: str | None = typer.Option(None, "--task", help="Task kind (text-classification, image-classification); must match the config."),
-    data: Path | None = typer.Option(None, "--data", help="Labelled JSONL (text, label, split columns)."),
+    data: Path | None = typer.Option(None, "--data", help=(
+        "Labelled data (sets data.path): CSV/TSV, JSONL, Parquet or a Hugging Face save_to_disk folder with text, label "
+        "and optional split columns; for image-classification, a folder of class sub-folders (optionally under "
+        "train/, val/, test/). IDX files are set by data.idx in the config, which then wins over --data.")),
     target: list[str] = typer.Option([], "--target", help="A built-in target name or a profile YAML; repeat for several."),
     out: Path = typer.Option(Path("out"), "--out", help="Where bundles, reports and pass outputs go."),
     key: Path | None = typer.Option(None, "--key", help="Signing key (edgekit.key); default: a development key in the cache dir."),
@@ -31,14 +41,39 @@ def build(
     Without CONFIG and --model this builds the embedded demo (all-MiniLM-L6-v2 with a head fitted on WordNet
     glosses) for x86-64-cpu. Exits 1 when any target fails its gates (the report says which), 2 on bad input.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from edgekit.pipeline import Build
+    from edgekit.report import write_reports
+    from edgekit.tasks import load_task_data
 
-    from device_agent.keys import generate_keypair
+    config = _config_with_overrides(config_file, model=model, task=task, data=data, targets=target)
+    cache = cache_dir or default_cache_dir()
+    key, development_key = _signing_key(key, cache, quiet=as_json)
+    data_set = load_task_data(config)
+    progress = _progress_bars(quiet=as_json)
+    say = (lambda message: None) if as_json else (lambda message: console.print(message, highlight=False))
+    builder = Build(config, data_set, out, cache, key, progress, say)
+    if dry_run:
+        _print_plan(builder, cache, as_json=as_json)
+        return
+    with progress:
+        results = builder.run()
+    reports = write_reports(results, out, signing={"key": str(key), "development_key": development_key, "key_id": builder.signer},
+                            data=data_set.summary)
+    _print_reports(reports, as_json=as_json)
+    if not all(result.passed for result in results):
+        raise typer.Exit(1)
+
+
+def _config_with_overrides(config_file: Path | None, *, model: str | None, task: str | None, data: Path | None,
+                           targets: list[str]) -> BuildConfig:
+    """The build config (CONFIG, or the embedded demo's) with --model, --data and --target applied.
+
+    --task changes nothing: it is checked against the config's task.kind, and an unknown or different kind is an
+    EdgekitError (the task's settings live in the config, so the flag alone could not switch it).
+    """
     from edgekit.config import load_build_config
     from edgekit.errors import EdgekitError
-    from edgekit.pipeline import Build
-    from edgekit.report import render, write_reports
-    from edgekit.tasks import KINDS, load_task_data
+    from edgekit.tasks import KINDS
 
     config = load_build_config(config_file)
     updates = {}
@@ -46,47 +81,54 @@ def build(
         updates["model"] = config.model.model_copy(update={"source": model})
     if data:
         updates["data"] = config.data.model_copy(update={"path": data, "calibration_path": None})
-    if target:
-        updates["targets"] = target
+    if targets:
+        updates["targets"] = targets
     if task and task not in KINDS:
         raise EdgekitError(f"unknown task {task!r}; known: {', '.join(KINDS)}")
     if task and task != config.task.kind:
         raise EdgekitError(f"--task {task} differs from the config's task.kind {config.task.kind}; set task.kind in the build config")
-    config = config.model_copy(update=updates)
+    return config.model_copy(update=updates)
 
-    cache = cache_dir or default_cache_dir()
-    development_key = key is None
-    if key is None:
-        key = cache / "dev-key" / "edgekit.key"
-        if not key.is_file():
-            generate_keypair(key.parent)
-        if not as_json:
-            console.print(f"signing with the development key {key} (pass --key for a real one)", highlight=False)
-    data_set = load_task_data(config)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=console, transient=True, disable=as_json)
-    say = (lambda message: None) if as_json else (lambda message: console.print(message, highlight=False))
-    builder = Build(config, data_set, out, cache, key, progress, say)
 
-    if dry_run:
-        from edgekit.pipeline import cached
+def _signing_key(key: Path | None, cache: Path, *, quiet: bool) -> tuple[Path, bool]:
+    """The key to sign with and whether it is the development key, which is made in ``cache`` on first use."""
+    if key is not None:
+        return key, False
+    from device_agent.keys import generate_keypair
 
-        prefix, suffixes = builder.plan()
-        plan = {name: [{"step": p.label, "cached": cached(cache, p) is not None} for p in prefix + steps] for name, steps in suffixes.items()}
-        if as_json:
-            print_json(plan)
-        else:
-            for name, steps in plan.items():
-                console.print(f"{name}: " + " → ".join(f"{s['step']}{' (cached)' if s['cached'] else ''}" for s in steps), highlight=False)
+    key = cache / "dev-key" / "edgekit.key"
+    if not key.is_file():
+        generate_keypair(key.parent)
+    if not quiet:
+        console.print(f"signing with the development key {key} (pass --key for a real one)", highlight=False)
+    return key, True
+
+
+def _progress_bars(*, quiet: bool) -> Progress:
+    """The passes' progress display on the console; ``quiet`` (--json) keeps it off so stdout stays JSON."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=console, transient=True, disable=quiet)
+
+
+def _print_plan(builder: Build, cache: Path, *, as_json: bool) -> None:
+    """--dry-run: each target's steps in order, and whether the cache already holds each one's result."""
+    from edgekit.pipeline import cached
+
+    prefix, suffixes = builder.plan()
+    plan = {name: [{"step": p.label, "cached": cached(cache, p) is not None} for p in prefix + steps] for name, steps in suffixes.items()}
+    if as_json:
+        print_json(plan)
         return
+    for name, steps in plan.items():
+        console.print(f"{name}: " + " → ".join(f"{s['step']}{' (cached)' if s['cached'] else ''}" for s in steps), highlight=False)
 
-    with progress:
-        results = builder.run()
-    reports = write_reports(results, out, signing={"key": str(key), "development_key": development_key, "key_id": builder.signer},
-                            data=data_set.summary)
+
+def _print_reports(reports: list[dict], *, as_json: bool) -> None:
+    from edgekit.report import render
+
     if as_json:
         print_json(reports)
     else:
         render(reports, console)
-    if not all(result.passed for result in results):
-        raise typer.Exit(1)

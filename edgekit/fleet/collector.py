@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated
 
 import sqlalchemy as sa
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -158,6 +158,98 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
+# The routes live on a module-level router so that each is a plain, named function; create_app mounts it.
+_routes = APIRouter()
+
+
+@_routes.get("/v1/health", summary="Liveness and database reachability")
+def health(request: Request) -> dict:
+    from edgekit.fleet.store import current_version
+
+    return {"status": "ok", "schema_version": current_version(_store(request).engine)}
+
+
+def _parse_upload(body: bytes, device: str) -> UploadBatch:
+    """The batch in ``body``, checked against the contract, the authenticated ``device`` and its references' digests.
+
+    Raises HTTPException: 413 for a body over MAX_BODY_BYTES, 422 for a contract breach or a misnamed reference,
+    403 for records of another device than the token's.
+    """
+    if len(body) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"the body has {len(body)} bytes; the limit is {MAX_BODY_BYTES}: send fewer windows per batch")
+    try:
+        batch = UploadBatch.model_validate_json(body)
+    except ValidationError as error:
+        raise HTTPException(422, _describe_problems(error.errors())) from None
+    if batch.device_id != device:
+        raise HTTPException(403, f"this token belongs to device {device!r}; it cannot write records of {batch.device_id!r}")
+    for digest, reference in batch.references.items():
+        actual = reference_sha256(reference)
+        if actual != digest:
+            raise HTTPException(422, f"references.{digest}: the reference's sha256 is {actual}; name it by that digest")
+    return batch
+
+
+@_routes.post("/v1/telemetry", response_model=UploadAck, responses={**_ERRORS, 413: {"model": ErrorBody}},
+              summary="Upload window summaries (idempotent)", openapi_extra={"requestBody": _UPLOAD_BODY})
+async def upload(request: Request, device: Annotated[str, Depends(_authenticated_device)]) -> UploadAck:
+    # The body is parsed here, after the token check, so that a caller without a valid token learns
+    # nothing but 401 (FastAPI would decode a declared body first), and in one pass from bytes.
+    batch = _parse_upload(await request.body(), device)
+    return await run_in_threadpool(_store(request).ingest, batch)
+
+
+@_routes.get("/v1/devices", response_model=list[DeviceInfo], responses=_ERRORS, dependencies=[Depends(_operator)],
+             summary="Registered devices with their window count and last upload")
+def list_devices(request: Request) -> list[DeviceInfo]:
+    return [DeviceInfo(**vars(row)) for row in _store(request).list_devices()]
+
+
+@_routes.get("/v1/devices/{device_id}/windows", responses={**_ERRORS, 404: {"model": ErrorBody}},
+             dependencies=[Depends(_operator)], summary="One device's stored windows, oldest first")
+def device_windows(
+    request: Request,
+    device_id: Annotated[DeviceId, Path()],
+    since: Annotated[float | None, Query(ge=0, le=1e11, description="only windows that ended at or after (unix seconds)")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> list[dict]:
+    store = _store(request)
+    if not store.has_device(device_id):
+        raise HTTPException(404, f"unknown device {device_id!r}")
+    return [window.to_dict() for window in store.fetch_windows(device=device_id, since=since, limit=limit)]
+
+
+@_routes.get("/v1/report", responses={**_ERRORS, 404: {"model": ErrorBody}}, dependencies=[Depends(_operator)],
+             summary="The fleet review (as `edgekit fleet report --json`)")
+def fleet_report(
+    request: Request,
+    since: Annotated[float | None, Query(ge=0, le=1e11, description="only windows that ended at or after (unix seconds)")] = None,
+    device: Annotated[DeviceId | None, Query()] = None,
+) -> dict:
+    from edgekit.fleet.report import build_report
+    from edgekit.fleet.store import FleetError
+
+    try:
+        return build_report(_store(request), since=since, device=device).to_dict()
+    except FleetError as error:  # an unknown device
+        raise HTTPException(404, str(error)) from None
+
+
+def _openapi_with_upload_body(app: FastAPI) -> dict:
+    """The app's OpenAPI document, built once, with the ``UploadBatch`` schema that ``upload`` refers to."""
+    # The ingest body is parsed by hand (see upload); its schema still belongs in the document.
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema = UploadBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        components.update(schema.pop("$defs", {}))
+        components["UploadBatch"] = schema
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
 def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
     """The collector over ``store``; ``operator_token`` turns the query API on."""
     app = FastAPI(
@@ -174,78 +266,6 @@ def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
     app.add_exception_handler(sa.exc.OperationalError, _on_database_error)
     app.add_exception_handler(sa.exc.InterfaceError, _on_database_error)
     app.add_exception_handler(Exception, _on_internal_error)
-
-    @app.get("/v1/health", summary="Liveness and database reachability")
-    def health(request: Request) -> dict:
-        from edgekit.fleet.store import current_version
-
-        return {"status": "ok", "schema_version": current_version(_store(request).engine)}
-
-    @app.post("/v1/telemetry", response_model=UploadAck, responses={**_ERRORS, 413: {"model": ErrorBody}},
-              summary="Upload window summaries (idempotent)", openapi_extra={"requestBody": _UPLOAD_BODY})
-    async def upload(request: Request, device: Annotated[str, Depends(_authenticated_device)]) -> UploadAck:
-        # The body is parsed here, after the token check, so that a caller without a valid token learns
-        # nothing but 401 (FastAPI would decode a declared body first), and in one pass from bytes.
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(413, f"the body has {len(body)} bytes; the limit is {MAX_BODY_BYTES}: send fewer windows per batch")
-        try:
-            batch = UploadBatch.model_validate_json(body)
-        except ValidationError as error:
-            raise HTTPException(422, _describe_problems(error.errors())) from None
-        if batch.device_id != device:
-            raise HTTPException(403, f"this token belongs to device {device!r}; it cannot write records of {batch.device_id!r}")
-        for digest, reference in batch.references.items():
-            actual = reference_sha256(reference)
-            if actual != digest:
-                raise HTTPException(422, f"references.{digest}: the reference's sha256 is {actual}; name it by that digest")
-        return await run_in_threadpool(_store(request).ingest, batch)
-
-    @app.get("/v1/devices", response_model=list[DeviceInfo], responses=_ERRORS, dependencies=[Depends(_operator)],
-             summary="Registered devices with their window count and last upload")
-    def list_devices(request: Request) -> list[DeviceInfo]:
-        return [DeviceInfo(**vars(row)) for row in _store(request).list_devices()]
-
-    @app.get("/v1/devices/{device_id}/windows", responses={**_ERRORS, 404: {"model": ErrorBody}},
-             dependencies=[Depends(_operator)], summary="One device's stored windows, oldest first")
-    def device_windows(
-        request: Request,
-        device_id: Annotated[DeviceId, Path()],
-        since: Annotated[float | None, Query(ge=0, le=1e11, description="only windows that ended at or after (unix seconds)")] = None,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    ) -> list[dict]:
-        store = _store(request)
-        if not store.has_device(device_id):
-            raise HTTPException(404, f"unknown device {device_id!r}")
-        return [window.to_dict() for window in store.fetch_windows(device=device_id, since=since, limit=limit)]
-
-    @app.get("/v1/report", responses={**_ERRORS, 404: {"model": ErrorBody}}, dependencies=[Depends(_operator)],
-             summary="The fleet review (as `edgekit fleet report --json`)")
-    def fleet_report(
-        request: Request,
-        since: Annotated[float | None, Query(ge=0, le=1e11, description="only windows that ended at or after (unix seconds)")] = None,
-        device: Annotated[DeviceId | None, Query()] = None,
-    ) -> dict:
-        from edgekit.fleet.report import build_report
-        from edgekit.fleet.store import FleetError
-
-        try:
-            return build_report(_store(request), since=since, device=device).to_dict()
-        except FleetError as error:  # an unknown device
-            raise HTTPException(404, str(error)) from None
-
-    def openapi() -> dict:
-        # The ingest body is parsed by hand (see upload); its schema still belongs in the document.
-        if app.openapi_schema is None:
-            from fastapi.openapi.utils import get_openapi
-
-            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            schema = UploadBatch.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = document.setdefault("components", {}).setdefault("schemas", {})
-            components.update(schema.pop("$defs", {}))
-            components["UploadBatch"] = schema
-            app.openapi_schema = document
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.include_router(_routes)
+    app.openapi = lambda: _openapi_with_upload_body(app)  # type: ignore[method-assign]
     return app

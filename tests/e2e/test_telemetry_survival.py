@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from device_agent.keys import generate_keypair, load_private_key
-from tests.support.agent import ADMIN_TOKEN
+from tests.support.agent import ADMIN_TOKEN, AgentProcess
 from tests.support.bundles import write_tiny_bundle
 from tests.support.network import free_port
 
@@ -149,50 +149,19 @@ class Collector:
             return [row[0] for row in db.execute("SELECT sequence FROM windows WHERE device_id = ? ORDER BY sequence", (DEVICE,))]
 
 
-class Agent:
+class Agent(AgentProcess):
+    """An agent subprocess with telemetry to ``telemetry_url``: windows of 5 requests, short upload timeouts and backoff."""
+
     def __init__(self, workdir: Path, telemetry_url: str, token_file: Path) -> None:
         generate_keypair(workdir / "keys")
         keyring = workdir / "keyring"
         keyring.mkdir()
         shutil.copy(workdir / "keys" / "edgekit.pub", keyring / "build.pub")
-        (workdir / "admin.token").write_text(ADMIN_TOKEN)
-        (workdir / "admin.token").chmod(0o600)
-        self.workdir = workdir
-        self.config = workdir / "agent.yaml"
-        self.config.write_text(
-            f"state_dir: state\nkeyring_dir: keyring\nadmin_token_file: admin.token\nlog_level: warning\n"
-            f"telemetry_url: {telemetry_url}\ndevice_id: {DEVICE}\ndevice_token_file: {token_file}\n"
-            f"window_size: 5\nwindow_seconds: 3600\nupload_timeout_s: 1.5\nupload_backoff_max_s: 2\n"
+        super().__init__(
+            workdir, keyring, telemetry_url=telemetry_url, device_id=DEVICE, device_token_file=token_file,
+            window_size=5, window_seconds=3600, upload_timeout_s=1.5, upload_backoff_max_s=2,
         )
-        self.process: subprocess.Popen | None = None
-        self.url = ""
         self.sent = 0
-
-    def start(self) -> None:
-        port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from device_agent.cli import main; main()", "serve", "--config", str(self.config), "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self.url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            assert self.process.poll() is None, "the agent exited"
-            try:
-                return httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        _wait(ready, 60, "the agent to be ready")
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
 
     def traffic(self, requests: int) -> None:
         rng = np.random.default_rng(requests)

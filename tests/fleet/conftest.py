@@ -8,10 +8,8 @@ nothing answers there), dropped afterwards.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ from device_agent.telemetry_schema import (
     WindowSummary,
     reference_sha256,
 )
-from tests.support.network import free_port
+from tests.support.network import free_port, serving
 
 PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
 PG_USERS = ("postgres", os.environ.get("USER") or "root", "root")
@@ -134,27 +132,10 @@ def make_batch(device: str, sequences, reference: DriftReference | None = None, 
 @contextmanager
 def collector_in_thread(store, operator_token: str | None = None) -> Iterator[str]:
     """The collector app under uvicorn in this process, on a free loopback port; yields its base URL."""
-    import uvicorn
-
     from edgekit.fleet.collector import create_app
 
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(store, operator_token=operator_token), log_config=None, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the collector did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        listener.close()
+    with serving(create_app(store, operator_token=operator_token)) as address:
+        yield f"http://{address}"
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -18,6 +20,34 @@ from edgekit.fleet.store import (
     migrate,
 )
 from tests.fleet.conftest import make_batch, make_reference, make_window
+
+Contender = TypeVar("Contender")
+Result = TypeVar("Result")
+
+
+def _race(work: Callable[[Contender], Result], contenders: list[Contender]) -> list[Result]:
+    """``work(contender)`` for every contender at once (a thread each, released together); the results, in order.
+
+    Fails the test with every exception raised, once all threads have finished.
+    """
+    results: list = [None] * len(contenders)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(contenders))
+
+    def run(index: int, contender: Contender) -> None:
+        barrier.wait()
+        try:
+            results[index] = work(contender)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in enumerate(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results
 
 
 def test_the_same_batch_twice_is_stored_once_and_both_acks_name_every_sequence(store: Store):
@@ -108,23 +138,7 @@ def test_concurrent_duplicate_ingests_store_each_window_once(db_url: str):
     stores = [Store.open(db_url) for _ in range(4)]
     stores[0].add_device("dev-1")
     batches = [make_batch("dev-1", range(start, start + 50)) for start in range(0, 200, 50)]
-    acks, errors = [], []
-    barrier = threading.Barrier(len(stores))
-
-    def run(store: Store) -> None:
-        barrier.wait()
-        try:
-            for batch in batches:
-                acks.append(store.ingest(batch))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in stores]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    acks = [ack for store_acks in _race(lambda store: [store.ingest(batch) for batch in batches], stores) for ack in store_acks]
     assert stores[0].count_windows() == 200
     assert sum(len(a.stored) - a.duplicates for a in acks) == 200, "each window is new to exactly one ingest"
     for s in stores:
@@ -218,23 +232,7 @@ def test_migrations_run_twice_safely(db_url: str):
 
 def test_concurrent_migrations_migrate_once(db_url: str):
     engines = [create_engine(db_url) for _ in range(4)]
-    results, errors = [], []
-    barrier = threading.Barrier(len(engines))
-
-    def run(engine) -> None:
-        barrier.wait()
-        try:
-            results.append(migrate(engine))
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
-    assert results == [LATEST_VERSION] * 4
+    assert _race(migrate, engines) == [LATEST_VERSION] * 4
     for engine in engines:
         engine.dispose()
 

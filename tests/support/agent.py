@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from device_agent.keys import Keyring, generate_keypair, load_private_key
 from device_agent.repository import Repository
 from device_agent.server import create_app
 from tests.support.bundles import write_tiny_bundle
-from tests.support.network import free_port
+from tests.support.network import free_port, serving  # serving: re-exported for the tests that import it from here
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 MODEL = "tiny-classifier"
@@ -54,31 +53,6 @@ class LiveAgent:
         return httpx.post(f"{self.url}/admin/models", content=self.bundle(version).read_bytes(), headers=self.admin_headers, timeout=60)
 
 
-@contextmanager
-def serving(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """Run ``app`` under uvicorn on a free port until the block ends; yield ``host:port``."""
-    import uvicorn
-
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port first
-    port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the agent did not start")
-        time.sleep(0.01)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        listener.close()
-
-
 def wait_ready(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while httpx.get(f"{url}/v2/health/ready").status_code != 200:
@@ -112,7 +86,9 @@ def live_agent(workdir: Path, *, admin_token: bool = True, **settings: object) -
 class AgentProcess:
     """`edgekit-agent serve` as a real subprocess (so it can be killed with SIGKILL and restarted on the same state)."""
 
-    def __init__(self, workdir: Path, keyring_dir: Path) -> None:
+    def __init__(self, workdir: Path, keyring_dir: Path, **settings: object) -> None:
+        """Write ``workdir/agent.yaml`` (state in ``workdir/state``, the admin token set) plus ``settings``, more
+        AgentSettings fields such as ``telemetry_url``; nothing runs until :meth:`start`."""
         import subprocess
         import sys
 
@@ -122,7 +98,9 @@ class AgentProcess:
         token.write_text(ADMIN_TOKEN)
         token.chmod(0o600)
         self.config = workdir / "agent.yaml"
-        self.config.write_text(f"state_dir: state\nkeyring_dir: {keyring_dir}\nadmin_token_file: admin.token\nlog_level: warning\n")
+        # JSON scalars are YAML too: quoted and escaped, whatever the value holds.
+        extra = "".join(f"{name}: {json.dumps(str(value) if isinstance(value, Path) else value)}\n" for name, value in settings.items())
+        self.config.write_text(f"state_dir: state\nkeyring_dir: {keyring_dir}\nadmin_token_file: admin.token\nlog_level: warning\n{extra}")
         self.process = None
         self.url = ""
 
