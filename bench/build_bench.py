@@ -70,7 +70,7 @@ TARGET_MAX_DROP_POINTS = 1.0
 TARGET_MAX_SIZE_RATIO = 0.30
 TARGET_BUILD_S = 120.0
 TARGET_REBUILD_S = 10.0
-NOISE = 0.20  # differences under ~20% are within this VM's drift (MEASURED.md)
+NOISE = 0.20  # differences under ~20% are within this VM's drift (bench/README.md, "Measurements the code relies on")
 
 
 # --------------------------------------------------------------------------- shared helpers (children use these too)

@@ -266,7 +266,7 @@ def export_samples(
 ) -> None:
     """Write a device's captured samples as a dataset `edgekit build` reads, labelled with the model's predictions.
 
-    Text samples become JSONL rows {"text", "label"}; images become OUT/<label>/<n>.png. The labels are the
+    Text samples become JSONL rows {"text", "label", "captured_at"}; images become OUT/<label>/<n>.png. The labels are the
     model's own predictions (pseudo-labels): review and correct them before fine-tuning on them. Samples
     exist only where the agent's sampled capture was turned on.
     """

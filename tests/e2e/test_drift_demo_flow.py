@@ -1,6 +1,9 @@
 """The monitoring loop end to end, with real processes: build → flash → an agent serving with telemetry to a collector →
 shifted traffic → a drift alert in `edgekit fleet alerts` and `edgekit fleet report`, and an HTML report Chromium draws.
 
+The flow runs once per module (the `demo_flow` fixture) and needs no browser; only the screenshot test needs headless
+Chromium (marked `browser`, skipped where it is absent), so a machine without Chromium still tests the whole loop.
+
 The build is the tiny BERT on the embedded WordNet demo data (so it takes seconds, not minutes); the bundle carries the
 drift reference the package pass computed from the validation and test rows. Traffic: first test-split glosses (the
 reference's own population: no alert), then long strings of made-up words (more tokens, more truncation, unknown
@@ -16,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -64,12 +68,20 @@ def _wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-
         time.sleep(0.2)
 
 
-@pytest.mark.slow
-@pytest.mark.browser
-def test_shifted_traffic_raises_a_drift_alert_the_operator_sees(tmp_path):
-    from tests.support.browser import screenshot
+@dataclass(frozen=True)
+class DemoFlow:
+    db: Path
+    db_url: str
+    shifted_since: float  # when the shifted traffic began
+    metrics: str  # the agent's /metrics after the shifted traffic
+
+
+@pytest.fixture(scope="module")
+def demo_flow(tmp_path_factory) -> DemoFlow:
+    """Build, register, serve with telemetry, send unshifted then shifted traffic; the collector's database is the result."""
     from tests.support.tiny_bert import tiny_hf_folder
 
+    tmp_path = tmp_path_factory.mktemp("demo-flow")
     # Build: the tiny BERT on the demo data, for a host profile with budgets a toy model can be judged by.
     target = relaxed_target(tmp_path, "x86-64-cpu", max_accuracy_drop_points=100.0, min_top1_agreement=0.0)
     config = tiny_text_build_config(tmp_path, tiny_hf_folder(tmp_path / "tiny-model"), [target])
@@ -126,15 +138,21 @@ def test_shifted_traffic_raises_a_drift_alert_the_operator_sees(tmp_path):
             _send(agent_url, _gibberish(np.random.default_rng(3), 3 * WINDOW))
             _wait_for(lambda: len(_stored_windows(db)) >= 6, 60, "three shifted windows at the collector")
             metrics = httpx.get(f"{agent_url}/metrics", timeout=10).text
-            assert re.search(r'^edgekit_drift_alert\{model="tiny",version="1.0.0"\} 1$', metrics, re.M), metrics
-            assert "edgekit_drift_psi{" in metrics
         finally:
             agent.terminate()
             agent.wait(timeout=30)
+    return DemoFlow(db, db_url, shifted_since, metrics)
 
-        windows = _stored_windows(db)
-        assert [drifting for _, drifting, _ in windows[3:6]] == [1, 1, 1], windows
-        assert [alert for _, _, alert in windows[3:6]] == [0, 1, 1], windows
+
+@pytest.mark.slow
+def test_shifted_traffic_raises_a_drift_alert_the_operator_sees(demo_flow, tmp_path):
+    db, db_url, shifted_since = demo_flow.db, demo_flow.db_url, demo_flow.shifted_since
+    assert re.search(r'^edgekit_drift_alert\{model="tiny",version="1.0.0"\} 1$', demo_flow.metrics, re.M), demo_flow.metrics
+    assert "edgekit_drift_psi{" in demo_flow.metrics
+
+    windows = _stored_windows(db)
+    assert [drifting for _, drifting, _ in windows[3:6]] == [1, 1, 1], windows
+    assert [alert for _, _, alert in windows[3:6]] == [0, 1, 1], windows
 
     # The operator's view: `alerts` fails for cron, the report names the device, when the drift began, and why.
     alerts = subprocess.run([sys.executable, "-m", "edgekit", "fleet", "alerts", "--db", db_url],
@@ -157,6 +175,15 @@ def test_shifted_traffic_raises_a_drift_alert_the_operator_sees(tmp_path):
     assert runner.invoke(app, ["fleet", "report", "--db", db_url, "--html", str(page)]).exit_code == 0
     html = page.read_text()
     assert DEVICE in html and html.count("data:image/png;base64,") >= 3, "self-contained, with its plots inline"
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_chromium_draws_the_html_fleet_report(demo_flow, tmp_path):
+    from tests.support.browser import screenshot
+
+    page = tmp_path / "fleet.html"
+    assert runner.invoke(app, ["fleet", "report", "--db", demo_flow.db_url, "--html", str(page)]).exit_code == 0
     image = screenshot(page, tmp_path)
     colours = image.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50, "Chromium drew tables and plots, not a blank page"
