@@ -11,7 +11,7 @@ Steps:
    ``--recovery-steps``).
 3. Control: the unpruned model gets the same recovery training, so the table
    separates what pruning costs from what the extra training gains.
-4. Every model is exported to fp32 ONNX (``prune.export_classifier_onnx``) and, as
+4. Every model is exported to fp32 ONNX as the export pass exports it and, as
    the build's optimize pass does for ONNX Runtime targets, with ONNX Runtime's
    transformer fusions. A child process without torch (torch's idle OpenMP
    threads steal the cores otherwise) measures p50 latency at batch 1 (one test
@@ -46,7 +46,7 @@ def _context(work: Path, data, config):
     from edgekit.artifact import PassContext
 
     work.mkdir(parents=True, exist_ok=True)
-    return PassContext(work, None, data, config, Progress(disable=True), work / "unused.key", lambda line: print(line, flush=True))
+    return PassContext(work, data, Progress(disable=True), work / "unused.key", lambda line: print(line, flush=True))
 
 
 def prepare(work: Path, ratios: list[float], recovery: dict, control: bool) -> dict:
@@ -56,6 +56,7 @@ def prepare(work: Path, ratios: list[float], recovery: dict, control: bool) -> d
     from edgekit.artifact import Artifact, Stage, TaskSpec
     from edgekit.config import BuildConfig, PruneSection
     from edgekit.passes import load, prune
+    from edgekit.pruning import encoder, parameter_count
     from edgekit.tasks.text_classification import load_task_data
 
     # One torch thread: on 2 cores shared with other processes, 2 spinning OpenMP threads were up to 15x slower.
@@ -81,16 +82,13 @@ def prepare(work: Path, ratios: list[float], recovery: dict, control: bool) -> d
     from transformers import AutoModelForSequenceClassification
 
     if control:  # the same recovery training without pruning (the teacher is the model itself)
-        from device_agent.preprocess import TextTokenizer
-
         started = time.perf_counter()
         model = AutoModelForSequenceClassification.from_pretrained(base.directory)
-        tokenizer = TextTokenizer(base.task.tokenizer_file, SEQUENCE)
         settings = PruneSection(enabled=True, **recovery)
-        teacher = prune.teacher_logits(model, tokenizer, data.train, settings)
-        trained = prune.recover(model, teacher, tokenizer, data.train, settings, _context(work / "control", data, config))
+        teacher = encoder.teacher_logits(model, base.task, data.train, settings)
+        trained = encoder.recover(model, teacher, base.task, data.train, settings, _context(work / "control", data, config))
         record["models"]["unpruned + same training"] = {"recovery": trained, "seconds": time.perf_counter() - started,
-                                                        "val_accuracy": prune._accuracy(model, tokenizer, data.val, data.labels)}
+                                                        "val_accuracy": encoder._accuracy(model, base.task, data.val)}
         model.save_pretrained(work / "control")
         models["unpruned + same training"] = work / "control"
 
@@ -99,9 +97,9 @@ def prepare(work: Path, ratios: list[float], recovery: dict, control: bool) -> d
     files = {}
     for index, (name, folder) in enumerate(models.items()):
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-        record["models"].setdefault(name, {})["parameters"] = prune.parameter_count(model)
-        record["models"][name]["shape"] = prune.encoder_shape(model)
-        plain = prune.export_classifier_onnx(model, onnx_dir / f"{index}.onnx")
+        record["models"].setdefault(name, {})["parameters"] = parameter_count(model)
+        record["models"][name]["shape"] = encoder.encoder_shape(model)
+        plain = encoder.export_encoder(model, base.directory, onnx_dir / f"{index}.onnx")
         fused = _fuse(plain, onnx_dir / f"{index}-fused.onnx")
         files[name] = {"plain": str(plain), "fused": str(fused)}
     record["onnx"] = files

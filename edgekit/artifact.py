@@ -40,7 +40,7 @@ class Stage(str, Enum):
 class TaskSpec:
     """What the model does and how its inputs are made."""
 
-    kind: str  # "text-classification" or "image-classification"
+    kind: str  # the task (a key of edgekit.tasks.TASKS): how inputs are made and what the model does
     labels: tuple[str, ...]
     max_length: int  # text: tokens per input (0 for images)
     tokenizer_file: Path | None  # text: tokenizer.json (Hugging Face tokenizers format)
@@ -72,12 +72,10 @@ class Artifact:
 
 @dataclass(frozen=True)
 class PassContext:
-    """What a pass may use besides its input: a fresh folder to write to, the target, the data."""
+    """What a pass may use besides its input and options: a fresh folder to write to, the data, progress, the signing key."""
 
     work_dir: Path
-    target: "TargetProfile | None"
     data: "TaskData"
-    config: "BuildConfig"
     progress: "Progress"
     signing_key: Path
     say: Callable[[str], None]

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from device_agent.validation import load_yaml_model
 
@@ -65,9 +65,18 @@ class ImageSection(_Strict):
 
 
 class TaskSection(_Strict):
-    kind: Literal["text-classification", "image-classification"] = "text-classification"
+    kind: str = Field("text-classification", description="the task: text-classification or image-classification (edgekit.tasks.TASKS)")
     max_length: int = Field(128, ge=8, le=512, description="text: tokens per input; longer texts are truncated")
     image: ImageSection = ImageSection()
+
+    @field_validator("kind")
+    @classmethod
+    def _known_task(cls, kind: str) -> str:
+        from edgekit.tasks import TASKS  # the registry imports this module: look it up when validating
+
+        if kind not in TASKS:
+            raise ValueError(f"unknown task {kind!r}; known: {', '.join(TASKS)}")
+        return kind
 
 
 class IdxFiles(_Strict):

@@ -234,7 +234,7 @@ class Build:
             work.mkdir(parents=True)
             try:
                 checkpoints = entry.parent / f"{planned.key}.checkpoints"
-                context = PassContext(work, planned.target, self.data, self.config, self.progress, self.signing_key, self.say,
+                context = PassContext(work, self.data, self.progress, self.signing_key, self.say,
                                       checkpoint_dir=checkpoints)
                 result = pass_.run(artifact, planned.options, context)
                 if result.stage != pass_.gives:

@@ -63,7 +63,7 @@ def _logits(session, feeds_batches) -> "np.ndarray":
 def measure_model(path, texts, labels, task, options: Options, ctx: PassContext, what: str) -> tuple[dict, "np.ndarray"]:
     """Task metrics, latency and throughput of one ONNX model on this host."""
     from edgekit.measure import classification_metrics, latency, size_mb, throughput
-    from edgekit.tasks import model_feeds
+    from edgekit.tasks import model_feeds, task_for
 
     session = _session(path, options.intra_op_threads)
     progress = ctx.progress.add_task(f"evaluating {what}", total=len(texts))
@@ -86,7 +86,7 @@ def measure_model(path, texts, labels, task, options: Options, ctx: PassContext,
         "recall_macro": scores.recall_macro, "per_class": scores.per_class, "confusion": scores.confusion,
         "latency_p50_ms": timing.p50_ms, "latency_p95_ms": timing.p95_ms, "throughput": rate,
         "throughput_batch": rows, "size_mb": size_mb(path),
-        **({"image_size": list(task.image.crop)} if task.image is not None else {"sequence_length": task.max_length}),
+        **task_for(task.kind).input_shape(task),
     }
     return metrics, logits
 

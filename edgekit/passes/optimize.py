@@ -28,16 +28,18 @@ _AGREEMENT_ATOL = {"fp32": 1e-3, "fp16": 5e-2}
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    fuse_transformer: bool
+    fusion: str | None  # ONNX Runtime transformer-fusion model type (the task's), or None
     fp16: bool
     keep_io_fp32: bool
 
 
 def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
+    from edgekit.tasks import task_for
+
     assert target is not None  # a target-specific pass
     return Options(
-        # The fusions match BERT's subgraphs; a CNN's Conv+BN folding is done by the exporter and ONNX Runtime itself.
-        fuse_transformer=target.runtime.engine == "onnxruntime" and config.task.kind == "text-classification",
+        # The fusions are ONNX Runtime contrib ops: TensorRT cannot run them (it fuses by itself).
+        fusion=task_for(config.task.kind).graph_fusion if target.runtime.engine == "onnxruntime" else None,
         fp16=target.precision.preferred == "fp16",
         keep_io_fp32=target.precision.keep_io_fp32,
     )
@@ -48,10 +50,10 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
     output = ctx.work_dir / "model.onnx"
     applied = []
-    if options.fuse_transformer:
+    if options.fusion:
         from onnxruntime.transformers.optimizer import optimize_model
 
-        optimizer = optimize_model(str(artifact.model_path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        optimizer = optimize_model(str(artifact.model_path), model_type=options.fusion, num_heads=0, hidden_size=0, opt_level=0)
         optimizer.save_model_to_file(str(output))
         applied.append(f"transformer fusions {optimizer.get_fused_operator_statistics()}")
     else:

@@ -63,12 +63,12 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     import onnxruntime
 
     from device_agent.bundle import (
-        GoldenVectors, Manifest, ModelInfo, RuntimeInfo, TargetInfo, TaskInfo, TokenizerPreprocessing, write_bundle,
+        GoldenVectors, Manifest, ModelInfo, RuntimeInfo, TargetInfo, TaskInfo, write_bundle,
     )
     from device_agent.keys import load_private_key
-    from edgekit.tasks import model_feeds
+    from edgekit.tasks import model_feeds, task_for
 
-    target = options.target
+    target, task = options.target, task_for(artifact.task.kind)
     graph = onnx.load(str(artifact.model_path), load_external_data=False).graph
     texts = ctx.data.test.inputs[: options.golden_samples]
     session = onnxruntime.InferenceSession(str(artifact.model_path), providers=["CPUExecutionProvider"])
@@ -90,16 +90,14 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         precision=artifact.precision,
         inputs=[spec for spec in _tensor_specs(graph.input) if spec.name in names],
         outputs=_tensor_specs(graph.output),
-        task=TaskInfo(kind=artifact.task.kind, labels=list(artifact.task.labels)),
-        preprocessing=artifact.task.image or TokenizerPreprocessing(tokenizer_file="tokenizer.json", max_length=artifact.task.max_length),
+        task=TaskInfo(kind=task.bundle_kind, labels=list(artifact.task.labels)),
+        preprocessing=task.bundle_preprocessing(artifact.task),
         metrics=bundle_metrics(dict(artifact.metrics)),
         golden=GoldenVectors(file="golden.npz", atol=atol, rtol=rtol),
         drift_reference=drift_reference,
     )
     bundle = ctx.work_dir / f"{options.name}-{options.version}.ekb"
-    payload = {"model.onnx": artifact.model_path, "golden.npz": golden}
-    if artifact.task.image is None:
-        payload["tokenizer.json"] = artifact.task.tokenizer_file
+    payload = {"model.onnx": artifact.model_path, "golden.npz": golden, **task.bundle_files(artifact.task)}
     write_bundle(bundle, manifest, payload, load_private_key(ctx.signing_key))
     ctx.say(f"package: signed {bundle.name} ({bundle.stat().st_size / 1e6:.1f} MB)")
     return Artifact(Stage.BUNDLE, ctx.work_dir, bundle.name, artifact.digest, artifact.task, artifact.precision,
@@ -108,12 +106,14 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
 def _drift_reference(artifact: Artifact, ctx: PassContext) -> dict | None:
     """The drift reference (edgekit.drift_reference) from the validation and test rows through the final model."""
-    from edgekit.drift_reference import reference_from_splits
+    from edgekit.tasks import task_for
 
     try:
-        reference = reference_from_splits(artifact.model_path, artifact.task, (ctx.data.val, ctx.data.test))
+        reference = task_for(artifact.task.kind).drift_reference(artifact.model_path, artifact.task, (ctx.data.val, ctx.data.test))
     except ValueError as problem:  # e.g. an image task without its preprocessing: the bundle serves, unmonitored
+        reference = None
         ctx.say(f"package: no drift reference ({problem}); the device will not score drift for this bundle")
+    if reference is None:
         return None
     (ctx.work_dir / "drift_reference.json").write_text(reference.model_dump_json(indent=1))
     ctx.say(f"package: drift reference from {reference.reference_rows} rows, {len(reference.features)} features")

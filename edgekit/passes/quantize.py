@@ -10,7 +10,7 @@ Three schemes, chosen by the target profile:
 - ``static_qdq``: ``quantize_static`` in QDQ format, calibrated on the build's
   tokenized calibration texts. Only MatMul/Gemm/Conv are quantized, and the
   attention-mask path stays float: its float32-minimum sentinels (about -3.4e38)
-  would give the scores a scale near 1e36 and wipe them out (see MEASURED.md).
+  would give the scores a scale near 1e36 and wipe them out (measured: bench/README.md).
 
 When ``accuracy_aware`` is on and the quantized model breaks the budget (accuracy
 drop in points, top-1 agreement with the float parent), quantized nodes are ranked
@@ -90,11 +90,10 @@ def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
     """The target's recipe and budgets, with the build config's search settings and calibration override."""
     if target is None:
         return Options(scheme="none")
-    spec, search = target.quantization, config.quantization
-    if config.task.kind == "image-classification" and spec.scheme == "dynamic":
-        # CNNs: dynamic int8 has no int8 convolutions (5-8x slower than fp32, MEASURED.md); static QDQ with uint8
-        # activations runs ONNX Runtime's int8 conv kernels on CPUs.
-        spec = spec.model_copy(update={"scheme": "static_qdq", "activation_type": "uint8", "symmetric_activations": False})
+    from edgekit.tasks import task_for
+
+    # The task may adapt the target's recipe (image models: static QDQ, since dynamic int8 has no int8 convolutions).
+    spec, search = task_for(config.task.kind).quantization(target.quantization), config.quantization
     return Options(
         scheme=spec.scheme,
         float_precision="fp32" if target.precision.preferred == "int8" else target.precision.preferred,

@@ -1,62 +1,105 @@
-"""What a task means to the passes: where its data comes from and how raw inputs become model tensors.
+"""Tasks: what a model does, where its data comes from, how its inputs are made, how it trains and exports.
 
-Two tasks: ``text-classification`` (texts, tokenized by the bundle's
-``tokenizer.json``) and ``image-classification`` (uint8 images, preprocessed as
-the bundle's ``ImagePreprocessing`` says). Both encodings are the device's own
-code in ``device_agent.preprocess``, so a pass that feeds a model (export
-parity, optimize, quantize calibration, evaluate, package golden vectors) and a
-device serving the bundle turn the same raw input into the same tensors.
+Passes ask the task; they do not branch on it. A task is one module with one
+object that has the methods of :class:`Task`, listed once in :data:`TASKS`.
+Adding a task (time series, tabular, ...) is one new module and one line here;
+``tests/edgekit/test_task_interface.py`` does exactly that with a toy task and
+builds a signed bundle with it.
+
+Raw inputs become model tensors through ``Task.feeds``, which for the shipped
+tasks is the device's own code (``device_agent.preprocess``), so a pass that
+feeds a model (export parity, optimize, quantize calibration, evaluate, package
+golden vectors) and a device serving the bundle turn the same raw input into
+the same tensors.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from edgekit.artifact import TaskSpec
-    from edgekit.config import BuildConfig
-    from edgekit.data import TaskData
+from edgekit.errors import EdgekitError
+from edgekit.tasks import image_classification, text_classification
 
-TEXT, IMAGE = "text-classification", "image-classification"
-KINDS = (TEXT, IMAGE)
+if TYPE_CHECKING:
+    import torch
+    from pydantic import BaseModel
+
+    from edgekit.artifact import Artifact, PassContext, TaskSpec
+    from edgekit.config import BuildConfig, FinetuneSection, PruneSection
+    from edgekit.data import Split, TaskData
+    from edgekit.targets import QuantizationSpec
+
+
+class Task(Protocol):
+    """What the passes need of a task. ``settings`` is the task's slice of the build config: it is part of the cache key
+    of the passes that train or export, and is handed back to ``load``, ``finetune`` and ``prune``."""
+
+    kind: str  # the config's task.kind
+    bundle_kind: str  # the manifest's task.kind (text-classification, image-classification or tensor)
+    graph_fusion: str | None  # ONNX Runtime transformer-fusion model type for the optimize pass, or None
+
+    def settings(self, config: BuildConfig) -> BaseModel: ...
+
+    def load_data(self, config: BuildConfig) -> TaskData: ...
+
+    # the torch stage: a model folder in, a model folder out
+    def load(self, source: str, digest: str, settings: Any, ctx: PassContext) -> Artifact: ...
+
+    def finetune(self, artifact: Artifact, settings: FinetuneSection, task_settings: Any, ctx: PassContext) -> Artifact: ...
+
+    def prune(self, artifact: Artifact, settings: PruneSection, task_settings: Any, ctx: PassContext) -> Artifact: ...
+
+    def load_torch(self, folder: Path) -> torch.nn.Module: ...
+
+    def forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def torch_batches(self, spec: TaskSpec, split: Split, batch_size: int = ...) -> Iterator[dict[str, torch.Tensor]]: ...
+
+    # ONNX and the device
+    def export_onnx(self, folder: Path, output: Path, opset: int, say) -> None: ...
+
+    def feeds(self, spec: TaskSpec, inputs: Any, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]: ...
+
+    def quantization(self, spec: QuantizationSpec) -> QuantizationSpec: ...
+
+    def bundle_preprocessing(self, spec: TaskSpec) -> Any: ...
+
+    def bundle_files(self, spec: TaskSpec) -> dict[str, Path]: ...
+
+    def input_shape(self, spec: TaskSpec) -> dict: ...
+
+    def drift_reference(self, model_path: Path, spec: TaskSpec, splits: Sequence[Split]) -> Any: ...
+
+
+# The registry: a literal mapping a reader can see, no automatic registration.
+TASKS: dict[str, Task] = {
+    text_classification.KIND: text_classification.TASK,
+    image_classification.KIND: image_classification.TASK,
+}
+TEXT, IMAGE = text_classification.KIND, image_classification.KIND
+KINDS = tuple(TASKS)
+
+
+def task_for(kind: str) -> Task:
+    try:
+        return TASKS[kind]
+    except KeyError:
+        raise EdgekitError(f"unknown task.kind {kind!r}; known: {', '.join(TASKS)}") from None
 
 
 def model_feeds(task: TaskSpec, inputs: Sequence[str] | np.ndarray, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
-    """The model's input tensors for a batch of raw inputs: texts, or uint8 images ``[n, height, width, channels]``.
+    """The model's input tensors for a batch of raw inputs (texts, uint8 images ``[n, height, width, channels]``, ...).
 
-    Text feeds carry every tensor the tokenizer makes (callers keep those the
-    graph takes); ``pad_to_max_length`` pads texts to ``task.max_length`` for
-    fixed-shape timing and is meaningless for images, whose shape the
-    preprocessing fixes.
+    ``pad_to_max_length`` pads texts to the task's ``max_length`` for fixed-shape timing; tasks whose inputs have a
+    fixed shape ignore it.
     """
-    if task.image is not None:
-        from device_agent.preprocess import ImagePreprocessor
-
-        return {task.input_names[0]: ImagePreprocessor(task.image)(np.asarray(inputs))}
-    if task.tokenizer_file is None:
-        raise ValueError(f"task {task.kind!r} has neither a tokenizer nor image preprocessing")
-    return _tokenizer(Path(task.tokenizer_file), task.max_length, pad_to_max_length).encode(list(inputs))
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer(tokenizer_file: Path, max_length: int, pad_to_max_length: bool):
-    # Passes encode in many small batches; reading tokenizer.json once per batch cost more than the encoding.
-    from device_agent.preprocess import TextTokenizer
-
-    return TextTokenizer(tokenizer_file, max_length, pad_to_max_length=pad_to_max_length)
+    return task_for(task.kind).feeds(task, inputs, pad_to_max_length=pad_to_max_length)
 
 
 def load_task_data(config: BuildConfig) -> TaskData:
     """Read, clean and split the build's data for its task."""
-    if config.task.kind == IMAGE:
-        from edgekit.tasks.image_classification import load_task_data as load_images
-
-        return load_images(config.data, config.task.image)
-    from edgekit.tasks.text_classification import load_task_data as load_texts
-
-    return load_texts(config.data)
+    return task_for(config.task.kind).load_data(config)

@@ -1,319 +1,178 @@
 """Image classification: labelled images in, a trained classifier out, preprocessing shared with the device.
 
-Data, two layouts:
+Data comes from ``edgekit.tasks.image_data`` (class folders or IDX files, raw
+uint8 images). Models come from ``edgekit.tasks.image_models`` (the small CNN,
+Hugging Face ResNet / MobileNetV2 from a config, or an image model folder):
+each maps preprocessed ``pixel_values`` to logits, so one exporter and one
+parity check serve them all.
 
-- a folder with one sub-folder per class (``data.path: photos/`` holding
-  ``photos/<class>/*.png``), or per split and class (``photos/train/<class>/``,
-  ``photos/test/<class>/``, optionally ``val/``). PNG, JPEG, BMP, GIF and WebP
-  are decoded with Pillow; an image that cannot be decoded is skipped and
-  counted, never fatal. Exact duplicates are dropped and counted too.
-- IDX files (MNIST, Fashion-MNIST), gzip or not (``data.idx``), with
-  ``data.label_names`` naming the integer classes.
-
-Every split holds raw uint8 images ``[n, height, width, channels]``, as a
-device would receive them; ``edgekit.tasks.model_feeds`` (the device's
-``ImagePreprocessor``) turns them into the model's input everywhere. Folder
-images of different sizes are brought to a common square of side ``resize``
-with the device's own resize and centre crop, so the preprocessing recorded in
-the bundle finds them as a device would.
-
-Training (from scratch in the load pass, full fine-tuning in the finetune
-pass) is one plain PyTorch loop: AdamW, linear warm-up then cosine decay, early
-stopping on validation accuracy with the best epoch kept, a checkpoint per
-epoch that an interrupted build resumes from, CUDA with bf16 autocast when
-present. Before it starts, the memory one step needs is compared with what the
-device has free.
+Training (from scratch in the load pass, full fine-tuning in the finetune pass,
+recovery after pruning) runs in ``edgekit.training.fit``: AdamW, linear warm-up
+then cosine decay, early stopping on validation accuracy with the best epoch
+kept, a checkpoint per epoch that an interrupted build resumes from, CUDA with
+bf16 autocast when present. Batches are augmented on the raw uint8 images
+(``train.augment``). Before training starts, the memory one step needs is
+compared with what the device has free. Quantization is static QDQ on every
+target: ONNX Runtime's dynamic int8 has no int8 convolutions.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
 import math
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
-from edgekit.config import DataSection, IdxFiles, ImageSection
-from edgekit.data import (
-    SPLIT_ALIASES,
-    SPLITS,
-    DataError,
-    Example,
-    Split,
-    TaskData,
-    _assign_splits,
-)
+from edgekit.config import BuildConfig, FinetuneSection, ImageSection, PruneSection, TrainSection
+from edgekit.data import Split, TaskData
+from edgekit.tasks.image_data import INPUT_NAME, channels_of, load_task_data, preprocessing
 
 if TYPE_CHECKING:
     import torch
 
-    from device_agent.bundle import ImagePreprocessing
     from edgekit.artifact import Artifact, PassContext, TaskSpec
-    from edgekit.config import FinetuneSection
+    from edgekit.targets import QuantizationSpec
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-INPUT_NAME = "pixel_values"
-CALIBRATION_ROWS = 1024
-# ImageNet statistics for colour images; for grayscale a neutral centring (0.5 ± 0.25 maps 0..1 to -2..2).
-_DEFAULT_NORMALISATION = {"RGB": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "L": ([0.5], [0.25])}
-_DEFAULT_NORMALISATION["BGR"] = tuple(list(reversed(v)) for v in _DEFAULT_NORMALISATION["RGB"])
-_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+KIND = "image-classification"
+PREDICT_BATCH = 256
 
 
-def preprocessing(section: ImageSection) -> ImagePreprocessing:
-    """The bundle's record of how raw images become the model's input (the device runs exactly this)."""
-    from device_agent.bundle import ImagePreprocessing
+class ImageSettings(BaseModel):
+    """What an image build's config says about the task (part of the cache key of every pass that trains or exports)."""
 
-    mean, std = _DEFAULT_NORMALISATION[section.channel_order]
-    return ImagePreprocessing(resize=section.resize or max(section.size), crop=section.size, channel_order=section.channel_order,
-                              layout=section.layout, scale=1 / 255, mean=section.mean or mean, std=section.std or std)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-def channels_of(section: ImageSection) -> int:
-    return 1 if section.channel_order == "L" else 3
+    preprocessing: ImageSection
+    train: TrainSection
+    widths: list[int] | None
 
 
-# ---------------------------------------------------------------- IDX
+class ImageClassification:
+    """The image task: see the module docstring."""
+
+    kind = KIND
+    bundle_kind = KIND
+    graph_fusion = None  # Conv+BN folding is the exporter's and ONNX Runtime's own
+
+    def settings(self, config: BuildConfig) -> ImageSettings:
+        return ImageSettings(preprocessing=config.task.image, train=config.train, widths=config.model.widths)
+
+    def load_data(self, config: BuildConfig) -> TaskData:
+        return load_task_data(config.data, config.task.image)
+
+    # ------------------------------------------------------------------ the torch stage
+
+    def load(self, source: str, digest: str, settings: ImageSettings, ctx: PassContext) -> Artifact:
+        """Build the image model and train it on the build's images (from scratch unless a folder brought weights)."""
+        from edgekit.artifact import Artifact, Stage
+        from edgekit.config import IMAGE_MODEL_PREFIXES
+        from edgekit.passes.load import resolve_source
+        from edgekit.tasks import image_models
+
+        section, train = settings.preprocessing, settings.train
+        source = source if source.startswith(IMAGE_MODEL_PREFIXES) else str(resolve_source(source))
+        record = image_models.record_for(source, channels_of(section), len(ctx.data.labels), settings.widths, section.size)
+        model = image_models.build(record)
+        spec = task_spec(ctx.data.labels, section)
+        loop = LoopSettings(train.epochs, train.batch_size, train.learning_rate, train.weight_decay, train.warmup_ratio,
+                            train.early_stopping_patience, train.seed, train.max_train_rows, train.augment)
+        metrics = train_model(model, ctx.data, spec, loop, ctx, "train", keep_initial=False)
+        parameters = sum(p.numel() for p in model.parameters())
+        ctx.say(f"trained {record.source} ({parameters / 1e6:.2f} M parameters): validation accuracy {metrics['val_accuracy']:.4f} "
+                f"after {metrics['epochs_run']} epoch(s), {metrics['seconds']:.0f} s")
+        image_models.save(model, record, ctx.work_dir)
+        return Artifact(Stage.TORCH, ctx.work_dir, ".", digest, spec,
+                        metrics={"load": {"model": record.source, "parameters": parameters, "widths": record.widths, **metrics}})
+
+    def finetune(self, artifact: Artifact, settings: FinetuneSection, task_settings: ImageSettings, ctx: PassContext) -> Artifact:
+        """Every weight trained further on the build's images (augmented as in training); the loaded model competes."""
+        from edgekit.artifact import Artifact, Stage
+        from edgekit.tasks import image_models
+
+        model, record = image_models.load(artifact.directory)
+        loop = LoopSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.warmup_ratio,
+                            settings.early_stopping_patience, settings.seed, settings.max_train_rows, task_settings.train.augment)
+        metrics = train_model(model, ctx.data, artifact.task, loop, ctx, "finetune", keep_initial=True)
+        ctx.say(f"finetune: validation accuracy {metrics['val_accuracy']:.4f} (before: {metrics['val_accuracy_before']:.4f})")
+        image_models.save(model, record, ctx.work_dir)
+        return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, artifact.task,
+                        metrics={**artifact.metrics, "finetune": {"method": "full", **metrics}})
+
+    def prune(self, artifact: Artifact, settings: PruneSection, task_settings: ImageSettings, ctx: PassContext) -> Artifact:
+        from edgekit.pruning.cnn import prune_cnn
+
+        return prune_cnn(artifact, settings, task_settings, ctx)
+
+    def load_torch(self, folder: Path) -> torch.nn.Module:
+        from edgekit.tasks import image_models
+
+        return image_models.load(folder)[0]
+
+    @staticmethod
+    def forward(model: torch.nn.Module, inputs) -> torch.Tensor:
+        return model(inputs[INPUT_NAME])
+
+    def torch_batches(self, spec: TaskSpec, split: Split, batch_size: int = PREDICT_BATCH) -> Iterator[dict[str, torch.Tensor]]:
+        """The split's images as model inputs, in order."""
+        import torch
+
+        for start in range(0, len(split), batch_size):
+            yield {INPUT_NAME: torch.from_numpy(self.feeds(spec, split.inputs[start:start + batch_size])[INPUT_NAME])}
+
+    # ------------------------------------------------------------------ ONNX and the device
+
+    def export_onnx(self, folder: Path, output: Path, opset: int, say) -> None:
+        """torch.onnx (BatchNorm folded, symbolic batch), checked by onnx.checker."""
+        import onnx
+
+        from edgekit.tasks import image_models
+
+        model, record = image_models.load(folder)
+        say(f"exporting to ONNX (opset {opset}) with torch.onnx")
+        image_models.export_onnx(model, record, INPUT_NAME, output, opset)
+        onnx.checker.check_model(str(output))
+
+    def feeds(self, spec: TaskSpec, inputs: np.ndarray, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
+        """The device's ``ImagePreprocessor`` on uint8 images ``[n, height, width, channels]`` (their shape is fixed already)."""
+        from device_agent.preprocess import ImagePreprocessor
+
+        if spec.image is None:
+            raise ValueError("an image task needs its image preprocessing")
+        return {INPUT_NAME: ImagePreprocessor(spec.image)(np.asarray(inputs))}
+
+    def quantization(self, spec: QuantizationSpec) -> QuantizationSpec:
+        """Static QDQ with uint8 activations even where the target says dynamic: ONNX Runtime's dynamic int8 has no int8
+        convolutions (5-8x slower than fp32; bench/README.md), static QDQ runs its int8 conv kernels."""
+        if spec.scheme != "dynamic":
+            return spec
+        return spec.model_copy(update={"scheme": "static_qdq", "activation_type": "uint8", "symmetric_activations": False})
+
+    def bundle_preprocessing(self, spec: TaskSpec):
+        return spec.image
+
+    def bundle_files(self, spec: TaskSpec) -> dict[str, Path]:
+        return {}
+
+    def input_shape(self, spec: TaskSpec) -> dict:
+        return {"image_size": list(spec.image.crop)}
+
+    def drift_reference(self, model_path: Path, spec: TaskSpec, splits: Sequence[Split]):
+        from edgekit.drift_reference import reference_from_splits
+
+        return reference_from_splits(model_path, spec, splits)
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip or plain) as an array; ``DataError`` naming the problem for anything that is not one."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read IDX file {path} ({exc.strerror}); check data.idx in the build config") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path} is a damaged gzip file ({exc}); download it again") from None
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES or raw[3] == 0:
-        raise DataError(f"{path} is not an IDX file (magic {raw[:4].hex() or 'empty'}; expected 0000 + type 08..0e + dimension count)")
-    dims_count = raw[3]
-    header = 4 + 4 * dims_count
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated inside its header ({len(raw)} bytes); download it again")
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims_count)]
-    dtype = np.dtype(_IDX_TYPES[raw[2]])
-    expected = math.prod(dims) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(f"{path} holds {len(raw) - header} data bytes but its header says {dims} ({expected} bytes): "
-                        "the file is truncated or damaged; download it again")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def _idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise DataError(f"{images_path}: expected uint8 images [n, height, width(, channels)], got {images.dtype} {list(images.shape)}")
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise DataError(f"{labels_path}: expected one integer label per image, got {labels.dtype} {list(labels.shape)}")
-    if len(images) != len(labels):
-        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; they must pair up")
-    return (images[..., None] if images.ndim == 3 else images), labels.astype(np.int64)
-
-
-# ---------------------------------------------------------------- folders
-
-
-@dataclass
-class _FolderScan:
-    images: list[np.ndarray] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)
-    splits: list[str] = field(default_factory=list)
-    digests: list[str] = field(default_factory=list)
-    dropped: Counter = field(default_factory=Counter)
-    first_problem: str | None = None
-
-
-def _load_image(file: Path, mode: str, side: int) -> np.ndarray:
-    """Decode with Pillow, convert to the model's colour mode, bring to side x side the way the device resizes and crops."""
-    from PIL import Image
-
-    from device_agent.preprocess import _centre_crop, _resize_shorter_side
-
-    with Image.open(file) as opened:
-        opened.load()
-        pixels = np.asarray(opened.convert(mode), dtype=np.float32)
-    pixels = pixels.reshape(1, *pixels.shape[:2], -1)
-    if min(pixels.shape[1:3]) < 1:
-        raise ValueError("empty image")
-    square = _centre_crop(_resize_shorter_side(pixels, side), side, side)
-    return np.clip(np.rint(square[0]), 0, 255).astype(np.uint8)
-
-
-def _scan_class_folder(folder: Path, label: str, split: str, mode: str, side: int, scan: _FolderScan) -> None:
-    from PIL import UnidentifiedImageError
-
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if file.suffix.lower() not in IMAGE_SUFFIXES:
-            scan.dropped["not_images"] += 1
-            continue
-        try:
-            image = _load_image(file, mode, side)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # Pillow raises all of these for damaged files
-            scan.dropped["unreadable"] += 1
-            scan.first_problem = scan.first_problem or f"{file}: {exc}"
-            continue
-        scan.images.append(image)
-        scan.labels.append(label)
-        scan.splits.append(split)
-        scan.digests.append(hashlib.sha256(image.tobytes()).hexdigest())
-
-
-def _read_folder(path: Path, section: ImageSection) -> _FolderScan:
-    if not path.is_dir():
-        raise DataError(f"image folder {path} does not exist; set data.path to a folder with one sub-folder per class")
-    mode, side = ("L" if section.channel_order == "L" else "RGB"), section.resize or max(section.size)
-    children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    by_split = bool(children) and all(child.name.lower() in SPLIT_ALIASES for child in children)
-    scan = _FolderScan()
-    for child in children:
-        if by_split:
-            for class_folder in sorted(p for p in child.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                _scan_class_folder(class_folder, class_folder.name, SPLIT_ALIASES[child.name.lower()], mode, side, scan)
-        else:
-            _scan_class_folder(child, child.name, "", mode, side, scan)
-    if not scan.images:
-        found = f"; {scan.dropped['unreadable']} could not be decoded (first: {scan.first_problem})" if scan.dropped["unreadable"] else ""
-        raise DataError(f"{path} holds no readable images{found}; expected {path}/<class>/<image>.png (or .jpg, .jpeg, .bmp, .gif, "
-                        f".webp), or {path}/train/<class>/... and {path}/test/<class>/...")
-    return scan
-
-
-def _folder_dataset(path: Path, section: ImageSection, seed: int = 0) -> tuple[dict[str, tuple[np.ndarray, list[str]]], dict, list[str]]:
-    """Images per split (uint8 stacks with their class names), the cleaning counts, and warnings."""
-    scan = _read_folder(path, section)
-    labels_of: dict[str, set[str]] = {}
-    for digest, label in zip(scan.digests, scan.labels, strict=True):
-        labels_of.setdefault(digest, set()).add(label)
-    kept: list[int] = []
-    seen: set[str] = set()
-    for index, digest in enumerate(scan.digests):
-        if len(labels_of[digest]) > 1:
-            scan.dropped["conflicting_labels"] += 1
-        elif digest in seen:  # also across splits: the same image in train and test would flatter the test score
-            scan.dropped["duplicates"] += 1
-        else:
-            seen.add(digest)
-            kept.append(index)
-    examples = [Example(scan.digests[i], scan.labels[i], scan.splits[i]) for i in kept]
-    warnings: list[str] = []
-    if not any(example.split for example in examples):
-        examples, warnings = _assign_splits(examples, seed)
-    elif not any(example.split == "val" for example in examples):
-        train = [e for e in examples if e.split == "train"]
-        carved, warnings = _assign_splits(train, seed)  # the folder has no val/: take it from train, by content hash
-        moved = {e.text for e in carved if e.split == "val"}
-        examples = [Example(e.text, e.label, "val" if e.text in moved else e.split) for e in examples]
-    image_of = {scan.digests[i]: scan.images[i] for i in kept}
-    splits = {}
-    for name in SPLITS:
-        members = [e for e in examples if e.split == name]
-        stack = np.stack([image_of[e.text] for e in members]) if members else np.zeros((0, 1, 1, 1), np.uint8)
-        splits[name] = (stack, [e.label for e in members])
-    cleaning = {"rows_read": len(scan.digests) + scan.dropped["unreadable"] + scan.dropped["not_images"], "rows_kept": len(kept),
-                "dropped": {k: v for k, v in sorted(scan.dropped.items()) if v}}
-    if scan.first_problem:
-        warnings.append(f"skipped {scan.dropped['unreadable']} unreadable image(s); the first: {scan.first_problem}")
-    return splits, cleaning, warnings
-
-
-# ---------------------------------------------------------------- to the build
-
-
-def _stratified(labels: np.ndarray) -> np.ndarray:
-    """Row order interleaving the classes round robin, so any prefix (calibration, quick evaluation) is roughly stratified."""
-    rank = np.zeros(len(labels), dtype=np.int64)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        rank[members] = np.arange(len(members))
-    return np.lexsort((labels, rank))
-
-
-def _carve_val(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
-    """Boolean mask of the rows held out for validation: ``share`` of each class, chosen by a seeded permutation."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        mask[members[: max(1, round(len(members) * share))]] = True
-    return mask
-
-
-def _idx_dataset(files: IdxFiles, names: list[str] | None) -> tuple[dict[str, tuple[np.ndarray, list[str]]], dict, list[str]]:
-    train_images, train_labels = _idx_pair(files.train_images, files.train_labels)
-    test_images, test_labels = _idx_pair(files.test_images, files.test_labels)
-    if train_images.shape[1:] != test_images.shape[1:]:
-        raise DataError(f"train images are {list(train_images.shape[1:])} but test images {list(test_images.shape[1:])}; they must match")
-    top = int(max(train_labels.max(), test_labels.max()))
-    if int(min(train_labels.min(), test_labels.min())) < 0:
-        raise DataError(f"{files.train_labels}: labels must be class indices 0..n-1, found negative ones")
-    if names is not None and top >= len(names):
-        raise DataError(f"the IDX labels go up to {top} but data.label_names has {len(names)} names; name every class")
-    names = names or [str(i) for i in range(top + 1)]
-    val = _carve_val(train_labels, files.val_share, seed=0)
-    splits = {"train": (train_images[~val], [names[i] for i in train_labels[~val]]),
-              "val": (train_images[val], [names[i] for i in train_labels[val]]),
-              "test": (test_images, [names[i] for i in test_labels])}
-    total = len(train_labels) + len(test_labels)
-    return splits, {"rows_read": total, "rows_kept": total, "dropped": {}}, []
-
-
-def load_task_data(data: DataSection, section: ImageSection) -> TaskData:
-    """Read, clean and split the build's labelled images (IDX files when ``data.idx`` is set, else the folder ``data.path``)."""
-    if section.layout != "NCHW":
-        raise DataError("task.image.layout NHWC is for imported models that take channels last; models edgekit builds take NCHW")
-    if data.idx is not None:
-        splits, cleaning, warnings = _idx_dataset(data.idx, data.label_names)
-        source, order = f"IDX {data.idx.train_images.parent}", list(data.label_names or [])
-    else:
-        splits, cleaning, warnings = _folder_dataset(data.path, section)
-        source, order = str(data.path), []
-    train_classes = set(splits["train"][1])
-    if len(train_classes) < 2:
-        raise DataError(f"{source}: train has {len(train_classes)} class(es) {sorted(train_classes)}; classification needs at least 2")
-    # Named classes keep their given order (a dataset's documented label indices); otherwise sorted, as for text.
-    labels = tuple(name for name in order if name in train_classes) or tuple(sorted(train_classes))
-    for name in ("val", "test"):
-        strangers = sorted(set(splits[name][1]) - train_classes)
-        if strangers:
-            raise DataError(f"{source}: {name} has class(es) {strangers} that train does not; the model cannot learn them: "
-                            "add training images of those classes")
-        if not splits[name][1]:
-            raise DataError(f"{source}: the {name} split is empty; add images (each class needs 3 to be split) or a {name}/ folder")
-    channels = splits["train"][0].shape[-1]
-    if channels != channels_of(section):
-        raise DataError(f"{source}: the images have {channels} channel(s) but task.image.channel_order is {section.channel_order}; "
-                        f"set channel_order: {'L' if channels == 1 else 'RGB'}")
-    index = {label: i for i, label in enumerate(labels)}
-    built: dict[str, Split] = {}
-    for name in SPLITS:
-        images, names = splits[name]
-        targets = np.asarray([index[n] for n in names], dtype=np.int64)
-        order_ = _stratified(targets)
-        built[name] = Split(np.ascontiguousarray(images[order_]), targets[order_])
-    calibration = built["train"].head(CALIBRATION_ROWS)
-    digest = hashlib.sha256(json.dumps([labels, preprocessing(section).model_dump(mode="json")]).encode())
-    for name, split in (*built.items(), ("calibration", calibration)):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(split.inputs).tobytes())
-        digest.update(split.labels.tobytes())
-    balance = {name: {label: int(np.sum(built[name].labels == i)) for i, label in enumerate(labels)} for name in SPLITS}
-    summary = {"source": source, **cleaning, "balance": balance, "warnings": warnings}
-    return TaskData(labels, built["train"], built["val"], built["test"], calibration, digest.hexdigest(), summary)
+TASK = ImageClassification()
 
 
 def task_spec(labels: tuple[str, ...], section: ImageSection) -> TaskSpec:
     from edgekit.artifact import TaskSpec
 
-    return TaskSpec("image-classification", labels, 0, None, (INPUT_NAME,), "logits", preprocessing(section))
+    return TaskSpec(KIND, labels, 0, None, (INPUT_NAME,), "logits", preprocessing(section))
 
 
 # ---------------------------------------------------------------- training
@@ -385,23 +244,16 @@ def _augment(images: np.ndarray, rng: np.random.Generator, shift: bool) -> np.nd
     return out
 
 
-def accuracy(model: torch.nn.Module, split: Split, task: TaskSpec, device: str, autocast) -> float:
-    import torch
-
+def accuracy(model: torch.nn.Module, split: Split, spec: TaskSpec) -> float:
+    from edgekit import training
     from edgekit.measure import classification_metrics
-    from edgekit.tasks import model_feeds
 
-    model.eval()
-    predictions = []
-    with torch.inference_mode(), autocast:
-        for start in range(0, len(split), 256):
-            pixels = torch.from_numpy(model_feeds(task, split.inputs[start : start + 256])[task.input_names[0]]).to(device)
-            predictions.append(model(pixels).float().argmax(-1).cpu().numpy())
-    return classification_metrics(split.labels, np.concatenate(predictions), task.labels).accuracy
+    logits = training.predict(model, TASK.torch_batches(spec, split), TASK.forward)
+    return classification_metrics(split.labels, logits.argmax(-1), spec.labels).accuracy
 
 
-def train(model: torch.nn.Module, data: TaskData, task: TaskSpec, settings: LoopSettings, ctx: PassContext, what: str,
-          keep_initial: bool) -> dict:
+def train_model(model: torch.nn.Module, data: TaskData, spec: TaskSpec, settings: LoopSettings, ctx: PassContext, what: str,
+                keep_initial: bool) -> dict:
     """Train ``model`` in place on train, judged on val each epoch; the best epoch's weights are left in the model.
 
     ``keep_initial``: the starting weights compete too (fine-tuning keeps the
@@ -410,99 +262,45 @@ def train(model: torch.nn.Module, data: TaskData, task: TaskSpec, settings: Loop
     """
     import torch
 
+    from edgekit import training
     from edgekit.checkpoints import Checkpoints
-    from edgekit.tasks import model_feeds
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     train_split = data.train.head(settings.max_train_rows) if settings.max_train_rows else data.train
-    channels, size = (1 if task.image.channel_order == "L" else 3), tuple(task.image.crop)
-    check_memory(model, settings.batch_size, channels, size, device, f"{what}.batch_size")
+    channels, size = (1 if spec.image.channel_order == "L" else 3), tuple(spec.image.crop)
     torch.manual_seed(settings.seed)
-    model.to(device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" and torch.cuda.is_bf16_supported())
     steps_per_epoch = math.ceil(len(train_split) / settings.batch_size)
-    total_steps, warmup = steps_per_epoch * settings.epochs, int(settings.warmup_ratio * steps_per_epoch * settings.epochs)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-
-    def schedule(step: int) -> float:  # linear warm-up, then cosine decay to zero
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    checkpoints = Checkpoints(ctx.checkpoint_dir)
-    start_epoch, losses, seconds_before, seen = 1, [], 0.0, 0
-    initial = accuracy(model, data.val, task, device, autocast) if keep_initial else None
-    best_accuracy, best_epoch = (initial, 0) if keep_initial else (-1.0, 0)
-    best_state = None
-    resumed = checkpoints.latest()
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        best_accuracy, best_epoch, best_state = resumed["best_accuracy"], resumed["best_epoch"], resumed["best_state"]
-        losses, seconds_before, seen = resumed["losses"], resumed["seconds"], resumed["seen"]
-        start_epoch = resumed["epoch"] + 1
-        ctx.say(f"{what}: resuming after epoch {resumed['epoch']} from a checkpoint")
-    started = time.perf_counter()
-    progress = ctx.progress.add_task(f"{what} ({device})", total=total_steps, completed=(start_epoch - 1) * steps_per_epoch)
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, settings.epochs + 1):
-        if epoch - best_epoch > settings.patience and best_epoch > 0:
-            break
-        model.train()
-        # Seeded per epoch, so a run resumed from a checkpoint draws what the uninterrupted run would have.
-        order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
-        rng = np.random.default_rng(settings.seed * 1000 + epoch)
-        for rows in order.split(settings.batch_size):
-            images = train_split.inputs[rows.numpy()]
-            if settings.augment != "none":
-                images = _augment(images, rng, shift=settings.augment == "flip+shift")
-            pixels = torch.from_numpy(model_feeds(task, images)[task.input_names[0]]).to(device)
-            labels = torch.from_numpy(train_split.labels[rows.numpy()]).to(device)
-            with autocast:
-                loss = torch.nn.functional.cross_entropy(model(pixels).float(), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            seen += len(rows)
-            losses.append(loss.item())
-            ctx.progress.update(progress, advance=1,
-                                description=f"{what} epoch {epoch} loss {np.mean(losses[-50:]):.3f} (val acc {max(best_accuracy, 0):.4f})")
-        val_accuracy = accuracy(model, data.val, task, device, autocast)
-        ctx.say(f"{what}: epoch {epoch}: loss {np.mean(losses[-steps_per_epoch:]):.4f}, validation accuracy {val_accuracy:.4f}")
-        if val_accuracy > best_accuracy:
-            best_accuracy, best_epoch = val_accuracy, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        checkpoints.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "best_accuracy": best_accuracy, "best_epoch": best_epoch, "best_state": best_state, "losses": losses,
-                                 "seconds": seconds_before + time.perf_counter() - started, "seen": seen})
-    ctx.progress.remove_task(progress)
-    seconds = seconds_before + time.perf_counter() - started
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.to("cpu").eval()
-    stride = max(1, steps_per_epoch // 4)
+    batches = training.Shuffled(len(train_split), settings.batch_size, settings.seed, _batch_maker(spec, train_split, settings),
+                                reseed_each_epoch=True)
+    fit_settings = training.FitSettings(settings.epochs, settings.learning_rate, settings.weight_decay, "cosine",
+                                        int(settings.warmup_ratio * steps_per_epoch * settings.epochs), settings.patience, label=what)
+    result = training.fit(
+        model, batches, training.cross_entropy(TASK.forward), fit_settings, progress=ctx.progress, say=ctx.say,
+        validate=lambda m: accuracy(m, data.val, spec), initial=(lambda m: (accuracy(m, data.val, spec), {})) if keep_initial else None,
+        checkpoints=Checkpoints(ctx.checkpoint_dir),
+        memory_check=lambda device: check_memory(model, settings.batch_size, channels, size, device, f"{what}.batch_size"))
     return {
-        "device": device, "val_accuracy": best_accuracy, "val_accuracy_before": initial, "best_epoch": best_epoch,
-        "epochs_run": epoch, "seconds": round(seconds, 2), "samples_per_second": round(seen / seconds, 1) if seconds else None,
-        "loss_curve": [float(np.mean(losses[i : i + stride])) for i in range(0, len(losses), stride)],
-        "kept": "trained" if best_state is not None else "the starting weights (no epoch beat them on validation)",
+        "device": result.device, "val_accuracy": result.best_score, "val_accuracy_before": result.initial_score,
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": round(result.seconds, 2),
+        "samples_per_second": round(result.samples_per_second, 1) if result.samples_per_second else None,
+        "loss_curve": result.loss_curve(steps_per_epoch),
+        "kept": "trained" if result.improved else "the starting weights (no epoch beat them on validation)",
     }
 
 
-def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext, augment: str) -> Artifact:
-    """The finetune pass for image models: every weight trained further on the build's images (augmented as in training:
-    ``train.augment``); the loaded model competes."""
-    from edgekit.artifact import Artifact, Stage
-    from edgekit.tasks import image_models
+def _batch_maker(spec: TaskSpec, split: Split, settings: LoopSettings):
+    """Rows → an augmented, preprocessed batch; augmentation draws from a generator seeded per epoch (resumable)."""
+    import torch
 
-    model, record = image_models.load(artifact.directory)
-    loop = LoopSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.warmup_ratio,
-                        settings.early_stopping_patience, settings.seed, settings.max_train_rows, augment=augment)
-    metrics = train(model, ctx.data, artifact.task, loop, ctx, "finetune", keep_initial=True)
-    ctx.say(f"finetune: validation accuracy {metrics['val_accuracy']:.4f} (before: {metrics['val_accuracy_before']:.4f})")
-    image_models.save(model, record, ctx.work_dir)
-    metrics = {"method": "full", **metrics}
-    return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, artifact.task, metrics={**artifact.metrics, "finetune": metrics})
+    from edgekit import training
+
+    generators: dict[int, np.random.Generator] = {}
+
+    def make(rows: np.ndarray, epoch: int) -> training.Batch:
+        images = split.inputs[rows]
+        if settings.augment != "none":
+            rng = generators.setdefault(epoch, np.random.default_rng(settings.seed * 1000 + epoch))
+            images = _augment(images, rng, shift=settings.augment == "flip+shift")
+        pixels = torch.from_numpy(TASK.feeds(spec, images)[INPUT_NAME])
+        return training.Batch({INPUT_NAME: pixels}, torch.from_numpy(split.labels[rows]))
+
+    return make

@@ -1,16 +1,173 @@
-"""Text classification: the build's labelled texts, read through ``edgekit.data``, and how they become tensors.
+"""Text classification: labelled texts in, a Hugging Face sequence classifier out, tokenized as the device tokenizes.
 
-Rows carry a text, a label and (optionally) a split; ``edgekit.data`` reads
-CSV/TSV, JSONL, Parquet or a Hugging Face ``save_to_disk`` folder, cleans and
-splits them. Calibration rows come from their own file or, without one, from
-train. Tokenization is ``device_agent.preprocess.TextTokenizer``: the same code
-a device runs.
+Data: rows with a text, a label and (optionally) a split, read by
+``edgekit.data`` from CSV/TSV, JSONL, Parquet or a Hugging Face
+``save_to_disk`` folder, cleaned and split; calibration rows come from their own
+file or, without one, from train. Tokenization is
+``device_agent.preprocess.TextTokenizer``: the same code a device runs.
+
+Models: the embedded all-MiniLM-L6-v2 or a Hugging Face folder. The load step
+fits the head (pooler + classifier) on the frozen encoder's [CLS] features; the
+finetune step trains LoRA adapters (peft) or every weight; prune removes
+attention heads and FFN neurons (``edgekit.pruning.encoder``). All training runs
+in ``edgekit.training.fit``. Export is optimum's, with the dynamic axes named
+``batch`` and ``sequence``.
 """
 
 from __future__ import annotations
 
-from edgekit.config import DataSection
-from edgekit.data import TaskData, load_dataset, read_rows, to_task_data
+import functools
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from edgekit.config import BuildConfig, DataSection, FinetuneSection, HeadSection, PruneSection
+from edgekit.data import Split, TaskData, load_dataset, read_rows, to_task_data
+from edgekit.errors import EdgekitError
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgekit.artifact import Artifact, PassContext, TaskSpec
+    from edgekit.targets import QuantizationSpec
+
+KIND = "text-classification"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+PREDICT_BATCH = 64
+_DIM_NAMES = {"batch_size": "batch", "sequence_length": "sequence"}
+# Linear layers that LoRA adapts, by model family (the Hugging Face module names).
+LORA_TARGETS = {
+    "bert": ("query", "key", "value", "dense"),
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+    "roberta": ("query", "key", "value", "dense"),
+}
+
+
+class TextSettings(BaseModel):
+    """What a text build's config says about the task (part of the cache key of every pass that trains or exports)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_length: int
+    head: HeadSection
+
+
+class TextClassification:
+    """The text task: see the module docstring."""
+
+    kind = KIND
+    bundle_kind = KIND
+    graph_fusion = "bert"  # ONNX Runtime's transformer fusions apply
+
+    def settings(self, config: BuildConfig) -> TextSettings:
+        return TextSettings(max_length=config.task.max_length, head=config.head)
+
+    def load_data(self, config: BuildConfig) -> TaskData:
+        return load_task_data(config.data)
+
+    def spec(self, labels: tuple[str, ...], max_length: int, tokenizer_file: Path) -> TaskSpec:
+        from edgekit.artifact import TaskSpec
+
+        return TaskSpec(KIND, labels, max_length, tokenizer_file, INPUT_NAMES)
+
+    # ------------------------------------------------------------------ the torch stage
+
+    def load(self, source: str, digest: str, settings: TextSettings, ctx: PassContext) -> Artifact:
+        """A Hugging Face folder with a head for the build's labels, fitted on frozen features, saved with its tokenizer."""
+        from edgekit.artifact import Artifact, Stage
+        from edgekit.passes.load import resolve_source
+
+        folder = resolve_source(source)
+        metrics = fit_head(folder, ctx.data, settings, ctx)
+        copy_tokenizer(folder, ctx.work_dir)
+        task = self.spec(ctx.data.labels, settings.max_length, tokenizer_of(ctx.work_dir))
+        return Artifact(Stage.TORCH, ctx.work_dir, ".", digest, task, metrics={"load": metrics})
+
+    def finetune(self, artifact: Artifact, settings: FinetuneSection, task_settings: TextSettings, ctx: PassContext) -> Artifact:
+        return finetune(artifact, settings, ctx)
+
+    def prune(self, artifact: Artifact, settings: PruneSection, task_settings: TextSettings, ctx: PassContext) -> Artifact:
+        from edgekit.pruning.encoder import prune_encoder
+
+        return prune_encoder(artifact, settings, ctx)
+
+    def load_torch(self, folder: Path) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+
+    def save_torch(self, model: torch.nn.Module, source: Path, folder: Path) -> None:
+        model.save_pretrained(folder)
+        copy_tokenizer(source, folder)
+
+    @staticmethod
+    def forward(model: torch.nn.Module, inputs) -> torch.Tensor:
+        return model(**inputs).logits
+
+    def torch_batches(self, spec: TaskSpec, split: Split, batch_size: int = PREDICT_BATCH) -> Iterator[dict[str, torch.Tensor]]:
+        """The split's texts as model inputs, in order."""
+        import torch
+
+        for start in range(0, len(split), batch_size):
+            yield {k: torch.from_numpy(v) for k, v in self.feeds(spec, split.texts[start:start + batch_size]).items()}
+
+    # ------------------------------------------------------------------ ONNX and the device
+
+    def export_onnx(self, folder: Path, output: Path, opset: int, say) -> None:
+        """Optimum's exporter, dynamic axes renamed ``batch``/``sequence``, checked by onnx.checker."""
+        import onnx
+        from optimum.exporters.onnx import main_export
+
+        from edgekit.passes.export import ExportError
+
+        staging = output.parent / "optimum"
+        say(f"exporting to ONNX (opset {opset}) with optimum")
+        try:
+            main_export(str(folder), output=staging, task=KIND, opset=opset, device="cpu", do_validation=False)
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            raise ExportError(f"optimum cannot export this model ({exc}); check that its architecture supports ONNX export") from None
+        model = onnx.load(str(staging / "model.onnx"))
+        for value in [*model.graph.input, *model.graph.output]:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param in _DIM_NAMES:
+                    dim.dim_param = _DIM_NAMES[dim.dim_param]
+        onnx.checker.check_model(model)
+        onnx.save(model, str(output))
+        shutil.rmtree(staging)
+
+    def feeds(self, spec: TaskSpec, inputs: Sequence[str], *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
+        """Every tensor the tokenizer makes (callers keep those the graph takes); ``pad_to_max_length`` for fixed-shape timing."""
+        if spec.tokenizer_file is None:
+            raise ValueError("a text task needs its tokenizer.json")
+        return _tokenizer(Path(spec.tokenizer_file), spec.max_length, pad_to_max_length).encode(list(inputs))
+
+    def quantization(self, spec: QuantizationSpec) -> QuantizationSpec:
+        return spec
+
+    def bundle_preprocessing(self, spec: TaskSpec):
+        from device_agent.bundle import TokenizerPreprocessing
+
+        return TokenizerPreprocessing(tokenizer_file="tokenizer.json", max_length=spec.max_length)
+
+    def bundle_files(self, spec: TaskSpec) -> dict[str, Path]:
+        return {"tokenizer.json": Path(spec.tokenizer_file)}
+
+    def input_shape(self, spec: TaskSpec) -> dict:
+        return {"sequence_length": spec.max_length}
+
+    def drift_reference(self, model_path: Path, spec: TaskSpec, splits: Sequence[Split]):
+        from edgekit.drift_reference import reference_from_splits
+
+        return reference_from_splits(model_path, spec, splits)
+
+
+TASK = TextClassification()
 
 
 def load_task_data(columns: DataSection) -> TaskData:
@@ -20,3 +177,219 @@ def load_task_data(columns: DataSection) -> TaskData:
     if columns.calibration_path is not None:
         calibration = read_rows(columns.calibration_path, columns.text_column, columns.label_column, columns.split_column)
     return to_task_data(dataset, calibration)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(tokenizer_file: Path, max_length: int, pad_to_max_length: bool):
+    # Passes encode in many small batches; reading tokenizer.json once per batch cost more than the encoding.
+    from device_agent.preprocess import TextTokenizer
+
+    return TextTokenizer(tokenizer_file, max_length, pad_to_max_length=pad_to_max_length)
+
+
+def tokenizer_of(folder: Path) -> Path:
+    tokenizer = folder / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise EdgekitError(f"{folder} has no tokenizer.json (the fast tokenizer file); save the tokenizer with the model")
+    return tokenizer
+
+
+def copy_tokenizer(source: Path, destination: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, destination / name)
+
+
+def with_tokenizer_in(artifact: Artifact, folder: Path) -> TaskSpec:
+    """The artifact's task spec pointing at the tokenizer copied into ``folder``."""
+    return replace(artifact.task, tokenizer_file=folder / "tokenizer.json")
+
+
+# ---------------------------------------------------------------------- the head fit
+
+
+def fit_head(source: Path, data: TaskData, settings: TextSettings, ctx: PassContext) -> dict:
+    """Load the model with a head for the labels and fit pooler + classifier on the frozen encoder's [CLS] features."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from edgekit import training
+    from edgekit.measure import classification_metrics
+
+    labels, head_settings = data.labels, settings.head
+    hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected: we fit it next
+    torch.manual_seed(head_settings.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
+    ).eval()
+    if not head_settings.enabled:
+        model.save_pretrained(ctx.work_dir)
+        return {"head": "as loaded (not fitted)"}
+    spec = TASK.spec(labels, settings.max_length, tokenizer_of(source))
+    train_x, val_x = _cls_features(model, spec, data.train, "train", ctx), _cls_features(model, spec, data.val, "val", ctx)
+    train_y, val_y = torch.from_numpy(data.train.labels), data.val.labels
+    head = _head(model.base_model.pooler, model.classifier)
+
+    def validate(module) -> float:
+        return float(np.mean(training.predict(module, [{"features": val_x}], _head_forward).argmax(-1) == val_y))
+
+    batches = training.Shuffled(len(train_x), 128, head_settings.seed,
+                                lambda rows, _epoch: training.Batch({"features": train_x[rows]}, train_y[rows]))
+    result = training.fit(head, batches, training.cross_entropy(_head_forward),
+                          training.FitSettings(head_settings.epochs, head_settings.learning_rate, patience=10, label="fitting head"),
+                          progress=ctx.progress, validate=validate)
+    val_metrics = classification_metrics(val_y, training.predict(head, [{"features": val_x}], _head_forward).argmax(-1), labels)
+    model.save_pretrained(ctx.work_dir)
+    ctx.say(f"fitted the classification head: validation accuracy {val_metrics.accuracy:.3f} (epoch {result.best_epoch})")
+    return {"head": "pooler + classifier fitted on frozen encoder", "val_accuracy": val_metrics.accuracy,
+            "val_f1_macro": val_metrics.f1_macro, "epochs": result.best_epoch}
+
+
+def _cls_features(model, spec: TaskSpec, split: Split, what: str, ctx: PassContext):
+    import torch
+
+    rows = []
+    task = ctx.progress.add_task(f"encoding {what}", total=len(split))
+    with torch.inference_mode():
+        for inputs in TASK.torch_batches(spec, split):
+            rows.append(model.base_model(**inputs).last_hidden_state[:, 0])
+            ctx.progress.advance(task, len(inputs["input_ids"]))
+    ctx.progress.remove_task(task)
+    return torch.cat(rows)
+
+
+def _head(pooler, classifier):
+    """The pooler and classifier of a BERT-style classifier as one module over [CLS] features (it shares their weights)."""
+    import torch
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pooler, self.classifier = pooler, classifier
+
+        def forward(self, features):
+            return self.classifier(self.pooler.activation(self.pooler.dense(features)))
+
+    return Head()
+
+
+def _head_forward(module, inputs):
+    return module(inputs["features"])
+
+
+# ---------------------------------------------------------------------- fine-tuning
+
+
+def lora_model(model, settings: FinetuneSection):
+    """The model with LoRA adapters on the family's projections (or the configured modules); head trained fully."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    family = model.config.model_type
+    targets = settings.lora_target_modules or LORA_TARGETS.get(family)
+    if not targets:
+        raise EdgekitError(f"no default LoRA target modules for {family!r} models; set finetune.lora_target_modules")
+    available = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()})
+    missing = [name for name in targets if name not in available]
+    if missing:
+        raise EdgekitError(
+            f"LoRA target modules {missing} do not exist in this {family} model; "
+            f"set finetune.lora_target_modules to some of: {', '.join(available)}"
+        )
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                        lora_dropout=settings.lora_dropout, target_modules=list(targets), modules_to_save=["classifier", "pooler"])
+    return get_peft_model(model, config)
+
+
+def _memory_check(model, settings: FinetuneSection, max_length: int):
+    from edgekit.memory import check_fits, transformer_step_bytes
+
+    config = model.config
+    needed = transformer_step_bytes(
+        settings.batch_size, max_length, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+        getattr(config, "intermediate_size", 4 * config.hidden_size), sum(p.numel() for p in model.parameters()),
+    )
+    return lambda device: check_fits(needed, device, f"finetune.batch_size {settings.batch_size} at task.max_length {max_length}",
+                                     "lower finetune.batch_size or task.max_length")
+
+
+def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext) -> Artifact:
+    """LoRA or full fine-tuning from the head-fitted model; the head-only model competes on validation."""
+    import math
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from edgekit import training
+    from edgekit.artifact import Artifact, Stage
+    from edgekit.checkpoints import Checkpoints
+
+    torch.manual_seed(settings.seed)
+    spec = artifact.task
+    model = AutoModelForSequenceClassification.from_pretrained(artifact.directory)
+    memory_check = _memory_check(model, settings, spec.max_length)
+    trainable = lora_model(model, settings) if settings.method == "lora" else model
+    train = ctx.data.train.head(settings.max_train_rows) if settings.max_train_rows else ctx.data.train
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    scores = _Scores(spec, ctx.data)
+    batches = training.Shuffled(len(train), settings.batch_size, settings.seed, lambda rows, _epoch: _text_batch(spec, train, rows))
+    fit_settings = training.FitSettings(settings.epochs, settings.learning_rate, settings.weight_decay, "linear",
+                                        int(settings.warmup_ratio * steps_per_epoch * settings.epochs),
+                                        settings.early_stopping_patience, label=f"finetune ({settings.method})")
+    result = training.fit(trainable, batches, training.cross_entropy(TASK.forward), fit_settings, progress=ctx.progress,
+                          say=ctx.say, validate=scores.validate, initial=scores.head_only,
+                          checkpoints=Checkpoints(ctx.checkpoint_dir), memory_check=memory_check)
+    tuned_test = scores.test(trainable)
+    if settings.method == "lora":
+        trainable.save_pretrained(ctx.work_dir / "adapter")
+        trainable = trainable.merge_and_unload()
+    TASK.save_torch(trainable, artifact.directory, ctx.work_dir)
+    metrics = _finetune_metrics(settings, result, tuned_test, steps_per_epoch)
+    return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, with_tokenizer_in(artifact, ctx.work_dir),
+                    metrics={**artifact.metrics, "finetune": metrics})
+
+
+class _Scores:
+    """Validation and test accuracy of the model being fine-tuned, through the prediction loop."""
+
+    def __init__(self, spec: TaskSpec, data: TaskData) -> None:
+        self.spec, self.data = spec, data
+
+    def _metrics(self, model, split: Split):
+        from edgekit import training
+        from edgekit.measure import classification_metrics
+
+        logits = training.predict(model, TASK.torch_batches(self.spec, split), TASK.forward)
+        return classification_metrics(split.labels, logits.argmax(-1), self.data.labels)
+
+    def validate(self, model) -> float:
+        return self._metrics(model, self.data.val).accuracy
+
+    def head_only(self, model) -> tuple[float, dict]:
+        return self.validate(model), {"head_only_test": self._metrics(model, self.data.test).to_dict()}
+
+    def test(self, model):
+        return self._metrics(model, self.data.test)
+
+
+def _text_batch(spec: TaskSpec, split: Split, rows: np.ndarray, teacher: np.ndarray | None = None):
+    import torch
+
+    from edgekit import training
+
+    inputs = {k: torch.from_numpy(v) for k, v in TASK.feeds(spec, [split.texts[i] for i in rows]).items()}
+    return training.Batch(inputs, torch.from_numpy(split.labels[rows]),
+                          torch.from_numpy(teacher[rows]) if teacher is not None else None)
+
+
+def _finetune_metrics(settings: FinetuneSection, result, tuned_test, steps_per_epoch: int) -> dict:
+    head_only_test = result.extra["head_only_test"]
+    return {
+        "method": settings.method, "device": result.device, "val_accuracy_head_only": result.initial_score,
+        "val_accuracy": result.best_score, "test_accuracy_head_only": head_only_test["accuracy"], "test_accuracy": tuned_test.accuracy,
+        "test_f1_macro_head_only": head_only_test["f1_macro"], "test_f1_macro": tuned_test.f1_macro,
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "resumed_after_epoch": result.resumed_after_epoch,
+        "seconds": result.seconds, "samples_per_second": result.samples_per_second,
+        "loss_curve": result.loss_curve(steps_per_epoch),
+        "kept": "fine-tuned" if result.improved else "the head-only model (fine-tuning did not beat it on validation)",
+    }

@@ -104,7 +104,7 @@ def _context(tmp_path, data=None):
     from edgekit.artifact import PassContext
 
     config = BuildConfig()
-    return PassContext(tmp_path / "work", None, data or load_task_data(config.data), config, Progress(disable=True), tmp_path / "k", print)
+    return PassContext(tmp_path / "work", data or load_task_data(config.data), Progress(disable=True), tmp_path / "k", print)
 
 
 def test_corrupt_onnx_source_is_named(tmp_path):
@@ -116,7 +116,7 @@ def test_corrupt_onnx_source_is_named(tmp_path):
     broken.write_bytes(b"\x08\x07 this is not a protobuf")
     (tmp_path / "tokenizer.json").write_text("{}")
     source = Artifact(Stage.SOURCE, tmp_path, "", "d", TaskSpec("text-classification", ("a", "b"), 8, tmp_path))
-    options = load.Options(source=str(broken), max_length=8, head=BuildConfig().head)
+    options = load.options_for(BuildConfig(model={"source": str(broken)}, task={"max_length": 8}), None)
     with pytest.raises(EdgekitError, match="is not a valid ONNX model"):
         load.run_onnx(source, options, _context(tmp_path))
 

@@ -68,7 +68,7 @@ def _artifact(directory: Path, precision: str = "int8") -> Artifact:
 
 
 def _context(work_dir: Path, target: TargetProfile, said: list[str]) -> PassContext:
-    return PassContext(work_dir=work_dir, target=target, data=None, config=BuildConfig(),  # type: ignore[arg-type]
+    return PassContext(work_dir=work_dir, data=None,  # type: ignore[arg-type]
                        progress=Progress(disable=True), signing_key=Path("unused.key"), say=said.append)
 
 

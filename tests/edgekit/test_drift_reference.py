@@ -123,7 +123,7 @@ def test_package_pass_writes_the_reference_into_the_signed_manifest(tmp_path):
     generate_keypair(tmp_path / "keys")
     work = tmp_path / "work"
     work.mkdir()
-    ctx = PassContext(work_dir=work, target=None, data=data, config=BuildConfig(), progress=Progress(disable=True),
+    ctx = PassContext(work_dir=work, data=data, progress=Progress(disable=True),
                       signing_key=tmp_path / "keys" / "edgekit.key", say=print)
     artifact = Artifact(Stage.EVALUATED, tmp_path, "model.onnx", "digest", task)
     options = package.Options(name="tiny", version="1.0.0", target=load_target("x86-64-cpu"), golden_samples=4)

@@ -27,7 +27,7 @@ def _run(tiny, tmp_path, **settings):
     work = tmp_path / "work"
     work.mkdir()
     config = BuildConfig(finetune=FinetuneSection(enabled=True, max_train_rows=320, **settings))
-    ctx = PassContext(work, None, data, config, Progress(disable=True), tmp_path / "k", print)
+    ctx = PassContext(work, data, Progress(disable=True), tmp_path / "k", print)
     return finetune.run(artifact, finetune.options_for(config, None), ctx)
 
 
@@ -82,13 +82,13 @@ def test_an_interrupted_fine_tune_resumes_after_its_last_finished_epoch(tiny, tm
     first.mkdir()
     with pytest.raises(KeyboardInterrupt):
         finetune.run(artifact, finetune.options_for(config, None),
-                     PassContext(first, None, data, config, Progress(disable=True), tmp_path / "k", interrupt_in_epoch_two, checkpoints))
+                     PassContext(first, data, Progress(disable=True), tmp_path / "k", interrupt_in_epoch_two, checkpoints))
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch-1.pt"], "epoch 1 was saved, epoch 2 never finished"
     messages: list[str] = []
     second = tmp_path / "second"
     second.mkdir()
     result = finetune.run(artifact, finetune.options_for(config, None),
-                          PassContext(second, None, data, config, Progress(disable=True), tmp_path / "k", messages.append, checkpoints))
+                          PassContext(second, data, Progress(disable=True), tmp_path / "k", messages.append, checkpoints))
     metrics = result.metrics["finetune"]
     assert metrics["resumed_after_epoch"] == 1 and metrics["epochs_run"] == 3
     assert any("resuming after epoch 1" in m for m in messages)

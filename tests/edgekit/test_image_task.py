@@ -20,7 +20,7 @@ from edgekit.cli import app
 from edgekit.config import BuildConfig, DataSection, IdxFiles, ImageSection
 from edgekit.data import DataError
 from edgekit.errors import EdgekitError
-from edgekit.tasks import image_classification, model_feeds
+from edgekit.tasks import image_classification, image_data, model_feeds
 from tests.support.builds import relaxed_target
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def test_idx_reader_reads_gzip_and_plain_files(tmp_path):
     (tmp_path / "plain.idx").write_bytes(_idx_bytes(images))
     (tmp_path / "packed.idx.gz").write_bytes(gzip.compress(_idx_bytes(images)))
     for name in ("plain.idx", "packed.idx.gz"):
-        np.testing.assert_array_equal(image_classification.read_idx(tmp_path / name), images)
+        np.testing.assert_array_equal(image_data.read_idx(tmp_path / name), images)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_idx_reader_names_what_is_wrong(tmp_path, content, message):
     path = tmp_path / "broken.idx"
     path.write_bytes(content)
     with pytest.raises(DataError, match=message):
-        image_classification.read_idx(path)
+        image_data.read_idx(path)
 
 
 def _idx_set(folder: Path, train_labels, test_labels, size: int = 12) -> IdxFiles:
@@ -246,9 +246,9 @@ def test_a_batch_too_large_for_memory_is_refused_before_training(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     settings = image_classification.LoopSettings(epochs=1, batch_size=10**9, learning_rate=1e-3, weight_decay=0, warmup_ratio=0,
                                                  patience=1, seed=0)
-    ctx = PassContext(tmp_path, None, data, BuildConfig(), Progress(disable=True), tmp_path / "k", print)
+    ctx = PassContext(tmp_path, data, Progress(disable=True), tmp_path / "k", print)
     with pytest.raises(EdgekitError, match=r"train.batch_size 1000000000 with 1x12x12 images needs about .* GiB .* set train.batch_size to \d+ or less"):
-        image_classification.train(model, data, task, settings, ctx, "train", keep_initial=False)
+        image_classification.train_model(model, data, task, settings, ctx, "train", keep_initial=False)
     assert all((model.state_dict()[k] == v).all() for k, v in before.items()), "nothing was trained"
 
 
@@ -368,12 +368,12 @@ def test_hugging_face_resnet_from_a_config_trains_and_exports(tmp_path):
     })
     source = Artifact(Stage.SOURCE, Path("config:resnet"), "", load.source_digest("config:resnet"), image_classification.task_spec(data.labels, GRAY))
     (tmp_path / "load").mkdir()
-    ctx = PassContext(tmp_path / "load", None, data, config, Progress(disable=True), tmp_path / "k", print)
+    ctx = PassContext(tmp_path / "load", data, Progress(disable=True), tmp_path / "k", print)
     loaded = load.run(source, load.options_for(config, None), ctx)
     assert (loaded.directory / "hf" / "config.json").is_file()
     assert json.loads((loaded.directory / "hf" / "config.json").read_text())["model_type"] == "resnet"
     (tmp_path / "export").mkdir()
-    ctx = PassContext(tmp_path / "export", None, data, config, Progress(disable=True), tmp_path / "k", print)
+    ctx = PassContext(tmp_path / "export", data, Progress(disable=True), tmp_path / "k", print)
     exported = export.run(loaded, export.options_for(config, None), ctx)
     assert exported.metrics["export"]["parity_max_abs_error"] < 1e-4
     assert [i.name for i in onnx.load(str(exported.model_path)).graph.input] == ["pixel_values"]

@@ -11,8 +11,9 @@ from rich.progress import Progress
 
 from edgekit.artifact import Artifact, PassContext, Stage, TaskSpec
 from edgekit.config import BuildConfig, PruneSection
+from edgekit import training
 from edgekit.passes import prune
-from edgekit.passes.prune import PruneError
+from edgekit.pruning import PruneError, cnn, encoder, parameter_count
 from edgekit.tasks.text_classification import load_task_data
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -73,13 +74,14 @@ def _tokenizer(artifact):
 
 
 def _batches(artifact, split, rows=256):
-    return list(prune._batches(_tokenizer(artifact), split, rows))
+    return encoder.ranking_batches(artifact.task, split, rows)
 
 
 def _loss_and_accuracy(model, artifact, split, rows=400) -> tuple[float, float]:
     loss, hits = 0.0, 0
     with torch.no_grad():
-        for inputs, labels in prune._batches(_tokenizer(artifact), split, rows, 64):
+        for batch in encoder.ranking_batches(artifact.task, split, rows, 64):
+            inputs, labels = batch.inputs, batch.labels
             output = model(**inputs, labels=labels)
             loss += output.loss.item() * len(labels)
             hits += int((output.logits.argmax(-1) == labels).sum())
@@ -89,8 +91,9 @@ def _loss_and_accuracy(model, artifact, split, rows=400) -> tuple[float, float]:
 def _run(artifact, data, tmp_path, **settings):
     work = tmp_path / "work"
     work.mkdir()
-    config = BuildConfig(prune=PruneSection(enabled=True, **{"recovery_steps": 0, **settings}))
-    ctx = PassContext(work, None, data, config, Progress(disable=True), tmp_path / "k", print)
+    config = BuildConfig(prune=PruneSection(enabled=True, **{"recovery_steps": 0, **settings}), task={"kind": artifact.task.kind},
+                         **({"model": {"source": "builtin:small-cnn"}} if artifact.task.image else {}))
+    ctx = PassContext(work, data, Progress(disable=True), tmp_path / "k", print)
     return prune.run(artifact, prune.options_for(config, None), ctx)
 
 
@@ -102,10 +105,10 @@ def test_heads_and_neurons_leave_the_matrices_and_survive_save_and_reload(tiny, 
 
     model = _model(tiny)
     rng = np.random.default_rng(0)
-    plan = prune.plan_encoder(prune.EncoderImportance(rng.random((2, 4)), rng.random((2, 64))), 0.5)
-    prune.apply_encoder_plan(model, plan)
+    plan = encoder.plan_encoder(encoder.EncoderImportance(rng.random((2, 4)), rng.random((2, 64))), 0.5)
+    encoder.apply_encoder_plan(model, plan)
     assert sum(len(h) for h in plan.heads.values()) == 4, "half of the 8 heads"
-    shape = prune.encoder_shape(model)
+    shape = encoder.encoder_shape(model)
     assert sum(shape["heads"]) == 4 and min(shape["heads"]) >= 1
     assert shape["intermediate"] == [32, 32]
     layer = model.bert.encoder.layer[0]
@@ -115,15 +118,15 @@ def test_heads_and_neurons_leave_the_matrices_and_survive_save_and_reload(tiny, 
 
     model.save_pretrained(tmp_path / "pruned")
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pruned").eval()
-    assert prune.encoder_shape(reloaded) == shape, "config.pruned_heads and intermediate_size rebuild the same shapes"
-    inputs, _ = _batches(tiny, data.val, 16)[0]
+    assert encoder.encoder_shape(reloaded) == shape, "config.pruned_heads and intermediate_size rebuild the same shapes"
+    inputs = _batches(tiny, data.val, 16)[0].inputs
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
 
     # Pruning an already pruned model: positions count only the heads still there.
-    again = prune.plan_encoder(prune.EncoderImportance(prune._ragged([np.ones(n) for n in shape["heads"]]), np.ones((2, 32))), 0.3)
-    prune.apply_encoder_plan(reloaded, again)
-    assert sum(prune.encoder_shape(reloaded)["heads"]) == 4 - sum(len(h) for h in again.heads.values())
+    again = encoder.plan_encoder(encoder.EncoderImportance(encoder._ragged([np.ones(n) for n in shape["heads"]]), np.ones((2, 32))), 0.3)
+    encoder.apply_encoder_plan(reloaded, again)
+    assert sum(encoder.encoder_shape(reloaded)["heads"]) == 4 - sum(len(h) for h in again.heads.values())
 
 
 def test_heads_and_neurons_whose_output_is_zero_are_ranked_least_important(tiny, data):
@@ -135,10 +138,10 @@ def test_heads_and_neurons_whose_output_is_zero_are_ranked_least_important(tiny,
                 model.bert.encoder.layer[layer].attention.output.dense.weight[:, head * 8:(head + 1) * 8] = 0
         for layer in model.bert.encoder.layer:
             layer.output.dense.weight[:, dead_neurons] = 0
-    importance = prune.encoder_importance(model, _batches(tiny, data.train), "taylor")
+    importance = encoder.encoder_importance(model, _batches(tiny, data.train), "taylor")
     assert importance.heads[0, 1] == 0 and importance.heads[1, 3] == 0
     assert (importance.heads[0, [0, 2, 3]] > 0).all() and (importance.neurons[:, dead_neurons] == 0).all()
-    plan = prune.plan_encoder(importance, 2 / 8)  # 2 heads; 64 - 16 = 48 neurons kept
+    plan = encoder.plan_encoder(importance, 2 / 8)  # 2 heads; 64 - 16 = 48 neurons kept
     assert plan.heads == dead_heads
     for kept in plan.neurons_kept:
         assert not set(dead_neurons) & set(kept.tolist())
@@ -146,13 +149,13 @@ def test_heads_and_neurons_whose_output_is_zero_are_ranked_least_important(tiny,
 
 def test_pruning_the_least_important_units_hurts_less_than_pruning_the_most_important(tiny, data):
     model = _model(tiny)
-    importance = prune.encoder_importance(model, _batches(tiny, data.train), "taylor")
-    inverted = prune.EncoderImportance(-importance.heads, -importance.neurons)
+    importance = encoder.encoder_importance(model, _batches(tiny, data.train), "taylor")
+    inverted = encoder.EncoderImportance(-importance.heads, -importance.neurons)
     for ratio in (0.25, 0.5):
         calibration_loss, val_accuracy = {}, {}
         for name, scores in (("least", importance), ("most", inverted)):
             candidate = copy.deepcopy(model)
-            prune.apply_encoder_plan(candidate, prune.plan_encoder(scores, ratio))
+            encoder.apply_encoder_plan(candidate, encoder.plan_encoder(scores, ratio))
             calibration_loss[name] = _loss_and_accuracy(candidate, tiny, data.train, 256)[0]
             val_accuracy[name] = _loss_and_accuracy(candidate, tiny, data.val)[1]
         assert calibration_loss["least"] < calibration_loss["most"], (ratio, calibration_loss)
@@ -179,10 +182,10 @@ def test_the_pass_prunes_exports_and_runs_in_onnx_runtime_like_the_pruned_torch_
     work = tmp_path / "export"
     work.mkdir()
     config = BuildConfig()
-    ctx = PassContext(work, None, data, config, Progress(disable=True), tmp_path / "k", print)
+    ctx = PassContext(work, data, Progress(disable=True), tmp_path / "k", print)
     exported = export.run(result, export.options_for(config, None), ctx)
     unpruned = tmp_path / "unpruned.onnx"
-    prune.export_classifier_onnx(_model(tiny), unpruned)
+    encoder.export_encoder(_model(tiny), tiny.directory, unpruned)
     assert exported.model_path.stat().st_size < unpruned.stat().st_size
     session = onnxruntime.InferenceSession(str(exported.model_path), providers=["CPUExecutionProvider"])
     feeds = _tokenizer(tiny).encode(data.test.texts[:32])
@@ -211,17 +214,20 @@ def test_a_latency_goal_picks_the_smallest_ratio_that_meets_it(tiny, tmp_path, m
         ratio = float(paths["after"].stem.removeprefix("candidate-"))
         return {"before": Latency(10.0, 10.0, 1), "after": Latency(10.0 * (1 - ratio), 10.0 * (1 - ratio), 1)}
 
-    monkeypatch.setattr(prune, "compare_latency", fake_latency)
+    import edgekit.pruning
+
+    monkeypatch.setattr(edgekit.pruning, "compare_latency", fake_latency)
+    monkeypatch.setattr(encoder, "export_encoder", lambda model, source, output: output.write_bytes(b"") or output)
     model = _model(tiny)
     rng = np.random.default_rng(0)
-    importance = prune.EncoderImportance(rng.random((2, 4)), rng.random((2, 64)))
-    ratio, trials = prune.search_ratio(model, importance, PruneSection(speedup=1.25), tmp_path / "b.onnx", {}, tmp_path, print)
+    importance = encoder.EncoderImportance(rng.random((2, 4)), rng.random((2, 64)))
+    ratio, trials = encoder.search_ratio(model, importance, PruneSection(speedup=1.25), tiny.directory, tmp_path / "b.onnx", {}, print)
     assert ratio == 0.2, trials  # 10 / 8 = 1.25
     assert len(trials) <= 5 and trials[0]["ratio"] == 0.7
-    ratio, _ = prune.search_ratio(model, importance, PruneSection(target_latency_ms=6.6), tmp_path / "b.onnx", {}, tmp_path, print)
+    ratio, _ = encoder.search_ratio(model, importance, PruneSection(target_latency_ms=6.6), tiny.directory, tmp_path / "b.onnx", {}, print)
     assert ratio == 0.35
     with pytest.raises(PruneError, match=r"speedup 5.0x\) is out of reach: pruning max_ratio 0.7 gives 3.00 ms \(3.33x\).*raise prune.max_ratio"):
-        prune.search_ratio(model, importance, PruneSection(speedup=5), tmp_path / "b.onnx", {}, tmp_path, print)
+        encoder.search_ratio(model, importance, PruneSection(speedup=5), tiny.directory, tmp_path / "b.onnx", {}, print)
 
 
 def test_a_latency_goal_runs_through_the_pass(tiny, data, tmp_path):
@@ -301,15 +307,10 @@ def _images(count=64, seed=0):
 
 
 def _train_cnn(model, steps=60):
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(steps):
-        images, labels = _images(32, seed=step + 1)
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    from tests.support.train import fit_on
+
+    return fit_on(model, [training.Batch({"images": images}, labels) for images, labels in (_images(32, seed=step + 1) for step in range(steps))],
+                  learning_rate=1e-2)
 
 
 @pytest.mark.parametrize("flatten_spatial", [False, True], ids=["pooled", "flatten-4x4"])
@@ -318,16 +319,16 @@ def test_conv_channels_leave_the_matrices_and_onnx_runtime_agrees(flatten_spatia
 
     model = _train_cnn(_tiny_cnn(flatten_spatial))
     images, labels = _images(64, seed=99)
-    importance = prune.conv_importance(model, [(images, labels)])
+    importance = cnn.conv_importance(model, [training.Batch({"pixel_values": images}, labels)])
     assert [len(s) for s in importance] == [8, 16]
-    unpruned_parameters = prune.parameter_count(model)
-    channels = prune.prune_sequential_cnn(model, importance, 0.5, images[:1])
+    unpruned_parameters = parameter_count(model)
+    channels = cnn.prune_sequential_cnn(model, importance, 0.5, images[:1])
     assert channels == {"channels_before": [8, 16], "channels_after": [4, 8]}
-    chain = prune.flatten_sequential(model)
+    chain = cnn.flatten_sequential(model)
     assert chain[0].weight.shape == (4, 3, 3, 3) and chain[1].running_mean.shape == (4,)
     assert chain[4].weight.shape == (8, 4, 3, 3) and chain[5].num_features == 8
     assert chain[-1].weight.shape == (4, 8 * (16 if flatten_spatial else 1))
-    assert prune.parameter_count(model) < unpruned_parameters
+    assert parameter_count(model) < unpruned_parameters
     with torch.no_grad():
         expected = model(images).numpy()
     torch.onnx.export(model, (images[:1],), str(tmp_path / "cnn.onnx"), input_names=["images"], output_names=["logits"],
@@ -343,10 +344,10 @@ def test_conv_channels_that_output_zero_are_removed_first():
         model[1][0].bias[[2, 11]] = 0
         model[1][1].bias[[2, 11]] = -5  # ... and BatchNorm shifts them below ReLU's threshold
     images, labels = _images(64, seed=99)
-    importance = prune.conv_importance(model, [(images, labels)])
+    importance = cnn.conv_importance(model, [training.Batch({"pixel_values": images}, labels)])
     assert (importance[1][[2, 11]] == 0).all() and (np.delete(importance[1], [2, 11]) > 0).sum() >= 10
     before = model[1][1].running_mean.clone()
-    prune.prune_sequential_cnn(model, importance, 2 / 16, images[:1])
+    cnn.prune_sequential_cnn(model, importance, 2 / 16, images[:1])
     kept = [c for c in range(16) if c not in (2, 11)]
     torch.testing.assert_close(model[1][1].running_mean, before[kept])
 
@@ -402,13 +403,13 @@ def test_cnns_that_are_not_plain_chains_are_refused():
             return x
 
     with pytest.raises(PruneError, match="does not support Residual modules; supported: .*nn.Sequential CNNs"):
-        prune.flatten_sequential(Residual())
+        cnn.flatten_sequential(Residual())
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=4), nn.ReLU(), nn.Conv2d(8, 8, 3))
     with pytest.raises(PruneError, match="grouped/depthwise Conv2d"):
-        prune.conv_units(prune.flatten_sequential(grouped), torch.zeros(1, 4, 8, 8))
+        cnn.conv_units(cnn.flatten_sequential(grouped), torch.zeros(1, 4, 8, 8))
     no_consumer = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
     with pytest.raises(PruneError, match="found no prunable Conv2d"):
-        prune.conv_units(prune.flatten_sequential(no_consumer), torch.zeros(1, 3, 8, 8))
+        cnn.conv_units(cnn.flatten_sequential(no_consumer), torch.zeros(1, 3, 8, 8))
 
 
 def test_the_image_tasks_small_cnn_is_pruned_saved_and_reloaded(tmp_path):
@@ -416,6 +417,7 @@ def test_the_image_tasks_small_cnn_is_pruned_saved_and_reloaded(tmp_path):
     from edgekit.config import ImageSection
     from edgekit.data import Split, TaskData
     from edgekit.tasks import image_classification, model_feeds
+    from tests.support.train import fit_on
 
     labels = ("a", "b", "c", "d")
     task = image_classification.task_spec(labels, ImageSection(size=(16, 16), channel_order="L"))
@@ -427,13 +429,8 @@ def test_the_image_tasks_small_cnn_is_pruned_saved_and_reloaded(tmp_path):
     data = TaskData(labels, split(256, 1), split(128, 2), split(64, 3), split(32, 4), "images")
     record = image_models.record_for(image_models.SMALL_CNN, 1, 4, [8, 16, 16], (16, 16))
     model = image_models.build(record)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     pixels = torch.from_numpy(model_feeds(task, data.train.inputs)[task.input_names[0]])
-    for _ in range(15):
-        loss = torch.nn.functional.cross_entropy(model(pixels), torch.from_numpy(data.train.labels))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_on(model, [training.Batch({"pixel_values": pixels}, torch.from_numpy(data.train.labels))], learning_rate=1e-2, epochs=15)
     image_models.save(model.eval(), record, tmp_path / "cnn")
     artifact = Artifact(Stage.TORCH, tmp_path / "cnn", ".", "cnn", task)
 
@@ -442,7 +439,7 @@ def test_the_image_tasks_small_cnn_is_pruned_saved_and_reloaded(tmp_path):
     assert metrics["channels_before"] == [8, 16, 16] and metrics["channels_after"] == [4, 8, 8]
     assert metrics["parameters"]["after"] < metrics["parameters"]["before"] and metrics["size_mb"]["after"] < metrics["size_mb"]["before"]
     reloaded, saved = image_models.load(result.directory)
-    assert saved.widths == [4, 8, 8] and prune.flatten_sequential(reloaded)[0].out_channels == 4
+    assert saved.widths == [4, 8, 8] and cnn.flatten_sequential(reloaded)[0].out_channels == 4
     assert metrics["val_accuracy"]["recovered"] is not None
     (tmp_path / "again").mkdir()
     with pytest.raises(PruneError, match="set prune.ratio for image models"):
@@ -460,10 +457,10 @@ def test_roberta_shares_the_bert_layout_and_reloads_pruned(tmp_path):
     model = RobertaForSequenceClassification(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                            intermediate_size=64, max_position_embeddings=40, num_labels=3)).eval()
     rng = np.random.default_rng(1)
-    prune.apply_encoder_plan(model, prune.plan_encoder(prune.EncoderImportance(rng.random((2, 4)), rng.random((2, 64))), 0.5))
+    encoder.apply_encoder_plan(model, encoder.plan_encoder(encoder.EncoderImportance(rng.random((2, 4)), rng.random((2, 64))), 0.5))
     model.save_pretrained(tmp_path / "roberta")
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "roberta").eval()
-    assert prune.encoder_shape(reloaded) == prune.encoder_shape(model) and sum(prune.encoder_shape(model)["heads"]) == 4
+    assert encoder.encoder_shape(reloaded) == encoder.encoder_shape(model) and sum(encoder.encoder_shape(model)["heads"]) == 4
     ids = torch.randint(3, 100, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -18,7 +18,6 @@ import numpy as np
 from edgekit.artifact import Artifact, PassContext, Stage, TaskSpec
 from edgekit.config import BuildConfig
 from edgekit.data import TaskData
-from edgekit.passes.prune import export_classifier_onnx
 from edgekit.tasks.text_classification import load_task_data
 
 MAX_LENGTH = 64
@@ -51,7 +50,7 @@ def build_tiny_bert(directory: Path, *, seed: int = 0, hidden_size: int = 32, la
     _train(model, data, task, train_rows=train_rows, epochs=epochs)
     directory.mkdir(parents=True, exist_ok=True)
     model_path = directory / "model.onnx"
-    export_classifier_onnx(model, model_path)
+    export_hf_classifier(model, model_path)
     return TinyBert(model_path, task, data)
 
 
@@ -66,15 +65,13 @@ def artifact_for(tiny: TinyBert) -> Artifact:
     )
 
 
-def context_for(tiny: TinyBert, work_dir: Path, *, target=None, data: TaskData | None = None, config: BuildConfig | None = None) -> PassContext:
+def context_for(tiny: TinyBert, work_dir: Path, *, data: TaskData | None = None) -> PassContext:
     """A PassContext writing into ``work_dir``; progress bars are disabled and lines go to stdout."""
     from rich.progress import Progress
 
     return PassContext(
         work_dir=work_dir,
-        target=target,
         data=data or tiny.data,
-        config=config or BuildConfig(),
         progress=Progress(disable=True),
         signing_key=work_dir / "unused-signing.key",
         say=print,
@@ -99,26 +96,42 @@ def _tiny_classifier(label_count: int, hidden_size: int, layers: int):
 
 
 def _train(model, data: TaskData, task: TaskSpec, *, train_rows: int, epochs: int) -> None:
+    """A few epochs in the build's own training loop (edgekit.training), no validation: the weights only need meaning."""
+    from rich.progress import Progress
+
+    from edgekit import training
+    from edgekit.tasks.text_classification import TASK
+    from tests.support.train import EpochOrders
+
+    # The train split is stored class-interleaved, so its first rows are balanced.
+    train = data.train.head(train_rows)
+
+    def batch(rows, _epoch):
+        import torch
+
+        inputs = {k: torch.from_numpy(v) for k, v in TASK.feeds(task, [train.texts[i] for i in rows]).items()}
+        return training.Batch(inputs, torch.from_numpy(train.labels[rows]))
+
+    generator = np.random.default_rng(0)
+    orders = [generator.permutation(len(train)) for _ in range(epochs)]
+    training.fit(model, EpochOrders(orders, 32, batch), training.cross_entropy(TASK.forward),
+                 training.FitSettings(epochs, 3e-3), progress=Progress(disable=True))
+
+
+def export_hf_classifier(model, path: Path) -> Path:
+    """A Hugging Face sequence classifier as ONNX, logits only, as ``export_text_classifier`` exports."""
     import torch
 
-    from device_agent.preprocess import TextTokenizer
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
 
-    tokenizer = TextTokenizer(task.tokenizer_file, task.max_length)
-    # The train split is stored class-interleaved, so its first rows are balanced.
-    texts, labels = data.train.texts[:train_rows], data.train.labels[:train_rows]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = np.random.default_rng(0)
-    model.train()
-    for _ in range(epochs):
-        order = generator.permutation(len(texts))
-        for start in range(0, len(order), 32):
-            rows = order[start : start + 32]
-            batch = {name: torch.from_numpy(array) for name, array in tokenizer.encode([texts[i] for i in rows]).items()}
-            loss = model(**batch, labels=torch.from_numpy(labels[rows])).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+    export_text_classifier(LogitsOnly(model.eval()), path)
+    return path
 
 
 def export_text_classifier(module, path: Path) -> None:
