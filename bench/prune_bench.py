@@ -66,7 +66,7 @@ def prepare(work: Path, ratios: list[float], recovery: dict, control: bool) -> d
     started = time.perf_counter()
     source = Artifact(Stage.SOURCE, Path(config.model.source), "", "demo", TaskSpec("text-classification", data.labels, SEQUENCE, None))
     base = load.run(source, load.options_for(config, None), _context(work / "load", data, config))
-    record = {"load_seconds": time.perf_counter() - started, "load": dict(base.metrics["load"]), "models": {}}
+    record = {"load_seconds": time.perf_counter() - started, "load": base.results.load.model_dump(), "models": {}}
     models = {"unpruned": base.directory}
 
     for ratio in ratios:
@@ -74,7 +74,7 @@ def prepare(work: Path, ratios: list[float], recovery: dict, control: bool) -> d
         pruned_config = config.model_copy(update={"prune": settings})
         started = time.perf_counter()
         result = prune.run(base, prune.options_for(pruned_config, None), _context(work / f"prune-{ratio}", data, pruned_config))
-        metrics = dict(result.metrics["prune"])
+        metrics = result.results.prune.model_dump()
         metrics["pass_seconds"] = time.perf_counter() - started
         record["models"][f"pruned {ratio:.0%}"] = metrics
         models[f"pruned {ratio:.0%}"] = result.directory

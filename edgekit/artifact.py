@@ -9,12 +9,14 @@ and keeps every intermediate visible under the build directory.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from pydantic import BaseModel, JsonValue
+
+from edgekit.results import Gate, PassResults
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -63,7 +65,16 @@ class Artifact:
     float_model: Path | None = None  # the float ONNX model this one derives from (fidelity is measured against it)
     kept_in_float: tuple[str, ...] = ()
     engine_build: Mapping[str, JsonValue] | None = None
-    metrics: Mapping[str, JsonValue] = field(default_factory=dict)
+    results: PassResults = PassResults()  # what each pass so far measured (edgekit.results)
+    gates: tuple[Gate, ...] = ()  # the target's budgets, judged by the evaluate pass
+
+    @property
+    def gates_passed(self) -> bool:
+        return all(gate.passed for gate in self.gates)
+
+    def recording(self, **results) -> PassResults:
+        """This artifact's results with a pass's own record added (``recording(prune=PruneResult(...))``)."""
+        return self.results.model_copy(update=results)
 
     @property
     def model_path(self) -> Path:

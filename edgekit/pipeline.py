@@ -29,6 +29,7 @@ from pathlib import Path
 from edgekit.artifact import Artifact, Pass, PassContext, Stage, TaskSpec
 from edgekit.config import BuildConfig
 from edgekit.errors import EdgekitError
+from edgekit.results import Gate, PassResults
 from edgekit.passes import compile as compile_pass
 from edgekit.passes import evaluate, export, finetune, load, optimize, package, prune, quantize
 from edgekit.targets import TargetProfile, load_target
@@ -110,7 +111,7 @@ def _encode(artifact: Artifact, entry: Path, work_dir: Path) -> dict:
     document.update(
         stage=artifact.stage.value, directory=path(artifact.directory), float_model=path(artifact.float_model),
         kept_in_float=list(artifact.kept_in_float), engine_build=dict(artifact.engine_build) if artifact.engine_build else None,
-        metrics=dict(artifact.metrics),
+        results=artifact.results.model_dump(mode="json", exclude_unset=True), gates=[g.model_dump(mode="json") for g in artifact.gates],
         task={**{f.name: getattr(artifact.task, f.name) for f in fields(artifact.task)},
               "tokenizer_file": path(artifact.task.tokenizer_file), "labels": list(artifact.task.labels),
               "input_names": list(artifact.task.input_names),
@@ -137,7 +138,8 @@ def _decode(document: dict, entry: Path) -> Artifact:
         task=TaskSpec(task["kind"], tuple(task["labels"]), task["max_length"], path(task["tokenizer_file"]),
                       tuple(task["input_names"]), task["output_name"], image),
         precision=document["precision"], float_model=path(document["float_model"]),
-        kept_in_float=tuple(document["kept_in_float"]), engine_build=document["engine_build"], metrics=document["metrics"],
+        kept_in_float=tuple(document["kept_in_float"]), engine_build=document["engine_build"],
+        results=PassResults.model_validate(document["results"]), gates=tuple(Gate.model_validate(g) for g in document["gates"]),
     )
 
 
@@ -184,12 +186,12 @@ class TargetResult:
     error: str | None = None
 
     @property
-    def gates(self) -> list[dict]:
-        return list(self.artifact.metrics.get("gates", [])) if self.artifact else []
+    def gates(self) -> tuple[Gate, ...]:
+        return self.artifact.gates if self.artifact else ()
 
     @property
     def passed(self) -> bool:
-        return self.error is None and self.bundle is not None and all(g["passed"] for g in self.gates)
+        return self.error is None and self.bundle is not None and all(g.passed for g in self.gates)
 
 
 class Build:
@@ -224,7 +226,7 @@ class Build:
         entry = self.cache_dir / pass_.name / planned.key
         started = time.perf_counter()
         hit = cached(self.cache_dir, planned)
-        if hit is not None and pass_.remeasures_failures and not all(g["passed"] for g in hit.metrics.get("gates", [])):
+        if hit is not None and pass_.remeasures_failures and not hit.gates_passed:
             self.say(f"{pass_.name}: the cached result failed its gates; measuring again on this host")
             _evict(entry)
             hit = None
@@ -268,7 +270,7 @@ class Build:
             result = TargetResult(target.name, passes=list(shared_records))
             current = artifact
             for planned in suffixes[target.name]:
-                if planned.pass_ is package.PASS and not all(g["passed"] for g in current.metrics.get("gates", [])):
+                if planned.pass_ is package.PASS and not current.gates_passed:
                     self.say(f"{target.name}: gates failed; no bundle is written (the best model and the report are kept)")
                     break
                 try:

@@ -12,38 +12,48 @@ import json
 from pathlib import Path
 
 from edgekit.pipeline import TargetResult
+from edgekit.results import PassResults
 
 _SUMMARY = ("accuracy", "f1_macro", "latency_p50_ms", "latency_p95_ms", "throughput", "size_mb")
 
 
 def target_report(result: TargetResult) -> dict:
-    metrics = dict(result.artifact.metrics) if result.artifact else {}
-    quantization = metrics.get("quantization", {})
-    final = {k: metrics.get("final", {}).get(k) for k in (*_SUMMARY, "top1_agreement", "max_abs_error", "mean_abs_error")}
+    """One target's report: the typed records of its passes (``edgekit.results``) as JSON, plus the build's verdict."""
+    artifact = result.artifact
+    results = artifact.results if artifact else PassResults()
+    evaluation = results.evaluation
+
+    def dumped(record) -> dict | None:
+        return record.model_dump(mode="json", exclude_unset=True) if record is not None else None
+
+    def summary(metrics, keys) -> dict:
+        return {k: getattr(metrics, k) if metrics else None for k in keys}
+
+    final = evaluation.final if evaluation else None
     return {
         "target": result.target,
         "passed": result.passed,
         "error": result.error,
         "bundle": str(result.bundle) if result.bundle else None,
-        "precision": result.artifact.precision if result.artifact else None,
-        "gates": result.gates,
+        "precision": artifact.precision if artifact else None,
+        "gates": [gate.model_dump() for gate in result.gates],
         "passes": [{"name": r.name, "seconds": round(r.seconds, 3), "cached": r.cached, "key": r.key} for r in result.passes],
         "metrics": {
-            "reference": {k: metrics.get("reference", {}).get(k) for k in _SUMMARY},
-            "final": final,
-            "per_class": metrics.get("final", {}).get("per_class"),
-            "confusion": metrics.get("final", {}).get("confusion"),
-            "evaluation": metrics.get("evaluation"),
-            "load": metrics.get("load"),
-            "finetune": metrics.get("finetune"),
-            "prune": metrics.get("prune"),
-            "export": metrics.get("export"),
-            "optimize": metrics.get("optimize"),
-            "compile": metrics.get("compile"),
+            "reference": summary(evaluation.reference if evaluation else None, _SUMMARY),
+            "final": summary(final, (*_SUMMARY, "top1_agreement", "max_abs_error", "mean_abs_error")),
+            "per_class": final.per_class if final else None,
+            "confusion": final.confusion if final else None,
+            "evaluation": {"runtime": evaluation.runtime, "proxy": evaluation.proxy, "test_rows": evaluation.test_rows} if evaluation else None,
+            "load": dumped(results.load),
+            "finetune": dumped(results.finetune),
+            "prune": dumped(results.prune),
+            "export": dumped(results.export),
+            "optimize": dumped(results.optimize),
+            "compile": dumped(results.compile),
         },
-        "quantization": quantization,
-        "kept_in_float": list(result.artifact.kept_in_float) if result.artifact else [],
-        "engine_build": dict(result.artifact.engine_build) if result.artifact and result.artifact.engine_build else None,
+        "quantization": dumped(results.quantization) or {},
+        "kept_in_float": list(artifact.kept_in_float) if artifact else [],
+        "engine_build": dict(artifact.engine_build) if artifact and artifact.engine_build else None,
     }
 
 

@@ -6,7 +6,7 @@ workspace, one optimisation profile from the target's dimension ranges) in
 ``engine_build``, which the bundle carries so the device builds its own engine
 on first load: engines are tied to the GPU and the TensorRT version. Only where
 this host's GPU and TensorRT match the target is the engine built here too, as
-``model.plan``; otherwise ``metrics["compile"]["reason"]`` says why not.
+``model.plan``; otherwise the compile record's ``reason`` says why not.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from device_agent.host import HostReport, probe_host
 from edgekit.artifact import Artifact, Pass, PassContext, Stage
 from edgekit.errors import EdgekitError
+from edgekit.results import CompileResult
 from edgekit.targets import DimRange
 
 if TYPE_CHECKING:
@@ -230,7 +231,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         stage=Stage.ENGINE,
         directory=work_dir,
         engine_build=engine_build,
-        metrics={**artifact.metrics, "compile": report},
+        results=artifact.recording(compile=CompileResult(**report)),
     )
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from device_agent.host import normalise_arch
 from edgekit.artifact import Artifact, Pass, PassContext, Stage
+from edgekit.results import EvaluationResult, Gate, ModelMetrics
 from edgekit.config import BuildConfig
 from edgekit.targets import Budgets, TargetProfile
 
@@ -60,7 +61,7 @@ def _logits(session, feeds_batches) -> "np.ndarray":
     return np.concatenate([session.run(None, {k: v for k, v in feeds.items() if k in names})[0] for feeds in feeds_batches])
 
 
-def measure_model(path, texts, labels, task, options: Options, ctx: PassContext, what: str) -> tuple[dict, "np.ndarray"]:
+def measure_model(path, texts, labels, task, options: Options, ctx: PassContext, what: str) -> tuple[ModelMetrics, "np.ndarray"]:
     """Task metrics, latency and throughput of one ONNX model on this host."""
     from edgekit.measure import classification_metrics, latency, size_mb, throughput
     from edgekit.tasks import model_feeds, task_for
@@ -81,36 +82,35 @@ def measure_model(path, texts, labels, task, options: Options, ctx: PassContext,
     rows = len(texts[: options.max_batch])
     timing = latency(lambda: session.run(None, one), iterations=options.latency_iterations)
     rate = throughput(lambda: session.run(None, batch), rows, seconds=options.throughput_seconds)
-    metrics = {
-        "accuracy": scores.accuracy, "f1_macro": scores.f1_macro, "precision_macro": scores.precision_macro,
-        "recall_macro": scores.recall_macro, "per_class": scores.per_class, "confusion": scores.confusion,
-        "latency_p50_ms": timing.p50_ms, "latency_p95_ms": timing.p95_ms, "throughput": rate,
-        "throughput_batch": rows, "size_mb": size_mb(path),
-        **task_for(task.kind).input_shape(task),
-    }
+    metrics = ModelMetrics(
+        accuracy=scores.accuracy, f1_macro=scores.f1_macro, precision_macro=scores.precision_macro,
+        recall_macro=scores.recall_macro, per_class=scores.per_class, confusion=scores.confusion,
+        latency_p50_ms=timing.p50_ms, latency_p95_ms=timing.p95_ms, throughput=rate,
+        throughput_batch=rows, size_mb=size_mb(path), **task_for(task.kind).input_shape(task),
+    )
     return metrics, logits
 
 
-def gates(reference: dict, final: dict, options: Options) -> list[dict]:
-    """The target's budgets as pass/fail rows: {name, value, budget, passed}."""
+def gates(reference: ModelMetrics, final: ModelMetrics, options: Options) -> tuple[Gate, ...]:
+    """The target's budgets as pass/fail rows."""
     budgets = options.budgets
-    drop = (reference["accuracy"] - final["accuracy"]) * 100
+    drop = (reference.accuracy - final.accuracy) * 100
     rows = [
-        {"name": "accuracy drop (points)", "value": round(drop, 3), "budget": budgets.max_accuracy_drop_points,
-         "passed": drop <= budgets.max_accuracy_drop_points},
-        {"name": "top-1 agreement with fp32", "value": round(final["top1_agreement"], 4), "budget": budgets.min_top1_agreement,
-         "passed": final["top1_agreement"] >= budgets.min_top1_agreement},
+        Gate(name="accuracy drop (points)", value=round(drop, 3), budget=budgets.max_accuracy_drop_points,
+             passed=drop <= budgets.max_accuracy_drop_points),
+        Gate(name="top-1 agreement with fp32", value=round(final.top1_agreement, 4), budget=budgets.min_top1_agreement,
+             passed=final.top1_agreement >= budgets.min_top1_agreement),
     ]
     if budgets.max_model_size_mb is not None:
-        rows.append({"name": "model size (MB)", "value": round(final["size_mb"], 2), "budget": budgets.max_model_size_mb,
-                     "passed": final["size_mb"] <= budgets.max_model_size_mb})
+        rows.append(Gate(name="model size (MB)", value=round(final.size_mb, 2), budget=budgets.max_model_size_mb,
+                         passed=final.size_mb <= budgets.max_model_size_mb))
     if budgets.p95_latency_ms is not None and options.host_is_target:
-        rows.append({"name": "p95 latency at batch 1 (ms)", "value": round(final["latency_p95_ms"], 3),
-                     "budget": budgets.p95_latency_ms, "passed": final["latency_p95_ms"] <= budgets.p95_latency_ms})
+        rows.append(Gate(name="p95 latency at batch 1 (ms)", value=round(final.latency_p95_ms, 3), budget=budgets.p95_latency_ms,
+                         passed=final.latency_p95_ms <= budgets.p95_latency_ms))
     # The build process's peak memory says little about the device's: shown, never gated.
-    rows.append({"name": "peak memory of the build process (MB, informational)", "value": round(final["peak_rss_mb"], 1),
-                 "budget": None, "passed": True})
-    return rows
+    rows.append(Gate(name="peak memory of the build process (MB, informational)", value=round(final.peak_rss_mb, 1),
+                     budget=None, passed=True))
+    return tuple(rows)
 
 
 def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
@@ -120,16 +120,12 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     reference_path = artifact.float_model or artifact.model_path
     reference, reference_logits = measure_model(reference_path, test.inputs, test.labels, artifact.task, options, ctx, "fp32 reference")
     final, final_logits = measure_model(artifact.model_path, test.inputs, test.labels, artifact.task, options, ctx, f"{artifact.precision} model")
-    final |= fidelity(reference_logits, final_logits).to_dict()
-    final["peak_rss_mb"] = peak_rss_mb()
-    rows = gates(reference, final, options)
-    metrics = {
-        **artifact.metrics,
-        "evaluation": {"runtime": "onnxruntime CPUExecutionProvider", "proxy": not options.host_is_target, "test_rows": len(test)},
-        "reference": reference, "final": final, "gates": rows,
-    }
+    final = final.model_copy(update={**fidelity(reference_logits, final_logits).to_dict(), "peak_rss_mb": peak_rss_mb()})
+    evaluation = EvaluationResult(runtime="onnxruntime CPUExecutionProvider", proxy=not options.host_is_target, test_rows=len(test),
+                                  reference=reference, final=final)
     # The model files stay where the compile pass wrote them: evaluation adds numbers, not files.
-    return replace(artifact, stage=Stage.EVALUATED, metrics=metrics)
+    return replace(artifact, stage=Stage.EVALUATED, results=artifact.recording(evaluation=evaluation),
+                   gates=gates(reference, final, options))
 
 
 PASS = Pass(

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from edgekit.artifact import Artifact, Pass, PassContext, Stage
 from edgekit.config import BuildConfig
 from edgekit.errors import EdgekitError
+from edgekit.results import ExportResult
 from edgekit.targets import TargetProfile, load_target
 
 
@@ -40,10 +41,10 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
     task_for(artifact.task.kind).export_onnx(artifact.directory, ctx.work_dir / "model.onnx", options.opset, ctx.say)
     parity = check_parity(artifact, ctx, options)
-    return Artifact(Stage.ONNX, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, metrics={**artifact.metrics, "export": parity})
+    return Artifact(Stage.ONNX, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, results=artifact.recording(export=parity))
 
 
-def check_parity(artifact: Artifact, ctx: PassContext, options: Options) -> dict:
+def check_parity(artifact: Artifact, ctx: PassContext, options: Options) -> ExportResult:
     """Largest |ONNX Runtime - PyTorch| over validation inputs; raise ExportError naming the output above tolerance."""
     import numpy as np
     import onnxruntime
@@ -67,7 +68,7 @@ def check_parity(artifact: Artifact, ctx: PassContext, options: Options) -> dict
             f"(tolerance {options.parity_atol:g}); the export is not faithful, so the build stops"
         )
     ctx.say(f"parity: ONNX Runtime matches PyTorch within {error:.2g} on {len(inputs)} validation inputs")
-    return {"parity_max_abs_error": error, "parity_samples": len(inputs), "opset": options.opset}
+    return ExportResult(parity_max_abs_error=error, parity_samples=len(inputs), opset=options.opset)
 
 
 PASS = Pass(

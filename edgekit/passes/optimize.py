@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from edgekit.artifact import Artifact, Pass, PassContext, Stage
 from edgekit.config import BuildConfig
 from edgekit.errors import EdgekitError
+from edgekit.results import OptimizeResult
 from edgekit.targets import TargetProfile
 
 _AGREEMENT_ATOL = {"fp32": 1e-3, "fp16": 5e-2}
@@ -70,8 +71,8 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         raise EdgekitError(f"optimised model differs from its input by {error:.3g} (limit {limit:g}); rerun with a newer onnxruntime or report this")
     ctx.say(f"optimize: {'; '.join(applied) or 'no change for this runtime'} (max logit change {error:.2g})")
     precision = "fp16" if options.fp16 else artifact.precision
-    metrics = {**artifact.metrics, "optimize": {"applied": applied, "max_abs_change": error}}
-    return Artifact(Stage.OPTIMIZED, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, precision=precision, metrics=metrics)
+    results = artifact.recording(optimize=OptimizeResult(applied=applied, max_abs_change=error))
+    return Artifact(Stage.OPTIMIZED, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, precision=precision, results=results)
 
 
 def _max_difference(artifact: Artifact, optimized, ctx: PassContext) -> float:

@@ -9,6 +9,8 @@ Its format is ``device_agent.bundle``: the same code the device reads it with.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pydantic import BaseModel, ConfigDict
 
 from edgekit.artifact import Artifact, Pass, PassContext, Stage
@@ -46,14 +48,14 @@ def _tensor_specs(values) -> list:
     return specs
 
 
-def bundle_metrics(metrics: dict) -> dict:
+def bundle_metrics(artifact: Artifact) -> dict:
     """The numbers a device or an operator needs, without per-class tables."""
-    final, reference = metrics.get("final", {}), metrics.get("reference", {})
-    keep = ("accuracy", "f1_macro", "latency_p50_ms", "latency_p95_ms", "throughput", "size_mb", "top1_agreement")
+    keep = {"accuracy", "f1_macro", "latency_p50_ms", "latency_p95_ms", "throughput", "size_mb", "top1_agreement"}
+    evaluation = artifact.results.evaluation
     return {
-        "reference": {k: reference[k] for k in keep if k in reference},
-        "final": {k: final[k] for k in keep if k in final},
-        "gates": metrics.get("gates", []),
+        "reference": evaluation.reference.model_dump(include=keep, exclude_none=True) if evaluation else {},
+        "final": evaluation.final.model_dump(include=keep, exclude_none=True) if evaluation else {},
+        "gates": [gate.model_dump() for gate in artifact.gates],
     }
 
 
@@ -92,7 +94,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         outputs=_tensor_specs(graph.output),
         task=TaskInfo(kind=task.bundle_kind, labels=list(artifact.task.labels)),
         preprocessing=task.bundle_preprocessing(artifact.task),
-        metrics=bundle_metrics(dict(artifact.metrics)),
+        metrics=bundle_metrics(artifact),
         golden=GoldenVectors(file="golden.npz", atol=atol, rtol=rtol),
         drift_reference=drift_reference,
     )
@@ -100,8 +102,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     payload = {"model.onnx": artifact.model_path, "golden.npz": golden, **task.bundle_files(artifact.task)}
     write_bundle(bundle, manifest, payload, load_private_key(ctx.signing_key))
     ctx.say(f"package: signed {bundle.name} ({bundle.stat().st_size / 1e6:.1f} MB)")
-    return Artifact(Stage.BUNDLE, ctx.work_dir, bundle.name, artifact.digest, artifact.task, artifact.precision,
-                    artifact.float_model, artifact.kept_in_float, artifact.engine_build, artifact.metrics)
+    return replace(artifact, stage=Stage.BUNDLE, directory=ctx.work_dir, model_file=bundle.name)
 
 
 def _drift_reference(artifact: Artifact, ctx: PassContext) -> dict | None:

@@ -39,9 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgekit import measure
 from edgekit.artifact import Artifact, Pass, PassContext, Stage, TaskSpec
-from edgekit.config import BuildConfig
+from edgekit.config import BuildConfig, QuantizationSection
 from edgekit.errors import EdgekitError
-from edgekit.targets import TargetProfile
+from edgekit.results import QuantizeResult
+from edgekit.targets import QuantizationSpec, TargetProfile
 from edgekit.data import MIN_CALIBRATION_ROWS, Split
 from edgekit.tasks import model_feeds
 
@@ -64,24 +65,16 @@ class QuantizeError(EdgekitError):
 
 
 class Options(BaseModel):
-    """How to quantize, from the target's quantization section and budgets and the build's quantization section."""
+    """How to quantize: the target's recipe (with the build's calibration method, if it sets one), the build's search
+    settings and the target's fidelity budgets."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scheme: Literal["none", "dynamic", "static_qdq"]
-    float_precision: Literal["fp32", "fp16"] = Field("fp32", description="the model's precision when scheme is none")
-    weight_type: Literal["int8", "uint8"] = "int8"
-    activation_type: Literal["int8", "uint8"] = "uint8"
-    symmetric_weights: bool = True
-    symmetric_activations: bool = False
-    per_channel: bool = True
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    calibration_samples: int = Field(256, ge=1)
+    recipe: QuantizationSpec = QuantizationSpec(scheme="none")
+    float_precision: Literal["fp32", "fp16"] = Field("fp32", description="the model's precision when the scheme is none")
     op_types: tuple[str, ...] = Field(STATIC_OP_TYPES, description="node types static QDQ quantizes")
     keep_mask_path_float: bool = Field(True, description="leave the attention-mask computation and the Adds applying it unquantized")
-    accuracy_aware: bool = True
-    time_limit_s: float = Field(300, gt=0, description="budget for searching nodes to keep in float")
-    evaluation_samples: int = Field(400, ge=1, description="validation rows that judge a candidate")
+    search: QuantizationSection = QuantizationSection()
     max_accuracy_drop_points: float = Field(1.0, ge=0)
     min_top1_agreement: float = Field(0.99, ge=0, le=1)
 
@@ -89,24 +82,12 @@ class Options(BaseModel):
 def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
     """The target's recipe and budgets, with the build config's search settings and calibration override."""
     if target is None:
-        return Options(scheme="none")
-    from edgekit.tasks import task_for
-
-    # The task may adapt the target's recipe (image models: static QDQ, since dynamic int8 has no int8 convolutions).
-    spec, search = task_for(config.task.kind).quantization(target.quantization), config.quantization
+        return Options()
+    spec, search = target.quantization, config.quantization
     return Options(
-        scheme=spec.scheme,
+        recipe=spec.model_copy(update={"calibration_method": search.calibration_method or spec.calibration_method}),
         float_precision="fp32" if target.precision.preferred == "int8" else target.precision.preferred,
-        weight_type=spec.weight_type,
-        activation_type=spec.activation_type,
-        symmetric_weights=spec.symmetric_weights,
-        symmetric_activations=spec.symmetric_activations,
-        per_channel=spec.per_channel,
-        calibration_method=search.calibration_method or spec.calibration_method,
-        calibration_samples=spec.calibration_samples,
-        accuracy_aware=search.accuracy_aware,
-        time_limit_s=search.time_limit_s,
-        evaluation_samples=search.evaluation_samples,
+        search=search.model_copy(update={"calibration_method": None}),  # folded into the recipe
         max_accuracy_drop_points=target.budgets.max_accuracy_drop_points,
         min_top1_agreement=target.budgets.min_top1_agreement,
     )
@@ -116,7 +97,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     """Write ``ctx.work_dir/model.onnx`` at the target's precision and report how it compares with the float parent."""
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     output = ctx.work_dir / MODEL_FILE
-    if options.scheme == "none":
+    if options.recipe.scheme == "none":
         return _keep_float(artifact, options, output)
     started = time.perf_counter()
     float_model = onnx.load(artifact.model_path)
@@ -133,8 +114,8 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     search.try_keeping(())
     candidates = _quantized_nodes(float_model, onnx.load(output), recipe.candidate_op_types, mask_path)
     ranking: list[tuple[str, float]] = []
-    if options.accuracy_aware and not budget.met_by(search.best):
-        deadline = time.perf_counter() + options.time_limit_s
+    if options.search.accuracy_aware and not budget.met_by(search.best):
+        deadline = time.perf_counter() + options.search.time_limit_s
         ranking = _rank_by_sensitivity(float_model, output, candidates, _probe_inputs(artifact.task, ctx.data.calibration))
         _return_sensitive_nodes_to_float(search, [node for node, _ in ranking], deadline, ctx)
     search.discard_scratch()
@@ -150,7 +131,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         precision="int8" if len(best.kept_in_float) < len(candidates) else "fp32",
         float_model=artifact.model_path,
         kept_in_float=kept_in_float,
-        metrics={**artifact.metrics, "quantization": report},
+        results=artifact.recording(quantization=QuantizeResult(**report)),
     )
 
 
@@ -176,19 +157,20 @@ class Recipe:
 
 def _recipe_for(options: Options, model: onnx.ModelProto) -> Recipe:
     """The options as a recipe; dynamic int8 on a graph with Conv becomes static QDQ with uint8 activations."""
+    spec = options.recipe
     recipe = Recipe(
-        scheme=options.scheme,
-        requested_scheme=options.scheme,
-        weight_type=options.weight_type,
-        activation_type=options.activation_type,
-        symmetric_weights=options.symmetric_weights,
-        symmetric_activations=options.symmetric_activations,
-        per_channel=options.per_channel,
-        calibration_method=options.calibration_method,
-        calibration_samples=options.calibration_samples,
+        scheme=spec.scheme,
+        requested_scheme=spec.scheme,
+        weight_type=spec.weight_type,
+        activation_type=spec.activation_type,
+        symmetric_weights=spec.symmetric_weights,
+        symmetric_activations=spec.symmetric_activations,
+        per_channel=spec.per_channel,
+        calibration_method=spec.calibration_method,
+        calibration_samples=spec.calibration_samples,
         candidate_op_types=options.op_types,
     )
-    if options.scheme == "static_qdq":
+    if spec.scheme == "static_qdq":
         return recipe
     if any(node.op_type == "Conv" for node in model.graph.node):
         note = "the graph has Conv nodes and dynamic int8 has no int8 conv kernels (5-8x slower than fp32); using static QDQ with uint8 activations"
@@ -208,7 +190,7 @@ def _keep_float(artifact: Artifact, options: Options, output: Path) -> Artifact:
         precision=options.float_precision,
         float_model=artifact.float_model or artifact.model_path,
         kept_in_float=(),
-        metrics={**artifact.metrics, "quantization": {"scheme": "none", "precision": options.float_precision}},
+        results=artifact.recording(quantization=QuantizeResult(scheme="none", precision=options.float_precision)),
     )
 
 
@@ -293,7 +275,7 @@ def _calibration_split(ctx: PassContext, recipe: Recipe) -> Split:
 
 
 def _evaluation_split(ctx: PassContext, options: Options) -> Split:
-    rows = ctx.data.val.head(options.evaluation_samples)
+    rows = ctx.data.val.head(options.search.evaluation_samples)
     if len(rows) == 0:
         raise QuantizeError("judging the quantized model needs validation rows, but the val split is empty; add rows with split 'val' to data.path")
     return rows

@@ -19,6 +19,7 @@ from edgekit import training
 from edgekit.artifact import Artifact, PassContext, Stage
 from edgekit.config import PruneSection
 from edgekit.pruning import DEFAULT_RATIO, SUPPORTED, PruneError, export_for_timing, parameter_count, taylor_scores, timing_metrics
+from edgekit.results import PruneResult
 from edgekit.tasks.image_classification import KIND, TASK, INPUT_NAME, ImageSettings, LoopSettings, accuracy, train_model
 
 
@@ -205,4 +206,4 @@ def prune_cnn(artifact: Artifact, settings: PruneSection, task_settings: ImageSe
     ctx.say(f"prune: conv channels {channels['channels_before']} → {channels['channels_after']}; validation accuracy "
             f"{accuracy_before:.4f} → {accuracy_after:.4f}; ONNX Runtime p50 {metrics['latency_p50_ms']['before']:.2f} → "
             f"{metrics['latency_p50_ms']['after']:.2f} ms")
-    return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, spec, metrics={**artifact.metrics, "prune": metrics})
+    return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, spec, results=artifact.recording(prune=PruneResult(**metrics)))

@@ -37,6 +37,7 @@ from edgekit.artifact import Artifact, PassContext, Stage
 from edgekit.config import PruneSection
 from edgekit.data import Split
 from edgekit.pruning import DEFAULT_RATIO, SUPPORTED, PruneError, batch_one_feeds, export_for_timing, parameter_count, taylor_scores, timing_metrics
+from edgekit.results import PruneResult
 from edgekit.tasks.text_classification import KIND, TASK, with_tokenizer_in
 
 # Model families whose encoder layers have BERT's module layout (attention.self/output, intermediate, output).
@@ -336,7 +337,7 @@ def prune_encoder(artifact: Artifact, settings: PruneSection, ctx: PassContext) 
 
     shutil.rmtree(timing_dir)
     return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, with_tokenizer_in(artifact, ctx.work_dir),
-                    metrics={**artifact.metrics, "prune": metrics})
+                    results=artifact.recording(prune=PruneResult(**metrics)))
 
 
 def _remove_and_recover(model, plan: EncoderPlan, spec, settings: PruneSection, ctx: PassContext, shape_before: dict):

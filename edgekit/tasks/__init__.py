@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from edgekit.artifact import Artifact, PassContext, TaskSpec
     from edgekit.config import BuildConfig, FinetuneSection, PruneSection
     from edgekit.data import Split, TaskData
-    from edgekit.targets import QuantizationSpec
 
 
 class Task(Protocol):
@@ -64,7 +63,6 @@ class Task(Protocol):
 
     def feeds(self, spec: TaskSpec, inputs: Any, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]: ...
 
-    def quantization(self, spec: QuantizationSpec) -> QuantizationSpec: ...
 
     def bundle_preprocessing(self, spec: TaskSpec) -> Any: ...
 

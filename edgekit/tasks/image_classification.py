@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     import torch
 
     from edgekit.artifact import Artifact, PassContext, TaskSpec
-    from edgekit.targets import QuantizationSpec
 
 KIND = "image-classification"
 PREDICT_BATCH = 256
@@ -70,6 +69,7 @@ class ImageClassification:
         """Build the image model and train it on the build's images (from scratch unless a folder brought weights)."""
         from edgekit.artifact import Artifact, Stage
         from edgekit.config import IMAGE_MODEL_PREFIXES
+        from edgekit.results import LoadResult, PassResults
         from edgekit.passes.load import resolve_source
         from edgekit.tasks import image_models
 
@@ -86,11 +86,12 @@ class ImageClassification:
                 f"after {metrics['epochs_run']} epoch(s), {metrics['seconds']:.0f} s")
         image_models.save(model, record, ctx.work_dir)
         return Artifact(Stage.TORCH, ctx.work_dir, ".", digest, spec,
-                        metrics={"load": {"model": record.source, "parameters": parameters, "widths": record.widths, **metrics}})
+                        results=PassResults(load=LoadResult(model=record.source, parameters=parameters, widths=record.widths, **metrics)))
 
     def finetune(self, artifact: Artifact, settings: FinetuneSection, task_settings: ImageSettings, ctx: PassContext) -> Artifact:
         """Every weight trained further on the build's images (augmented as in training); the loaded model competes."""
         from edgekit.artifact import Artifact, Stage
+        from edgekit.results import FinetuneResult
         from edgekit.tasks import image_models
 
         model, record = image_models.load(artifact.directory)
@@ -100,7 +101,7 @@ class ImageClassification:
         ctx.say(f"finetune: validation accuracy {metrics['val_accuracy']:.4f} (before: {metrics['val_accuracy_before']:.4f})")
         image_models.save(model, record, ctx.work_dir)
         return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, artifact.task,
-                        metrics={**artifact.metrics, "finetune": {"method": "full", **metrics}})
+                        results=artifact.recording(finetune=FinetuneResult(method="full", **metrics)))
 
     def prune(self, artifact: Artifact, settings: PruneSection, task_settings: ImageSettings, ctx: PassContext) -> Artifact:
         from edgekit.pruning.cnn import prune_cnn
@@ -144,12 +145,6 @@ class ImageClassification:
             raise ValueError("an image task needs its image preprocessing")
         return {INPUT_NAME: ImagePreprocessor(spec.image)(np.asarray(inputs))}
 
-    def quantization(self, spec: QuantizationSpec) -> QuantizationSpec:
-        """Static QDQ with uint8 activations even where the target says dynamic: ONNX Runtime's dynamic int8 has no int8
-        convolutions (5-8x slower than fp32; bench/README.md), static QDQ runs its int8 conv kernels."""
-        if spec.scheme != "dynamic":
-            return spec
-        return spec.model_copy(update={"scheme": "static_qdq", "activation_type": "uint8", "symmetric_activations": False})
 
     def bundle_preprocessing(self, spec: TaskSpec):
         return spec.image

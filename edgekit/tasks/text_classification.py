@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     import torch
 
     from edgekit.artifact import Artifact, PassContext, TaskSpec
-    from edgekit.targets import QuantizationSpec
 
 KIND = "text-classification"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -82,12 +81,13 @@ class TextClassification:
         """A Hugging Face folder with a head for the build's labels, fitted on frozen features, saved with its tokenizer."""
         from edgekit.artifact import Artifact, Stage
         from edgekit.passes.load import resolve_source
+        from edgekit.results import LoadResult, PassResults
 
         folder = resolve_source(source)
         metrics = fit_head(folder, ctx.data, settings, ctx)
         copy_tokenizer(folder, ctx.work_dir)
         task = self.spec(ctx.data.labels, settings.max_length, tokenizer_of(ctx.work_dir))
-        return Artifact(Stage.TORCH, ctx.work_dir, ".", digest, task, metrics={"load": metrics})
+        return Artifact(Stage.TORCH, ctx.work_dir, ".", digest, task, results=PassResults(load=LoadResult(**metrics)))
 
     def finetune(self, artifact: Artifact, settings: FinetuneSection, task_settings: TextSettings, ctx: PassContext) -> Artifact:
         return finetune(artifact, settings, ctx)
@@ -147,8 +147,6 @@ class TextClassification:
             raise ValueError("a text task needs its tokenizer.json")
         return _tokenizer(Path(spec.tokenizer_file), spec.max_length, pad_to_max_length).encode(list(inputs))
 
-    def quantization(self, spec: QuantizationSpec) -> QuantizationSpec:
-        return spec
 
     def bundle_preprocessing(self, spec: TaskSpec):
         from device_agent.bundle import TokenizerPreprocessing
@@ -323,6 +321,7 @@ def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext) ->
     from edgekit import training
     from edgekit.artifact import Artifact, Stage
     from edgekit.checkpoints import Checkpoints
+    from edgekit.results import FinetuneResult
 
     torch.manual_seed(settings.seed)
     spec = artifact.task
@@ -346,7 +345,7 @@ def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext) ->
     TASK.save_torch(trainable, artifact.directory, ctx.work_dir)
     metrics = _finetune_metrics(settings, result, tuned_test, steps_per_epoch)
     return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, with_tokenizer_in(artifact, ctx.work_dir),
-                    metrics={**artifact.metrics, "finetune": metrics})
+                    results=artifact.recording(finetune=FinetuneResult(**metrics)))
 
 
 class _Scores:

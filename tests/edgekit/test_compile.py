@@ -11,6 +11,7 @@ from rich.progress import Progress
 
 from device_agent.host import GpuInfo, HostReport, InstalledRuntime, probe_host
 from device_agent.tensorrt_engine import EngineBuildOptions, tensorrt_problem
+from edgekit.results import PassResults, QuantizeResult
 from edgekit.artifact import Artifact, PassContext, Stage, TaskSpec
 from edgekit.config import BuildConfig
 from edgekit.errors import EdgekitError
@@ -64,7 +65,7 @@ def write_tiny_qdq_classifier(directory: Path, shape: list[int | str], seed: int
 def _artifact(directory: Path, precision: str = "int8") -> Artifact:
     task = TaskSpec(kind="text-classification", labels=("cat", "dog", "bird"), max_length=8, tokenizer_file=Path("tokenizer.json"))
     return Artifact(stage=Stage.QUANTIZED, directory=directory, model_file="model.onnx", digest="0" * 64, task=task,
-                    precision=precision, metrics={"quantize": {"kept_in_float": 0}})
+                    precision=precision, results=PassResults(quantization=QuantizeResult(scheme="static_qdq", kept_in_float=[])))
 
 
 def _context(work_dir: Path, target: TargetProfile, said: list[str]) -> PassContext:
@@ -107,10 +108,10 @@ def test_jetson_gets_build_options_from_its_profile_and_a_reason_for_no_engine(t
         "profile": {"x": {"min": [1, 1, 4], "opt": [1, 128, 4], "max": [8, 256, 4]}},
     }
     assert EngineBuildOptions.from_manifest(result.engine_build).precision == "int8"
-    report = result.metrics["compile"]
+    report = result.results.compile.model_dump()
     assert report["engine"] == "tensorrt" and report["engine_built"] is False
     assert report["reason"] == "host has no GPU; tensorrt not installed"
-    assert result.metrics["quantize"] == {"kept_in_float": 0}
+    assert result.results.quantization == QuantizeResult(scheme="static_qdq", kept_in_float=[]), "earlier records are kept"
     assert not (result.directory / compile_pass.PLAN_FILE).exists()
     assert any("the device builds it on first load" in line for line in said)
 
@@ -118,7 +119,7 @@ def test_jetson_gets_build_options_from_its_profile_and_a_reason_for_no_engine(t
 def test_jetson_on_this_machine_builds_or_says_why_not(tmp_path):
     source = write_tiny_qdq_classifier(tmp_path / "quantized", ["batch", 4])
     result, _ = _compile(tmp_path, load_target(JETSON), _artifact(source.parent))
-    report = result.metrics["compile"]
+    report = result.results.compile.model_dump()
     if report["engine_built"]:  # only on a Jetson Orin with TensorRT 10.3
         assert (result.directory / compile_pass.PLAN_FILE).is_file()
     else:
@@ -190,7 +191,7 @@ def test_cpu_target_passes_the_model_through(tmp_path, bare_host):
     assert result.stage is Stage.ENGINE and result.engine_build is None
     assert result.model_path.read_bytes() == source.read_bytes()
     assert result.model_path.stat().st_ino == source.stat().st_ino  # a hard link, not a copy
-    assert result.metrics["compile"]["engine"] == "onnxruntime" and result.metrics["compile"]["engine_built"] is False
+    assert result.results.compile.model_dump()["engine"] == "onnxruntime" and result.results.compile.model_dump()["engine_built"] is False
     assert list(result.directory.iterdir()) == [result.model_path]
 
 
@@ -228,7 +229,7 @@ def test_matching_host_builds_the_engine_here(tmp_path):
     source = write_tiny_qdq_classifier(tmp_path / "quantized", ["batch", 4])
     result, said = _compile(tmp_path, matching, _artifact(source.parent))
 
-    report = result.metrics["compile"]
+    report = result.results.compile.model_dump()
     assert report["engine_built"] is True and report["reason"] is None, report
     assert report["engine_file"] == "model.plan" and report["compute_capability"] == host.gpus[0].compute_capability
     plan = result.directory / "model.plan"
@@ -237,7 +238,7 @@ def test_matching_host_builds_the_engine_here(tmp_path):
     assert engine is not None and engine.num_io_tensors == 2
     assert result.engine_build["precision"] == "int8"
     assert any("building the TensorRT engine here" in line for line in said)
-    assert replace(result, metrics={}).model_path.read_bytes() == source.read_bytes()
+    assert replace(result, results=PassResults()).model_path.read_bytes() == source.read_bytes()
 
 
 def test_importing_the_pass_loads_no_heavy_library():

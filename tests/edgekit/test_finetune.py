@@ -40,14 +40,14 @@ def test_lora_trains_saves_the_adapter_and_merges_it(tiny, tmp_path):
     assert (result.directory / "tokenizer.json").is_file() and result.task.tokenizer_file == result.directory / "tokenizer.json"
     merged = AutoModelForSequenceClassification.from_pretrained(result.directory)
     assert not any("lora" in name for name, _ in merged.named_parameters()), "the adapter is merged into plain weights"
-    metrics = result.metrics["finetune"]
+    metrics = result.results.finetune.model_dump()
     assert metrics["method"] == "lora" and metrics["device"] in ("cpu", "cuda")
     assert metrics["val_accuracy"] >= metrics["val_accuracy_head_only"], "the best of head-only and fine-tuned is kept"
     assert metrics["samples_per_second"] > 0 and metrics["loss_curve"]
 
 
 def test_full_fine_tuning_runs_too(tiny, tmp_path):
-    assert _run(tiny, tmp_path, method="full", learning_rate=1e-3).metrics["finetune"]["method"] == "full"
+    assert _run(tiny, tmp_path, method="full", learning_rate=1e-3).results.finetune.model_dump()["method"] == "full"
 
 
 def test_a_lora_target_module_that_does_not_exist_is_named(tiny, tmp_path):
@@ -64,7 +64,7 @@ def test_fine_tuning_joins_the_shared_prefix_only_when_enabled():
 
 
 def test_the_report_compares_head_only_and_fine_tuned_on_test(tiny, tmp_path):
-    metrics = _run(tiny, tmp_path, learning_rate=2e-3).metrics["finetune"]
+    metrics = _run(tiny, tmp_path, learning_rate=2e-3).results.finetune.model_dump()
     for key in ("test_accuracy_head_only", "test_accuracy", "test_f1_macro_head_only", "test_f1_macro"):
         assert 0 <= metrics[key] <= 1, key
 
@@ -89,7 +89,7 @@ def test_an_interrupted_fine_tune_resumes_after_its_last_finished_epoch(tiny, tm
     second.mkdir()
     result = finetune.run(artifact, finetune.options_for(config, None),
                           PassContext(second, data, Progress(disable=True), tmp_path / "k", messages.append, checkpoints))
-    metrics = result.metrics["finetune"]
+    metrics = result.results.finetune.model_dump()
     assert metrics["resumed_after_epoch"] == 1 and metrics["epochs_run"] == 3
     assert any("resuming after epoch 1" in m for m in messages)
     assert not any("epoch 1:" in m for m in messages), "epoch 1 is not trained again"

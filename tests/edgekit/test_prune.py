@@ -168,7 +168,7 @@ def test_the_pass_prunes_exports_and_runs_in_onnx_runtime_like_the_pruned_torch_
     from edgekit.passes import export
 
     result = _run(tiny, data, tmp_path, ratio=0.5)
-    metrics = result.metrics["prune"]
+    metrics = result.results.prune.model_dump()
     assert result.stage is Stage.TORCH and (result.directory / "tokenizer.json").is_file()
     assert metrics["heads_before"] == [4, 4] and sum(metrics["heads_after"]) == 4
     assert metrics["neurons_after"] == [32, 32] and metrics["neurons_removed_per_layer"] == [32, 32]
@@ -198,7 +198,7 @@ def test_the_pass_prunes_exports_and_runs_in_onnx_runtime_like_the_pruned_torch_
 
 
 def test_recovery_fine_tuning_with_distillation_runs_and_keeps_the_better_model(tiny, data, tmp_path):
-    metrics = _run(tiny, data, tmp_path, ratio=0.5, recovery_steps=15, recovery_learning_rate=1e-3).metrics["prune"]
+    metrics = _run(tiny, data, tmp_path, ratio=0.5, recovery_steps=15, recovery_learning_rate=1e-3).results.prune.model_dump()
     accuracy = metrics["val_accuracy"]
     assert metrics["recovery"]["steps"] == 15 and metrics["recovery"]["distillation"]
     assert accuracy["recovered"] is not None
@@ -231,7 +231,7 @@ def test_a_latency_goal_picks_the_smallest_ratio_that_meets_it(tiny, tmp_path, m
 
 
 def test_a_latency_goal_runs_through_the_pass(tiny, data, tmp_path):
-    metrics = _run(tiny, data, tmp_path, target_latency_ms=10_000, max_ratio=0.2).metrics["prune"]
+    metrics = _run(tiny, data, tmp_path, target_latency_ms=10_000, max_ratio=0.2).results.prune.model_dump()
     # 0.05 would remove no head and (rounded to whole GEMM tiles) no neuron of this tiny model, so 0.1 is the first ratio tried.
     assert metrics["goal"] == "target_latency_ms" and metrics["ratio"] == 0.1
     assert [t["ratio"] for t in metrics["search"]] == [0.2, 0.1] and all(t["meets_goal"] for t in metrics["search"])
@@ -272,7 +272,7 @@ def test_the_prune_pass_is_cached_like_any_other(tiny, data, tmp_path):
 
     first, records = prefix(0.5)
     assert [r.name for r in records] == ["load", "prune", "export"] and not any(r.cached for r in records)
-    assert first.metrics["prune"]["ratio"] == 0.5 and "export" in first.metrics
+    assert first.results.prune.model_dump()["ratio"] == 0.5 and first.results.export is not None
     assert (tmp_path / "out" / "passes" / "02-prune" / "config.json").is_file(), "the pruned model stays visible"
     _, again = prefix(0.5)
     assert all(r.cached for r in again)
@@ -435,7 +435,7 @@ def test_the_image_tasks_small_cnn_is_pruned_saved_and_reloaded(tmp_path):
     artifact = Artifact(Stage.TORCH, tmp_path / "cnn", ".", "cnn", task)
 
     result = _run(artifact, data, tmp_path, ratio=0.5, recovery_steps=3, recovery_batch_size=32)
-    metrics = result.metrics["prune"]
+    metrics = result.results.prune.model_dump()
     assert metrics["channels_before"] == [8, 16, 16] and metrics["channels_after"] == [4, 8, 8]
     assert metrics["parameters"]["after"] < metrics["parameters"]["before"] and metrics["size_mb"]["after"] < metrics["size_mb"]["before"]
     reloaded, saved = image_models.load(result.directory)

@@ -17,7 +17,7 @@ from edgekit.config import BuildConfig, QuantizationSection
 from edgekit.data import Split
 from edgekit.errors import EdgekitError
 from edgekit.passes import quantize
-from edgekit.targets import load_target
+from edgekit.targets import QuantizationSpec, load_target
 from tests.support.tiny_bert import TinyBert, artifact_for, build_tiny_bert, context_for, export_text_classifier
 
 # Quantizing the Adds as well puts the attention mask's float32-minimum sentinels into
@@ -31,8 +31,13 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> TinyBert:
 
 
 def _options(target_name: str, **changes) -> quantize.Options:
+    """The target's options with ``changes`` applied wherever the field lives (the recipe, the search or the pass)."""
     options = quantize.options_for(BuildConfig(), load_target(target_name))
-    return quantize.Options(**{**options.model_dump(), **changes})
+    recipe = {k: v for k, v in changes.items() if k in QuantizationSpec.model_fields}
+    search = {k: v for k, v in changes.items() if k in QuantizationSection.model_fields and k not in recipe}
+    rest = {k: v for k, v in changes.items() if k not in recipe and k not in search}
+    return options.model_copy(update={"recipe": options.recipe.model_copy(update=recipe),
+                                      "search": options.search.model_copy(update=search), **rest})
 
 
 def _run(tiny_bert: TinyBert, work_dir: Path, options: quantize.Options, **context):
@@ -54,12 +59,14 @@ def _loads_and_runs(artifact, tiny_bert: TinyBert) -> None:
 def test_options_come_from_the_target_budgets_and_build_config() -> None:
     config = BuildConfig(quantization=QuantizationSection(time_limit_s=42, calibration_method="percentile", evaluation_samples=50))
     options = quantize.options_for(config, load_target("jetson-orin-nano-8gb"))
-    assert (options.scheme, options.activation_type, options.symmetric_activations, options.per_channel) == ("static_qdq", "int8", True, True)
-    assert (options.calibration_method, options.time_limit_s, options.evaluation_samples) == ("percentile", 42, 50)
+    recipe = options.recipe
+    assert (recipe.scheme, recipe.activation_type, recipe.symmetric_activations, recipe.per_channel) == ("static_qdq", "int8", True, True)
+    assert recipe == load_target("jetson-orin-nano-8gb").quantization.model_copy(update={"calibration_method": "percentile"})
+    assert (options.search.time_limit_s, options.search.evaluation_samples) == (42, 50)
     assert (options.max_accuracy_drop_points, options.min_top1_agreement) == (1.0, 0.99)
-    assert quantize.options_for(config, None).scheme == "none"
+    assert quantize.options_for(config, None).recipe.scheme == "none"
     with pytest.raises(ValueError, match="extra"):
-        quantize.Options(scheme="dynamic", bits=4)
+        quantize.Options(recipe={"scheme": "dynamic", "bits": 4})
 
 
 def test_dynamic_int8_for_the_x86_cpu_target(tiny_bert: TinyBert, tmp_path: Path) -> None:
@@ -69,7 +76,7 @@ def test_dynamic_int8_for_the_x86_cpu_target(tiny_bert: TinyBert, tmp_path: Path
     ops = _op_counts(result.model_path)
     assert ops["MatMulInteger"] > 0 and ops["DynamicQuantizeLinear"] > 0
     _loads_and_runs(result, tiny_bert)
-    report = result.metrics["quantization"]
+    report = result.results.quantization.model_dump()
     assert report["scheme"] == "dynamic" and report["calibration_rows"] == 0
     assert 0.0 <= report["top1_agreement"] <= 1.0 and report["evaluation_rows"] == 400
     assert report["accuracy_drop_points"] == pytest.approx((report["float_accuracy"] - report["quantized_accuracy"]) * 100)
@@ -90,7 +97,7 @@ def test_static_symmetric_qdq_for_jetson_leaves_the_mask_path_float(tiny_bert: T
     assert weight_scales and all(scale.ndim == 1 and scale.size > 1 for scale in weight_scales)  # per output channel
     mask_values = _mask_values(onnx.load(tiny_bert.model_path).graph)
     assert not [node.name for node in model.graph.node if node.op_type == "QuantizeLinear" and node.input[0] in mask_values]
-    report = result.metrics["quantization"]
+    report = result.results.quantization.model_dump()
     assert (report["calibration_method"], report["calibration_rows"]) == ("minmax", 200)
     assert (report["activation_type"], report["symmetric_activations"], report["per_channel"]) == ("int8", True, True)
     _loads_and_runs(result, tiny_bert)
@@ -105,7 +112,7 @@ def _mask_values(graph: onnx.GraphProto) -> set[str]:
 def test_accuracy_aware_search_returns_the_most_sensitive_nodes_to_float(tiny_bert: TinyBert, tmp_path: Path) -> None:
     options = _options("jetson-orin-nano-8gb", **QUANTIZE_MASK_PATH, min_top1_agreement=0.95, max_accuracy_drop_points=2.0)
     result = _run(tiny_bert, tmp_path, options)
-    report = result.metrics["quantization"]
+    report = result.results.quantization.model_dump()
     naive = report["trials"][0]
     assert naive["kept_in_float_count"] == 0 and naive["agreement"] < 0.95  # quantizing the mask breaks the model
     assert report["budget_met"] and report["top1_agreement"] >= 0.95
@@ -122,7 +129,7 @@ def test_accuracy_aware_search_returns_the_most_sensitive_nodes_to_float(tiny_be
 def test_an_impossible_budget_still_writes_the_best_model_and_lists_the_trade_offs(tiny_bert: TinyBert, tmp_path: Path) -> None:
     options = _options("jetson-orin-nano-8gb", **QUANTIZE_MASK_PATH, min_top1_agreement=1.0, max_accuracy_drop_points=0.0, time_limit_s=0.001)
     result = _run(tiny_bert, tmp_path, options)
-    report = result.metrics["quantization"]
+    report = result.results.quantization.model_dump()
     assert result.model_path.is_file() and report["budget_met"] is False
     assert len(report["trials"]) == 2  # the naive model, then the one step a tiny time limit still allows
     assert set(report["trials"][0]) >= {"kept_in_float_count", "accuracy", "agreement", "seconds"}
@@ -135,7 +142,7 @@ def test_an_impossible_budget_still_writes_the_best_model_and_lists_the_trade_of
 
 def test_the_search_ranks_dynamic_int8_nodes_too(tiny_bert: TinyBert, tmp_path: Path) -> None:
     options = _options("x86-64-cpu", min_top1_agreement=1.0, max_accuracy_drop_points=0.0, time_limit_s=0.001)
-    report = _run(tiny_bert, tmp_path, options).metrics["quantization"]
+    report = _run(tiny_bert, tmp_path, options).results.quantization.model_dump()
     ranked = [entry["node"] for entry in report["sensitivity"]]
     assert any(name.endswith("Gather") for name in ranked) and any(name.endswith("Gemm") for name in ranked)
     assert all(entry["relative_error"] is not None for entry in report["sensitivity"])  # the probe saw every node
@@ -153,22 +160,22 @@ def test_calibration_without_enough_rows_is_a_clear_user_error(tiny_bert: TinyBe
 
 def test_entropy_that_fails_on_the_mask_falls_back_to_percentile(tiny_bert: TinyBert, tmp_path: Path) -> None:
     options = _options("jetson-orin-nano-8gb", **QUANTIZE_MASK_PATH, calibration_method="entropy", accuracy_aware=False)
-    report = _run(tiny_bert, tmp_path, options).metrics["quantization"]
+    report = _run(tiny_bert, tmp_path, options).results.quantization.model_dump()
     assert (report["requested_calibration_method"], report["calibration_method"]) == ("entropy", "percentile")
     assert "Too many bins" in report["calibration_fallback"]
     assert len(report["trials"]) == 1  # not accuracy-aware: judged, but no search
 
 
 def test_scheme_none_keeps_the_float_model(tiny_bert: TinyBert, tmp_path: Path) -> None:
-    result = _run(tiny_bert, tmp_path, quantize.Options(scheme="none"))
-    assert (result.precision, result.kept_in_float, result.metrics["quantization"]["scheme"]) == ("fp32", (), "none")
+    result = _run(tiny_bert, tmp_path, quantize.Options())
+    assert (result.precision, result.kept_in_float, result.results.quantization.model_dump()["scheme"]) == ("fp32", (), "none")
     assert _op_counts(result.model_path) == _op_counts(tiny_bert.model_path)
 
 
 def test_dynamic_int8_never_quantizes_convolutions(tiny_bert: TinyBert, tmp_path: Path) -> None:
     cnn = dataclasses.replace(tiny_bert, model_path=_export_text_cnn(tmp_path / "cnn", len(tiny_bert.task.labels)))
     result = _run(cnn, tmp_path / "out", _options("x86-64-cpu", accuracy_aware=False))
-    report = result.metrics["quantization"]
+    report = result.results.quantization.model_dump()
     assert (report["requested_scheme"], report["scheme"], report["activation_type"]) == ("dynamic", "static_qdq", "uint8")
     assert "Conv" in report["note"]
     ops = _op_counts(result.model_path)

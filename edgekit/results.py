@@ -1,0 +1,202 @@
+"""What each pass measured, as typed records: the artifact carries them, the report is assembled from them.
+
+A pass returns its record in ``Artifact.results`` (one optional field per pass)
+and, for the evaluate pass, the gates in ``Artifact.gates``: the pipeline's
+control flow (write a bundle or not, measure a cached failure again) reads the
+gates, never a string key. Field names are the keys of ``report.json``, so the
+report is these records dumped as JSON. Records reject unknown fields: a pass
+that reports something new declares it here.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Gate(_Record):
+    """One of the target's budgets, judged: the build writes a bundle only when every gate passed."""
+
+    name: str
+    value: float | None
+    budget: float | None
+    passed: bool
+
+
+class LoadResult(_Record):
+    """Text: the head fitted on frozen features. Images: the model built and trained from scratch."""
+
+    head: str | None = None
+    val_accuracy: float | None = None
+    val_f1_macro: float | None = None
+    epochs: int | None = None
+    model: str | None = None
+    parameters: int | None = None
+    widths: list[int] | None = None
+    # images: the training run's numbers
+    device: str | None = None
+    val_accuracy_before: float | None = None
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    seconds: float | None = None
+    samples_per_second: float | None = None
+    loss_curve: list[float] | None = None
+    kept: str | None = None
+
+
+class FinetuneResult(_Record):
+    """The fine-tuned model beside the one it started from (text: on validation and test)."""
+
+    method: str
+    device: str
+    val_accuracy: float | None
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    samples_per_second: float | None
+    loss_curve: list[float]
+    kept: str
+    val_accuracy_before: float | None = None
+    val_accuracy_head_only: float | None = None
+    test_accuracy_head_only: float | None = None
+    test_accuracy: float | None = None
+    test_f1_macro_head_only: float | None = None
+    test_f1_macro: float | None = None
+    resumed_after_epoch: int | None = None
+
+
+class BeforeAfter(_Record):
+    before: float
+    after: float
+
+
+class PruneResult(_Record):
+    """What left the model, what it cost in validation accuracy and what it bought in size and latency."""
+
+    architecture: str
+    goal: str
+    ratio: float
+    importance: str
+    calibration_rows: int
+    parameters: dict[str, int]
+    size_mb: BeforeAfter
+    latency_p50_ms: BeforeAfter
+    latency_p95_ms: BeforeAfter
+    speedup: float
+    latency_note: str
+    val_accuracy: dict[str, float | None]
+    recovery: dict[str, JsonValue] | None
+    seconds: float
+    # encoders
+    heads_before: list[int] | None = None
+    heads_after: list[int] | None = None
+    heads_removed_per_layer: list[int] | None = None
+    pruned_heads: dict[str, list[int]] | None = None
+    neurons_before: list[int] | None = None
+    neurons_after: list[int] | None = None
+    neurons_removed_per_layer: list[int] | None = None
+    kept: str | None = None
+    search: list[dict[str, JsonValue]] | None = None
+    # CNNs
+    channels_before: list[int] | None = None
+    channels_after: list[int] | None = None
+
+
+class ExportResult(_Record):
+    parity_max_abs_error: float
+    parity_samples: int
+    opset: int
+
+
+class OptimizeResult(_Record):
+    applied: list[str]
+    max_abs_change: float
+
+
+class QuantizeResult(_Record):
+    """The recipe ORT ran, the search for nodes to keep in float, and how the best model compares with its float parent."""
+
+    scheme: str
+    precision: str | None = None  # scheme none: the float precision kept
+    requested_scheme: str | None = None
+    note: str | None = None
+    calibration_method: str | None = None
+    requested_calibration_method: str | None = None
+    calibration_fallback: str | None = None
+    calibration_rows: int = 0
+    activation_type: str | None = None
+    weight_type: str | None = None
+    symmetric_activations: bool | None = None
+    symmetric_weights: bool | None = None
+    per_channel: bool | None = None
+    op_types: list[str] = []
+    quantized_nodes: int | None = None
+    evaluation_rows: int | None = None
+    float_accuracy: float | None = None
+    quantized_accuracy: float | None = None
+    accuracy_drop_points: float | None = None
+    top1_agreement: float | None = None
+    budget: dict[str, float] | None = None
+    budget_met: bool | None = None
+    kept_in_float: list[str] = []
+    sensitivity: list[dict[str, JsonValue]] = []
+    trials: list[dict[str, JsonValue]] = []
+    seconds: float | None = None
+
+
+class CompileResult(_Record):
+    engine: str
+    engine_built: bool
+    reason: str | None = None
+    engine_file: str | None = None
+    engine_cache_key: str | None = None
+    tensorrt_version: str | None = None
+    compute_capability: str | None = None
+    build_seconds: float | None = None
+
+
+class ModelMetrics(_Record):
+    """Task metrics, latency, throughput and size of one ONNX model on the build host (``edgekit.measure``)."""
+
+    accuracy: float
+    f1_macro: float
+    precision_macro: float
+    recall_macro: float
+    per_class: dict[str, dict[str, float]]
+    confusion: list[list[int]]
+    latency_p50_ms: float
+    latency_p95_ms: float
+    throughput: float
+    throughput_batch: int
+    size_mb: float
+    sequence_length: int | None = None  # text
+    image_size: list[int] | None = None  # images
+    # the final model only: fidelity to its float reference, and the build's peak memory
+    top1_agreement: float | None = None
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    peak_rss_mb: float | None = None
+
+
+class EvaluationResult(_Record):
+    runtime: str
+    proxy: bool = Field(description="the build host is not the target: latency is a labelled proxy and not gated")
+    test_rows: int
+    reference: ModelMetrics
+    final: ModelMetrics
+
+
+class PassResults(_Record):
+    """Every record a build's passes have written so far, one field per pass."""
+
+    load: LoadResult | None = None
+    finetune: FinetuneResult | None = None
+    prune: PruneResult | None = None
+    export: ExportResult | None = None
+    optimize: OptimizeResult | None = None
+    quantization: QuantizeResult | None = None
+    compile: CompileResult | None = None
+    evaluation: EvaluationResult | None = None
