@@ -103,14 +103,14 @@ class Pass(Generic[OptionsT]):
     """A small typed unit with one job; ``run`` must write only into ``ctx.work_dir``."""
 
     name: str
-    version: int
     takes: frozenset[Stage]
     gives: Stage
-    target_specific: bool
-    uses_data: bool
-    libraries: tuple[str, ...]  # distributions whose versions are part of the cache key
     options_for: Callable[["BuildConfig", "TargetProfile | None"], OptionsT]
     run: Callable[[Artifact, OptionsT, PassContext], Artifact]
+    libraries: tuple[str, ...] = ()  # distributions whose versions are part of the cache key
+    version: int = 1  # raise it when the pass's output changes for the same input and options
+    target_specific: bool = False  # runs per target (the target profile is part of the cache key)
+    uses_data: bool = True  # the build's data is part of the cache key
     signs: bool = False  # the signing key is part of the cache key
     # Its output includes measurements of this host at run time (latency): a cached result whose gates failed is not
     # replayed but measured again, so a build that failed on a busy machine can pass by being rerun.

@@ -26,19 +26,12 @@ class Gate(_Record):
     passed: bool
 
 
-class LoadResult(_Record):
-    """Text: the head fitted on frozen features. Images: the model built and trained from scratch."""
+class _TrainingRun(_Record):
+    """The numbers of one run of the training loop (``edgekit.training.fit``), where a pass reports them."""
 
-    head: str | None = None
-    val_accuracy: float | None = None
-    val_f1_macro: float | None = None
-    epochs: int | None = None
-    model: str | None = None
-    parameters: int | None = None
-    widths: list[int] | None = None
-    # images: the training run's numbers
     device: str | None = None
-    val_accuracy_before: float | None = None
+    val_accuracy: float | None = None
+    val_accuracy_before: float | None = None  # the starting weights' score, when they competed
     best_epoch: int | None = None
     epochs_run: int | None = None
     seconds: float | None = None
@@ -47,19 +40,21 @@ class LoadResult(_Record):
     kept: str | None = None
 
 
-class FinetuneResult(_Record):
+class LoadResult(_TrainingRun):
+    """Text: the head fitted on frozen features. Images: the model built and trained from scratch."""
+
+    head: str | None = None
+    val_f1_macro: float | None = None
+    epochs: int | None = None
+    model: str | None = None
+    parameters: int | None = None
+    widths: list[int] | None = None
+
+
+class FinetuneResult(_TrainingRun):
     """The fine-tuned model beside the one it started from (text: on validation and test)."""
 
     method: str
-    device: str
-    val_accuracy: float | None
-    best_epoch: int
-    epochs_run: int
-    seconds: float
-    samples_per_second: float | None
-    loss_curve: list[float]
-    kept: str
-    val_accuracy_before: float | None = None
     val_accuracy_head_only: float | None = None
     test_accuracy_head_only: float | None = None
     test_accuracy: float | None = None

@@ -237,7 +237,6 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
 PASS = Pass(
     name="compile",
-    version=1,
     takes=frozenset({Stage.QUANTIZED}),
     gives=Stage.ENGINE,
     target_specific=True,

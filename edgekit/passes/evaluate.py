@@ -130,11 +130,9 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
 PASS = Pass(
     name="evaluate",
-    version=1,
     takes=frozenset({Stage.ENGINE}),
     gives=Stage.EVALUATED,
     target_specific=True,
-    uses_data=True,
     libraries=("onnxruntime",),
     options_for=options_for,
     run=run,

@@ -73,11 +73,8 @@ def check_parity(artifact: Artifact, ctx: PassContext, options: Options) -> Expo
 
 PASS = Pass(
     name="export",
-    version=1,
     takes=frozenset({Stage.TORCH}),
     gives=Stage.ONNX,
-    target_specific=False,
-    uses_data=True,
     libraries=("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime"),
     options_for=options_for,
     run=run,

@@ -46,11 +46,8 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
 PASS = Pass(
     name="finetune",
-    version=1,
     takes=frozenset({Stage.TORCH}),
     gives=Stage.TORCH,
-    target_specific=False,
-    uses_data=True,
     libraries=("torch", "transformers", "peft"),
     options_for=options_for,
     run=run,

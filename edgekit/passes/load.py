@@ -110,11 +110,8 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
 PASS = Pass(
     name="load",
-    version=1,
     takes=frozenset({Stage.SOURCE}),
     gives=Stage.TORCH,
-    target_specific=False,
-    uses_data=True,
     libraries=("torch", "transformers"),
     options_for=options_for,
     run=run,
@@ -122,11 +119,8 @@ PASS = Pass(
 
 ONNX_PASS = Pass(
     name="load-onnx",
-    version=1,
     takes=frozenset({Stage.SOURCE}),
     gives=Stage.ONNX,
-    target_specific=False,
-    uses_data=True,
     libraries=("onnx",),
     options_for=options_for,
     run=run_onnx,

@@ -92,11 +92,9 @@ def _max_difference(artifact: Artifact, optimized, ctx: PassContext) -> float:
 
 PASS = Pass(
     name="optimize",
-    version=1,
     takes=frozenset({Stage.ONNX}),
     gives=Stage.OPTIMIZED,
     target_specific=True,
-    uses_data=True,
     libraries=("onnx", "onnxruntime"),
     options_for=options_for,
     run=run,

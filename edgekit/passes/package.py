@@ -127,7 +127,6 @@ PASS = Pass(
     takes=frozenset({Stage.EVALUATED}),
     gives=Stage.BUNDLE,
     target_specific=True,
-    uses_data=True,
     libraries=("onnx", "onnxruntime"),
     options_for=options_for,
     run=run,

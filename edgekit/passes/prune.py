@@ -38,11 +38,8 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
 PASS = Pass(
     name="prune",
-    version=1,
     takes=frozenset({Stage.TORCH}),
     gives=Stage.TORCH,
-    target_specific=False,
-    uses_data=True,
     libraries=("torch", "transformers", "onnxruntime"),
     options_for=options_for,
     run=run,

@@ -707,11 +707,9 @@ def _report(
 
 PASS = Pass(
     name="quantize",
-    version=1,
     takes=frozenset({Stage.OPTIMIZED}),
     gives=Stage.QUANTIZED,
     target_specific=True,
-    uses_data=True,
     libraries=("onnxruntime", "onnx"),
     options_for=options_for,
     run=run,

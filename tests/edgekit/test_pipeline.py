@@ -189,7 +189,7 @@ def test_an_interrupted_pass_leaves_no_cache_entry(tmp_path):
         raise Interrupted
 
     config = BuildConfig()
-    crashing = Pass("crashing", 1, frozenset({Stage.SOURCE}), Stage.TORCH, False, False, (), lambda c, t: config.head, crash_midway)
+    crashing = Pass("crashing", frozenset({Stage.SOURCE}), Stage.TORCH, lambda c, t: config.head, crash_midway, uses_data=False)
     key_path, _ = generate_keypair(tmp_path / "keys")
     build = Build(config, load_task_data(config.data), tmp_path / "out", tmp_path / "cache", key_path, Progress(disable=True), print)
     source = Artifact(Stage.SOURCE, tmp_path, "", "digest", TaskSpec("text-classification", ("a", "b"), 8, tmp_path))
