@@ -1,6 +1,6 @@
 """Captured samples → a dataset file ``edgekit build`` reads: the retraining loop's first step.
 
-Text: JSONL rows ``{"text", "label", "captured_at"}`` (``edgekit.data`` reads the
+Text: JSONL rows ``{"text", "label", "captured_at"}`` (``edgekit.tasks.text_data`` reads the
 text and label columns; a sample without a predicted label gets ``label: null``,
 which the build's cleaning counts and drops). Images: one sub-folder per label
 with PNG files, the layout image datasets use. Labels are the model's own

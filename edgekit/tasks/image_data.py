@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgekit.config import DataSection, IdxFiles, ImageSection
-from edgekit.data import SPLIT_ALIASES, SPLITS, DataError, Example, Split, TaskData, _assign_splits
+from edgekit.data import SPLIT_ALIASES, SPLITS, DataError, Example, Split, TaskData, assign_splits
 
 if TYPE_CHECKING:
     from device_agent.bundle import ImagePreprocessing
@@ -186,10 +186,10 @@ def _folder_dataset(path: Path, section: ImageSection, seed: int = 0) -> tuple[d
     examples = [Example(scan.digests[i], scan.labels[i], scan.splits[i]) for i in kept]
     warnings: list[str] = []
     if not any(example.split for example in examples):
-        examples, warnings = _assign_splits(examples, seed)
+        examples, warnings = assign_splits(examples, seed)
     elif not any(example.split == "val" for example in examples):
         train = [e for e in examples if e.split == "train"]
-        carved, warnings = _assign_splits(train, seed)  # the folder has no val/: take it from train, by content hash
+        carved, warnings = assign_splits(train, seed)  # the folder has no val/: take it from train, by content hash
         moved = {e.text for e in carved if e.split == "val"}
         examples = [Example(e.text, e.label, "val" if e.text in moved else e.split) for e in examples]
     image_of = {scan.digests[i]: scan.images[i] for i in kept}

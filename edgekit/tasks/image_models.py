@@ -156,10 +156,6 @@ def load(folder: Path) -> tuple[torch.nn.Module, ImageModelRecord]:
     return model.eval(), record
 
 
-def is_image_model_folder(folder: Path) -> bool:
-    return (folder / RECORD_FILE).is_file()
-
-
 def export_onnx(model: torch.nn.Module, record: ImageModelRecord, input_name: str, output: Path, opset: int) -> None:
     """ONNX with a symbolic ``batch`` axis; the TorchScript exporter folds BatchNorm into the convolutions in eval mode."""
     import warnings

@@ -1,7 +1,7 @@
 """Text classification: labelled texts in, a Hugging Face sequence classifier out, tokenized as the device tokenizes.
 
 Data: rows with a text, a label and (optionally) a split, read by
-``edgekit.data`` from CSV/TSV, JSONL, Parquet or a Hugging Face
+``edgekit.tasks.text_data`` from CSV/TSV, JSONL, Parquet or a Hugging Face
 ``save_to_disk`` folder, cleaned and split; calibration rows come from their own
 file or, without one, from train. Tokenization is
 ``device_agent.preprocess.TextTokenizer``: the same code a device runs.
@@ -27,7 +27,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from edgekit.config import BuildConfig, DataSection, FinetuneSection, HeadSection, PruneSection
-from edgekit.data import Split, TaskData, load_dataset, read_rows, to_task_data
+from edgekit.data import Split, TaskData
+from edgekit.tasks.text_data import load_dataset, read_rows, to_task_data
 from edgekit.errors import EdgekitError
 
 if TYPE_CHECKING:

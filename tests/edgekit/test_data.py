@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.data import (
+from edgekit.tasks.text_data import (
     CleaningReport,
     DataError,
     Row,

@@ -109,7 +109,6 @@ def test_package_pass_writes_the_reference_into_the_signed_manifest(tmp_path):
     from device_agent.bundle import read_manifest_unverified
     from device_agent.keys import generate_keypair
     from edgekit.artifact import Artifact, PassContext, Stage, TaskSpec
-    from edgekit.config import BuildConfig
     from edgekit.data import TaskData
     from edgekit.passes import package
     from edgekit.targets import load_target

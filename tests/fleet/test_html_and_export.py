@@ -76,7 +76,7 @@ def _ingest_samples(url: str, device: str, samples: list[dict]) -> None:
 
 
 def test_exported_text_samples_are_a_dataset_the_build_reads(tmp_path):
-    from edgekit.data import load_dataset
+    from edgekit.tasks.text_data import load_dataset
 
     url = f"sqlite:///{tmp_path / 'fleet.db'}"
     samples = [{"captured_at": float(i), "text": f"sample text number {i}", "predicted": "pos" if i % 2 else "neg"} for i in range(40)]
