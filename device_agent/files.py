@@ -19,6 +19,19 @@ def fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
+def fsync_tree(root: Path) -> None:
+    """Make every file under ``root``, and every folder's entries, durable: call it before renaming the tree into place,
+    so that a power cut after the rename cannot leave the new name pointing at files whose data never reached the disk."""
+    for folder, _subfolders, files in os.walk(root, topdown=False):
+        for name in files:
+            descriptor = os.open(Path(folder) / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        fsync_dir(Path(folder))
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """A file handle whose content replaces ``path`` only when the block ends without error.

@@ -9,8 +9,9 @@ Layout of the state directory::
 
 An install verifies the bundle into ``staging/``, checks that its target fits
 this device, loads it and runs its golden vectors here, then renames the
-unpacked folder into ``slots/`` and only then rewrites ``active.json`` (temp
-file, fsync, rename, fsync of the folder). A crash at any point therefore leaves
+unpacked folder (every file and folder fsynced first) into ``slots/``, fsyncs
+``slots/``, and only then rewrites ``active.json`` (temp file, fsync, rename,
+fsync of the folder). A crash or a power cut at any point therefore leaves
 ``active.json`` naming either the old version or the new one, and every slot it
 can name is complete. Serving swaps one reference per model, so requests that
 already hold the old model finish on it.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from device_agent.bundle import BundleError, BundleLimits, Manifest, open_bundle
 from device_agent.errors import UserError
-from device_agent.files import fsync_dir, write_atomically
+from device_agent.files import fsync_dir, fsync_tree, write_atomically
 from device_agent.host import HostReport, probe_host
 from device_agent.keys import Keyring
 from device_agent.runtime import (
@@ -273,7 +274,8 @@ class Repository:
                     )
                 candidate = self._prove(name, version, manifest, bundle.root)
                 if not slot.exists():
-                    slot.parent.mkdir(parents=True, exist_ok=True)
+                    _make_durable_folder(slot.parent)
+                    fsync_tree(bundle.root)  # the slot's files are on disk before any name points at them
                     os.rename(bundle.root, slot)
                     fsync_dir(slot.parent)
             served = ServedModel(name, version, manifest, candidate.session, slot, candidate.golden_error)
@@ -357,3 +359,14 @@ class Repository:
                 shutil.rmtree(slot, ignore_errors=True)
         if len(active["history"]) > self.keep_versions - 1:
             self._write_active(name, active["version"], active["history"][: self.keep_versions - 1])
+
+
+def _make_durable_folder(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each new entry made durable in its parent."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+        fsync_dir(created.parent)

@@ -125,7 +125,7 @@ class AgentProcess:
             time.sleep(0.05)
 
     def kill(self) -> None:
-        """SIGKILL: no cleanup, no flush, exactly what a power cut leaves."""
+        """SIGKILL: no cleanup, no flush by the process (the operating system still writes its page cache, unlike a power cut)."""
         self.process.kill()
         self.process.wait(timeout=30)
 
