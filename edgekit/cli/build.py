@@ -73,7 +73,7 @@ def _config_with_overrides(config_file: Path | None, *, model: str | None, task:
     """
     from edgekit.config import load_build_config
     from edgekit.errors import EdgekitError
-    from edgekit.tasks import KINDS
+    from edgekit.tasks import task_for
 
     config = load_build_config(config_file)
     updates = {}
@@ -83,8 +83,8 @@ def _config_with_overrides(config_file: Path | None, *, model: str | None, task:
         updates["data"] = config.data.model_copy(update={"path": data, "calibration_path": None})
     if targets:
         updates["targets"] = targets
-    if task and task not in KINDS:
-        raise EdgekitError(f"unknown task {task!r}; known: {', '.join(KINDS)}")
+    if task:
+        task_for(task)  # an unknown kind is an error naming the known ones
     if task and task != config.task.kind:
         raise EdgekitError(f"--task {task} differs from the config's task.kind {config.task.kind}; set task.kind in the build config")
     return config.model_copy(update=updates)

@@ -78,8 +78,6 @@ TASKS: dict[str, Task] = {
     text_classification.KIND: text_classification.TASK,
     image_classification.KIND: image_classification.TASK,
 }
-TEXT, IMAGE = text_classification.KIND, image_classification.KIND
-KINDS = tuple(TASKS)
 
 
 def task_for(kind: str) -> Task:

@@ -86,3 +86,9 @@ def test_a_new_task_builds_a_signed_bundle_a_device_opens(with_toy_task, tmp_pat
         assert [spec.name for spec in manifest.inputs] == ["features"]
         session = open_model(manifest, opened.path(manifest.runtime.model_file))
         assert run_golden_check(session, opened.path(manifest.golden.file)) <= manifest.golden.atol
+
+
+def test_an_unknown_task_on_the_command_line_is_named_with_the_known_ones(tmp_path):
+    result = CliRunner().invoke(app, ["build", "--task", "tabular-regression", "--dry-run", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "unknown task.kind 'tabular-regression'; known: text-classification, image-classification" in result.output
