@@ -66,7 +66,7 @@ def prepare(work: Path, ratios: list[float], recovery: dict, control: bool) -> d
     started = time.perf_counter()
     source = Artifact(Stage.SOURCE, Path(config.model.source), "", "demo", TaskSpec("text-classification", data.labels, SEQUENCE, None))
     base = load.run(source, load.options_for(config, None), _context(work / "load", data, config))
-    record = {"load_seconds": time.perf_counter() - started, "load": base.results.load.model_dump(), "models": {}}
+    record = {"load_seconds": time.perf_counter() - started, "load": base.results.load.model_dump(exclude_unset=True), "models": {}}
     models = {"unpruned": base.directory}
 
     for ratio in ratios:
@@ -74,7 +74,7 @@ def prepare(work: Path, ratios: list[float], recovery: dict, control: bool) -> d
         pruned_config = config.model_copy(update={"prune": settings})
         started = time.perf_counter()
         result = prune.run(base, prune.options_for(pruned_config, None), _context(work / f"prune-{ratio}", data, pruned_config))
-        metrics = result.results.prune.model_dump()
+        metrics = result.results.prune.model_dump(exclude_unset=True)
         metrics["pass_seconds"] = time.perf_counter() - started
         record["models"][f"pruned {ratio:.0%}"] = metrics
         models[f"pruned {ratio:.0%}"] = result.directory
@@ -124,7 +124,7 @@ def measure(spec_path: Path) -> None:
     from device_agent.preprocess import TextTokenizer
     from edgekit.config import BuildConfig
     from edgekit.measure import classification_metrics, latency_rounds, size_mb
-    from edgekit.passes.prune import ort_session
+    from edgekit.pruning import ort_session
     from edgekit.tasks.text_classification import load_task_data
 
     spec = json.loads(spec_path.read_text())

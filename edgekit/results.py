@@ -160,7 +160,7 @@ class ModelMetrics(_Record):
     f1_macro: float
     precision_macro: float
     recall_macro: float
-    per_class: dict[str, dict[str, float]]
+    per_class: dict[str, dict[str, float | int]]  # precision, recall, f1; support is a count
     confusion: list[list[int]]
     latency_p50_ms: float
     latency_p95_ms: float

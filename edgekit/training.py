@@ -126,7 +126,7 @@ class FitSettings:
     learning_rate: float
     weight_decay: float = 0.01
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimizer steps (batches / accumulation_steps)
     patience: int | None = None
     accumulation_steps: int = 1
     label: str = "training"  # progress bars and messages
@@ -260,7 +260,8 @@ def fit(model: "torch.nn.Module", batches: BatchSource, loss: Callable[["torch.n
             break
         model.train()
         _one_epoch(model, batches.epoch(epoch), loss, optimizer, scheduler, settings, on, with_autocast, run,
-                   lambda: progress.update(task, advance=1, description=_describe(settings.label, epoch, run)))
+                   lambda: progress.update(task, advance=1, description=_describe(settings.label, epoch, run)),
+                   batches.steps_per_epoch)
         if validate is not None:
             _judge_epoch(model, validate, epoch, run, settings, say)
         run.seconds = time.perf_counter() - started
@@ -280,8 +281,11 @@ def _start_or_resume(model, optimizer, scheduler, batches: BatchSource, checkpoi
                      label: str) -> tuple[_Run, int]:
     resumed = checkpoints.latest()
     if resumed is None:
-        score, extra = initial(model) if initial is not None else (None, {})
-        return _Run(best_score=score, initial_score=score, extra=extra), 1
+        if initial is None:
+            return _Run(best_score=None, initial_score=None), 1
+        score, extra = initial(model)
+        # The starting weights compete: kept so that they are what remains when no epoch beats them.
+        return _Run(best_score=score, initial_score=score, best_state=snapshot(model), extra=extra), 1
     # An earlier run of the same pass (same model, data and settings) was interrupted: go on after its last epoch.
     model.load_state_dict(resumed["model"])
     optimizer.load_state_dict(resumed["optimizer"])
@@ -292,26 +296,25 @@ def _start_or_resume(model, optimizer, scheduler, batches: BatchSource, checkpoi
 
 
 def _one_epoch(model, epoch_batches: Iterator[Batch], loss, optimizer, scheduler, settings: FitSettings, on: str,
-               with_autocast, run: _Run, advance: Callable[[], None]) -> None:
-    accumulated = 0
-    for batch in epoch_batches:
+               with_autocast, run: _Run, advance: Callable[[], None], steps_per_epoch: int) -> None:
+    accumulated, group = 0, settings.accumulation_steps
+    for index, batch in enumerate(epoch_batches):
         batch = batch.to(on)
         with with_autocast:
             value = loss(model, batch)
         if accumulated == 0:
             optimizer.zero_grad()
-        (value / settings.accumulation_steps if settings.accumulation_steps > 1 else value).backward()
+            # The epoch's last group may be short: its gradient is still the mean over the batches it has.
+            group = min(settings.accumulation_steps, steps_per_epoch - index)
+        (value / group if group > 1 else value).backward()
         accumulated += 1
-        if accumulated == settings.accumulation_steps:
+        if accumulated == group:
             optimizer.step()
             scheduler.step()
             accumulated = 0
         run.seen += len(batch)
         run.losses.append(value.item())
         advance()
-    if accumulated:  # the epoch's last, partial accumulation
-        optimizer.step()
-        scheduler.step()
 
 
 def _judge_epoch(model, validate, epoch: int, run: _Run, settings: FitSettings, say) -> None:
@@ -319,7 +322,7 @@ def _judge_epoch(model, validate, epoch: int, run: _Run, settings: FitSettings, 
     say(f"{settings.label}: epoch {epoch}: loss {np.mean(run.losses[-50:]):.4f}, validation accuracy {score:.4f}")
     if run.best_score is None or score > run.best_score:
         run.best_score, run.best_epoch = score, epoch
-        run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        run.best_state = snapshot(model)
     run.stopped = settings.patience is not None and epoch - run.best_epoch >= settings.patience
 
 
@@ -332,14 +335,16 @@ def predict(model: "torch.nn.Module", batches: Iterable[Mapping[str, "torch.Tens
     """Logits (float32, on the CPU) of every batch of inputs, in order, with the model in eval mode."""
     import torch
 
-    on = next(model.parameters()).device.type
+    on = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
-    with torch.inference_mode(), autocast(on):
-        for inputs in batches:
-            out.append(forward(model, {k: v.to(on) for k, v in inputs.items()}).float().cpu().numpy())
-    model.train(was_training)
+    try:
+        with torch.inference_mode(), autocast(on.type):
+            for inputs in batches:
+                out.append(forward(model, {k: v.to(on) for k, v in inputs.items()}).float().cpu().numpy())
+    finally:
+        model.train(was_training)
     return np.concatenate(out)
 
 
@@ -349,12 +354,13 @@ def accumulate_gradients(model: "torch.nn.Module", batches: Iterable[Batch], los
     For importance scores: hooks registered by the caller read the gradients as they pass; parameter gradients
     are cleared before each batch and after the last.
     """
+    on = next(model.parameters()).device.type
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             model.zero_grad(set_to_none=True)
-            loss(model, batch).backward()
+            loss(model, batch.to(on)).backward()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)

@@ -16,7 +16,7 @@ When ``accuracy_aware`` is on and the quantized model breaks the budget (accurac
 drop in points, top-1 agreement with the float parent), quantized nodes are ranked
 by their own quantization error in one probe run, and the most sensitive ones are
 returned to float until the budget holds or the time limit ends the search. The
-best model found is always written; ``metrics["quantization"]["budget_met"]`` says
+best model found is always written; the quantize record's ``budget_met`` says
 whether it meets the budget, and the build's gate decides what to do.
 """
 

@@ -84,7 +84,7 @@ def task_for(kind: str) -> Task:
     try:
         return TASKS[kind]
     except KeyError:
-        raise EdgekitError(f"unknown task.kind {kind!r}; known: {', '.join(TASKS)}") from None
+        raise EdgekitError(f"unknown task {kind!r}; known: {', '.join(TASKS)}") from None
 
 
 def model_feeds(task: TaskSpec, inputs: Sequence[str] | np.ndarray, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:

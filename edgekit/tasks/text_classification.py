@@ -339,7 +339,8 @@ def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext) ->
     result = training.fit(trainable, batches, training.cross_entropy(TASK.forward), fit_settings, progress=ctx.progress,
                           say=ctx.say, validate=scores.validate, initial=scores.head_only,
                           checkpoints=Checkpoints(ctx.checkpoint_dir), memory_check=memory_check)
-    tuned_test = scores.test(trainable)
+    tuned_test = scores.test(trainable.to(result.device))  # on the device the head-only model was scored on
+    trainable.to("cpu")
     if settings.method == "lora":
         trainable.save_pretrained(ctx.work_dir / "adapter")
         trainable = trainable.merge_and_unload()
