@@ -21,7 +21,8 @@ DEMO_DIR = Path(str(resources.files("edgekit.demo_data")))
 DEMO_DATA = DEMO_DIR / "data.jsonl"
 DEMO_CALIBRATION = DEMO_DIR / "calibration.jsonl"
 EMBEDDED_MODEL = "embedded:all-minilm-l6-v2"
-IMAGE_MODEL_PREFIXES = ("builtin:", "config:")  # image models defined in edgekit and trained from scratch
+BUILT_HERE_PREFIXES = ("builtin:", "config:")  # models defined in edgekit and trained from scratch (each task lists its own)
+PACKAGED_DATA_PREFIX = "sktime:"  # data files shipped inside the sktime wheel, e.g. sktime:BasicMotions/BasicMotions_TRAIN.ts
 
 
 class _Strict(BaseModel):
@@ -65,7 +66,8 @@ class ImageSection(_Strict):
 
 
 class TaskSection(_Strict):
-    kind: str = Field("text-classification", description="the task: text-classification or image-classification (edgekit.tasks.TASKS)")
+    kind: str = Field("text-classification", description=(
+        "the task: text-classification, image-classification or timeseries-classification (edgekit.tasks.TASKS)"))
     max_length: int = Field(128, ge=8, le=512, description="text: tokens per input; longer texts are truncated")
     image: ImageSection = ImageSection()
 
@@ -90,17 +92,21 @@ class IdxFiles(_Strict):
 
 
 class DataSection(_Strict):
-    path: Path = Field(DEMO_DATA, description="CSV/TSV, JSONL, Parquet or a datasets save_to_disk folder with text, label and (optional) split columns")
+    path: Path = Field(DEMO_DATA, description=(
+        "text: CSV/TSV, JSONL, Parquet or a datasets save_to_disk folder with text, label and (optional) split columns; "
+        "images: a folder of class folders; time series: a .ts or .npz file (sktime:<set>/<file> for the sktime wheel's)"))
     calibration_path: Path | None = Field(DEMO_CALIBRATION, description="JSONL rows for quantization calibration; default: from train")
     text_column: str = "text"
     label_column: str = "label"
     split_column: str = "split"
+    test_path: Path | None = Field(None, description="time series: a held-out test file (.ts or .npz), as the UCR/UEA archive splits "
+                                   "its sets; without it a stratified fifth of data.path is held out")
     idx: IdxFiles | None = Field(None, description="images: IDX files (MNIST, Fashion-MNIST) instead of data.path")
     label_names: list[str] | None = Field(None, description="images: class names for integer labels (IDX), in label order")
 
 
 class TrainSection(_Strict):
-    """Image models built here (builtin:, config:) are trained from scratch in the load pass with these settings."""
+    """Image and time-series models built here (builtin:, config:) are trained from scratch in the load pass with these."""
 
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -206,17 +212,28 @@ class BuildConfig(_Strict):
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> "BuildConfig":
-        source = self.model.source
-        built_here = source.startswith(IMAGE_MODEL_PREFIXES)
-        if self.task.kind == "image-classification":
+        from edgekit.tasks import TASKS, builtin_owner  # the registry imports this module: look it up when validating
+
+        source, kind = self.model.source, self.task.kind
+        owner = builtin_owner(source)
+        if source.startswith(BUILT_HERE_PREFIXES) and owner is None:
+            known = [s for task in TASKS.values() for s in task.builtin_sources]
+            raise ValueError(f"unknown built-in model {source!r}; known: {', '.join(known)}")
+        if owner is not None and owner.kind != kind:
+            raise ValueError(f"model.source {source!r} is a {owner.kind} model; set task.kind: {owner.kind}")
+        if kind == "timeseries-classification" and owner is None:
+            raise ValueError(f"model.source {source!r} is not a time-series model; {kind} takes "
+                             f"{', '.join(TASKS[kind].builtin_sources)}")
+        if kind == "image-classification":
             if source.startswith("embedded:") or source.endswith(".onnx"):
                 raise ValueError(f"model.source {source!r} is a text model; image-classification takes builtin:small-cnn, "
                                  "config:resnet, config:mobilenet_v2 or a Hugging Face image model folder")
             if self.finetune.enabled and self.finetune.method == "lora":
                 raise ValueError("finetune.method lora adapts Hugging Face text models; image models are fine-tuned fully: "
                                  "set finetune.method: full")
-        elif built_here:
-            raise ValueError(f"model.source {source!r} is an image model; set task.kind: image-classification")
+        if kind == "timeseries-classification" and self.finetune.enabled and self.finetune.method == "lora":
+            raise ValueError("finetune.method lora adapts Hugging Face text models; time-series models are fine-tuned fully: "
+                             "set finetune.method: full")
         return self
 
 
@@ -228,14 +245,16 @@ def load_build_config(path: Path | None) -> BuildConfig:
     base = path.parent.resolve()
 
     def anchored(value: Path | None) -> Path | None:
-        return value if value is None or value.is_absolute() else base / value
+        if value is None or value.is_absolute() or str(value).startswith(PACKAGED_DATA_PREFIX):
+            return value
+        return base / value
 
     idx = config.data.idx and config.data.idx.model_copy(update={
         name: anchored(getattr(config.data.idx, name)) for name in ("train_images", "train_labels", "test_images", "test_labels")})
     data = config.data.model_copy(update={"path": anchored(config.data.path), "calibration_path": anchored(config.data.calibration_path),
-                                          "idx": idx})
+                                          "test_path": anchored(config.data.test_path), "idx": idx})
     targets = [str(base / t) if t.endswith((".yaml", ".yml")) and not Path(t).is_absolute() else t for t in config.targets]
     source = config.model.source
-    if not source.startswith(("embedded:", *IMAGE_MODEL_PREFIXES)) and not Path(source).is_absolute():
+    if not source.startswith(("embedded:", *BUILT_HERE_PREFIXES)) and not Path(source).is_absolute():
         source = str(base / source)
     return config.model_copy(update={"data": data, "targets": targets, "model": config.model.model_copy(update={"source": source})})

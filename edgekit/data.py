@@ -117,3 +117,22 @@ def class_balance(split: tuple[Example, ...] | list[Example]) -> dict[str, int]:
     """Rows per label, labels sorted."""
     counts = Counter(example.label for example in split)
     return {label: counts[label] for label in sorted(counts)}
+
+
+def interleave_classes(labels: np.ndarray) -> np.ndarray:
+    """Row order interleaving the classes round robin, so any prefix (calibration, quick evaluation) is roughly stratified."""
+    rank = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rank[members] = np.arange(len(members))
+    return np.lexsort((labels, rank))
+
+
+def carve_stratified(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Boolean mask of the rows held out (for validation or test): ``share`` of each class, chosen by a seeded permutation."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        mask[members[: max(1, round(len(members) * share))]] = True
+    return mask

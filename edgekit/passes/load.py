@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, SerializeAsAny
 
 from edgekit.artifact import Artifact, Pass, PassContext, Stage
-from edgekit.config import EMBEDDED_MODEL, IMAGE_MODEL_PREFIXES, BuildConfig
+from edgekit.config import BUILT_HERE_PREFIXES, EMBEDDED_MODEL, BuildConfig
 from edgekit.errors import EdgekitError
 from edgekit.targets import TargetProfile
 
@@ -60,13 +60,15 @@ def resolve_source(source: str) -> Path:
 
 def source_digest(source: str) -> str:
     """Content hash of a model source (file names, sizes and bytes), so a changed model invalidates the cache."""
-    if source.startswith(IMAGE_MODEL_PREFIXES):
+    if source.startswith(BUILT_HERE_PREFIXES):
         # Defined by edgekit's code: the definition is the content.
-        from edgekit.tasks import image_models
+        from edgekit.tasks import TASKS, builtin_owner
 
-        if source not in image_models.KNOWN_SOURCES:
-            raise EdgekitError(f"unknown image model {source!r}; known: {', '.join(image_models.KNOWN_SOURCES)}")
-        return hashlib.sha256(source.encode() + Path(image_models.__file__).read_bytes()).hexdigest()
+        owner = builtin_owner(source)
+        if owner is None:
+            known = [s for task in TASKS.values() for s in task.builtin_sources]
+            raise EdgekitError(f"unknown built-in model {source!r}; known: {', '.join(known)}")
+        return hashlib.sha256(source.encode() + owner.definitions.read_bytes()).hexdigest()
     path = resolve_source(source)
     digest = hashlib.sha256()
     for file in sorted([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.tasks import image_classification, text_classification
+from edgekit.tasks import image_classification, text_classification, timeseries_classification
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +40,8 @@ class Task(Protocol):
     kind: str  # the config's task.kind
     bundle_kind: str  # the manifest's task.kind (text-classification, image-classification or tensor)
     graph_fusion: str | None  # ONNX Runtime transformer-fusion model type for the optimize pass, or None
+    builtin_sources: tuple[str, ...]  # model.source values that name models defined in edgekit (builtin:..., config:...)
+    definitions: Path | None  # the file that defines them: its bytes are part of their cache key
 
     def settings(self, config: BuildConfig) -> BaseModel: ...
 
@@ -77,6 +79,7 @@ class Task(Protocol):
 TASKS: dict[str, Task] = {
     text_classification.KIND: text_classification.TASK,
     image_classification.KIND: image_classification.TASK,
+    timeseries_classification.KIND: timeseries_classification.TASK,
 }
 
 
@@ -85,6 +88,11 @@ def task_for(kind: str) -> Task:
         return TASKS[kind]
     except KeyError:
         raise EdgekitError(f"unknown task {kind!r}; known: {', '.join(TASKS)}") from None
+
+
+def builtin_owner(source: str) -> Task | None:
+    """The task whose built-in models include ``source`` (``builtin:...``, ``config:...``), or None."""
+    return next((task for task in TASKS.values() if source in task.builtin_sources), None)
 
 
 def model_feeds(task: TaskSpec, inputs: Sequence[str] | np.ndarray, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from edgekit.config import BuildConfig, FinetuneSection, ImageSection, PruneSection, TrainSection
 from edgekit.data import Split, TaskData
+from edgekit.tasks import image_models
 from edgekit.tasks.image_data import INPUT_NAME, channels_of, load_task_data, preprocessing
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class ImageClassification:
     kind = KIND
     bundle_kind = KIND
     graph_fusion = None  # Conv+BN folding is the exporter's and ONNX Runtime's own
+    builtin_sources = image_models.KNOWN_SOURCES
+    definitions = Path(image_models.__file__)
 
     def settings(self, config: BuildConfig) -> ImageSettings:
         return ImageSettings(preprocessing=config.task.image, train=config.train, widths=config.model.widths)
@@ -68,13 +71,13 @@ class ImageClassification:
     def load(self, source: str, digest: str, settings: ImageSettings, ctx: PassContext) -> Artifact:
         """Build the image model and train it on the build's images (from scratch unless a folder brought weights)."""
         from edgekit.artifact import Artifact, Stage
-        from edgekit.config import IMAGE_MODEL_PREFIXES
+        from edgekit.config import BUILT_HERE_PREFIXES
         from edgekit.results import LoadResult, PassResults
         from edgekit.passes.load import resolve_source
         from edgekit.tasks import image_models
 
         section, train = settings.preprocessing, settings.train
-        source = source if source.startswith(IMAGE_MODEL_PREFIXES) else str(resolve_source(source))
+        source = source if source.startswith(BUILT_HERE_PREFIXES) else str(resolve_source(source))
         record = image_models.record_for(source, channels_of(section), len(ctx.data.labels), settings.widths, section.size)
         model = image_models.build(record)
         spec = task_spec(ctx.data.labels, section)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgekit.config import DataSection, IdxFiles, ImageSection
-from edgekit.data import SPLIT_ALIASES, SPLITS, DataError, Example, Split, TaskData, assign_splits
+from edgekit.data import SPLIT_ALIASES, SPLITS, DataError, Example, Split, TaskData, assign_splits, carve_stratified, interleave_classes
 
 if TYPE_CHECKING:
     from device_agent.bundle import ImagePreprocessing
@@ -208,25 +208,6 @@ def _folder_dataset(path: Path, section: ImageSection, seed: int = 0) -> tuple[d
 # ---------------------------------------------------------------- to the build
 
 
-def _stratified(labels: np.ndarray) -> np.ndarray:
-    """Row order interleaving the classes round robin, so any prefix (calibration, quick evaluation) is roughly stratified."""
-    rank = np.zeros(len(labels), dtype=np.int64)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        rank[members] = np.arange(len(members))
-    return np.lexsort((labels, rank))
-
-
-def _carve_val(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
-    """Boolean mask of the rows held out for validation: ``share`` of each class, chosen by a seeded permutation."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        mask[members[: max(1, round(len(members) * share))]] = True
-    return mask
-
-
 def _idx_dataset(files: IdxFiles, names: list[str] | None) -> tuple[dict[str, tuple[np.ndarray, list[str]]], dict, list[str]]:
     train_images, train_labels = _idx_pair(files.train_images, files.train_labels)
     test_images, test_labels = _idx_pair(files.test_images, files.test_labels)
@@ -238,7 +219,7 @@ def _idx_dataset(files: IdxFiles, names: list[str] | None) -> tuple[dict[str, tu
     if names is not None and top >= len(names):
         raise DataError(f"the IDX labels go up to {top} but data.label_names has {len(names)} names; name every class")
     names = names or [str(i) for i in range(top + 1)]
-    val = _carve_val(train_labels, files.val_share, seed=0)
+    val = carve_stratified(train_labels, files.val_share, seed=0)
     splits = {"train": (train_images[~val], [names[i] for i in train_labels[~val]]),
               "val": (train_images[val], [names[i] for i in train_labels[val]]),
               "test": (test_images, [names[i] for i in test_labels])}
@@ -277,7 +258,7 @@ def load_task_data(data: DataSection, section: ImageSection) -> TaskData:
     for name in SPLITS:
         images, names = splits[name]
         targets = np.asarray([index[n] for n in names], dtype=np.int64)
-        order_ = _stratified(targets)
+        order_ = interleave_classes(targets)
         built[name] = Split(np.ascontiguousarray(images[order_]), targets[order_])
     calibration = built["train"].head(CALIBRATION_ROWS)
     digest = hashlib.sha256(json.dumps([labels, preprocessing(section).model_dump(mode="json")]).encode())

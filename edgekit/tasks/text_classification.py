@@ -64,6 +64,8 @@ class TextClassification:
     kind = KIND
     bundle_kind = KIND
     graph_fusion = "bert"  # ONNX Runtime's transformer fusions apply
+    builtin_sources: tuple[str, ...] = ()  # Hugging Face folders, embedded:all-minilm-l6-v2 or an .onnx file
+    definitions = None
 
     def settings(self, config: BuildConfig) -> TextSettings:
         return TextSettings(max_length=config.task.max_length, head=config.head)

@@ -44,8 +44,8 @@ def test_the_registry_lists_what_the_config_accepts():
     from edgekit.errors import EdgekitError
     from edgekit.tasks import TASKS, task_for
 
-    assert set(TASKS) == {"text-classification", "image-classification"}
-    with pytest.raises(ValueError, match="unknown task 'toy-vectors'; known: text-classification, image-classification"):
+    assert set(TASKS) == {"text-classification", "image-classification", "timeseries-classification"}
+    with pytest.raises(ValueError, match="unknown task 'toy-vectors'; known: text-classification, image-classification, timeseries-classification"):
         BuildConfig(task={"kind": "toy-vectors"})
     with pytest.raises(EdgekitError, match="unknown task 'toy-vectors'"):
         task_for("toy-vectors")
@@ -91,4 +91,4 @@ def test_a_new_task_builds_a_signed_bundle_a_device_opens(with_toy_task, tmp_pat
 def test_an_unknown_task_on_the_command_line_is_named_with_the_known_ones(tmp_path):
     result = CliRunner().invoke(app, ["build", "--task", "tabular-regression", "--dry-run", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 2
-    assert "unknown task 'tabular-regression'; known: text-classification, image-classification" in result.output
+    assert "unknown task 'tabular-regression'; known: text-classification, image-classification, timeseries-classification" in result.output

@@ -44,6 +44,8 @@ class ToyVectors:
     kind = KIND
     bundle_kind = "tensor"
     graph_fusion = None
+    builtin_sources: tuple[str, ...] = ()
+    definitions = None
 
     def settings(self, config) -> ToySettings:
         return ToySettings()

@@ -1,0 +1,264 @@
+"""Time-series classification: labelled windows of sensor channels in, a small 1D CNN out, raw windows on the device.
+
+Data: ``edgekit.tasks.timeseries_data`` (UCR/UEA ``.ts`` or ``.npz``), float32
+``[n, channels, steps]``. Model: ``builtin:cnn1d``, a fully convolutional
+network in the style of Wang et al. (2017): Conv1d → BatchNorm1d → ReLU
+stages with "same" padding, global average pooling over time, one Linear.
+The per-channel mean and standard deviation of the training series are
+buffers of the model, so normalisation is inside the ONNX graph and the device
+sends raw windows. It trains from scratch in the load pass (``train:``
+settings) and further in the finetune pass (``method: full``), in the one
+training loop. The bundle is a plain tensor model: input ``series``
+``[batch, channels, steps]`` FP32, output ``logits``; quantization is static
+QDQ (convolutions). Not yet: pruning, drift features for series (the bundle
+carries no drift reference), unequal lengths and missing values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from edgekit.config import BuildConfig, FinetuneSection, PruneSection, TrainSection
+from edgekit.data import Split, TaskData
+from edgekit.errors import EdgekitError
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgekit.artifact import Artifact, PassContext, TaskSpec
+
+KIND = "timeseries-classification"
+INPUT_NAME = "series"
+CNN1D = "builtin:cnn1d"
+RECORD_FILE = "series_model.json"
+WEIGHTS_FILE = "model.pt"
+DEFAULT_WIDTHS = [32, 64, 64]
+KERNELS = [7, 5, 3]  # per stage; later stages reuse the last
+PREDICT_BATCH = 256
+
+
+class SeriesSettings(BaseModel):
+    """What a time-series build's config says about the task (part of the cache key of the passes that train)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: TrainSection
+    widths: list[int] | None
+
+
+@dataclass(frozen=True)
+class SeriesModelRecord:
+    """Enough to rebuild the module before loading its weights."""
+
+    source: str
+    channels: int
+    steps: int
+    classes: int
+    widths: list[int]
+    mean: list[float]  # per channel, of the training series
+    std: list[float]
+
+
+def build_model(record: SeriesModelRecord) -> torch.nn.Module:
+    """The 1D CNN of ``record``, freshly initialised, normalising its input with the record's channel statistics."""
+    import torch
+    from torch import nn
+
+    class SeriesCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.tensor(record.mean, dtype=torch.float32).view(1, -1, 1))
+            self.register_buffer("std", torch.tensor(record.std, dtype=torch.float32).view(1, -1, 1))
+            layers: list[nn.Module] = []
+            previous = record.channels
+            for stage, width in enumerate(record.widths):
+                kernel = KERNELS[min(stage, len(KERNELS) - 1)]
+                layers += [nn.Conv1d(previous, width, kernel, padding=kernel // 2, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
+                previous = width
+            self.features = nn.Sequential(*layers)
+            self.classifier = nn.Linear(previous, record.classes)
+
+        def forward(self, series: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.features((series - self.mean) / self.std).mean(dim=-1))
+
+    return SeriesCNN()
+
+
+def save_model(model: torch.nn.Module, record: SeriesModelRecord, folder: Path) -> None:
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n")
+    torch.save(model.state_dict(), folder / WEIGHTS_FILE)
+
+
+def load_model(folder: Path) -> tuple[torch.nn.Module, SeriesModelRecord]:
+    import torch
+
+    record = SeriesModelRecord(**json.loads((folder / RECORD_FILE).read_text()))
+    model = build_model(record)
+    model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return model.eval(), record
+
+
+class TimeSeriesClassification:
+    """The time-series task: see the module docstring."""
+
+    kind = KIND
+    bundle_kind = "tensor"  # the device takes raw windows as an FP32 tensor
+    graph_fusion = None
+    builtin_sources = (CNN1D,)
+    definitions = Path(__file__)
+
+    def settings(self, config: BuildConfig) -> SeriesSettings:
+        return SeriesSettings(train=config.train, widths=config.model.widths)
+
+    def load_data(self, config: BuildConfig) -> TaskData:
+        from edgekit.tasks.timeseries_data import load_task_data
+
+        return load_task_data(config.data.path, config.data.test_path)
+
+    def spec(self, labels: tuple[str, ...]) -> TaskSpec:
+        from edgekit.artifact import TaskSpec
+
+        return TaskSpec(KIND, labels, 0, None, (INPUT_NAME,), "logits", None)
+
+    def load(self, source: str, digest: str, settings: SeriesSettings, ctx: PassContext) -> Artifact:
+        """Build the 1D CNN with the training series' channel statistics and train it from scratch."""
+        import torch
+
+        from edgekit.artifact import Artifact, Stage
+        from edgekit.results import LoadResult, PassResults
+        from edgekit.tasks.timeseries_data import channel_statistics
+
+        if source != CNN1D:
+            raise EdgekitError(f"model.source {source!r} is not a time-series model; {KIND} takes {CNN1D}")
+        train = ctx.data.train
+        mean, std = channel_statistics(train.inputs)
+        record = SeriesModelRecord(source, train.inputs.shape[1], train.inputs.shape[2], len(ctx.data.labels),
+                                   list(settings.widths or DEFAULT_WIDTHS), mean, std)
+        torch.manual_seed(settings.train.seed)
+        model = build_model(record)
+        spec = self.spec(ctx.data.labels)
+        metrics = _train(model, ctx, spec, settings.train, "train", keep_initial=False)
+        save_model(model, record, ctx.work_dir)
+        parameters = sum(p.numel() for p in model.parameters())
+        ctx.say(f"trained {source} ({parameters / 1e3:.1f} k parameters): validation accuracy {metrics['val_accuracy']:.4f}")
+        return Artifact(Stage.TORCH, ctx.work_dir, ".", digest, spec,
+                        results=PassResults(load=LoadResult(model=source, parameters=parameters, widths=record.widths, **metrics)))
+
+    def finetune(self, artifact: Artifact, settings: FinetuneSection, task_settings: SeriesSettings, ctx: PassContext) -> Artifact:
+        """Every weight trained further with the finetune settings; the loaded model competes."""
+        from edgekit.artifact import Artifact, Stage
+        from edgekit.results import FinetuneResult
+
+        model, record = load_model(artifact.directory)
+        train = TrainSection(epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+                             weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
+                             early_stopping_patience=settings.early_stopping_patience, max_train_rows=settings.max_train_rows,
+                             seed=settings.seed)
+        metrics = _train(model, ctx, artifact.task, train, "finetune", keep_initial=True)
+        save_model(model, record, ctx.work_dir)
+        return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, artifact.task,
+                        results=artifact.recording(finetune=FinetuneResult(method="full", **metrics)))
+
+    def prune(self, artifact: Artifact, settings: PruneSection, task_settings: SeriesSettings, ctx: PassContext) -> Artifact:
+        raise EdgekitError(f"prune does not support {KIND} models yet; set prune.enabled: false")
+
+    def load_torch(self, folder: Path) -> torch.nn.Module:
+        return load_model(folder)[0]
+
+    @staticmethod
+    def forward(model: torch.nn.Module, inputs) -> torch.Tensor:
+        return model(inputs[INPUT_NAME])
+
+    def torch_batches(self, spec: TaskSpec, split: Split, batch_size: int = PREDICT_BATCH) -> Iterator[dict[str, torch.Tensor]]:
+        import torch
+
+        for start in range(0, len(split), batch_size):
+            yield {INPUT_NAME: torch.from_numpy(np.ascontiguousarray(split.inputs[start:start + batch_size]))}
+
+    def export_onnx(self, folder: Path, output: Path, opset: int, say) -> None:
+        """torch.onnx (TorchScript exporter; BatchNorm folded, symbolic batch), checked by onnx.checker."""
+        import warnings
+
+        import onnx
+        import torch
+
+        model, record = load_model(folder)
+        say(f"exporting to ONNX (opset {opset}) with torch.onnx")
+        example = torch.zeros(1, record.channels, record.steps)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice says nothing about this model
+            torch.onnx.export(model, (example,), str(output), input_names=[INPUT_NAME], output_names=["logits"],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False)
+        onnx.checker.check_model(str(output))
+
+    def feeds(self, spec: TaskSpec, inputs, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
+        """Raw windows ``[n, channels, steps]`` as FP32: normalisation is inside the model."""
+        return {INPUT_NAME: np.ascontiguousarray(inputs, dtype=np.float32)}
+
+    def bundle_preprocessing(self, spec: TaskSpec):
+        from device_agent.bundle import NoPreprocessing
+
+        return NoPreprocessing()
+
+    def bundle_files(self, spec: TaskSpec) -> dict[str, Path]:
+        return {}
+
+    def input_shape(self, spec: TaskSpec) -> dict:
+        return {}
+
+    def drift_reference(self, model_path: Path, spec: TaskSpec, splits: Sequence[Split]):
+        return None  # drift features for series are not written yet: the bundle serves unmonitored
+
+
+TASK = TimeSeriesClassification()
+
+
+def _train(model, ctx: PassContext, spec: TaskSpec, settings: TrainSection, what: str, keep_initial: bool) -> dict:
+    """Train in the one loop (AdamW, warm-up then cosine decay, early stopping on validation accuracy); the run's numbers."""
+    import math
+
+    import torch
+
+    from edgekit import training
+    from edgekit.checkpoints import Checkpoints
+    from edgekit.measure import classification_metrics
+
+    data = ctx.data
+    train = data.train.head(settings.max_train_rows) if settings.max_train_rows else data.train
+
+    def batch(rows: np.ndarray, _epoch: int) -> training.Batch:
+        return training.Batch({INPUT_NAME: torch.from_numpy(train.inputs[rows])}, torch.from_numpy(train.labels[rows]))
+
+    def accuracy(module) -> float:
+        logits = training.predict(module, TASK.torch_batches(spec, data.val), TASK.forward)
+        return classification_metrics(data.val.labels, logits.argmax(-1), data.labels).accuracy
+
+    def negative_loss(module) -> float:
+        # Archive sets are small (BasicMotions: 4 validation series): accuracy ties at 100% within a few epochs, while the
+        # validation loss keeps telling better weights from worse, so the loop keeps the epoch with the lowest loss.
+        logits = torch.from_numpy(training.predict(module, TASK.torch_batches(spec, data.val), TASK.forward))
+        return -float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(data.val.labels)))
+
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    fit_settings = training.FitSettings(settings.epochs, settings.learning_rate, settings.weight_decay, "cosine",
+                                        int(settings.warmup_ratio * steps_per_epoch * settings.epochs),
+                                        settings.early_stopping_patience, label=what)
+    result = training.fit(model, training.Shuffled(len(train), settings.batch_size, settings.seed, batch),
+                          training.cross_entropy(TASK.forward), fit_settings, progress=ctx.progress, say=ctx.say,
+                          validate=negative_loss, initial=(lambda m: (negative_loss(m), {"accuracy": accuracy(m)})) if keep_initial else None,
+                          checkpoints=Checkpoints(ctx.checkpoint_dir))
+    return {"device": result.device, "val_accuracy": accuracy(model), "val_accuracy_before": result.extra.get("accuracy"),
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": round(result.seconds, 2),
+            "samples_per_second": round(result.samples_per_second, 1) if result.samples_per_second else None,
+            "loss_curve": result.loss_curve(steps_per_epoch),
+            "kept": "trained" if result.improved else "the starting weights (no epoch beat them on validation)"}

@@ -1,0 +1,113 @@
+"""The time-series task: .ts and .npz read (bad files named by line), BasicMotions built to a bundle the agent serves."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgekit.cli import app
+from edgekit.config import BuildConfig
+from edgekit.data import DataError
+from edgekit.tasks.timeseries_data import load_task_data, read_series
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_SKTIME_DATA = importlib.util.find_spec("sktime") is not None
+HEADER = "# a comment\n@problemName Toy\n@univariate false\n@dimensions 2\n@equalLength true\n@seriesLength 3\n@classLabel true up down\n@data\n"
+
+
+def _ts(path: Path, body: str, header: str = HEADER) -> Path:
+    path.write_text(header + body)
+    return path
+
+
+def test_a_multivariate_ts_file_reads_as_samples_channels_steps(tmp_path):
+    series, labels, declared = read_series(_ts(tmp_path / "a.ts", "1,2,3:4,5,6:up\n7,8,9:1,1,1:down\n"))
+    assert series.shape == (2, 2, 3) and series.dtype == np.float32 and series[1, 0].tolist() == [7, 8, 9]
+    assert labels == ["up", "down"] and declared == ["up", "down"]
+
+
+@pytest.mark.parametrize(
+    ("body", "header", "message"),
+    [
+        ("1,2,3:4,5,6:up\n1,2:4,5:down\n", HEADER, r"a\.ts:10: 2 channel\(s\) of lengths \[2\]; the first sample has 2 x 3"),
+        ("1,2,3:4,?,6:up\n", HEADER, r"a\.ts:9: a value is not a number .*missing values \('\?'\) are not supported yet"),
+        ("1,2,3:4,nan,6:up\n", HEADER, r"a\.ts:9: NaN or infinite values"),
+        ("1,2,3:4,5,6:up\n", HEADER.replace("@dimensions 2", "@dimensions 3"), r"@dimensions 3 but the samples have 2"),
+        ("1,2,3:up\n", HEADER.replace("@classLabel true up down", "@classLabel false"), r"no '@classLabel true <labels>'"),
+        ("1,2,3:up\n", HEADER.replace("@equalLength true", "@equalLength false"), r"unequal length .* not supported yet"),
+        ("1,2,3:up\n", "@problemName Toy\n1,2\n@data\n", r"a\.ts:2: data before @data"),
+    ],
+)
+def test_a_bad_ts_file_is_named_with_its_line_and_the_fix(tmp_path, body, header, message):
+    with pytest.raises(DataError, match=message):
+        read_series(_ts(tmp_path / "a.ts", body, header))
+
+
+def test_npz_series_split_stratified_and_a_single_class_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", X=rng.normal(size=(60, 3, 16)).astype(np.float32), y=np.repeat(["a", "b", "c"], 20))
+    data = load_task_data(tmp_path / "s.npz", None)
+    assert data.labels == ("a", "b", "c") and data.train.inputs.shape[1:] == (3, 16)
+    assert len(data.train) + len(data.val) + len(data.test) == 60 and set(np.unique(data.test.labels)) == {0, 1, 2}
+    np.savez(tmp_path / "one.npz", X=np.zeros((10, 16), np.float32), y=np.zeros(10))
+    with pytest.raises(DataError, match=r"train has 1 class\(es\) \['0.0'\]; classification needs at least 2"):
+        load_task_data(tmp_path / "one.npz", None)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"task": {"kind": "timeseries-classification"}}, "is not a time-series model; timeseries-classification takes builtin:cnn1d"),
+        ({"model": {"source": "builtin:cnn1d"}}, "is a timeseries-classification model; set task.kind: timeseries-classification"),
+        ({"model": {"source": "builtin:lstm"}}, "unknown built-in model 'builtin:lstm'; known: builtin:small-cnn"),
+    ],
+)
+def test_a_model_that_does_not_fit_the_task_is_named(document, message):
+    with pytest.raises(ValueError, match=message):
+        BuildConfig.model_validate(document)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SKTIME_DATA, reason="the sktime wheel (its BasicMotions files) is not installed: pip install sktime")
+def test_basicmotions_builds_a_bundle_the_agent_serves_from_raw_windows(tmp_path):
+    import httpx
+
+    from device_agent.bundle import open_bundle
+    from device_agent.keys import Keyring
+    from tests.support.agent import AgentProcess
+
+    result = CliRunner().invoke(app, ["build", str(ROOT / "examples" / "basicmotions.yaml"), "--out", str(tmp_path / "out"),
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "x86-64-cpu" / "report.json").read_text())
+    assert report["passed"] and report["metrics"]["final"]["accuracy"] >= 0.97, report["metrics"]["final"]
+    assert report["quantization"]["scheme"] == "static_qdq" and report["precision"] == "int8"
+
+    keyring = tmp_path / "keyring"
+    keyring.mkdir()
+    shutil.copy(tmp_path / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
+    bundle = Path(report["bundle"])
+    agent = AgentProcess(tmp_path, keyring).start()
+    try:
+        flashed = CliRunner().invoke(app, ["flash", str(bundle), "--device", agent.url, "--token-file", str(tmp_path / "admin.token")])
+        assert flashed.exit_code == 0, flashed.output
+        data = load_task_data(Path("sktime:BasicMotions/BasicMotions_TRAIN.ts"), Path("sktime:BasicMotions/BasicMotions_TEST.ts"))
+        windows = data.test.inputs[:8]
+        request = {"inputs": [{"name": "series", "shape": list(windows.shape), "datatype": "FP32", "data": windows.ravel().tolist()}]}
+        answer = httpx.post(f"{agent.url}/v2/models/basicmotions/infer", json=request, timeout=30)
+        assert answer.status_code == 200, answer.text
+        logits = np.asarray(answer.json()["outputs"][0]["data"], np.float32).reshape(8, len(data.labels))
+        assert (logits.argmax(-1) == data.test.labels[:8]).mean() >= 0.875, "the device classifies raw windows as the build did"
+        with open_bundle(bundle, Keyring.load(keyring)) as opened:
+            assert opened.manifest.inputs[0].name == "series" and opened.manifest.inputs[0].shape[1:] == [6, 100]
+        wrong = {"inputs": [{"name": "series", "shape": [1, 6, 50], "datatype": "FP32", "data": [0.0] * 300}]}
+        refused = httpx.post(f"{agent.url}/v2/models/basicmotions/infer", json=wrong, timeout=30)
+        assert refused.status_code == 400 and "series" in refused.text and "100" in refused.text, refused.text
+    finally:
+        agent.stop()
