@@ -81,11 +81,18 @@ def image_features(images: np.ndarray) -> Features:
 
 
 def tensor_features(tensors: Mapping[str, np.ndarray]) -> Features:
-    """Numeric inputs: each value of a small row its own feature (``input.<name>.<i>``), else the row's mean and std."""
+    """Numeric inputs: each value of a small row its own feature (``input.<name>.<i>``); a window of a few channels
+    ``[batch, channels, steps]`` (sensor series) each channel's mean and std (``input.<name>.<c>.mean|std``); any
+    other row its mean and std."""
     features: Features = {}
     for name, tensor in tensors.items():
         array = np.asarray(tensor)
         if array.dtype.kind not in "biuf" or array.ndim == 0:
+            continue
+        if array.ndim == 3 and array.shape[1] <= MAX_TENSOR_FEATURES // 2 and array.shape[2] > 1:
+            windows = array.astype(np.float64)
+            for channel, (mean, std) in enumerate(zip(windows.mean(axis=2).T, windows.std(axis=2).T, strict=True)):
+                features[f"input.{name}.{channel}.mean"], features[f"input.{name}.{channel}.std"] = mean, std
             continue
         rows = array.reshape(array.shape[0], -1).astype(np.float64)
         if rows.shape[1] <= MAX_TENSOR_FEATURES:

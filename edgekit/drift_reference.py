@@ -205,6 +205,7 @@ def model_features(
     tokenizer_file: Path | None = None,
     max_length: int | None = None,
     image_preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    tensor_input: str | None = None,
     output_name: str | None = None,
     batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
@@ -213,7 +214,9 @@ def model_features(
     Texts are tokenized with the bundle's tokenizer (``tokenizer_file``,
     ``max_length``); images are fed through ``image_preprocess`` (the bundle's
     ``device_agent.preprocess.ImagePreprocessor``) and their features taken
-    from the raw pixels, as the device does.
+    from the raw pixels, as the device does. Raw float tensors (sensor
+    windows) feed the input ``tensor_input`` as they are, and give
+    ``tensor_features``, as the device computes them for a plain tensor model.
     """
     import onnxruntime
 
@@ -229,7 +232,7 @@ def model_features(
         if tokenizer_file is None or max_length is None:
             raise ValueError("text reference rows need the tokenizer file and max_length")
         tokenizer = TextTokenizer(tokenizer_file, max_length)
-    elif image_preprocess is None:
+    elif image_preprocess is None and tensor_input is None:
         raise ValueError("image reference rows need the bundle's image preprocessing")
 
     parts: list[dict[str, np.ndarray]] = []
@@ -239,6 +242,9 @@ def model_features(
             encoded = tokenizer.encode(list(chunk))
             feeds = {name: encoded[name] for name in input_names if name in encoded}
             found = drift_features.text_features(encoded["input_ids"], encoded["attention_mask"], tokenizer.unknown_id, max_length)
+        elif tensor_input is not None:
+            feeds = {tensor_input: np.ascontiguousarray(chunk, dtype=np.float32)}
+            found = drift_features.tensor_features(feeds)
         else:
             images = np.asarray(chunk)
             feeds = {input_names[0]: image_preprocess(images if images.ndim == 4 else images[..., None])}
@@ -255,6 +261,7 @@ def reference_from_splits(
     splits: Sequence,  # edgekit.data.Split
     *,
     image_preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    tensor_input: str | None = None,
     max_rows: int = 20_000,
     window_size: int = 500,
 ) -> DriftReference:
@@ -264,7 +271,7 @@ def reference_from_splits(
         raise ValueError("no reference rows: the validation and test splits are empty")
     if isinstance(parts[0], np.ndarray):
         inputs: Sequence[str] | np.ndarray = np.concatenate(parts)[:max_rows]
-        if image_preprocess is None:
+        if image_preprocess is None and tensor_input is None:
             # TaskSpec.image is the bundle's ImagePreprocessing spec (image-classification tasks).
             spec = getattr(task, "image_preprocessing", None) or getattr(task, "image", None)
             if spec is None:
@@ -276,7 +283,10 @@ def reference_from_splits(
         inputs = [text for part in parts for text in part][:max_rows]
     found = model_features(
         model_path, inputs, tokenizer_file=getattr(task, "tokenizer_file", None), max_length=getattr(task, "max_length", None),
-        image_preprocess=image_preprocess, output_name=getattr(task, "output_name", None),
+        image_preprocess=image_preprocess, tensor_input=tensor_input, output_name=getattr(task, "output_name", None),
     )
+    # A small data set (a UCR/UEA archive set: tens of rows) cannot stand for windows far larger than itself: the windows
+    # it is calibrated for are then no larger than the reference.
+    window_size = min(window_size, len(inputs))
     return build_reference(found, task=task.kind, labels=list(task.labels), window_size=window_size,
                            min_window_size=max(1, window_size // 5))

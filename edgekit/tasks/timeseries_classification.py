@@ -10,8 +10,10 @@ sends raw windows. It trains from scratch in the load pass (``train:``
 settings) and further in the finetune pass (``method: full``), in the one
 training loop. The bundle is a plain tensor model: input ``series``
 ``[batch, channels, steps]`` FP32, output ``logits``; quantization is static
-QDQ (convolutions). Not yet: pruning, drift features for series (the bundle
-carries no drift reference), unequal lengths and missing values.
+QDQ (convolutions). The drift reference holds each channel's mean and std of
+the raw windows (``device_agent.features.tensor_features``, the device's own
+code) and the output features. Not yet: pruning, spectral drift features,
+unequal lengths and missing values.
 """
 
 from __future__ import annotations
@@ -217,7 +219,10 @@ class TimeSeriesClassification:
         return {}
 
     def drift_reference(self, model_path: Path, spec: TaskSpec, splits: Sequence[Split]):
-        return None  # drift features for series are not written yet: the bundle serves unmonitored
+        """Per-channel mean and std of the raw windows and the output features: what the device computes for a tensor model."""
+        from edgekit.drift_reference import reference_from_splits
+
+        return reference_from_splits(model_path, spec, splits, tensor_input=INPUT_NAME)
 
 
 TASK = TimeSeriesClassification()

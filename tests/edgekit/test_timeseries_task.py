@@ -111,3 +111,36 @@ def test_basicmotions_builds_a_bundle_the_agent_serves_from_raw_windows(tmp_path
         assert refused.status_code == 400 and "series" in refused.text and "100" in refused.text, refused.text
     finally:
         agent.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SKTIME_DATA, reason="the sktime wheel (its BasicMotions files) is not installed: pip install sktime")
+def test_a_sensor_offset_on_one_channel_is_judged_drift_by_the_devices_monitor(tmp_path):
+    """The bundle's reference (build) and the device's window features come from the same tensor_features."""
+    from device_agent.drift import DriftMonitor, MonitorSettings
+    from device_agent.features import output_features, tensor_features
+    from device_agent.telemetry_schema import DriftReference
+
+    result = CliRunner().invoke(app, ["build", str(ROOT / "examples" / "basicmotions.yaml"), "--out", str(tmp_path / "out"),
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    package = tmp_path / "out" / "x86-64-cpu" / "passes" / "07-package"
+    reference = DriftReference.model_validate_json((package / "drift_reference.json").read_text())
+    assert {f"input.series.{c}.{s}" for c in range(6) for s in ("mean", "std")} <= set(reference.features)
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(package.parent / "04-quantize" / "model.onnx"))
+    data = load_task_data(Path("sktime:BasicMotions/BasicMotions_TRAIN.ts"), Path("sktime:BasicMotions/BasicMotions_TEST.ts"))
+    windows = np.concatenate([data.val.inputs, data.test.inputs])
+
+    def judged(batch: np.ndarray) -> dict:
+        monitor = DriftMonitor(reference, None, MonitorSettings(window_size=len(batch), min_window_size=len(batch)))
+        features = tensor_features({"series": batch}) | output_features(session.run(None, {"series": batch})[0])
+        return monitor.observe(features, len(batch), latency_ms=1.0)
+
+    assert not judged(windows)["drifting"], "the reference rows themselves do not drift"
+    shifted = windows.copy()
+    shifted[:, 0] += 3 * windows[:, 0].std()  # an accelerometer axis offset by three standard deviations
+    window = judged(shifted)
+    assert window["drifting"] and window["top_features"][0].startswith("input.series.0."), window["top_features"]
