@@ -167,6 +167,7 @@ class ModelMetrics(_Record):
     throughput: float
     throughput_batch: int
     size_mb: float
+    pr_auc: float | None = None  # binary tasks: average precision of the second label (the positive class)
     sequence_length: int | None = None  # text
     image_size: list[int] | None = None  # images
     # the final model only: fidelity to its float reference, and the build's peak memory

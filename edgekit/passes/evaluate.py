@@ -86,9 +86,23 @@ def measure_model(path, texts, labels, task, options: Options, ctx: PassContext,
         accuracy=scores.accuracy, f1_macro=scores.f1_macro, precision_macro=scores.precision_macro,
         recall_macro=scores.recall_macro, per_class=scores.per_class, confusion=scores.confusion,
         latency_p50_ms=timing.p50_ms, latency_p95_ms=timing.p95_ms, throughput=rate,
-        throughput_batch=rows, size_mb=size_mb(path), **task_for(task.kind).input_shape(task),
+        throughput_batch=rows, size_mb=size_mb(path), pr_auc=_positive_class_pr_auc(labels, logits),
+        **task_for(task.kind).input_shape(task),
     )
     return metrics, logits
+
+
+def _positive_class_pr_auc(labels, logits) -> float | None:
+    """Binary tasks: PR-AUC of the second label from the softmax probabilities; None otherwise (or without positives)."""
+    import numpy as np
+
+    from edgekit.measure import average_precision
+
+    if logits.shape[-1] != 2 or not np.any(labels == 1):
+        return None
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+    return average_precision(labels, probabilities[:, 1])
 
 
 def gates(reference: ModelMetrics, final: ModelMetrics, options: Options) -> tuple[Gate, ...]:
