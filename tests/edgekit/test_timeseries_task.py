@@ -73,25 +73,35 @@ def test_a_model_that_does_not_fit_the_task_is_named(document, message):
         BuildConfig.model_validate(document)
 
 
+needs_sktime = pytest.mark.skipif(not HAS_SKTIME_DATA, reason="the sktime wheel (its BasicMotions files) is not installed: pip install sktime")
+
+
+@pytest.fixture(scope="module")
+def basicmotions(tmp_path_factory) -> Path:
+    """``examples/basicmotions.yaml`` built once: the folder holding ``out/`` and ``cache/``."""
+    root = tmp_path_factory.mktemp("basicmotions")
+    result = CliRunner().invoke(app, ["build", str(ROOT / "examples" / "basicmotions.yaml"), "--out", str(root / "out"),
+                                      "--cache-dir", str(root / "cache")])
+    assert result.exit_code == 0, result.output
+    return root
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_SKTIME_DATA, reason="the sktime wheel (its BasicMotions files) is not installed: pip install sktime")
-def test_basicmotions_builds_a_bundle_the_agent_serves_from_raw_windows(tmp_path):
+@needs_sktime
+def test_basicmotions_builds_a_bundle_the_agent_serves_from_raw_windows(basicmotions, tmp_path):
     import httpx
 
     from device_agent.bundle import open_bundle
     from device_agent.keys import Keyring
     from tests.support.agent import AgentProcess
 
-    result = CliRunner().invoke(app, ["build", str(ROOT / "examples" / "basicmotions.yaml"), "--out", str(tmp_path / "out"),
-                                      "--cache-dir", str(tmp_path / "cache")])
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "out" / "x86-64-cpu" / "report.json").read_text())
+    report = json.loads((basicmotions / "out" / "x86-64-cpu" / "report.json").read_text())
     assert report["passed"] and report["metrics"]["final"]["accuracy"] >= 0.97, report["metrics"]["final"]
     assert report["quantization"]["scheme"] == "static_qdq" and report["precision"] == "int8"
 
     keyring = tmp_path / "keyring"
     keyring.mkdir()
-    shutil.copy(tmp_path / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
+    shutil.copy(basicmotions / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
     bundle = Path(report["bundle"])
     agent = AgentProcess(tmp_path, keyring).start()
     try:
@@ -114,17 +124,14 @@ def test_basicmotions_builds_a_bundle_the_agent_serves_from_raw_windows(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_SKTIME_DATA, reason="the sktime wheel (its BasicMotions files) is not installed: pip install sktime")
-def test_a_sensor_offset_on_one_channel_is_judged_drift_by_the_devices_monitor(tmp_path):
+@needs_sktime
+def test_a_sensor_offset_on_one_channel_is_judged_drift_by_the_devices_monitor(basicmotions):
     """The bundle's reference (build) and the device's window features come from the same tensor_features."""
     from device_agent.drift import DriftMonitor, MonitorSettings
     from device_agent.features import output_features, tensor_features
     from device_agent.telemetry_schema import DriftReference
 
-    result = CliRunner().invoke(app, ["build", str(ROOT / "examples" / "basicmotions.yaml"), "--out", str(tmp_path / "out"),
-                                      "--cache-dir", str(tmp_path / "cache")])
-    assert result.exit_code == 0, result.output
-    package = tmp_path / "out" / "x86-64-cpu" / "passes" / "07-package"
+    package = basicmotions / "out" / "x86-64-cpu" / "passes" / "07-package"
     reference = DriftReference.model_validate_json((package / "drift_reference.json").read_text())
     assert {f"input.series.{c}.{s}" for c in range(6) for s in ("mean", "std")} <= set(reference.features)
 
