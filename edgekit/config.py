@@ -221,19 +221,9 @@ class BuildConfig(_Strict):
             raise ValueError(f"unknown built-in model {source!r}; known: {', '.join(known)}")
         if owner is not None and owner.kind != kind:
             raise ValueError(f"model.source {source!r} is a {owner.kind} model; set task.kind: {owner.kind}")
-        if kind == "timeseries-classification" and owner is None:
-            raise ValueError(f"model.source {source!r} is not a time-series model; {kind} takes "
-                             f"{', '.join(TASKS[kind].builtin_sources)}")
-        if kind == "image-classification":
-            if source.startswith("embedded:") or source.endswith(".onnx"):
-                raise ValueError(f"model.source {source!r} is a text model; image-classification takes builtin:small-cnn, "
-                                 "config:resnet, config:mobilenet_v2 or a Hugging Face image model folder")
-            if self.finetune.enabled and self.finetune.method == "lora":
-                raise ValueError("finetune.method lora adapts Hugging Face text models; image models are fine-tuned fully: "
-                                 "set finetune.method: full")
-        if kind == "timeseries-classification" and self.finetune.enabled and self.finetune.method == "lora":
-            raise ValueError("finetune.method lora adapts Hugging Face text models; time-series models are fine-tuned fully: "
-                             "set finetune.method: full")
+        problems = TASKS[kind].config_problems(self)  # what only the task knows it cannot take
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

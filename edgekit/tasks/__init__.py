@@ -45,6 +45,8 @@ class Task(Protocol):
 
     def settings(self, config: BuildConfig) -> BaseModel: ...
 
+    def config_problems(self, config: BuildConfig) -> list[str]: ...  # what the task cannot take, each with its fix
+
     def load_data(self, config: BuildConfig) -> TaskData: ...
 
     # the torch stage: a model folder in, a model folder out

@@ -63,6 +63,16 @@ class ImageClassification:
     def settings(self, config: BuildConfig) -> ImageSettings:
         return ImageSettings(preprocessing=config.task.image, train=config.train, widths=config.model.widths)
 
+    def config_problems(self, config: BuildConfig) -> list[str]:
+        source, problems = config.model.source, []
+        if source.startswith("embedded:") or source.endswith(".onnx"):
+            problems.append(f"model.source {source!r} is a text model; {KIND} takes {', '.join(self.builtin_sources)} "
+                            "or a Hugging Face image model folder")
+        if config.finetune.enabled and config.finetune.method == "lora":
+            problems.append("finetune.method lora adapts Hugging Face text models; image models are fine-tuned fully: "
+                            "set finetune.method: full")
+        return problems
+
     def load_data(self, config: BuildConfig) -> TaskData:
         return load_task_data(config.data, config.task.image)
 

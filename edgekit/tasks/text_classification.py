@@ -70,6 +70,9 @@ class TextClassification:
     def settings(self, config: BuildConfig) -> TextSettings:
         return TextSettings(max_length=config.task.max_length, head=config.head)
 
+    def config_problems(self, config: BuildConfig) -> list[str]:
+        return []  # a Hugging Face folder, embedded:all-minilm-l6-v2 or an .onnx file: checked when the load pass reads it
+
     def load_data(self, config: BuildConfig) -> TaskData:
         return load_task_data(config.data)
 

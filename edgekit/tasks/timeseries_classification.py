@@ -122,6 +122,16 @@ class TimeSeriesClassification:
     def settings(self, config: BuildConfig) -> SeriesSettings:
         return SeriesSettings(train=config.train, widths=config.model.widths)
 
+    def config_problems(self, config: BuildConfig) -> list[str]:
+        problems = []
+        if config.model.source not in self.builtin_sources:
+            problems.append(f"model.source {config.model.source!r} is not a time-series model; {KIND} takes "
+                            f"{', '.join(self.builtin_sources)}")
+        if config.finetune.enabled and config.finetune.method == "lora":
+            problems.append("finetune.method lora adapts Hugging Face text models; time-series models are fine-tuned fully: "
+                            "set finetune.method: full")
+        return problems
+
     def load_data(self, config: BuildConfig) -> TaskData:
         from edgekit.tasks.timeseries_data import load_task_data
 

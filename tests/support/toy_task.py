@@ -50,6 +50,9 @@ class ToyVectors:
     def settings(self, config) -> ToySettings:
         return ToySettings()
 
+    def config_problems(self, config) -> list[str]:
+        return []
+
     def load_data(self, config) -> TaskData:
         try:
             arrays = np.load(config.data.path)
