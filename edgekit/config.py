@@ -65,11 +65,21 @@ class ImageSection(_Strict):
         return self
 
 
+class WindowSection(_Strict):
+    """Time series from continuous recordings: windows cut from a CSV of samples in time order (channels + a label)."""
+
+    length: int = Field(ge=2, description="samples per window: the model's steps")
+    step: int = Field(ge=1, description="samples between the starts of two windows (step < length overlaps them)")
+    recording_column: str | None = Field(None, description="a column naming the recording each sample belongs to; "
+                                         "windows never span two recordings (default: the file is one recording)")
+
+
 class TaskSection(_Strict):
     kind: str = Field("text-classification", description=(
         "the task: text-classification, image-classification or timeseries-classification (edgekit.tasks.TASKS)"))
     max_length: int = Field(128, ge=8, le=512, description="text: tokens per input; longer texts are truncated")
     image: ImageSection = ImageSection()
+    window: WindowSection | None = Field(None, description="time series: cut windows from a continuous CSV recording")
 
     @field_validator("kind")
     @classmethod

@@ -133,8 +133,10 @@ class TimeSeriesClassification:
         return problems
 
     def load_data(self, config: BuildConfig) -> TaskData:
-        from edgekit.tasks.timeseries_data import load_task_data
+        from edgekit.tasks.timeseries_data import load_task_data, load_windowed
 
+        if config.task.window is not None:
+            return load_windowed(config.data.path, config.task.window, config.data.label_column)
         return load_task_data(config.data.path, config.data.test_path)
 
     def spec(self, labels: tuple[str, ...]) -> TaskSpec:

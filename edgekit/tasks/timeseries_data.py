@@ -144,33 +144,122 @@ def load_task_data(path: Path, test_path: Path | None, seed: int = 0) -> TaskDat
         held_out = carve_stratified(np.asarray(names), TEST_SHARE, seed)
         test_x, test_names = x[held_out], [n for n, h in zip(names, held_out, strict=True) if h]
         x, names = x[~held_out], [n for n, h in zip(names, held_out, strict=True) if not h]
-    present = set(names)
+    order = [label for label in declared if label in set(names)] or sorted(set(names))
+    val = carve_stratified(np.asarray([order.index(n) for n in names]), VAL_SHARE, seed)  # classes drawn in label order
+    parts = {"train": (x[~val], [n for n, v in zip(names, val, strict=True) if not v]),
+             "val": (x[val], [n for n, v in zip(names, val, strict=True) if v]), "test": (test_x, test_names)}
+    return _task_data(parts, declared, str(test_path or path), {"source": str(path), "dropped": {}, "warnings": []})
+
+
+def _task_data(parts: dict[str, tuple[np.ndarray, list[str]]], declared: list[str], where: str, summary: dict) -> TaskData:
+    """Series and label names per split → TaskData: labels in the declared order, classes checked, a content digest."""
+    present = set(parts["train"][1])
     if len(present) < 2:
-        raise DataError(f"{path}: train has {len(present)} class(es) {sorted(present)}; classification needs at least 2")
+        raise DataError(f"{summary['source']}: train has {len(present)} class(es) {sorted(present)}; classification needs at least 2")
     labels = tuple(label for label in declared if label in present) or tuple(sorted(present))
-    strangers = sorted(set(test_names) - present)
-    if strangers:
-        raise DataError(f"{test_path or path}: test has class(es) {strangers} that train does not; add training series of them")
+    for name in ("val", "test"):
+        strangers = sorted(set(parts[name][1]) - present)
+        if strangers:
+            raise DataError(f"{where}: {name} has class(es) {strangers} that train does not; add training series of them")
+        if not parts[name][1]:
+            raise DataError(f"{where}: the {name} split is empty; add series (or longer recordings)")
     index = {label: i for i, label in enumerate(labels)}
-    targets, test_targets = np.asarray([index[n] for n in names]), np.asarray([index[n] for n in test_names])
-    val = carve_stratified(targets, VAL_SHARE, seed)
-    splits = {name: _ordered(rows, labels_) for name, (rows, labels_) in
-              {"train": (x[~val], targets[~val]), "val": (x[val], targets[val]), "test": (test_x, test_targets)}.items()}
+    splits = {name: _ordered(series, np.asarray([index[n] for n in names])) for name, (series, names) in parts.items()}
     calibration = splits["train"].head(CALIBRATION_ROWS)
-    digest = hashlib.sha256(repr((labels, x.shape)).encode())
+    digest = hashlib.sha256(repr((labels, parts["train"][0].shape)).encode())
     for split in (*splits.values(), calibration):
         digest.update(np.ascontiguousarray(split.inputs).tobytes())
         digest.update(split.labels.tobytes())
     balance = {name: {label: int(np.sum(split.labels == i)) for i, label in enumerate(labels)} for name, split in splits.items()}
-    rows = len(targets) + len(test_targets)
-    summary = {"source": str(path), "rows_read": rows, "rows_kept": rows, "dropped": {}, "balance": balance,
-               "series": {"channels": int(x.shape[1]), "steps": int(x.shape[2])}, "warnings": []}
+    rows = sum(len(split) for split in splits.values())
+    shape = splits["train"].inputs.shape
+    summary = {"rows_read": rows + sum(summary["dropped"].values()), "rows_kept": rows, "balance": balance,
+               "series": {"channels": int(shape[1]), "steps": int(shape[2])}, **summary}
     return TaskData(labels, splits["train"], splits["val"], splits["test"], calibration, digest.hexdigest(), summary)
 
 
 def _ordered(series: np.ndarray, targets: np.ndarray) -> Split:
     order = interleave_classes(targets)
     return Split(np.ascontiguousarray(series[order]), targets[order].astype(np.int64))
+
+
+# ---------------------------------------------------------------- continuous recordings
+
+
+def read_recordings(path: Path, label_column: str, recording_column: str | None) -> tuple[list[str], dict[str, tuple[np.ndarray, list[str]]]]:
+    """A CSV of samples in time order → its channel names and, per recording, samples [steps, channels] and labels."""
+    import csv
+
+    path = resolve_packaged(path)
+    if not path.is_file():
+        raise DataError(f"recording file {path} does not exist; set data.path to a CSV of samples in time order")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None) or []
+        for column in (label_column, recording_column):
+            if column is not None and column not in header:
+                raise DataError(f"{path}: no column {column!r}; the columns are {header} (set data.label_column / "
+                                "task.window.recording_column)")
+        channels = [c for c in header if c not in (label_column, recording_column)]
+        if not channels:
+            raise DataError(f"{path}: no channel columns besides the label; every other column is a channel")
+        at = {name: header.index(name) for name in header}
+        samples: dict[str, tuple[list[list[float]], list[str]]] = {}
+        for number, row in enumerate(reader, start=2):
+            values = _sample(path, number, row, channels, at, len(header))
+            recording = row[at[recording_column]] if recording_column else ""
+            samples.setdefault(recording, ([], []))[0].append(values)
+            samples[recording][1].append(row[at[label_column]].strip())
+    return channels, {name: (np.asarray(rows, np.float32), labels) for name, (rows, labels) in samples.items()}
+
+
+def _sample(path: Path, number: int, row: list[str], channels: list[str], at: dict[str, int], width: int) -> list[float]:
+    if len(row) != width:
+        raise DataError(f"{path}:{number}: {len(row)} cells but the header has {width}")
+    try:
+        values = [float(row[at[channel]]) for channel in channels]
+    except ValueError:
+        bad = next(channel for channel in channels if not _is_number(row[at[channel]]))
+        raise DataError(f"{path}:{number}: column {bad!r} holds {row[at[bad]]!r}, not a number; "
+                        "missing values are not supported yet") from None
+    if not all(np.isfinite(values)):
+        raise DataError(f"{path}:{number}: NaN or infinite values; missing values are not supported yet")
+    return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_windowed(path: Path, window, label_column: str) -> TaskData:
+    """Windows of ``window.length`` samples every ``window.step`` cut from each recording's first 70% (train), next 10%
+    (val) and last 20% (test), so that no window, and no overlap between windows, spans two splits; a window is kept only
+    when every sample in it has the same label (the others are dropped and counted)."""
+    channels, recordings = read_recordings(path, label_column, window.recording_column)
+    parts: dict[str, tuple[list[np.ndarray], list[str]]] = {name: ([], []) for name in ("train", "val", "test")}
+    mixed = 0
+    for samples, labels in recordings.values():
+        bounds = [0, int(len(samples) * 0.7), int(len(samples) * 0.8), len(samples)]
+        for name, start, stop in zip(parts, bounds, bounds[1:], strict=False):
+            for first in range(start, stop - window.length + 1, window.step):
+                names = set(labels[first:first + window.length])
+                if len(names) > 1:
+                    mixed += 1
+                    continue
+                parts[name][0].append(samples[first:first + window.length].T)
+                parts[name][1].append(names.pop())
+    for name, (windows, _) in parts.items():
+        if not windows:
+            raise DataError(f"{path}: no {name} window of {window.length} samples with one label; the {name} part of each "
+                            f"recording (train 70%, val 10%, test 20%) must hold at least {window.length} samples of one label")
+    stacked = {name: (np.stack(windows), names) for name, (windows, names) in parts.items()}
+    summary = {"source": str(path), "dropped": {"windows_with_mixed_labels": mixed} if mixed else {},
+               "warnings": [], "channel_names": channels, "recordings": len(recordings)}
+    return _task_data(stacked, [], str(path), summary)
 
 
 def channel_statistics(series: np.ndarray) -> tuple[list[float], list[float]]:

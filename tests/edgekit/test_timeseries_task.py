@@ -150,4 +150,72 @@ def test_a_sensor_offset_on_one_channel_is_judged_drift_by_the_devices_monitor(b
     shifted = windows.copy()
     shifted[:, 0] += 3 * windows[:, 0].std()  # an accelerometer axis offset by three standard deviations
     window = judged(shifted)
-    assert window["drifting"] and window["top_features"][0].startswith("input.series.0."), window["top_features"]
+    inputs = [name for name in window["top_features"] if name.startswith("input.")]
+    assert window["drifting"] and inputs and all(name.startswith("input.series.0.") for name in inputs), window["top_features"]
+
+
+def _stream(path: Path, *, recordings: int = 2, samples: int = 1200, seed: int = 0) -> Path:
+    """A CSV of 3-channel samples in time order: each label a sine of its own frequency, in blocks of 100 samples."""
+    rng = np.random.default_rng(seed)
+    lines = ["machine,ax,ay,az,state"]
+    for recording in range(recordings):
+        for t in range(samples):
+            state = ("idle", "drill", "cut")[(t // 100 + recording) % 3]
+            frequency = {"idle": 0.02, "drill": 0.11, "cut": 0.31}[state]
+            values = [np.sin(2 * np.pi * frequency * t + phase) + 0.1 * rng.normal() for phase in (0, 1, 2)]
+            lines.append(f"m{recording}," + ",".join(f"{v:.5f}" for v in values) + f",{state}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_windows_are_cut_per_recording_with_one_label_each_and_no_overlap_across_splits(tmp_path):
+    from edgekit.config import WindowSection
+    from edgekit.tasks.timeseries_data import load_windowed
+
+    data = load_windowed(_stream(tmp_path / "s.csv"), WindowSection(length=50, step=25, recording_column="machine"), "state")
+    assert data.train.inputs.shape[1:] == (3, 50) and set(data.labels) == {"idle", "drill", "cut"}
+    # Per recording of 1200: train 840 samples, val 120, test 240; a window straddling a label change is dropped.
+    assert data.summary["dropped"]["windows_with_mixed_labels"] > 0 and data.summary["recordings"] == 2
+    assert len(data.test) and len(data.val) and len(data.train) > len(data.test) > len(data.val)
+    train_rows = {window.tobytes() for window in data.train.inputs}
+    assert not any(window.tobytes() in train_rows for window in data.test.inputs)
+
+
+@pytest.mark.parametrize(
+    ("edit", "window", "message"),
+    [
+        (lambda text: text.replace("state", "mode", 1), {"length": 50, "step": 25}, r"no column 'state'; the columns are"),
+        (lambda text: text.replace("\nm0,", "\nm0,1.0,", 1), {"length": 50, "step": 25}, r"s\.csv:2: 6 cells but the header has 5"),
+        (lambda text: text.replace("\nm0,", "\nm0,x", 1), {"length": 50, "step": 25}, r"s\.csv:2: column 'ax' holds 'x"),
+        (lambda text: text, {"length": 500, "step": 25}, r"no train window of 500 samples with one label; .* at least 500 samples of one label"),
+    ],
+)
+def test_a_bad_recording_is_named_with_its_line_or_the_length_it_needs(tmp_path, edit, window, message):
+    from edgekit.config import WindowSection
+    from edgekit.tasks.timeseries_data import load_windowed
+
+    path = _stream(tmp_path / "s.csv")
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(DataError, match=message):
+        load_windowed(path, WindowSection(**window, recording_column="machine"), "state")
+
+
+@pytest.mark.slow
+def test_a_continuous_recording_builds_a_window_classifier(tmp_path):
+    from tests.support.builds import relaxed_target
+
+    target = relaxed_target(tmp_path, "x86-64-cpu", max_accuracy_drop_points=5.0, min_top1_agreement=0.9)
+    config = tmp_path / "stream.yaml"
+    config.write_text(json.dumps({
+        "model": {"source": "builtin:cnn1d", "name": "machine-state", "version": "1.0.0"},
+        "task": {"kind": "timeseries-classification", "window": {"length": 50, "step": 25, "recording_column": "machine"}},
+        "data": {"path": str(_stream(tmp_path / "stream.csv")), "label_column": "state", "calibration_path": None},
+        "train": {"epochs": 15, "batch_size": 16, "learning_rate": 0.003, "early_stopping_patience": 5},
+        "evaluation": {"latency_iterations": 5, "throughput_seconds": 0.2},
+        "targets": [str(target)],
+    }))
+    result = CliRunner().invoke(app, ["build", str(config), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "x86-64-cpu-test" / "report.json").read_text())
+    assert report["passed"] and report["metrics"]["final"]["accuracy"] > 0.9, report["metrics"]["final"]
+    assert report["data"]["series"] == {"channels": 3, "steps": 50}
