@@ -136,3 +136,44 @@ def carve_stratified(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
         members = rng.permutation(np.flatnonzero(labels == label))
         mask[members[: max(1, round(len(members) * share))]] = True
     return mask
+
+
+def checked_labels(parts: dict[str, tuple[object, list[str]]], declared: list[str], source: str, noun: str,
+                   empty_fix: str) -> tuple[str, ...]:
+    """The labels, in ``declared`` order where the data names one (else sorted), once train has at least two classes and
+    val and test hold rows, all of classes train has; otherwise a DataError naming ``source`` and the fix."""
+    present = set(parts["train"][1])
+    if len(present) < 2:
+        raise DataError(f"{source}: train has {len(present)} class(es) {sorted(present)}; classification needs at least 2")
+    labels = tuple(label for label in declared if label in present) or tuple(sorted(present))
+    for name in ("val", "test"):
+        strangers = sorted(set(parts[name][1]) - present)
+        if strangers:
+            raise DataError(f"{source}: {name} has class(es) {strangers} that train does not; the model cannot learn them: "
+                            f"add training {noun} of those classes")
+        if not parts[name][1]:
+            raise DataError(f"{source}: the {name} split is empty; {empty_fix.format(split=name)}")
+    return labels
+
+
+def task_data_from(labels: tuple[str, ...], parts: dict[str, tuple[np.ndarray, list[str]]], calibration_rows: int,
+                   identity: bytes, summary: dict) -> TaskData:
+    """Raw inputs and label names per split (train, val, test) → TaskData: classes interleaved (any prefix is roughly
+    stratified), calibration = the first ``calibration_rows`` of train, a digest of ``identity`` (what else defines the
+    rows, e.g. the preprocessing) and every row, and the class balance per split added to ``summary``."""
+    index = {label: i for i, label in enumerate(labels)}
+    splits: dict[str, Split] = {}
+    for name in SPLITS:
+        inputs, names = parts[name]
+        targets = np.asarray([index[n] for n in names], dtype=np.int64)
+        order = interleave_classes(targets)
+        splits[name] = Split(np.ascontiguousarray(inputs[order]), targets[order])
+    calibration = splits["train"].head(calibration_rows)
+    digest = hashlib.sha256(identity)
+    for name, split in (*splits.items(), ("calibration", calibration)):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(split.inputs).tobytes())
+        digest.update(split.labels.tobytes())
+    balance = {name: {label: int(np.sum(splits[name].labels == i)) for i, label in enumerate(labels)} for name in SPLITS}
+    return TaskData(labels, splits["train"], splits["val"], splits["test"], calibration, digest.hexdigest(),
+                    {**summary, "balance": balance})

@@ -32,7 +32,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgekit.config import DataSection, IdxFiles, ImageSection
-from edgekit.data import SPLIT_ALIASES, SPLITS, DataError, Example, Split, TaskData, assign_splits, carve_stratified, interleave_classes
+from edgekit.data import (
+    SPLIT_ALIASES,
+    SPLITS,
+    DataError,
+    Example,
+    TaskData,
+    assign_splits,
+    carve_stratified,
+    checked_labels,
+    task_data_from,
+)
 
 if TYPE_CHECKING:
     from device_agent.bundle import ImagePreprocessing
@@ -237,35 +247,11 @@ def load_task_data(data: DataSection, section: ImageSection) -> TaskData:
     else:
         splits, cleaning, warnings = _folder_dataset(data.path, section)
         source, order = str(data.path), []
-    train_classes = set(splits["train"][1])
-    if len(train_classes) < 2:
-        raise DataError(f"{source}: train has {len(train_classes)} class(es) {sorted(train_classes)}; classification needs at least 2")
     # Named classes keep their given order (a dataset's documented label indices); otherwise sorted, as for text.
-    labels = tuple(name for name in order if name in train_classes) or tuple(sorted(train_classes))
-    for name in ("val", "test"):
-        strangers = sorted(set(splits[name][1]) - train_classes)
-        if strangers:
-            raise DataError(f"{source}: {name} has class(es) {strangers} that train does not; the model cannot learn them: "
-                            "add training images of those classes")
-        if not splits[name][1]:
-            raise DataError(f"{source}: the {name} split is empty; add images (each class needs 3 to be split) or a {name}/ folder")
+    labels = checked_labels(splits, order, source, "images", "add images (each class needs 3 to be split) or a {split}/ folder")
     channels = splits["train"][0].shape[-1]
     if channels != channels_of(section):
         raise DataError(f"{source}: the images have {channels} channel(s) but task.image.channel_order is {section.channel_order}; "
                         f"set channel_order: {'L' if channels == 1 else 'RGB'}")
-    index = {label: i for i, label in enumerate(labels)}
-    built: dict[str, Split] = {}
-    for name in SPLITS:
-        images, names = splits[name]
-        targets = np.asarray([index[n] for n in names], dtype=np.int64)
-        order_ = interleave_classes(targets)
-        built[name] = Split(np.ascontiguousarray(images[order_]), targets[order_])
-    calibration = built["train"].head(CALIBRATION_ROWS)
-    digest = hashlib.sha256(json.dumps([labels, preprocessing(section).model_dump(mode="json")]).encode())
-    for name, split in (*built.items(), ("calibration", calibration)):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(split.inputs).tobytes())
-        digest.update(split.labels.tobytes())
-    balance = {name: {label: int(np.sum(built[name].labels == i)) for i, label in enumerate(labels)} for name in SPLITS}
-    summary = {"source": source, **cleaning, "balance": balance, "warnings": warnings}
-    return TaskData(labels, built["train"], built["val"], built["test"], calibration, digest.hexdigest(), summary)
+    identity = json.dumps([labels, preprocessing(section).model_dump(mode="json")]).encode()
+    return task_data_from(labels, splits, CALIBRATION_ROWS, identity, {"source": source, **cleaning, "warnings": warnings})

@@ -19,13 +19,12 @@ apply). Labels keep the order the file declares.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from edgekit.config import PACKAGED_DATA_PREFIX
-from edgekit.data import DataError, Split, TaskData, carve_stratified, interleave_classes
+from edgekit.data import DataError, TaskData, carve_stratified, checked_labels, task_data_from
 
 CALIBRATION_ROWS = 256
 VAL_SHARE = 0.1
@@ -153,34 +152,12 @@ def load_task_data(path: Path, test_path: Path | None, seed: int = 0) -> TaskDat
 
 def _task_data(parts: dict[str, tuple[np.ndarray, list[str]]], declared: list[str], where: str, summary: dict) -> TaskData:
     """Series and label names per split → TaskData: labels in the declared order, classes checked, a content digest."""
-    present = set(parts["train"][1])
-    if len(present) < 2:
-        raise DataError(f"{summary['source']}: train has {len(present)} class(es) {sorted(present)}; classification needs at least 2")
-    labels = tuple(label for label in declared if label in present) or tuple(sorted(present))
-    for name in ("val", "test"):
-        strangers = sorted(set(parts[name][1]) - present)
-        if strangers:
-            raise DataError(f"{where}: {name} has class(es) {strangers} that train does not; add training series of them")
-        if not parts[name][1]:
-            raise DataError(f"{where}: the {name} split is empty; add series (or longer recordings)")
-    index = {label: i for i, label in enumerate(labels)}
-    splits = {name: _ordered(series, np.asarray([index[n] for n in names])) for name, (series, names) in parts.items()}
-    calibration = splits["train"].head(CALIBRATION_ROWS)
-    digest = hashlib.sha256(repr((labels, parts["train"][0].shape)).encode())
-    for split in (*splits.values(), calibration):
-        digest.update(np.ascontiguousarray(split.inputs).tobytes())
-        digest.update(split.labels.tobytes())
-    balance = {name: {label: int(np.sum(split.labels == i)) for i, label in enumerate(labels)} for name, split in splits.items()}
-    rows = sum(len(split) for split in splits.values())
-    shape = splits["train"].inputs.shape
-    summary = {"rows_read": rows + sum(summary["dropped"].values()), "rows_kept": rows, "balance": balance,
+    labels = checked_labels(parts, declared, where, "series", "add series (or longer recordings)")
+    rows = sum(len(names) for _, names in parts.values())
+    shape = parts["train"][0].shape
+    summary = {"rows_read": rows + sum(summary["dropped"].values()), "rows_kept": rows,
                "series": {"channels": int(shape[1]), "steps": int(shape[2])}, **summary}
-    return TaskData(labels, splits["train"], splits["val"], splits["test"], calibration, digest.hexdigest(), summary)
-
-
-def _ordered(series: np.ndarray, targets: np.ndarray) -> Split:
-    order = interleave_classes(targets)
-    return Split(np.ascontiguousarray(series[order]), targets[order].astype(np.int64))
+    return task_data_from(labels, parts, CALIBRATION_ROWS, repr((labels, shape[1:])).encode(), summary)
 
 
 # ---------------------------------------------------------------- continuous recordings
