@@ -63,6 +63,7 @@ class Artifact:
     task: TaskSpec
     precision: str = "fp32"
     float_model: Path | None = None  # the float ONNX model this one derives from (fidelity is measured against it)
+    trained_model: Path | None = None  # ONNX stages: the PyTorch model folder exported (quantization-aware training retrains it)
     kept_in_float: tuple[str, ...] = ()
     engine_build: Mapping[str, JsonValue] | None = None
     results: PassResults = PassResults()  # what each pass so far measured (edgekit.results)

@@ -201,6 +201,20 @@ class QuantizationSection(_Strict):
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = Field(None, description="default: the target's")
 
 
+class QatSection(_Strict):
+    """Quantization-aware training: a short last phase in which the model trains through its target's int8 numerics,
+    distilled from its own float logits, so the int8 model keeps what the float model learned."""
+
+    # Off by default: on the demo it did not yet raise int8 agreement enough to pay for its minutes (bench/README.md).
+    enabled: bool = Field(False, description="for each target that quantizes dynamically to int8, when the model is trained here (not an ONNX file)")
+    epochs: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    max_train_rows: int | None = Field(2000, ge=1, description="train rows used (the first ones); null: all")
+    temperature: float = Field(2.0, gt=0, description="softening of the float model's logits in the distillation loss")
+    seed: int = 0
+
+
 class EvaluationSection(_Strict):
     latency_iterations: int = Field(50, ge=5)
     throughput_seconds: float = Field(2.0, gt=0)
@@ -217,6 +231,7 @@ class BuildConfig(_Strict):
     prune: PruneSection = PruneSection()
     export: ExportSection = ExportSection()
     quantization: QuantizationSection = QuantizationSection()
+    qat: QatSection = QatSection()
     evaluation: EvaluationSection = EvaluationSection()
     targets: list[str] = Field(["x86-64-cpu"], min_length=1, description="built-in target names or YAML paths")
 

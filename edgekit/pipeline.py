@@ -1,7 +1,10 @@
 """The build: a literal list of passes, planned per target, cached by content, reported.
 
     shared prefix (once):      load → [finetune] → [prune] → export
-    per target (suffix):       optimize → quantize → compile → evaluate → [gates] → package
+    per target (suffix):       [qat] → optimize → quantize → compile → evaluate → [gates] → package
+
+``qat`` (quantization-aware training) runs for the targets whose int8 recipe it
+emulates, when the model is trained here (``edgekit/passes/qat.py``).
 
 Every pass output is cached under ``<cache>/<pass>/<key>/`` where the key hashes
 the input artifact's digest, the pass's options and version, the versions of
@@ -31,7 +34,7 @@ from edgekit.config import BuildConfig
 from edgekit.errors import EdgekitError
 from edgekit.results import Gate, PassResults
 from edgekit.passes import compile as compile_pass
-from edgekit.passes import evaluate, export, finetune, load, optimize, package, prune, quantize
+from edgekit.passes import evaluate, export, finetune, load, optimize, package, prune, qat, quantize
 from edgekit.targets import TargetProfile, load_target
 from edgekit.data import TaskData
 
@@ -45,6 +48,12 @@ def shared_prefix(config: BuildConfig) -> tuple[Pass, ...]:
         return (load.ONNX_PASS,)
     optional = ((finetune.PASS,) if config.finetune.enabled else ()) + ((prune.PASS,) if config.prune.enabled else ())
     return (load.PASS, *optional, export.PASS)
+
+
+def per_target(config: BuildConfig, target: TargetProfile) -> tuple[Pass, ...]:
+    """The passes run for one target: quantization-aware training first, where it applies."""
+    trained_here = not load.is_onnx_source(config.model.source)
+    return ((qat.PASS,) if qat.applies(config, target, trained_here) else ()) + PER_TARGET
 
 
 # --------------------------------------------------------------------------- planning
@@ -110,6 +119,7 @@ def _encode(artifact: Artifact, entry: Path, work_dir: Path) -> dict:
     document = {f.name: getattr(artifact, f.name) for f in fields(artifact)}
     document.update(
         stage=artifact.stage.value, directory=path(artifact.directory), float_model=path(artifact.float_model),
+        trained_model=path(artifact.trained_model),
         kept_in_float=list(artifact.kept_in_float), engine_build=dict(artifact.engine_build) if artifact.engine_build else None,
         results=artifact.results.model_dump(mode="json", exclude_unset=True), gates=[g.model_dump(mode="json") for g in artifact.gates],
         task={**{f.name: getattr(artifact.task, f.name) for f in fields(artifact.task)},
@@ -138,6 +148,7 @@ def _decode(document: dict, entry: Path) -> Artifact:
         task=TaskSpec(task["kind"], tuple(task["labels"]), task["max_length"], path(task["tokenizer_file"]),
                       tuple(task["input_names"]), task["output_name"], image),
         precision=document["precision"], float_model=path(document["float_model"]),
+        trained_model=path(document.get("trained_model")),
         kept_in_float=tuple(document["kept_in_float"]), engine_build=document["engine_build"],
         results=PassResults.model_validate(document["results"]), gates=tuple(Gate.model_validate(g) for g in document["gates"]),
     )
@@ -214,7 +225,7 @@ class Build:
     def plan(self) -> tuple[list[PlannedPass], dict[str, list[PlannedPass]]]:
         prefix = plan_chain(shared_prefix(self.config), self.config, self.source_digest(), self.data, None, self.signer, 1)
         suffixes = {
-            target.name: plan_chain(PER_TARGET, self.config, prefix[-1].key, self.data, target, self.signer, len(prefix) + 1)
+            target.name: plan_chain(per_target(self.config, target), self.config, prefix[-1].key, self.data, target, self.signer, len(prefix) + 1)
             for target in self.targets
         }
         return prefix, suffixes

@@ -40,7 +40,7 @@ def target_report(result: TargetResult) -> dict:
         "passes": [{"name": r.name, "seconds": round(r.seconds, 3), "cached": r.cached, "key": r.key} for r in result.passes],
         "metrics": {
             "reference": summary(evaluation.reference if evaluation else None, _SUMMARY),
-            "final": summary(final, (*_SUMMARY, "top1_agreement", "max_abs_error", "mean_abs_error")),
+            "final": summary(final, (*_SUMMARY, "top1_agreement", "top1_agreement_lower_95", "flips", "max_abs_error", "mean_abs_error")),
             "pr_auc": {"reference": evaluation.reference.pr_auc, "final": final.pr_auc} if final and final.pr_auc is not None else None,
             "per_class": final.per_class if final else None,
             "confusion": final.confusion if final else None,
@@ -49,6 +49,7 @@ def target_report(result: TargetResult) -> dict:
             "finetune": dumped(results.finetune),
             "prune": dumped(results.prune),
             "export": dumped(results.export),
+            "qat": dumped(results.qat),
             "optimize": dumped(results.optimize),
             "compile": dumped(results.compile),
         },

@@ -111,6 +111,24 @@ class OptimizeResult(_Record):
     max_abs_change: float
 
 
+class QatResult(_Record):
+    """Quantization-aware training: the int8-emulating model's agreement with the float model before and after."""
+
+    scheme: str
+    train_rows: int
+    epochs_run: int
+    best_epoch: int  # 0: the starting weights were kept
+    kept: str
+    val_agreement_before: float
+    val_agreement_after: float
+    val_kl_before: float
+    val_kl_after: float
+    val_float_agreement_after: float  # the trained model without fake quantization: the ceiling of quantize's float fallback
+    device: str
+    seconds: float
+    parity_max_abs_error: float
+
+
 class QuantizeResult(_Record):
     """The recipe ORT ran, the search for nodes to keep in float, and how the best model compares with its float parent."""
 
@@ -139,6 +157,8 @@ class QuantizeResult(_Record):
     kept_in_float: list[str] = []
     sensitivity: list[dict[str, JsonValue]] = []
     trials: list[dict[str, JsonValue]] = []
+    # int8 broke the budget and the target lists fallback precisions: {used, precision, tried: [{precision, accuracy, ...}]}
+    precision_fallback: dict[str, JsonValue] | None = None
     seconds: float | None = None
 
 
@@ -172,6 +192,8 @@ class ModelMetrics(_Record):
     image_size: list[int] | None = None  # images
     # the final model only: fidelity to its float reference, and the build's peak memory
     top1_agreement: float | None = None
+    top1_agreement_lower_95: float | None = None  # one-sided 95% Wilson lower bound
+    flips: int | None = None  # test rows whose top-1 class differs from the fp32 reference's
     max_abs_error: float | None = None
     mean_abs_error: float | None = None
     peak_rss_mb: float | None = None
@@ -192,6 +214,7 @@ class PassResults(_Record):
     finetune: FinetuneResult | None = None
     prune: PruneResult | None = None
     export: ExportResult | None = None
+    qat: QatResult | None = None
     optimize: OptimizeResult | None = None
     quantization: QuantizeResult | None = None
     compile: CompileResult | None = None

@@ -130,6 +130,10 @@ class FitSettings:
     patience: int | None = None
     accumulation_steps: int = 1
     label: str = "training"  # progress bars and messages
+    # False: the model trains in eval mode (no dropout, normalisation statistics frozen), for distillation to the
+    # model's own deterministic logits, where dropout noise (which a module's p does not always control) swamps the signal.
+    train_mode: bool = True
+    score_name: str = "validation accuracy"  # what ``validate`` returns, in messages
 
 
 @dataclass
@@ -258,7 +262,7 @@ def fit(model: "torch.nn.Module", batches: BatchSource, loss: Callable[["torch.n
         if run.stopped:  # the interrupted run had already decided to stop
             epoch -= 1
             break
-        model.train()
+        model.train(settings.train_mode)
         _one_epoch(model, batches.epoch(epoch), loss, optimizer, scheduler, settings, on, with_autocast, run,
                    lambda: progress.update(task, advance=1, description=_describe(settings.label, epoch, run)),
                    batches.steps_per_epoch)
@@ -319,7 +323,7 @@ def _one_epoch(model, epoch_batches: Iterator[Batch], loss, optimizer, scheduler
 
 def _judge_epoch(model, validate, epoch: int, run: _Run, settings: FitSettings, say) -> None:
     score = validate(model)
-    say(f"{settings.label}: epoch {epoch}: loss {np.mean(run.losses[-50:]):.4f}, validation accuracy {score:.4f}")
+    say(f"{settings.label}: epoch {epoch}: loss {np.mean(run.losses[-50:]):.4f}, {settings.score_name} {score:.4f}")
     if run.best_score is None or score > run.best_score:
         run.best_score, run.best_epoch = score, epoch
         run.best_state = snapshot(model)

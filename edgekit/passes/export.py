@@ -41,7 +41,8 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
     task_for(artifact.task.kind).export_onnx(artifact.directory, ctx.work_dir / "model.onnx", options.opset, ctx.say)
     parity = check_parity(artifact, ctx, options)
-    return Artifact(Stage.ONNX, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, results=artifact.recording(export=parity))
+    return Artifact(Stage.ONNX, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, trained_model=artifact.directory,
+                    results=artifact.recording(export=parity))
 
 
 def check_parity(artifact: Artifact, ctx: PassContext, options: Options) -> ExportResult:

@@ -72,7 +72,9 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     ctx.say(f"optimize: {'; '.join(applied) or 'no change for this runtime'} (max logit change {error:.2g})")
     precision = "fp16" if options.fp16 else artifact.precision
     results = artifact.recording(optimize=OptimizeResult(applied=applied, max_abs_change=error))
-    return Artifact(Stage.OPTIMIZED, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, precision=precision, results=results)
+    # The reference for fidelity stays the model this one was trained from (quantization-aware training keeps the float one).
+    return Artifact(Stage.OPTIMIZED, ctx.work_dir, "model.onnx", artifact.digest, artifact.task, precision=precision,
+                    float_model=artifact.float_model, results=results)
 
 
 def _max_difference(artifact: Artifact, optimized, ctx: PassContext) -> float:

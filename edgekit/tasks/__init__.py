@@ -42,6 +42,9 @@ class Task(Protocol):
     graph_fusion: str | None  # ONNX Runtime transformer-fusion model type for the optimize pass, or None
     builtin_sources: tuple[str, ...]  # model.source values that name models defined in edgekit (builtin:..., config:...)
     definitions: Path | None  # the file that defines them: its bytes are part of their cache key
+    # int8 schemes whose numerics edgekit.fake_quant emulates for this task's models: quantization-aware training runs
+    # for targets with one of them (it calls load_torch, forward, torch_batches, save_torch and export_onnx)
+    quantization_aware_schemes: tuple[str, ...]
 
     def settings(self, config: BuildConfig) -> BaseModel: ...
 
@@ -57,6 +60,8 @@ class Task(Protocol):
     def prune(self, artifact: Artifact, settings: PruneSection, task_settings: Any, ctx: PassContext) -> Artifact: ...
 
     def load_torch(self, folder: Path) -> torch.nn.Module: ...
+
+    def save_torch(self, model: torch.nn.Module, source: Path, folder: Path) -> None: ...  # a model loaded from source
 
     def forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...
 

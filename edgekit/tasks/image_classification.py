@@ -59,6 +59,7 @@ class ImageClassification:
     graph_fusion = None  # Conv+BN folding is the exporter's and ONNX Runtime's own
     builtin_sources = image_models.KNOWN_SOURCES
     definitions = Path(image_models.__file__)
+    quantization_aware_schemes: tuple[str, ...] = ()  # CNNs quantize by static QDQ, which edgekit.fake_quant does not emulate yet
 
     def settings(self, config: BuildConfig) -> ImageSettings:
         return ImageSettings(preprocessing=config.task.image, train=config.train, widths=config.model.widths)
@@ -120,6 +121,11 @@ class ImageClassification:
         from edgekit.pruning.cnn import prune_cnn
 
         return prune_cnn(artifact, settings, task_settings, ctx)
+
+    def save_torch(self, model: torch.nn.Module, source: Path, folder: Path) -> None:
+        from edgekit.tasks import image_models
+
+        image_models.save(model, image_models.load(source)[1], folder)
 
     def load_torch(self, folder: Path) -> torch.nn.Module:
         from edgekit.tasks import image_models

@@ -66,6 +66,7 @@ class TextClassification:
     graph_fusion = "bert"  # ONNX Runtime's transformer fusions apply
     builtin_sources: tuple[str, ...] = ()  # Hugging Face folders, embedded:all-minilm-l6-v2 or an .onnx file
     definitions = None
+    quantization_aware_schemes = ("dynamic",)  # edgekit.fake_quant emulates dynamic int8 of BERT-style encoders
 
     def settings(self, config: BuildConfig) -> TextSettings:
         return TextSettings(max_length=config.task.max_length, head=config.head)

@@ -118,6 +118,7 @@ class TimeSeriesClassification:
     graph_fusion = None
     builtin_sources = (CNN1D,)
     definitions = Path(__file__)
+    quantization_aware_schemes: tuple[str, ...] = ()  # 1D CNNs quantize by static QDQ, which edgekit.fake_quant does not emulate yet
 
     def settings(self, config: BuildConfig) -> SeriesSettings:
         return SeriesSettings(train=config.train, widths=config.model.widths)
@@ -188,6 +189,9 @@ class TimeSeriesClassification:
 
     def load_torch(self, folder: Path) -> torch.nn.Module:
         return load_model(folder)[0]
+
+    def save_torch(self, model: torch.nn.Module, source: Path, folder: Path) -> None:
+        save_model(model, load_model(source)[1], folder)
 
     @staticmethod
     def forward(model: torch.nn.Module, inputs) -> torch.Tensor:

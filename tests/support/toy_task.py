@@ -46,6 +46,7 @@ class ToyVectors:
     graph_fusion = None
     builtin_sources: tuple[str, ...] = ()
     definitions = None
+    quantization_aware_schemes: tuple[str, ...] = ()
 
     def settings(self, config) -> ToySettings:
         return ToySettings()
@@ -99,6 +100,15 @@ class ToyVectors:
 
     def prune(self, artifact, settings, task_settings, ctx):
         raise EdgekitError("toy-vectors models are not pruned; set prune.enabled: false")
+
+    def save_torch(self, model, source: Path, folder: Path) -> None:
+        import shutil
+
+        import torch
+
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / "toy.json", folder / "toy.json")
+        torch.save(model.state_dict(), folder / "model.pt")
 
     def load_torch(self, folder: Path):
         import torch
