@@ -19,3 +19,24 @@ def test_average_precision_of_the_positive_class():
     assert average_precision(true, scores) == pytest.approx(sklearn.average_precision_score(true, scores))
     with pytest.raises(ValueError, match="at least one positive"):
         average_precision([0, 0], [0.1, 0.2])
+
+
+def test_the_wilson_lower_bound_is_sound_near_one_and_tightens_with_rows() -> None:
+    from edgekit.measure import wilson_lower_bound
+
+    assert wilson_lower_bound(400, 400) == pytest.approx(0.99328, abs=1e-5)
+    assert wilson_lower_bound(399, 400) == pytest.approx(0.98888, abs=1e-5)
+    assert wilson_lower_bound(990, 1000) < 0.99 < wilson_lower_bound(1000, 1000)
+    assert wilson_lower_bound(9950, 10000) > wilson_lower_bound(995, 1000) > wilson_lower_bound(199, 200)
+    assert wilson_lower_bound(0, 10) == 0.0
+
+
+def test_fidelity_counts_flips_and_bounds_the_agreement() -> None:
+    from edgekit.measure import fidelity
+
+    reference = np.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1, 2, 0]]
+    candidate = reference.copy()
+    candidate[[2, 5]] = np.eye(3)[[0, 0]]  # two rows now predict class 0
+    measured = fidelity(reference, candidate)
+    assert measured.flips == 2 and measured.top1_agreement == pytest.approx(0.8)
+    assert 0 < measured.top1_agreement_lower_95 < 0.8

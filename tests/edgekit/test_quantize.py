@@ -127,7 +127,8 @@ def test_accuracy_aware_search_returns_the_most_sensitive_nodes_to_float(tiny_be
 
 
 def test_an_impossible_budget_still_writes_the_best_model_and_lists_the_trade_offs(tiny_bert: TinyBert, tmp_path: Path) -> None:
-    options = _options("jetson-orin-nano-8gb", **QUANTIZE_MASK_PATH, min_top1_agreement=1.0, max_accuracy_drop_points=0.0, time_limit_s=0.001)
+    options = _options("jetson-orin-nano-8gb", **QUANTIZE_MASK_PATH, min_top1_agreement=1.0, max_accuracy_drop_points=-1.0,
+                       time_limit_s=0.001)  # a drop below zero: int8 must beat the float model, which no fallback does either
     result = _run(tiny_bert, tmp_path, options)
     report = result.results.quantization.model_dump()
     assert result.model_path.is_file() and report["budget_met"] is False
@@ -137,6 +138,8 @@ def test_an_impossible_budget_still_writes_the_best_model_and_lists_the_trade_of
     assert report["top1_agreement"] == best["agreement"]
     assert result.kept_in_float and all(isinstance(name, str) and name for name in result.kept_in_float)
     assert not (tmp_path / "candidate.onnx").exists()
+    assert [tried["precision"] for tried in report["precision_fallback"]["tried"]] == ["fp16", "fp32"]
+    assert report["precision_fallback"]["used"] is False and result.precision == "int8"
     _loads_and_runs(result, tiny_bert)
 
 
@@ -174,7 +177,7 @@ def test_scheme_none_keeps_the_float_model(tiny_bert: TinyBert, tmp_path: Path) 
 
 def test_dynamic_int8_never_quantizes_convolutions(tiny_bert: TinyBert, tmp_path: Path) -> None:
     cnn = dataclasses.replace(tiny_bert, model_path=_export_text_cnn(tmp_path / "cnn", len(tiny_bert.task.labels)))
-    result = _run(cnn, tmp_path / "out", _options("x86-64-cpu", accuracy_aware=False))
+    result = _run(cnn, tmp_path / "out", _options("x86-64-cpu", accuracy_aware=False, fallback=()))  # the int8 recipe itself
     report = result.results.quantization.model_dump()
     assert (report["requested_scheme"], report["scheme"], report["activation_type"]) == ("dynamic", "static_qdq", "uint8")
     assert "Conv" in report["note"]
@@ -202,3 +205,40 @@ def _export_text_cnn(directory: Path, label_count: int) -> Path:
     directory.mkdir(parents=True)
     export_text_classifier(TextCnn().eval(), directory / "model.onnx")
     return directory / "model.onnx"
+
+
+def test_the_search_asks_validation_for_a_margin_over_the_agreement_budget() -> None:
+    """At 400 validation rows and a 0.99 budget, 2 flips meet it and 3 do not (the point estimate would allow 4)."""
+    from edgekit.passes.quantize import Budget, Trial
+
+    budget = Budget(float_accuracy=0.8, max_drop_points=1.0, min_agreement=0.99, rows=400)
+
+    def trial(flips: int) -> Trial:
+        return Trial((), accuracy=0.8, agreement=(400 - flips) / 400, seconds=0.0)
+
+    assert budget.met_by(trial(2)) and not budget.met_by(trial(3)) and not budget.met_by(trial(4))
+    assert budget.agreement_bound(trial(0)) > budget.agreement_bound(trial(2)) >= 0.99
+
+
+def test_int8_that_breaks_the_budget_falls_back_to_the_targets_next_precision(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    """x86-64-cpu falls back to fp32 (int8 -> fp32); a Jetson profile tries fp16 first (int8 -> fp16 -> fp32)."""
+    impossible_for_int8 = {"min_top1_agreement": 1.0, "max_accuracy_drop_points": 0.0, "time_limit_s": 0.001}
+    result = _run(tiny_bert, tmp_path / "x86", _options("x86-64-cpu", **impossible_for_int8))
+    report = result.results.quantization.model_dump()
+    assert report["budget_met"] is False  # the int8 search's own verdict stays on record
+    assert report["precision_fallback"] == {"used": True, "precision": "fp32", "tried": report["precision_fallback"]["tried"]}
+    assert result.precision == "fp32" and result.kept_in_float == ()
+    assert "MatMulInteger" not in _op_counts(result.model_path) and "DynamicQuantizeLinear" not in _op_counts(result.model_path)
+    _loads_and_runs(result, tiny_bert)
+
+    jetson = _run(tiny_bert, tmp_path / "jetson", _options("jetson-orin-nano-8gb", **QUANTIZE_MASK_PATH, **impossible_for_int8))
+    tried = jetson.results.quantization.precision_fallback["tried"]
+    assert tried[0]["precision"] == "fp16" and jetson.precision in ("fp16", "fp32")
+    if jetson.precision == "fp16":
+        weights = [init for init in onnx.load(jetson.model_path).graph.initializer if init.data_type == onnx.TensorProto.FLOAT16]
+        assert weights, "an fp16 fallback stores fp16 weights"
+
+
+def test_the_precision_fallback_comes_from_the_target() -> None:
+    assert quantize.options_for(BuildConfig(), load_target("x86-64-cpu")).fallback == ("fp32",)
+    assert quantize.options_for(BuildConfig(), load_target("jetson-orin-nano-8gb")).fallback == ("fp16", "fp32")
