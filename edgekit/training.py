@@ -134,6 +134,9 @@ class FitSettings:
     # model's own deterministic logits, where dropout noise (which a module's p does not always control) swamps the signal.
     train_mode: bool = True
     score_name: str = "validation accuracy"  # what ``validate`` returns, in messages
+    # False: float32 on CUDA too, where arithmetic must be exact (quantization-aware training emulates int8 rounding,
+    # which bf16's 8-bit mantissa would blur)
+    bf16_autocast: bool = True
 
 
 @dataclass
@@ -170,11 +173,11 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def autocast(on: str):
-    """bf16 autocast on a CUDA device that supports it; a no-op elsewhere."""
+def autocast(on: str, allowed: bool = True):
+    """bf16 autocast on a CUDA device that supports it (unless not ``allowed``); a no-op elsewhere."""
     import torch
 
-    return torch.autocast(on, dtype=torch.bfloat16, enabled=on == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(on, dtype=torch.bfloat16, enabled=allowed and on == "cuda" and torch.cuda.is_bf16_supported())
 
 
 def cross_entropy(forward: Forward):
@@ -257,7 +260,7 @@ def fit(model: "torch.nn.Module", batches: BatchSource, loss: Callable[["torch.n
     started = time.perf_counter() - run.seconds
     task = progress.add_task(f"{settings.label} ({on})", total=total_steps, completed=batches.steps_per_epoch * (first_epoch - 1))
     epoch = first_epoch - 1
-    with_autocast = autocast(on)
+    with_autocast = autocast(on, settings.bf16_autocast)
     for epoch in range(first_epoch, settings.epochs + 1):
         if run.stopped:  # the interrupted run had already decided to stop
             epoch -= 1
@@ -335,8 +338,10 @@ def _describe(label: str, epoch: int, run: _Run) -> str:
     return f"{label} epoch {epoch} loss {np.mean(run.losses[-20:]):.3f}{best}"
 
 
-def predict(model: "torch.nn.Module", batches: Iterable[Mapping[str, "torch.Tensor"]], forward: Forward) -> np.ndarray:
-    """Logits (float32, on the CPU) of every batch of inputs, in order, with the model in eval mode."""
+def predict(model: "torch.nn.Module", batches: Iterable[Mapping[str, "torch.Tensor"]], forward: Forward, *,
+            bf16_autocast: bool = True) -> np.ndarray:
+    """Logits (float32, on the CPU) of every batch of inputs, in order, with the model in eval mode (bf16 autocast on
+    CUDA unless ``bf16_autocast`` is False)."""
     import torch
 
     on = next(model.parameters()).device
@@ -344,7 +349,7 @@ def predict(model: "torch.nn.Module", batches: Iterable[Mapping[str, "torch.Tens
     model.eval()
     out = []
     try:
-        with torch.inference_mode(), autocast(on.type):
+        with torch.inference_mode(), autocast(on.type, bf16_autocast):
             for inputs in batches:
                 out.append(forward(model, {k: v.to(on) for k, v in inputs.items()}).float().cpu().numpy())
     finally:

@@ -36,7 +36,7 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print each target's pass plan and what is cached; build nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
 ) -> None:
-    """Build signed bundles: load → export → per target: optimize → quantize → compile → evaluate → gates → package.
+    """Build signed bundles: load → [finetune] → [prune] → export → per target: [qat] → optimize → quantize → compile → evaluate → gates → package.
 
     Without CONFIG and --model this builds the embedded demo (all-MiniLM-L6-v2 with a head fitted on WordNet
     glosses) for x86-64-cpu. Exits 1 when any target fails its gates (the report says which), 2 on bad input.

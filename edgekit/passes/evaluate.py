@@ -149,6 +149,7 @@ PASS = Pass(
     name="evaluate",
     takes=frozenset({Stage.ENGINE}),
     gives=Stage.EVALUATED,
+    version=2,  # 2: flips and the agreement's lower bound
     target_specific=True,
     libraries=("onnxruntime",),
     options_for=options_for,

@@ -76,6 +76,7 @@ PASS = Pass(
     name="export",
     takes=frozenset({Stage.TORCH}),
     gives=Stage.ONNX,
+    version=2,  # 2: records the PyTorch folder it exported (Artifact.trained_model), which the qat pass retrains
     libraries=("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime"),
     options_for=options_for,
     run=run,

@@ -77,7 +77,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
                                 lambda rows, _epoch: _batch(task, spec, train, rows, teacher["train"]))
     fit_settings = training.FitSettings(settings.epochs, settings.learning_rate, 0.0, "linear",
                                         warmup_steps=batches.steps_per_epoch // 10, label="qat (int8-aware distillation)",
-                                        score_name="int8-emulated agreement on validation",
+                                        score_name="int8-emulated agreement on validation", bf16_autocast=False,
                                         train_mode=False)  # deterministic: the student learns the teacher's exact logits
     started = time.perf_counter()
     with fake_quant.dynamic_int8(model):
@@ -109,7 +109,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 def _logits(task, spec, model, split: Split) -> np.ndarray:
     from edgekit import training
 
-    return training.predict(model, task.torch_batches(spec, split), task.forward)
+    return training.predict(model, task.torch_batches(spec, split), task.forward, bf16_autocast=False)  # exact emulation
 
 
 def _rows(split: Split, rows: np.ndarray) -> Split:
