@@ -1,4 +1,4 @@
-"""Build-pipeline benchmark: `edgekit build`'s demo bundle against PyTorch, ONNX Runtime, Optimum and Olive, in one run.
+"""Build-pipeline benchmark: `edgekit build`'s demo bundle against PyTorch, ONNX Runtime, Optimum, Olive, NNCF and OpenVINO, in one run.
 
 The model is the embedded demo: all-MiniLM-L6-v2 with the head the load pass
 fits on WordNet glosses (8 supersense classes), for x86-64-cpu, sequence 128.
@@ -18,6 +18,14 @@ Steps:
      ``OnnxDynamicQuantization`` and ``OnnxQuantization`` (static, calibrated on
      the demo's calibration texts) passes on the export pass's fp32 ONNX, with
      Olive's default options.
+   - NNCF and OpenVINO (in their own virtual environment): NNCF's post-training
+     quantization with ``model_type=TRANSFORMER`` (SmoothQuant and its ignored
+     patterns) on the fp32 ONNX model for ONNX Runtime; the same on OpenVINO's
+     conversion of it, run by OpenVINO's CPU runtime; and NNCF's accuracy-control
+     variant (at most 1 point of accuracy lost on the validation split). OpenVINO
+     models are measured in two children, before and after the ONNX Runtime one;
+     its CPU plugin computes float layers in bf16 where the CPU has AVX-512 BF16
+     unless told otherwise, so fp32 is pinned and bf16 is a contender of its own.
 3. Measures per contender: p50 latency at batch 1 and throughput at batch 32
    (inputs padded to 128 tokens), size on disk, top-1 agreement with ONNX
    Runtime fp32 and task accuracy on the test split (tokenized as the build's
@@ -61,7 +69,13 @@ THREADS = 2
 OLIVE_SPEC = "olive-ai==0.13.0"  # the version this benchmark was written against
 OLIVE_PACKAGES = (OLIVE_SPEC, "onnxruntime==1.32.0", "onnx", "numpy", "requests")  # olive-ai 0.13.0 imports requests without requiring it
 OPTIMUM_PER_CHANNEL = True  # the avx512_vnni preset's own default
-PEERS = ("optimum-dynamic", "olive-dynamic", "olive-static")
+# Intel's stack in its own environment too: NNCF's post-training quantization for ONNX Runtime and for OpenVINO.
+OPENVINO_PACKAGES = ("nncf", "openvino", "onnx", "onnxruntime==1.32.0", "numpy")
+OPENVINO_MODELS = ("openvino-fp32", "openvino-nncf-int8", "openvino-nncf-int8-accuracy-control")  # made by the NNCF/OpenVINO worker
+# OpenVINO's CPU plugin computes float layers in bf16 on CPUs with AVX-512 BF16 or AMX unless told otherwise: fp32 is
+# pinned, bf16 is measured as its own contender (the same IR), and the int8 models keep the plugin's default.
+OPENVINO_PRECISION_HINTS = {"openvino-fp32": "f32", "openvino-bf16": "bf16"}
+PEERS = ("optimum-dynamic", "olive-dynamic", "olive-static", "nncf-onnx-int8", "openvino-bf16", *OPENVINO_MODELS[1:])
 
 # Targets from the build-pipeline issue.
 TARGET_EAGER_SPEEDUP = 4.0
@@ -223,19 +237,106 @@ def olive_worker(fp32: Path, calibration: Path, out_dir: Path) -> None:
     (out_dir / "olive.json").write_text(json.dumps(results, indent=2))
 
 
-def ensure_olive(python: Path, log: Path) -> str | None:
-    """Create Olive's virtual environment when it is missing; the reason it cannot be used, or None."""
+# --------------------------------------------------------------------------- child (OpenVINO's venv): NNCF and OpenVINO
+
+
+def openvino_worker(fp32: Path, calibration: Path, validation: Path, out_dir: Path) -> None:
+    """Runs under the NNCF/OpenVINO environment: NNCF's ONNX PTQ, OpenVINO's conversion, NNCF's OpenVINO PTQ with and
+    without accuracy control, each with ``model_type=TRANSFORMER`` (what NNCF and sentence-transformers advise for BERT)."""
+    import importlib.metadata
+
+    import nncf
+    import numpy as np
+    import onnx
+    import openvino as ov
+
+    arrays = np.load(calibration)
+    rows = [{name: arrays[name][i:i + 1] for name in arrays.files} for i in range(len(arrays[arrays.files[0]]))]
+    checked = np.load(validation)
+    val_rows = [{name: checked[name][i:i + 1] for name in checked.files if name != "labels"} for i in range(len(checked["labels"]))]
+    results = {"versions": {name: importlib.metadata.version(name) for name in ("nncf", "openvino", "onnx", "onnxruntime", "numpy")}}
+
+    def attempt(name: str, make) -> None:
+        started = time.perf_counter()
+        try:
+            results[name] = {"model": str(make()), "seconds": time.perf_counter() - started}
+        except Exception as error:  # noqa: BLE001 - any failure of a peer is reported as "not measured", with the reason
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+
+    def nncf_onnx() -> Path:
+        quantized = nncf.quantize(onnx.load(fp32), nncf.Dataset(rows), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(rows))
+        (out_dir / "nncf-onnx-int8").mkdir()
+        onnx.save(quantized, out_dir / "nncf-onnx-int8" / "model.onnx")
+        return out_dir / "nncf-onnx-int8" / "model.onnx"
+
+    def save(model, name: str) -> Path:
+        (out_dir / name).mkdir()
+        ov.save_model(model, out_dir / name / "model.xml")
+        return out_dir / name / "model.xml"
+
+    def validate(compiled, dataset) -> float:  # NNCF's accuracy-control metric: accuracy on the validation rows
+        correct = [int(np.argmax(compiled(row)[0], -1)[0] == label) for row, label in zip(dataset, checked["labels"], strict=True)]
+        return float(np.mean(correct))
+
+    def with_accuracy_control() -> Path:
+        quantized = nncf.quantize_with_accuracy_control(
+            ov.convert_model(fp32), nncf.Dataset(rows), nncf.Dataset(val_rows), validation_fn=lambda model, data: validate(model, data),
+            max_drop=0.01, drop_type=nncf.DropType.ABSOLUTE, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(rows))
+        return save(quantized, "openvino-nncf-int8-accuracy-control")
+
+    attempt("nncf-onnx-int8", nncf_onnx)
+    attempt("openvino-fp32", lambda: save(ov.convert_model(fp32), "openvino-fp32"))
+    attempt("openvino-nncf-int8", lambda: save(nncf.quantize(ov.convert_model(fp32), nncf.Dataset(rows), model_type=nncf.ModelType.TRANSFORMER,
+                                                              subset_size=len(rows)), "openvino-nncf-int8"))
+    attempt("openvino-nncf-int8-accuracy-control", with_accuracy_control)
+    (out_dir / "openvino.json").write_text(json.dumps(results, indent=2))
+
+
+def measure_openvino(spec_file: Path, out_file: Path) -> None:
+    """OpenVINO's CPU runtime on the same inputs as the ONNX Runtime child (pre-tokenized: edgekit is not installed here)."""
+    import numpy as np
+    import openvino as ov
+
+    sys.path.insert(0, str(ROOT))  # edgekit is not installed here; edgekit.measure needs numpy and the standard library only
+    from edgekit.measure import latency, throughput
+
+    spec = json.loads(spec_file.read_text())
+    inputs = np.load(spec["inputs"])
+    batches = [{name: inputs[f"{i}:{name}"] for name in ("input_ids", "attention_mask", "token_type_ids")} for i in range(spec["batches"])]
+    one = {name: inputs[f"one:{name}"] for name in ("input_ids", "attention_mask", "token_type_ids")}
+    many = {name: inputs[f"many:{name}"] for name in ("input_ids", "attention_mask", "token_type_ids")}
+    core = ov.Core()
+    base = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = {name: core.compile_model(path, "CPU", base | ({"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION_HINTS[name]}
+                                                              if name in OPENVINO_PRECISION_HINTS else {}))
+                for name, path in spec["models"].items()}
+    precisions = {name: str(model.get_property("INFERENCE_PRECISION_HINT")) for name, model in compiled.items()}
+    samples = {name: {"p50_ms": [], "p95_ms": [], "items_per_s": []} for name in compiled}
+    for name, model in compiled.items():
+        wanted = {port.any_name for port in model.inputs}
+        logits = np.concatenate([model({k: v for k, v in b.items() if k in wanted})[0] for b in batches])
+        np.save(out_file.parent / f"{name}.npy", logits)
+        single, batch = {k: v for k, v in one.items() if k in wanted}, {k: v for k, v in many.items() if k in wanted}
+        for _ in range(spec["rounds"]):
+            timing = latency(lambda m=model, f=single: m(f), iterations=spec["iterations"])
+            samples[name]["p50_ms"].append(timing.p50_ms)
+            samples[name]["p95_ms"].append(timing.p95_ms)
+            samples[name]["items_per_s"].append(throughput(lambda m=model, f=batch: m(f), BATCH, seconds=spec["seconds"]))
+    out_file.write_text(json.dumps({"samples": samples, "openvino": ov.__version__, "threads": THREADS, "precisions": precisions}))
+
+
+def ensure_venv(python: Path, packages: tuple[str, ...], probe: str, log: Path) -> str | None:
+    """Create a peer's own virtual environment when it is missing; the reason it cannot be used, or None."""
     if not python.is_file():
         venv = python.parent.parent
-        print(f"creating Olive's virtual environment {venv} ...", flush=True)
+        print(f"creating the virtual environment {venv} ...", flush=True)
         with log.open("w") as handle:
-            steps = [["python3", "-m", "venv", str(venv)], [str(venv / "bin" / "pip"), "install", *OLIVE_PACKAGES]]
-            for step in steps:
+            for step in ([sys.executable, "-m", "venv", str(venv)], [str(venv / "bin" / "pip"), "install", *packages]):
                 if subprocess.run(step, check=False, stdout=handle, stderr=subprocess.STDOUT).returncode != 0:
                     return f"`{' '.join(step)}` failed: {tail(log.read_text(), 8)}"
-    probe = subprocess.run([str(python), "-c", "import olive.workflows, onnxruntime"], check=False, capture_output=True, text=True,
-                           env={**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"})
-    return None if probe.returncode == 0 else f"import olive failed under {python}: {tail(probe.stderr, 8)}"
+    checked = subprocess.run([str(python), "-c", probe], check=False, capture_output=True, text=True,
+                             env={**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"})
+    return None if checked.returncode == 0 else f"`{probe}` failed under {python}: {tail(checked.stderr, 8)}"
 
 
 # --------------------------------------------------------------------------- child: PyTorch eager
@@ -310,6 +411,54 @@ def measure_ort(spec_file: Path, out_file: Path) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+def prepare_openvino(args, work: Path, fp32_export: Path, tokenizer_file: Path, data, contenders: dict, peers_info: dict) -> dict[str, Path]:
+    """NNCF's and OpenVINO's models, made in their own environment; the ONNX one joins the ONNX Runtime contenders."""
+    import numpy as np
+
+    from device_agent.preprocess import TextTokenizer
+
+    print("NNCF and OpenVINO: post-training quantization ...", flush=True)
+    validation = TextTokenizer(tokenizer_file, SEQUENCE, pad_to_max_length=True).encode(list(data.val.texts))
+    np.savez(work / "validation.npz", **validation, labels=data.val.labels)
+    problem = ensure_venv(args.openvino_python, OPENVINO_PACKAGES, "import nncf, openvino, onnxruntime", work / "logs" / "openvino-install.log")
+    if problem is not None:
+        peers_info["openvino"] = {"error": problem}
+        return {}
+    models = work / "models"
+    run_ = child("--child", "openvino", str(fp32_export), str(work / "calibration.npz"), str(work / "validation.npz"), str(models),
+                 python=str(args.openvino_python), log=work / "logs" / "openvino.log")
+    if not (models / "openvino.json").is_file():
+        peers_info["openvino"] = {"error": f"the NNCF/OpenVINO worker exited {run_.returncode}: {tail(run_.stderr)}"}
+        return {}
+    info = peers_info["openvino"] = json.loads((models / "openvino.json").read_text())
+    if "model" in info.get("nncf-onnx-int8", {}):
+        contenders["nncf-onnx-int8"] = Path(info["nncf-onnx-int8"]["model"])
+    made = {name: Path(info[name]["model"]) for name in OPENVINO_MODELS if "model" in info.get(name, {})}
+    return made | ({"openvino-bf16": made["openvino-fp32"]} if "openvino-fp32" in made else {})
+
+
+def run_openvino(args, work: Path, models: dict[str, Path], tokenizer_file: Path, data, out: Path, log: Path) -> None:
+    """One OpenVINO measuring child on the inputs the ONNX Runtime child uses, tokenized here."""
+    import numpy as np
+
+    inputs_file = work / "openvino-inputs.npz"
+    if not inputs_file.is_file():
+        batches = accuracy_batches(tokenizer_file, data.test.texts)
+        one, many = timing_feeds(tokenizer_file, data.test.texts)
+        arrays = {f"{i}:{name}": value for i, batch in enumerate(batches) for name, value in batch.items()}
+        arrays |= {f"one:{name}": value for name, value in one.items()} | {f"many:{name}": value for name, value in many.items()}
+        np.savez(inputs_file, **arrays)
+        (work / "openvino-batches.txt").write_text(str(len(batches)))
+    spec = {"inputs": str(inputs_file), "batches": int((work / "openvino-batches.txt").read_text()),
+            "models": {name: str(path) for name, path in models.items()},
+            "rounds": max(1, args.rounds // 2 + 1), "iterations": args.iterations, "seconds": args.seconds}
+    spec_file = out.with_suffix(".spec.json")
+    spec_file.write_text(json.dumps(spec))
+    result = child("--child", "openvino-measure", str(spec_file), str(out), python=str(args.openvino_python), log=log)
+    if result.returncode != 0:
+        raise SystemExit(f"the OpenVINO child failed:\n{tail(result.stderr)}")
+
+
 def child(*arguments: str, python: str = sys.executable, log: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [python, str(Path(__file__).resolve()), *arguments]
     result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -355,6 +504,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each throughput measurement")
     parser.add_argument("--olive-python", type=Path, default=Path("/tmp/olive-venv/bin/python"),
                         help=f"Python of Olive's own virtual environment; created with {' '.join(OLIVE_PACKAGES)} when missing")
+    parser.add_argument("--openvino-python", type=Path, default=Path("/tmp/openvino-venv/bin/python"),
+                        help=f"Python of NNCF's and OpenVINO's own environment; created with {' '.join(OPENVINO_PACKAGES)} when missing")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "build.json")
     parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it, instead of a temporary one")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -365,6 +516,10 @@ def main() -> None:
             prepare_optimum(Path(rest[0]), Path(rest[1]))
         elif kind == "olive":
             olive_worker(Path(rest[0]), Path(rest[1]), Path(rest[2]))
+        elif kind == "openvino":
+            openvino_worker(Path(rest[0]), Path(rest[1]), Path(rest[2]), Path(rest[3]))
+        elif kind == "openvino-measure":
+            measure_openvino(Path(rest[0]), Path(rest[1]))
         elif kind == "torch":
             measure_torch(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]), int(rest[4]), float(rest[5]))
         elif kind == "ort":
@@ -446,7 +601,7 @@ def run_benchmark(args, work: Path) -> None:
     else:
         peers_info["optimum"] = {"error": tail(optimum_run.stderr)}
     print("Olive: dynamic and static quantization passes ...", flush=True)
-    olive_problem = ensure_olive(args.olive_python, logs / "olive-install.log")
+    olive_problem = ensure_venv(args.olive_python, OLIVE_PACKAGES, "import olive.workflows, onnxruntime", logs / "olive-install.log")
     if olive_problem is None:
         olive_run = child("--child", "olive", str(fp32_export), str(work / "calibration.npz"), str(models),
                           python=str(args.olive_python), log=logs / "olive.log", env={**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"})
@@ -460,6 +615,7 @@ def run_benchmark(args, work: Path) -> None:
             peers_info["olive"] = {"error": f"Olive's worker exited {olive_run.returncode}: {tail(olive_run.stderr)}"}
     else:
         peers_info["olive"] = {"error": olive_problem}
+    openvino_models = prepare_openvino(args, work, fp32_export, tokenizer_file, data, contenders, peers_info)
 
     # 3. measurements: eager before, every ONNX Runtime contender round robin, eager after
     torch_out = [work / f"torch-{i}.json" for i in (1, 2)]
@@ -467,6 +623,10 @@ def run_benchmark(args, work: Path) -> None:
     timing = [str(max(1, args.rounds // 2 + 1)), str(args.iterations), str(args.seconds)]
     print("PyTorch eager (first child) ...", flush=True)
     torch_runs = [child("--child", "torch", *torch_args, str(torch_out[0]), *timing, log=logs / "torch-1.log")]
+    openvino_out = [work / f"openvino-{i}.json" for i in (1, 2)]
+    if openvino_models:
+        print("OpenVINO runtime (first child) ...", flush=True)
+        run_openvino(args, work, openvino_models, tokenizer_file, data, openvino_out[0], logs / "openvino-measure-1.log")
     spec = {"tokenizer": str(tokenizer_file), "models": {k: str(v) for k, v in contenders.items()},
             "rounds": args.rounds, "iterations": args.iterations, "seconds": args.seconds}
     (work / "ort-spec.json").write_text(json.dumps(spec))
@@ -477,6 +637,9 @@ def run_benchmark(args, work: Path) -> None:
         raise SystemExit(f"the ONNX Runtime child failed:\n{tail(ort_run.stderr)}")
     print("PyTorch eager (second child) ...", flush=True)
     torch_runs.append(child("--child", "torch", *torch_args, str(torch_out[1]), *timing, log=logs / "torch-2.log"))
+    if openvino_models:
+        print("OpenVINO runtime (second child) ...", flush=True)
+        run_openvino(args, work, openvino_models, tokenizer_file, data, openvino_out[1], logs / "openvino-measure-2.log")
     for run_, log_name in zip(torch_runs, ("torch-1.log", "torch-2.log"), strict=True):
         if run_.returncode != 0:
             raise SystemExit(f"the PyTorch child failed ({log_name}):\n{tail(run_.stderr)}")
@@ -492,6 +655,12 @@ def run_benchmark(args, work: Path) -> None:
     logits |= {name: np.load(work / f"{name}.npy") for name in ort["samples"]}
     sizes = {"pytorch-eager-fp32": size_mb(hf_folder / "model.safetensors")}
     sizes |= {name: size_mb(*model_files(path)) for name, path in contenders.items()}
+    for name, path in openvino_models.items():  # medians over both OpenVINO children, as for PyTorch eager
+        runs = [json.loads(out.read_text())["samples"][name] for out in openvino_out if out.is_file()]
+        samples[name] = {key: [value for run_ in runs for value in run_[key]] for key in ("p50_ms", "p95_ms", "items_per_s")}
+        logits[name] = np.load(work / f"{name}.npy")
+        sizes[name] = size_mb(path, path.with_suffix(".bin"))
+    openvino_precisions = json.loads(openvino_out[0].read_text())["precisions"] if openvino_out[0].is_file() else {}
 
     reference = logits["onnxruntime-fp32"]
     fp32_accuracy = classification_metrics(data.test.labels, reference.argmax(-1), data.labels).accuracy
@@ -547,6 +716,8 @@ def run_benchmark(args, work: Path) -> None:
     versions = {name: importlib.metadata.version(name) for name in ("edgekit", "onnxruntime", "onnx", "numpy")}
     versions |= peers_info.get("optimum", {}).get("versions", {})
     versions["olive-ai"] = peers_info.get("olive", {}).get("versions", {}).get("olive-ai", "not measured")
+    for name in ("nncf", "openvino"):
+        versions[name] = peers_info.get("openvino", {}).get("versions", {}).get(name, "not measured")
     document = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
@@ -566,6 +737,7 @@ def run_benchmark(args, work: Path) -> None:
                           "quantize_pass_quantized_nodes": quantization.get("quantized_nodes"),
                           "quantize_pass_validation_agreement": quantization.get("top1_agreement")},
         "peers": peers_info,
+        "openvino_inference_precision": openvino_precisions,
         "contenders": results,
         "targets": targets,
         "total_seconds": time.perf_counter() - begun,
@@ -596,12 +768,13 @@ def print_table(document: dict) -> None:
     print(f"\nbuild: fresh {document['build']['first']['seconds']:.1f} s, cached {document['build']['cached_rebuild']['seconds']:.1f} s")
     for name, row in document["targets"].items():
         print(f"{'met   ' if row['met'] else 'MISSED'} {name}: {row['value']} (target {row['target']}){' - ' + row['note'] if row.get('note') else ''}")
-    for tool in ("optimum", "olive"):
+    for tool in ("optimum", "olive", "openvino"):
         if "error" in document["peers"].get(tool, {}):
             print(f"{tool}: not measured: {document['peers'][tool]['error']}")
-    for name in OLIVE_PASSES:
-        if "error" in document["peers"].get("olive", {}).get(name, {}):
-            print(f"{name}: not measured: {document['peers']['olive'][name]['error']}")
+    for tool, names in (("olive", OLIVE_PASSES), ("openvino", ("nncf-onnx-int8", *OPENVINO_MODELS))):
+        for name in names:
+            if "error" in document["peers"].get(tool, {}).get(name, {}):
+                print(f"{name}: not measured: {document['peers'][tool][name]['error']}")
 
 
 if __name__ == "__main__":
