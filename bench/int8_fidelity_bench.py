@@ -14,8 +14,10 @@ validation and test splits:
 - all-int8 (every candidate node quantized, per-channel dynamic) of the same float
   graph: agreement with fp32, accuracy, size and p50 latency (one text padded to
   the task's 128 tokens, as the evaluate pass times) next to fp32;
-- the int8 error by source, in the exact PyTorch emulation (``edgekit.fake_quant``):
+- the int8 error by source, in the PyTorch emulation (``edgekit.fake_quant``):
   weights only, activations only;
+- all-int8 after SmoothQuant (``edgekit.smoothing``) at each alpha the quantize pass
+  tries, calibrated as the pass calibrates;
 - the qat pass with the config's defaults (enabled): the emulated agreement before
   and after, the trained float model's own agreement, and all-int8 of its export.
 """
@@ -57,14 +59,39 @@ def _export_artifact(out: Path):
     return _decode(json.loads((entry / "artifact.json").read_text()), entry)
 
 
-def _all_int8(source: Path, folder: Path) -> Path:
+def _smoothed_all_int8(source: Path, folder: Path, data, spec, alpha: float) -> Path:
+    """All-int8 of the fused graph after SmoothQuant at ``alpha``, with the quantize pass's own calibration rule."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from edgekit import smoothing
+    from edgekit.passes.quantize import SMOOTHING_ROWS
+    from edgekit.tasks import model_feeds
+
+    fused = folder / f"{source.parent.name}-fused.onnx"
+    if not fused.is_file():
+        optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=0).save_model_to_file(str(fused))
+    model = onnx.load(fused)
+    rows = data.calibration.inputs[:SMOOTHING_ROWS]
+    maxima = smoothing.input_channel_maxima(model, (model_feeds(spec, rows[i:i + 1]) for i in range(len(rows))))
+    smoothed = folder / f"smoothed-{alpha}" / "model.onnx"
+    smoothed.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(smoothing.smoothed(model, maxima, alpha), smoothed)
+    return _all_int8(smoothed, smoothed.parent, fused=False)
+
+
+def _all_int8(source: Path, folder: Path, fused: bool = True) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    fused, quantized = folder / f"{source.parent.name}-fused.onnx", folder / f"{source.parent.name}-int8.onnx"
-    optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=0).save_model_to_file(str(fused))
-    quantize_dynamic(fused, quantized, per_channel=True, weight_type=QuantType.QInt8,
+    quantized = folder / f"{source.parent.name}-int8.onnx"
+    if fused:
+        graph = folder / f"{source.parent.name}-fused.onnx"
+        optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=0).save_model_to_file(str(graph))
+    else:  # already fused (and smoothed)
+        graph = source
+    quantize_dynamic(graph, quantized, per_channel=True, weight_type=QuantType.QInt8,
                      extra_options={"WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     return quantized
 
@@ -176,7 +203,14 @@ def measure_demo(name: str, config: Path | None, work: Path, cache: Path) -> dic
         "fp32": {"size_mb": size_mb(artifact.model_path), "latency_p50_ms": runner.p50_ms(artifact.model_path)},
         "all_int8": {**_compare(runner, reference, all_int8), "size_mb": size_mb(all_int8), "latency_p50_ms": runner.p50_ms(all_int8)},
         "emulated_val_agreement_by_source": _emulated_by_source(artifact, data),
+        "smoothed_all_int8": {},
     }
+    from edgekit.passes.quantize import SMOOTHING_ALPHAS
+
+    for alpha in SMOOTHING_ALPHAS:
+        smoothed = _smoothed_all_int8(artifact.model_path, work / name, data, artifact.task, alpha)
+        row["smoothed_all_int8"][str(alpha)] = {**_compare(runner, reference, smoothed), "size_mb": size_mb(smoothed),
+                                                "latency_p50_ms": runner.p50_ms(smoothed)}
     qat_record, qat_model = _qat(artifact, data, work / name / "qat")
     row["qat"] = {"pass": qat_record, "all_int8": _compare(runner, reference, _all_int8(qat_model, work / name / "qat"))}
     return row

@@ -157,6 +157,8 @@ class QuantizeResult(_Record):
     kept_in_float: list[str] = []
     sensitivity: list[dict[str, JsonValue]] = []
     trials: list[dict[str, JsonValue]] = []
+    # dynamic int8 missed the budget: SmoothQuant tried, {alpha (chosen, or None), calibration_rows, tried: [{alpha, ...}]}
+    smoothing: dict[str, JsonValue] | None = None
     # int8 broke the budget and the target lists fallback precisions: {used, precision, tried: [{precision, accuracy, ...}]}
     precision_fallback: dict[str, JsonValue] | None = None
     seconds: float | None = None

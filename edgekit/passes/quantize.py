@@ -55,6 +55,8 @@ STATIC_OP_TYPES = ("MatMul", "Gemm", "Conv")
 DYNAMIC_OP_TYPES = tuple(sorted({*IntegerOpsRegistry, "Gemm"}))
 MASK_INPUT = "attention_mask"
 BATCH_ROWS = 32  # rows per inference batch when calibrating and judging
+SMOOTHING_ALPHAS = (0.5, 0.7, 0.85)  # SmoothQuant's migration strength: tried in turn, judged on validation
+SMOOTHING_ROWS = 64  # calibration rows whose activation ranges set the smoothing scales
 SEARCH_MARGIN_Z = 1.0  # the search's validation agreement must meet the budget at this Wilson lower bound (class Budget)
 PROBE_ROWS = 16  # calibration rows of the sensitivity probe: one batch is enough to rank nodes
 _SHAPE_OPS = frozenset({"Shape", "Size"})  # their outputs are metadata, not values derived from an input
@@ -123,6 +125,9 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     search = Search(Quantizer(recipe, artifact.model_path, calibration, base_exclusions=mask_path), judge, budget, output)
     search.try_keeping(())
     candidates = _quantized_nodes(float_model, onnx.load(output), recipe.candidate_op_types, mask_path)
+    smoothing = None
+    if recipe.scheme == "dynamic" and options.search.smoothing and not budget.met_by(search.best):
+        smoothing, float_model = _try_smoothing(search, float_model, artifact.task, ctx)
     ranking: list[tuple[str, float]] = []
     if options.search.accuracy_aware and not budget.met_by(search.best):
         deadline = time.perf_counter() + options.search.time_limit_s
@@ -133,6 +138,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     best = search.best
     kept_in_float = tuple(_quantizable(float_model, mask_path, recipe.candidate_op_types)) + best.kept_in_float
     report = _report(recipe, calibration, judge, budget, search, ranking, kept_in_float, candidates, started)
+    report["smoothing"] = smoothing
     ctx.say(_summary(recipe, best, budget, len(kept_in_float)))
     precision = "int8" if len(best.kept_in_float) < len(candidates) else "fp32"
     if not budget.met_by(best) and options.fallback:
@@ -499,6 +505,7 @@ class Trial:
     agreement: float
     seconds: float
     eligible: bool = True  # False: a revert-pass trial with more flips than its start, never chosen however it scores
+    source: str = "plain"  # the float graph quantized: plain, or smoothed (edgekit.smoothing) with its alpha
 
 
 @dataclasses.dataclass(frozen=True)
@@ -647,18 +654,24 @@ class Search:
         self.quantizer, self.judge, self.budget, self.output = quantizer, judge, budget, output
         self.scratch = output.with_name("candidate.onnx")
         self.trials: list[Trial] = []
+        self.source = "plain"
 
     @property
     def best(self) -> Trial:
         return max(self.trials, key=self.budget.preference)
 
+    def use(self, quantizer: Quantizer, source: str) -> None:
+        """Quantize another float graph from now on (``source`` names it in the trials)."""
+        self.quantizer, self.source = quantizer, source
+
     def try_keeping(self, nodes: Sequence[str], min_agreement: float = 0.0) -> Trial:
-        """Quantize with ``nodes`` kept in float, score it, and keep the file if it is the best so far; a trial under
-        ``min_agreement`` is recorded but never chosen."""
+        """Quantize ``self.quantizer.source`` with ``nodes`` kept in float, score it, and keep the file if it is the best so
+        far; a trial under ``min_agreement`` is recorded but never chosen."""
         started = time.perf_counter()
         self.quantizer.write(nodes, self.scratch)
         accuracy, agreement = self.judge.score(self.scratch)
-        trial = Trial(tuple(nodes), accuracy, agreement, time.perf_counter() - started, eligible=agreement >= min_agreement)
+        trial = Trial(tuple(nodes), accuracy, agreement, time.perf_counter() - started, eligible=agreement >= min_agreement,
+                      source=self.source)
         if not self.trials or self.budget.preference(trial) > self.budget.preference(self.best):
             self.scratch.replace(self.output)
         self.trials.append(trial)
@@ -705,6 +718,34 @@ def _return_sensitive_nodes_to_float(search: Search, ranking: Sequence[str], dea
             failing = middle
 
 
+def _try_smoothing(search: Search, float_model: onnx.ModelProto, task: TaskSpec, ctx: PassContext) -> tuple[dict, onnx.ModelProto]:
+    """All-int8 of SmoothQuant-ed versions of the float model (``edgekit.smoothing``), one per alpha, judged like any
+    candidate. The best source stays the search's for the node search that follows; returns what was tried and the
+    float graph of the chosen source."""
+    from edgekit import smoothing
+
+    rows = ctx.data.calibration.inputs[:SMOOTHING_ROWS]
+    maxima = smoothing.input_channel_maxima(float_model, (model_feeds(task, rows[i:i + 1]) for i in range(len(rows))))
+    plain = search.quantizer
+    best = (plain, "plain", float_model, None)
+    tried = []
+    for alpha in SMOOTHING_ALPHAS:
+        model = smoothing.smoothed(float_model, maxima, alpha)
+        source = ctx.work_dir / f"smoothed-{alpha}.onnx"
+        onnx.save(model, source)
+        search.use(dataclasses.replace(plain, source=source), f"smoothed, alpha {alpha}")
+        trial = search.try_keeping(())
+        tried.append({"alpha": alpha, "accuracy": trial.accuracy, "agreement": trial.agreement})
+        if search.best is trial:
+            best = (search.quantizer, search.source, model, alpha)
+    quantizer, label, chosen, chosen_alpha = best
+    search.use(quantizer, label)
+    agreements = ", ".join(f"alpha {t['alpha']}: {t['agreement']:.4f}" for t in tried)
+    verdict = f"alpha {chosen_alpha} chosen" if chosen_alpha else "no alpha beat the plain graph"
+    ctx.say(f"quantize: SmoothQuant {verdict} (all-int8 validation agreement {agreements})")
+    return {"alpha": chosen_alpha, "calibration_rows": len(rows), "tried": tried}, chosen
+
+
 def _weight_elements(model: onnx.ModelProto) -> dict[str, int]:
     """Each node's weight elements (its initializer inputs): the multiply-adds it does per token, a proxy for the time
     quantizing it saves (estimated, not measured per node)."""
@@ -747,6 +788,7 @@ def _trial_record(trial: Trial, budget: Budget) -> dict:
         "agreement_lower_bound": round(budget.agreement_bound(trial), 5),
         "budget_met": budget.met_by(trial),
         "eligible": trial.eligible,
+        "source": trial.source,
         "seconds": round(trial.seconds, 3),
     }
 
@@ -804,7 +846,7 @@ PASS = Pass(
     name="quantize",
     takes=frozenset({Stage.OPTIMIZED}),
     gives=Stage.QUANTIZED,
-    version=2,  # 2: the search's validation margin, the revert pass, the precision fallback
+    version=2,  # 2: the search's validation margin, SmoothQuant, the revert pass, the precision fallback
     target_specific=True,
     libraries=("onnxruntime", "onnx"),
     options_for=options_for,

@@ -150,7 +150,8 @@ def test_the_search_ranks_dynamic_int8_nodes_too(tiny_bert: TinyBert, tmp_path: 
     ranked = [entry["node"] for entry in report["sensitivity"]]
     assert any(name.endswith("Gather") for name in ranked) and any(name.endswith("Gemm") for name in ranked)
     assert all(entry["relative_error"] is not None for entry in report["sensitivity"])  # the probe saw every node
-    assert [trial["kept_in_float_count"] for trial in report["trials"]] == [0, 1]
+    # the plain model, SmoothQuant at three alphas, then the one step a tiny time limit still allows
+    assert [trial["kept_in_float_count"] for trial in report["trials"]] == [0, 0, 0, 0, 1]
 
 
 @pytest.mark.parametrize("rows", [0, 5])
@@ -272,3 +273,42 @@ def test_the_revert_pass_quantizes_float_nodes_again_heaviest_first(tiny_bert: T
     assert tried == sorted(candidates, key=lambda name: -weights[name])  # heaviest first, each tried once
     assert set(search.best.kept_in_float) == set(kept) and len(kept) < len(candidates)  # some came back to int8
     assert budget.met_by(search.best)
+
+
+def test_smoothing_is_a_float_equivalent_rewrite(tiny_bert: TinyBert) -> None:
+    from edgekit import smoothing
+    from edgekit.tasks import model_feeds
+
+    model = onnx.load(tiny_bert.model_path)
+    texts = tiny_bert.data.calibration.inputs[:8]
+    maxima = smoothing.input_channel_maxima(model, (model_feeds(tiny_bert.task, texts[i:i + 1]) for i in range(len(texts))))
+    nodes = smoothing.smoothable(model)
+    assert nodes and set(maxima) == {node.input[0] for node in nodes}
+    smoothed = smoothing.smoothed(model, maxima, alpha=0.7)
+    onnx.checker.check_model(smoothed)
+    assert sum(node.op_type == "Mul" and node.name.endswith(smoothing.SUFFIX) for node in smoothed.graph.node) == len(nodes)
+    feeds = model_feeds(tiny_bert.task, tiny_bert.data.val.inputs[:32])
+    before, after = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                     for m in (model, smoothed))
+    np.testing.assert_allclose(after, before, atol=1e-4)
+    # ... and the channels' ranges really came closer together: the spread (max / median channel) of every input fell.
+    after_maxima = smoothing.input_channel_maxima(smoothed, (model_feeds(tiny_bert.task, texts[i:i + 1]) for i in range(len(texts))))
+    for node, smoothed_node in zip(nodes, smoothing.smoothable(smoothed), strict=True):
+        spread_before = maxima[node.input[0]].max() / np.median(maxima[node.input[0]])
+        spread_after = after_maxima[smoothed_node.input[0]].max() / np.median(after_maxima[smoothed_node.input[0]])
+        assert spread_after < spread_before, node.name
+
+
+def test_dynamic_int8_that_misses_the_budget_tries_smoothquant(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    options = _options("x86-64-cpu", min_top1_agreement=1.0, max_accuracy_drop_points=0.0, time_limit_s=0.001, fallback=())
+    result = _run(tiny_bert, tmp_path, options)
+    report = result.results.quantization.model_dump()
+    smoothing = report["smoothing"]
+    assert [tried["alpha"] for tried in smoothing["tried"]] == [0.5, 0.7, 0.85] and smoothing["calibration_rows"] > 0
+    sources = [trial["source"] for trial in report["trials"]]
+    assert sources[:4] == ["plain", "smoothed, alpha 0.5", "smoothed, alpha 0.7", "smoothed, alpha 0.85"]
+    best = max(report["trials"][:4], key=lambda trial: (trial["agreement"], trial["accuracy"]))
+    if smoothing["alpha"] is not None:  # the chosen source's Mul nodes are in the model written
+        assert any(node.name.endswith("_smooth") for node in onnx.load(result.model_path).graph.node)
+        assert best["source"] == f"smoothed, alpha {smoothing['alpha']}"
+    _loads_and_runs(result, tiny_bert)
