@@ -13,10 +13,12 @@ encoder after ONNX Runtime's transformer fusions, and what this module reproduce
   tensor with the same range rule.
 
 The attention scores, softmax, GELU and the other LayerNorms stay float, as they do
-in ONNX Runtime's int8 kernels. Run-time ranges are taken per example (over all its
-tokens): at batch 1, the device's usual case, that is exactly ONNX Runtime's
-per-tensor range. Rounding is half to even in both. Gradients pass the rounding
-straight through (the ranges cover every value, so nothing is clipped).
+in ONNX Runtime's int8 kernels. Run-time ranges are taken per example, over its real
+tokens only (the model's ``attention_mask``): that is exactly ONNX Runtime's
+per-tensor range when the example runs alone, unpadded, as the quantize and evaluate
+passes score dynamic int8 and as a device serves one request. Padding positions are
+quantized with their example's range (clamped); nothing reads them. Rounding is half
+to even in both. Gradients pass the rounding straight through.
 
 ``tests/edgekit/test_fake_quant.py`` checks a fake-quantized tiny BERT against the
 ONNX Runtime int8 model of the same weights (within 1e-4). On all-MiniLM-L6-v2 most
@@ -51,11 +53,24 @@ def _uint8_fake_quant(x: "torch.Tensor", low: "torch.Tensor", high: "torch.Tenso
     return _straight_through(x, quantized)
 
 
-def dynamic_activation(x: "torch.Tensor") -> "torch.Tensor":
-    """``DynamicQuantizeLinear`` then dequantization, with one range per example (dimension 0)."""
-    with_batch = x.float().reshape(x.shape[0], -1)
-    low = with_batch.detach().amin(dim=1).clamp_max(0)
-    high = with_batch.detach().amax(dim=1).clamp_min(0)
+def dynamic_activation(x: "torch.Tensor", tokens: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """``DynamicQuantizeLinear`` then dequantization, with one range per example (dimension 0).
+
+    ``tokens`` (``[batch, sequence]``, nonzero at real tokens) limits the range to an
+    example's real tokens when ``x`` is ``[batch, sequence, ...]``: the range the example
+    gets when it runs unpadded.
+    """
+    import torch
+
+    values = x.detach().float()
+    if tokens is not None and values.dim() >= 3 and tuple(values.shape[:2]) == tuple(tokens.shape):
+        real = tokens.bool().reshape(*tokens.shape, *(1,) * (values.dim() - 2))
+        low_values = torch.where(real, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        high_values = low_values  # zeros at padding: the range holds 0 anyway
+    else:
+        low_values = high_values = values
+    low = low_values.reshape(x.shape[0], -1).amin(dim=1).clamp_max(0)
+    high = high_values.reshape(x.shape[0], -1).amax(dim=1).clamp_min(0)
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
     return _uint8_fake_quant(x.float(), low.reshape(shape), high.reshape(shape)).to(x.dtype)
 
@@ -112,8 +127,15 @@ def dynamic_int8(model: "torch.nn.Module") -> Iterator["torch.nn.Module"]:
     import torch
     from torch.nn.utils import parametrize
 
+    tokens: dict[str, torch.Tensor | None] = {"mask": None}  # the running batch's attention mask
+
+    def remember_mask(_module, args, kwargs):
+        tokens["mask"] = kwargs.get("attention_mask")
+
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
-    hooks = [module.register_forward_pre_hook(lambda _module, args: (dynamic_activation(args[0]), *args[1:])) for module in linears]
+    hooks = [model.register_forward_pre_hook(remember_mask, with_kwargs=True)]
+    hooks += [module.register_forward_pre_hook(lambda _module, args: (dynamic_activation(args[0], tokens["mask"]), *args[1:]))
+              for module in linears]
     parametrized = [(module, "weight", per_channel_int8) for module in linears]
     parametrized += [(module, name, per_tensor_uint8) for module, name in _embedding_weights(model)]
     for module, name, function in parametrized:

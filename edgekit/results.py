@@ -159,6 +159,8 @@ class QuantizeResult(_Record):
     trials: list[dict[str, JsonValue]] = []
     # dynamic int8 missed the budget: SmoothQuant tried, {alpha (chosen, or None), calibration_rows, tried: [{alpha, ...}]}
     smoothing: dict[str, JsonValue] | None = None
+    # the node search ran: what keeping each candidate in float costs {unit, per_node: {node: cost}, measured_at}
+    float_costs: dict[str, JsonValue] | None = None
     # int8 broke the budget and the target lists fallback precisions: {used, precision, tried: [{precision, accuracy, ...}]}
     precision_fallback: dict[str, JsonValue] | None = None
     seconds: float | None = None
@@ -196,6 +198,9 @@ class ModelMetrics(_Record):
     top1_agreement: float | None = None
     top1_agreement_lower_95: float | None = None  # one-sided 95% Wilson lower bound
     flips: int | None = None  # test rows whose top-1 class differs from the fp32 reference's
+    rows_per_run: int | None = None  # test rows per model run: 1 under dynamic int8 (edgekit.passes.quantize.rows_per_run)
+    # dynamic int8 only: the agreement when the test rows run in padded batches, as a batching server may run them
+    batched_top1_agreement: float | None = None
     max_abs_error: float | None = None
     mean_abs_error: float | None = None
     peak_rss_mb: float | None = None

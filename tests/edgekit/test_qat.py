@@ -62,6 +62,10 @@ def test_a_qat_model_is_judged_against_the_float_model_it_was_trained_from(tiny_
     final = report["metrics"]["final"]
     assert final["flips"] == round((1 - final["top1_agreement"]) * report["metrics"]["evaluation"]["test_rows"])
     assert final["top1_agreement_lower_95"] <= final["top1_agreement"]
+    # Dynamic int8 is scored a row per run (its ranges span a run); the batched agreement is shown beside it.
+    assert report["metrics"]["evaluation"]["rows_per_run"] == 1
+    assert 0 <= final["batched_top1_agreement"] <= 1
+    assert any(gate["name"].startswith("top-1 agreement in padded batches") for gate in report["gates"])
 
 
 @pytest.mark.slow

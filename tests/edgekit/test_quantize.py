@@ -246,15 +246,15 @@ def test_the_precision_fallback_comes_from_the_target() -> None:
     assert quantize.options_for(BuildConfig(), load_target("jetson-orin-nano-8gb")).fallback == ("fp16", "fp32")
 
 
-def test_the_revert_pass_quantizes_float_nodes_again_heaviest_first(tiny_bert: TinyBert, tmp_path: Path) -> None:
-    from edgekit.passes.quantize import Budget, Judge, Quantizer, Search, _input_names, _quantized_nodes, _recipe_for, _requantize_heaviest_first
+def test_the_revert_pass_quantizes_float_nodes_again_costliest_first(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    from edgekit.passes.quantize import Budget, Judge, Quantizer, Search, _input_names, _quantized_nodes, _recipe_for, _requantize_costliest_first
     from edgekit.passes.quantize import _weight_elements
     from tests.support.tiny_bert import context_for
 
     options = _options("x86-64-cpu")
     model = onnx.load(tiny_bert.model_path)
     recipe = _recipe_for(options, model)
-    judge = Judge.for_float_model(tiny_bert.model_path, _input_names(model.graph), tiny_bert.task, tiny_bert.data.val.head(100))
+    judge = Judge.for_float_model(tiny_bert.model_path, _input_names(model.graph), tiny_bert.task, tiny_bert.data.val.head(100), recipe.scheme)
     budget = Budget(judge.float_accuracy, max_drop_points=100.0, min_agreement=1.0, rows=100)  # only flip-free models pass
     quantizer = Quantizer(recipe, tiny_bert.model_path, None)
     quantizer.write((), tmp_path / "all-int8.onnx")
@@ -262,7 +262,7 @@ def test_the_revert_pass_quantizes_float_nodes_again_heaviest_first(tiny_bert: T
     search = Search(quantizer, judge, budget, tmp_path / "model.onnx")
     assert search.budget.met_by(search.try_keeping(candidates))  # the search's starting point: all float, no flips
     weights = _weight_elements(model)
-    _requantize_heaviest_first(search, weights, time.perf_counter() + 300, context_for(tiny_bert, tmp_path))
+    _requantize_costliest_first(search, weights, time.perf_counter() + 300, context_for(tiny_bert, tmp_path))
     kept, tried = list(candidates), []
     for trial in search.trials[1:]:  # each revert trial drops one node from the float set accepted so far
         (dropped,) = set(kept) - set(trial.kept_in_float)
@@ -270,7 +270,7 @@ def test_the_revert_pass_quantizes_float_nodes_again_heaviest_first(tiny_bert: T
         tried.append(dropped)
         if budget.met_by(trial) and trial.agreement >= 1.0:  # no more flips than the all-float start
             kept = list(trial.kept_in_float)
-    assert tried == sorted(candidates, key=lambda name: -weights[name])  # heaviest first, each tried once
+    assert tried == sorted(candidates, key=lambda name: -weights[name])  # costliest first, each tried once
     assert set(search.best.kept_in_float) == set(kept) and len(kept) < len(candidates)  # some came back to int8
     assert budget.met_by(search.best)
 
