@@ -129,6 +129,9 @@ class RuntimeInfo(_Strict):
     # Options the device needs to build a TensorRT engine itself (engines are
     # tied to the GPU and TensorRT version, so Jetson builds them on first load).
     engine_build: dict[str, JsonValue] | None = None
+    # The most rows the build's gates ran the model with at once. Dynamic int8 takes its activation ranges over a whole
+    # run, so its answers were measured one row per run (1): the agent then never joins requests. None: any.
+    max_rows_per_run: int | None = Field(None, ge=1)
 
 
 class TensorSpec(_Strict):

@@ -169,8 +169,8 @@ class Agent:
             return current[1]
         # Replacing the entry drops the old session once its in-flight batch ends.
         stats = self.metrics.for_model(served.name, served.version).batches
-        max_batch = self.settings.max_batch if batchable(served.manifest) else 1
-        batcher = DynamicBatcher(served.session.run, max_batch, self.settings.max_batch_delay_ms, stats)
+        batcher = DynamicBatcher(served.session.run, joined_rows(served.manifest, self.settings.max_batch),
+                                 self.settings.max_batch_delay_ms, stats)
         self._batchers[served.name] = (served.session, batcher)
         return batcher
 
@@ -284,6 +284,14 @@ def batchable(manifest: Manifest) -> bool:
     """Whether requests can be joined along dimension 0: every tensor starts with the same symbolic dimension."""
     first_dims = [spec.shape[0] if spec.shape else None for spec in [*manifest.inputs, *manifest.outputs]]
     return isinstance(first_dims[0], str) and all(dim == first_dims[0] for dim in first_dims)
+
+
+def joined_rows(manifest: Manifest, max_batch: int) -> int:
+    """The most rows the batcher may join into one run of this model: none beyond a request when it cannot be batched
+    or when its answers depend on the rows it runs with (``runtime.max_rows_per_run``, dynamic int8)."""
+    if not batchable(manifest):
+        return 1
+    return min(max_batch, manifest.runtime.max_rows_per_run or max_batch)
 
 
 def _agent(request: Request) -> Agent:

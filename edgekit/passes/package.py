@@ -88,7 +88,8 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
                           accelerator=target.accelerator, gpu_compute_capability=target.gpu_compute_capability,
                           software=target.software.pinned()),
         runtime=RuntimeInfo(engine=target.runtime.engine, execution_providers=list(target.runtime.execution_providers),
-                            model_file="model.onnx", engine_build=dict(artifact.engine_build) if artifact.engine_build else None),
+                            model_file="model.onnx", engine_build=dict(artifact.engine_build) if artifact.engine_build else None,
+                            max_rows_per_run=_max_rows_per_run(artifact)),
         precision=artifact.precision,
         inputs=[spec for spec in _tensor_specs(graph.input) if spec.name in names],
         outputs=_tensor_specs(graph.output),
@@ -103,6 +104,12 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     write_bundle(bundle, manifest, payload, load_private_key(ctx.signing_key))
     ctx.say(f"package: signed {bundle.name} ({bundle.stat().st_size / 1e6:.1f} MB)")
     return replace(artifact, stage=Stage.BUNDLE, directory=ctx.work_dir, model_file=bundle.name)
+
+
+def _max_rows_per_run(artifact: Artifact) -> int | None:
+    """1 when the gates measured the model a row per run (dynamic int8): the device must not join requests either."""
+    evaluation = artifact.results.evaluation
+    return 1 if evaluation and evaluation.final.rows_per_run == 1 else None
 
 
 def _drift_reference(artifact: Artifact, ctx: PassContext) -> dict | None:
@@ -123,7 +130,7 @@ def _drift_reference(artifact: Artifact, ctx: PassContext) -> dict | None:
 
 PASS = Pass(
     name="package",
-    version=2,
+    version=3,  # 3: runtime.max_rows_per_run
     takes=frozenset({Stage.EVALUATED}),
     gives=Stage.BUNDLE,
     target_specific=True,

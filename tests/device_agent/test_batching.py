@@ -185,3 +185,18 @@ def test_batched_onnx_runtime_matches_one_by_one(tmp_path: Path):
 def test_max_batch_must_be_positive(max_batch: int):
     with pytest.raises(ValueError, match="max_batch"):
         DynamicBatcher(lambda feeds: feeds, max_batch=max_batch, max_delay_ms=1)
+
+
+def test_a_model_gated_one_row_per_run_is_never_joined_with_other_requests():
+    """Dynamic int8 answers depend on the rows a run holds: the bundle says so and the agent does not join requests."""
+    from device_agent.bundle import RuntimeInfo
+    from device_agent.server import joined_rows
+    from tests.support.bundles import tiny_manifest
+
+    manifest = tiny_manifest()
+    assert joined_rows(manifest, 8) == 8
+    one_row = manifest.model_copy(update={"runtime": RuntimeInfo(engine="onnxruntime", execution_providers=["CPUExecutionProvider"],
+                                                                 model_file="model.onnx", max_rows_per_run=1)})
+    assert joined_rows(one_row, 8) == 1
+    fixed = manifest.model_copy(update={"inputs": [manifest.inputs[0].model_copy(update={"shape": [1, 4]})]})
+    assert joined_rows(fixed, 8) == 1  # a fixed first dimension cannot be joined at all

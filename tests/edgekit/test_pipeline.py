@@ -85,6 +85,7 @@ def test_bundles_verify_and_jetson_carries_symmetric_qdq_and_engine_options(buil
         assert manifest.runtime.engine == "tensorrt" and manifest.precision == "int8"
         assert manifest.runtime.engine_build["precision"] == "int8"
         assert manifest.runtime.engine_build["profile"]["input_ids"]["max"] == [8, 256]
+        assert manifest.runtime.max_rows_per_run is None  # static int8 answers do not depend on the batch
         graph = onnx.load(str(bundle.path("model.onnx"))).graph
         zero_points = {init.name: init for init in graph.initializer if "zero_point" in init.name}
         quantize_nodes = [n for n in graph.node if n.op_type == "QuantizeLinear"]
@@ -160,6 +161,8 @@ def test_the_device_serves_the_text_bundle_with_bytes_input(built, tmp_path):
         logits = client.infer("tiny", [text], outputs=[triton.InferRequestedOutput("logits")]).as_numpy("logits")
 
         manifest, _ = read_manifest_unverified(bundle)
+        if manifest.precision == "int8":  # dynamic int8 (x86): gated a row per run, never joined with other requests
+            assert manifest.runtime.max_rows_per_run == 1
         import onnxruntime
 
         with open_bundle(bundle, Keyring.load(keyring)) as opened:
