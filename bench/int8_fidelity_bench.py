@@ -156,7 +156,7 @@ def _emulated_by_source(artifact, data) -> dict:
         saved = {attr: getattr(fake_quant, attr) for attr in ("dynamic_activation", "per_channel_int8", "per_tensor_uint8")}
         try:
             if keep == "dynamic_activation":
-                fake_quant.dynamic_activation = lambda x: x
+                fake_quant.dynamic_activation = lambda x, tokens=None: x
             else:
                 fake_quant.per_channel_int8 = fake_quant.per_tensor_uint8 = lambda w: w
             with fake_quant.dynamic_int8(model):
@@ -199,6 +199,8 @@ def measure_demo(name: str, config: Path | None, work: Path, cache: Path) -> dic
     final = report["metrics"]["final"]
     row = {
         "bundle": {"passed": report["passed"], "kept_in_float": len(report["kept_in_float"]), "test_agreement": final["top1_agreement"],
+                   "test_flips": final["flips"], "test_agreement_batched_32": final.get("batched_top1_agreement"),
+                   "smoothing_alpha": (report["quantization"].get("smoothing") or {}).get("alpha"),
                    "latency_p50_ms": final["latency_p50_ms"], "size_mb": final["size_mb"]},
         "fp32": {"size_mb": size_mb(artifact.model_path), "latency_p50_ms": runner.p50_ms(artifact.model_path)},
         "all_int8": {**_compare(runner, reference, all_int8), "size_mb": size_mb(all_int8), "latency_p50_ms": runner.p50_ms(all_int8)},
