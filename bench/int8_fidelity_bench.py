@@ -1,6 +1,6 @@
 """Where int8 loses the demo's agreement with fp32, and what quantization-aware training (the qat pass) wins back.
 
-    python bench/int8_fidelity_bench.py                 # writes bench/results/int8_fidelity.json (about 20 minutes on 2 cores)
+    python bench/int8_fidelity_bench.py                 # writes bench/results/int8_fidelity.json (about 30 minutes on 2 cores)
     python bench/int8_fidelity_bench.py --keep /tmp/ib  # keep builds and models
 
 For the head-only demo, the LoRA-fine-tuned demo (examples/wordnet-finetune.yaml)
@@ -198,7 +198,8 @@ def measure_demo(name: str, config: Path | None, work: Path, cache: Path) -> dic
     all_int8 = _all_int8(artifact.model_path, work / name)
     final = report["metrics"]["final"]
     row = {
-        "bundle": {"passed": report["passed"], "kept_in_float": len(report["kept_in_float"]), "test_agreement": final["top1_agreement"],
+        "bundle": {"passed": report["passed"], "precision": report["precision"], "kept_in_float": len(report["kept_in_float"]),
+                   "test_agreement": final["top1_agreement"],
                    "test_flips": final["flips"], "test_agreement_batched_32": final.get("batched_top1_agreement"),
                    "smoothing_alpha": (report["quantization"].get("smoothing") or {}).get("alpha"),
                    "latency_p50_ms": final["latency_p50_ms"], "size_mb": final["size_mb"]},
