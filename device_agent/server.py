@@ -286,6 +286,37 @@ def batchable(manifest: Manifest) -> bool:
     return isinstance(first_dims[0], str) and all(dim == first_dims[0] for dim in first_dims)
 
 
+async def _run(batcher: DynamicBatcher, manifest: Manifest, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's outputs for ``feeds``: one run, or one run per row where the bundle was gated a row per run."""
+    rows = rows_run_alone(manifest, feeds)
+    if rows is None:
+        return await batcher.submit(feeds)
+    parts = await asyncio.gather(*(batcher.submit(row) for row in rows))
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def rows_run_alone(manifest: Manifest, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
+    """A request's rows as separate feeds, each without trailing padding, when the bundle says ``max_rows_per_run: 1``
+    (dynamic int8: its answers depend on the rows and padding of a run); None otherwise.
+
+    Padding is read from an ``attention_mask`` input ``[batch, sequence]``: every input with that sequence axis is cut
+    after the row's last real token, so a text in a request of several gets the answer it gets alone.
+    """
+    first = next(iter(feeds.values()))
+    if manifest.runtime.max_rows_per_run != 1 or first.ndim == 0 or len(first) <= 1:
+        return None
+    mask = feeds.get("attention_mask")
+    rows = []
+    for index in range(len(first)):
+        row = {name: value[index:index + 1] for name, value in feeds.items()}
+        if mask is not None and mask.ndim == 2 and mask[index].any():
+            length = int(np.flatnonzero(mask[index]).max()) + 1
+            row = {name: value[:, :length] if value.ndim >= 2 and value.shape[1] == mask.shape[1] else value
+                   for name, value in row.items()}
+        rows.append(row)
+    return rows
+
+
 def joined_rows(manifest: Manifest, max_batch: int) -> int:
     """The most rows the batcher may join into one run of this model: none beyond a request when it cannot be batched
     or when its answers depend on the rows it runs with (``runtime.max_rows_per_run``, dynamic int8)."""
@@ -503,7 +534,7 @@ async def _answer(agent: Agent, request: Request, served: ServedModel, stats: Re
     choices = choose_outputs(infer_request, served.manifest)
     stats.compute_input_duration_us += _microseconds_since(started)
     try:
-        outputs = await agent.batcher_for(served).submit(feeds)
+        outputs = await _run(agent.batcher_for(served), served.manifest, feeds)
     except Exception as error:  # validated inputs that the model still refuses: a fault of the model, not the client
         log.error("model run failed", extra={"model": served.name, "version": served.version}, exc_info=error)
         raise HTTPException(500, f"{served.name} {served.version} failed to run: {error}") from None

@@ -200,3 +200,21 @@ def test_a_model_gated_one_row_per_run_is_never_joined_with_other_requests():
     assert joined_rows(one_row, 8) == 1
     fixed = manifest.model_copy(update={"inputs": [manifest.inputs[0].model_copy(update={"shape": [1, 4]})]})
     assert joined_rows(fixed, 8) == 1  # a fixed first dimension cannot be joined at all
+
+
+def test_a_request_of_several_rows_runs_each_row_alone_without_its_padding():
+    from device_agent.bundle import RuntimeInfo
+    from device_agent.server import rows_run_alone
+    from tests.support.bundles import tiny_manifest
+
+    manifest = tiny_manifest()
+    feeds = {"input_ids": np.array([[101, 7, 8, 102], [101, 9, 102, 0]]), "attention_mask": np.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
+             "token_type_ids": np.zeros((2, 4), np.int64)}
+    assert rows_run_alone(manifest, feeds) is None  # batch-invariant models run a request as it comes
+    one_row = manifest.model_copy(update={"runtime": RuntimeInfo(engine="onnxruntime", execution_providers=["CPUExecutionProvider"],
+                                                                 model_file="model.onnx", max_rows_per_run=1)})
+    first, second = rows_run_alone(one_row, feeds)
+    assert first["input_ids"].tolist() == [[101, 7, 8, 102]]
+    assert second["input_ids"].tolist() == [[101, 9, 102]] and second["attention_mask"].tolist() == [[1, 1, 1]]
+    assert second["token_type_ids"].shape == (1, 3)
+    assert rows_run_alone(one_row, {name: value[:1] for name, value in feeds.items()}) is None  # one row: as it comes
