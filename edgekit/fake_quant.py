@@ -66,12 +66,9 @@ def dynamic_activation(x: "torch.Tensor", tokens: "torch.Tensor | None" = None) 
     values = x.detach().float()
     if tokens is not None and values.dim() >= 3 and tuple(values.shape[:2]) == tuple(tokens.shape):
         real = tokens.bool().reshape(*tokens.shape, *(1,) * (values.dim() - 2))
-        low_values = torch.where(real, values, torch.zeros((), dtype=values.dtype, device=values.device))
-        high_values = low_values  # zeros at padding: the range holds 0 anyway
-    else:
-        low_values = high_values = values
-    low = low_values.reshape(x.shape[0], -1).amin(dim=1).clamp_max(0)
-    high = high_values.reshape(x.shape[0], -1).amax(dim=1).clamp_min(0)
+        values = torch.where(real, values, torch.zeros((), dtype=values.dtype, device=values.device))  # the range holds 0 anyway
+    low = values.reshape(x.shape[0], -1).amin(dim=1).clamp_max(0)
+    high = values.reshape(x.shape[0], -1).amax(dim=1).clamp_min(0)
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
     return _uint8_fake_quant(x.float(), low.reshape(shape), high.reshape(shape)).to(x.dtype)
 

@@ -35,19 +35,29 @@ def _untyped(name: str) -> onnx.ValueInfoProto:
     return value
 
 
+def intermediate_values(model: onnx.ModelProto, names: Sequence[str]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A function from feeds (extra keys ignored) to the values ``names`` take inside ``model``: one session, made once."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {value.name for value in probe.graph.output}
+    probe.graph.output.extend(_untyped(name) for name in names if name not in outputs)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    accepted = {value.name for value in session.get_inputs()}
+    wanted = list(names)
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(wanted, session.run(wanted, {k: v for k, v in feeds.items() if k in accepted}), strict=True))
+
+    return run
+
+
 def node_inputs(float_model: onnx.ModelProto, nodes: Sequence[str], feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     """The run-time (non-weight) inputs each node sees for ``feeds``: one run of the float model, with those values as outputs."""
     graph = float_model.graph
     weights = {init.name for init in graph.initializer}
     by_name = {node.name: node for node in graph.node}
     wanted = sorted({value for name in nodes for value in by_name[name].input if value and value not in weights})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(float_model)
-    outputs = {value.name for value in probe.graph.output}
-    probe.graph.output.extend(_untyped(value) for value in wanted if value not in outputs)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    accepted = {value.name for value in session.get_inputs()}
-    values = dict(zip(wanted, session.run(wanted, {k: v for k, v in feeds.items() if k in accepted}), strict=True))
+    values = intermediate_values(float_model, wanted)(feeds)
     return {name: {value: values[value] for value in by_name[name].input if value in values} for name in nodes}
 
 
@@ -66,7 +76,8 @@ def single_node_model(float_model: onnx.ModelProto, node_name: str, inputs: dict
 
 
 def _signature(node: onnx.NodeProto, weight_shapes: dict[str, tuple[int, ...]], inputs: dict[str, np.ndarray]) -> tuple:
-    attributes = tuple(sorted((a.name, onnx.helper.get_attribute_value(a).__repr__()) for a in node.attribute))
+    attributes = tuple(sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in node.attribute))
+
     def shape(value: str) -> tuple[int, ...] | None:
         if value in weight_shapes:
             return weight_shapes[value]

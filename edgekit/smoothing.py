@@ -41,18 +41,12 @@ def smoothable(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def input_channel_maxima(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """max |x| per channel (the last axis) of every smoothable node's input, over the given inputs."""
-    import onnxruntime as ort
+    from edgekit.node_latency import intermediate_values
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    names = sorted({node.input[0] for node in smoothable(model)})
-    known = {value.name for value in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names if name not in known)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    wanted = {value.name for value in session.get_inputs()}
+    values_in = intermediate_values(model, sorted({node.input[0] for node in smoothable(model)}))
     maxima: dict[str, np.ndarray] = {}
     for feed in feeds:
-        for name, value in zip(names, session.run(names, {k: v for k, v in feed.items() if k in wanted}), strict=True):
+        for name, value in values_in(feed).items():
             channel_max = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
             maxima[name] = np.maximum(maxima[name], channel_max) if name in maxima else channel_max
     return maxima

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from device_agent.host import normalise_arch
 from edgekit.artifact import Artifact, Pass, PassContext, Stage
-from edgekit.passes.quantize import BATCH_ROWS, rows_per_run
+from edgekit.passes.quantize import BATCH_ROWS, rows_per_run, tokenized_batches
 from edgekit.results import EvaluationResult, Gate, ModelMetrics
 from edgekit.config import BuildConfig
 from edgekit.targets import Budgets, TargetProfile
@@ -55,17 +55,16 @@ def _session(path, threads: int | None):
     return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def _logits(session, feeds_batches) -> "np.ndarray":
+def _logits(session, texts, task, rows_per_run: int, advance=lambda rows: None) -> "np.ndarray":
+    """The model's logits for ``texts``, run ``rows_per_run`` rows at a time as the device would feed them."""
     import numpy as np
 
-    names = {i.name for i in session.get_inputs()}
-    return np.concatenate([session.run(None, {k: v for k, v in feeds.items() if k in names})[0] for feeds in feeds_batches])
-
-
-def _batched_logits(session, texts, task, rows: int) -> "np.ndarray":
-    from edgekit.tasks import model_feeds
-
-    return _logits(session, (model_feeds(task, texts[start:start + rows]) for start in range(0, len(texts), rows)))
+    names = [i.name for i in session.get_inputs()]
+    outputs = []
+    for feeds in tokenized_batches(task, texts, names, rows_per_run):
+        outputs.append(session.run(None, feeds)[0])
+        advance(len(outputs[-1]))
+    return np.concatenate(outputs)
 
 
 def measure_model(path, texts, labels, task, options: Options, ctx: PassContext, what: str,
@@ -76,11 +75,7 @@ def measure_model(path, texts, labels, task, options: Options, ctx: PassContext,
 
     session = _session(path, options.intra_op_threads)
     progress = ctx.progress.add_task(f"evaluating {what}", total=len(texts))
-    chunks = []
-    for start in range(0, len(texts), rows_per_run):
-        chunks.append(model_feeds(task, texts[start:start + rows_per_run]))
-        ctx.progress.advance(progress, len(texts[start:start + rows_per_run]))
-    logits = _logits(session, chunks)
+    logits = _logits(session, texts, task, rows_per_run, lambda rows: ctx.progress.advance(progress, rows))
     ctx.progress.remove_task(progress)
     scores = classification_metrics(labels, logits.argmax(-1), task.labels)
     names = {i.name for i in session.get_inputs()}
@@ -155,7 +150,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
                                         f"{artifact.precision} model", rows)
     measured = {**fidelity(reference_logits, final_logits).to_dict(), "peak_rss_mb": peak_rss_mb()}
     if rows == 1:
-        batched = _batched_logits(_session(artifact.model_path, options.intra_op_threads), test.inputs, artifact.task, BATCH_ROWS)
+        batched = _logits(_session(artifact.model_path, options.intra_op_threads), test.inputs, artifact.task, BATCH_ROWS)
         measured["batched_top1_agreement"] = fidelity(reference_logits, batched).top1_agreement
     final = final.model_copy(update=measured)
     evaluation = EvaluationResult(runtime="onnxruntime CPUExecutionProvider", proxy=not options.host_is_target, test_rows=len(test),

@@ -319,7 +319,7 @@ def rows_per_run(scheme: str) -> int:
     return 1 if scheme == "dynamic" else BATCH_ROWS
 
 
-def _tokenized_batches(task: TaskSpec, texts: Sequence[str] | np.ndarray, input_names: Sequence[str],
+def tokenized_batches(task: TaskSpec, texts: Sequence[str] | np.ndarray, input_names: Sequence[str],
                        rows: int = BATCH_ROWS) -> list[dict[str, np.ndarray]]:
     """Raw inputs as the device would feed them (texts padded to the batch's longest row), with only the model's inputs."""
     batches = []
@@ -400,7 +400,7 @@ class Calibration:
 def _calibrate(recipe: Recipe, artifact: Artifact, input_names: Sequence[str], ctx: PassContext, mask_path: Sequence[str]) -> Calibration:
     """Compute activation ranges; Entropy that fails (the mask's sentinels break its histogram) falls back to Percentile."""
     rows = _calibration_split(ctx, recipe)
-    batches = _tokenized_batches(artifact.task, rows.inputs, input_names)
+    batches = tokenized_batches(artifact.task, rows.inputs, input_names)
     try:
         return _calibrate_with(recipe.calibration_method, recipe, artifact.model_path, batches, len(rows), ctx, mask_path)
     except ValueError as error:
@@ -576,7 +576,7 @@ class Judge:
 
     @classmethod
     def for_float_model(cls, float_model: Path, input_names: Sequence[str], task: TaskSpec, rows: Split, scheme: str) -> Judge:
-        batches = _tokenized_batches(task, rows.inputs, input_names, rows_per_run(scheme))
+        batches = tokenized_batches(task, rows.inputs, input_names, rows_per_run(scheme))
         float_logits = _logits(float_model, batches)
         accuracy = measure.classification_metrics(rows.labels, float_logits.argmax(-1), task.labels).accuracy
         return cls(task, batches, rows.labels, float_logits, accuracy)
