@@ -310,9 +310,9 @@ def rows_per_run(scheme: str) -> int:
     """Rows per model run when a model of this scheme is scored: one for dynamic int8, a batch otherwise.
 
     Dynamic int8 takes each activation's range over the whole input tensor, so a row's
-    result depends on the rows (and the padding) it shares a run with: measured on the
-    LoRA demo, SmoothQuant's all-int8 model agrees with fp32 on 99.5% of validation rows
-    run one at a time and on 98.75% in padded batches of 32. One row per run is what a
+    result depends on the rows (and the padding) it shares a run with: the LoRA demo's
+    all-int8 bundle agrees with fp32 on 99.00% of test rows run one at a time and on
+    97.12% in padded batches of 32 (bench/results/int8_fidelity.json). One row per run is what a
     device serving one request at a time computes; the evaluate pass also reports the
     batched agreement. Float and static int8 models give the same answer either way.
     """
