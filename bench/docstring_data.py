@@ -36,7 +36,8 @@ def _first_paragraph(doc) -> str | None:
     if not isinstance(doc, str) or not doc:
         return None
     paragraph = re.split(r"\n\s*\n", inspect.cleandoc(doc), maxsplit=1)[0]
-    text = " ".join(paragraph.split())
+    # A docstring rendered from an object's repr may hold its memory address, which differs from run to run.
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(paragraph.split()))
     return text if MIN_CHARS <= len(text) <= MAX_CHARS else None
 
 

@@ -94,6 +94,8 @@ class PassContext:
     # Survives an interrupted run of the same pass (same cache key), so long
     # training can resume; the pipeline deletes it once the pass has finished.
     checkpoint_dir: Path | None = None
+    # Hears each training epoch's validation score (a search's trial reports it and may stop the pass by raising).
+    on_epoch: Callable[[int, float], None] | None = None
 
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,6 +22,7 @@ DEMO_DATA = DEMO_DIR / "data.jsonl"
 DEMO_CALIBRATION = DEMO_DIR / "calibration.jsonl"
 EMBEDDED_MODEL = "embedded:all-minilm-l6-v2"
 BUILT_HERE_PREFIXES = ("builtin:", "config:")  # models defined in edgekit and trained from scratch (each task lists its own)
+MIN_SEARCH_MINUTES = 1.0  # below this not even the cheapest trial (the config as written) finishes on the demo
 PACKAGED_DATA_PREFIX = "sktime:"  # data files shipped inside the sktime wheel, e.g. sktime:BasicMotions/BasicMotions_TRAIN.ts
 
 
@@ -140,7 +141,7 @@ class HeadSection(_Strict):
 
 
 class FinetuneSection(_Strict):
-    """Adapt the whole model to the data after the head is fitted (off by default: it takes minutes on a CPU)."""
+    """Adapt the whole model to the data after the head is fitted (off unless asked for, or chosen by the search)."""
 
     enabled: bool = False
     method: Literal["lora", "full"] = "lora"
@@ -148,12 +149,14 @@ class FinetuneSection(_Strict):
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     lora_target_modules: list[str] | None = Field(None, description="default: the attention and feed-forward projections of the architecture")
-    learning_rate: float = Field(5e-4, gt=0)
-    epochs: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-4, gt=0, description="the encoder's (LoRA adapters or every weight)")
+    head_learning_rate: float | None = Field(None, gt=0, description="pooler and classifier; default: learning_rate")
+    epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    early_stopping_patience: int = Field(1, ge=1, description="epochs without a better validation accuracy before stopping")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="share of all optimizer steps spent warming up the learning rate")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    early_stopping_patience: int = Field(2, ge=1, description="epochs without a better validation accuracy before stopping")
     max_train_rows: int | None = Field(None, ge=1)
     seed: int = 0
 
@@ -217,6 +220,48 @@ class QatSection(_Strict):
     seed: int = 0
 
 
+class SearchRange(_Strict):
+    """A numeric search dimension: a value drawn from [low, high] (log: evenly in log space; integer: whole numbers)."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SearchRange":
+        if not self.low < self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+# One search dimension as a build YAML writes it: a range, a list of choices, or one fixed value.
+SearchValue = SearchRange | list[Any] | str | float | int | bool
+
+
+class SearchSection(_Strict):
+    """AutoML: try customizations of the model on the build's data (Optuna), keep the best on validation, build that."""
+
+    enabled: Literal["auto"] | bool = Field("auto", description=(
+        "auto: search when the build reads your own data (not the embedded demo set) and the config says nothing about "
+        "head, finetune or train; true/false: always/never"))
+    budget_minutes: float = Field(10.0, ge=MIN_SEARCH_MINUTES, description=(
+        "trial time summed over the study's trials (every host sharing it): a rerun of a finished search trains nothing"))
+    max_trials: int | None = Field(None, ge=1, description="stop after this many finished trials (counted over every host)")
+    storage: str | None = Field(None, description=(
+        "an Optuna storage URL (postgresql://... lets several build hosts share one study); default: a SQLite file "
+        "<out>/search/study.db, so an interrupted search resumes where it stopped"))
+    space: dict[str, SearchValue] = Field(default_factory=dict, description=(
+        "overrides of the task's search space by config path, e.g. finetune.learning_rate: {low: 1e-5, high: 1e-4, log: true}, "
+        "finetune.method: [lora, full], finetune.epochs: 4 (fixed); `edgekit build --help` lists each task's keys"))
+    models: list[str] = Field(default_factory=list, description="candidate model.source values; the search picks among them")
+    stale_after_seconds: float = Field(60, ge=2, description=(
+        "a running trial whose host has not been heard from for this long is marked failed and run again"))
+    seed: int = 0
+
+
 class EvaluationSection(_Strict):
     latency_iterations: int = Field(50, ge=5)
     throughput_seconds: float = Field(2.0, gt=0)
@@ -225,6 +270,7 @@ class EvaluationSection(_Strict):
 
 class BuildConfig(_Strict):
     model: ModelSection = ModelSection()
+    search: SearchSection = SearchSection()
     task: TaskSection = TaskSection()
     data: DataSection = DataSection()
     head: HeadSection = HeadSection()
@@ -249,6 +295,10 @@ class BuildConfig(_Strict):
         if owner is not None and owner.kind != kind:
             raise ValueError(f"model.source {source!r} is a {owner.kind} model; set task.kind: {owner.kind}")
         problems = TASKS[kind].config_problems(self)  # what only the task knows it cannot take
+        allowed = sorted({dimension.key for dimension in TASKS[kind].search_space} | {"model.source"})
+        unknown = [key for key in self.search.space if key not in allowed]
+        if unknown:
+            problems.append(f"search.space has unknown key(s) {', '.join(unknown)}; a {kind} search may tune: {', '.join(allowed)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

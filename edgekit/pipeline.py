@@ -208,11 +208,12 @@ class TargetResult:
 class Build:
     """One build: the shared prefix once, then each target's suffix."""
 
-    def __init__(self, config: BuildConfig, data: TaskData, out_dir: Path, cache_dir: Path, signing_key: Path, progress, say) -> None:
+    def __init__(self, config: BuildConfig, data: TaskData, out_dir: Path, cache_dir: Path, signing_key: Path, progress, say,
+                 on_epoch=None) -> None:
         from device_agent.keys import key_id, load_private_key
 
         self.config, self.data, self.out_dir, self.cache_dir = config, data, out_dir, cache_dir
-        self.signing_key, self.progress, self.say = signing_key, progress, say
+        self.signing_key, self.progress, self.say, self.on_epoch = signing_key, progress, say, on_epoch
         self.signer = key_id(load_private_key(signing_key).public_key())
         self.targets = [load_target(name) for name in config.targets]
         names = [t.name for t in self.targets]
@@ -248,7 +249,7 @@ class Build:
             try:
                 checkpoints = entry.parent / f"{planned.key}.checkpoints"
                 context = PassContext(work, self.data, self.progress, self.signing_key, self.say,
-                                      checkpoint_dir=checkpoints)
+                                      checkpoint_dir=checkpoints, on_epoch=self.on_epoch)
                 result = pass_.run(artifact, planned.options, context)
                 if result.stage != pass_.gives:
                     raise RuntimeError(f"pass {pass_.name} must give {pass_.gives.value}, gave {result.stage.value}")
@@ -268,10 +269,28 @@ class Build:
         _link(link_dir / "passes" / planned.label, entry)
         return hit, PassRecord(pass_.name, time.perf_counter() - started, was_cached, planned.key)
 
+    def _source(self) -> Artifact:
+        return Artifact(Stage.SOURCE, Path(self.config.model.source), "", self.source_digest(),
+                        TaskSpec(self.config.task.kind, self.data.labels, self.config.task.max_length, None))
+
+    def train(self) -> Artifact:
+        """The shared prefix's PyTorch passes alone (no export): the trained model a search trial compares."""
+        prefix, _ = self.plan()
+        artifact = self._source()
+        for planned in prefix:
+            if planned.pass_.gives is not Stage.TORCH:
+                break
+            artifact, _ = self._execute(planned, artifact, self.out_dir)
+        return artifact
+
+    def discard_checkpoints(self) -> None:
+        """Delete the epoch checkpoints of this build's passes (a search trial stopped for good is never resumed)."""
+        for planned in self.plan()[0]:
+            shutil.rmtree(self.cache_dir / planned.pass_.name / f"{planned.key}.checkpoints", ignore_errors=True)
+
     def run(self) -> list[TargetResult]:
         prefix, suffixes = self.plan()
-        artifact = Artifact(Stage.SOURCE, Path(self.config.model.source), "", self.source_digest(),
-                            TaskSpec(self.config.task.kind, self.data.labels, self.config.task.max_length, None))
+        artifact = self._source()
         shared_records = []
         for planned in prefix:
             artifact, record = self._execute(planned, artifact, self.out_dir)

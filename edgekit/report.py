@@ -61,11 +61,13 @@ def target_report(result: TargetResult) -> dict:
     }
 
 
-def write_reports(results: list[TargetResult], out_dir: Path, signing: dict, data: dict | None = None) -> list[dict]:
-    """Write ``report.json`` and ``report.html`` per target; ``signing`` says which key signed, ``data`` what was read and dropped."""
+def write_reports(results: list[TargetResult], out_dir: Path, signing: dict, data: dict | None = None,
+                  search: dict | None = None) -> list[dict]:
+    """Write ``report.json`` and ``report.html`` per target; ``signing`` says which key signed, ``data`` what was read and
+    dropped, ``search`` the trials that chose the model (``edgekit.search.SearchOutcome.report``), when one ran."""
     reports = []
     for result in results:
-        report = {**target_report(result), "signing": signing, "data": data or {}}
+        report = {**target_report(result), "signing": signing, "data": data or {}, "search": search}
         path = out_dir / result.target / "report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -105,6 +107,58 @@ def _curve_svg(values: list[float], width: int = 480, height: int = 160) -> str:
             f'<text x="12" y="14" font-size="11">{high:.3f}</text><text x="12" y="{height - 2}" font-size="11">{low:.3f}</text></svg>')
 
 
+def _trials_svg(search: dict, width: int = 520, height: int = 260) -> str:
+    """Validation accuracy against latency, one dot per finished trial: the Pareto front joined, the chosen one ringed."""
+    done = [t for t in search["trials"] if t["state"] == "COMPLETE"]
+    if not done:
+        return ""
+    pad = 40
+    xs, ys = [t["latency_p50_ms"] for t in done], [t["val_accuracy"] for t in done]
+    x_low, x_span = min(xs), (max(xs) - min(xs)) or 1.0
+    y_low, y_span = min(ys), (max(ys) - min(ys)) or 0.01
+
+    def at(t: dict) -> tuple[float, float]:
+        return (pad + (t["latency_p50_ms"] - x_low) * (width - 2 * pad) / x_span,
+                height - pad - (t["val_accuracy"] - y_low) * (height - 2 * pad) / y_span)
+
+    front = sorted((t for t in done if t["number"] in search["pareto"]), key=lambda t: t["latency_p50_ms"])
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(at, front))
+    dots = []
+    for t in done:
+        x, y = at(t)
+        colour = "#dc2626" if t["number"] in search["pareto"] else "#6b7280"
+        dots.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"><title>trial {t["number"]}: '
+                    f'{t["val_accuracy"]:.4f}, {t["latency_p50_ms"]:.2f} ms</title></circle>')
+        if t["number"] == search["chosen"]:
+            dots.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="9" fill="none" stroke="#111" stroke-width="2"/>')
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="validation accuracy against latency">'
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="#999"/>'
+            f'<line x1="{pad}" y1="10" x2="{pad}" y2="{height - pad}" stroke="#999"/>'
+            f'<polyline fill="none" stroke="#dc2626" stroke-dasharray="4 3" points="{line}"/>{"".join(dots)}'
+            f'<text x="{pad}" y="{height - 22}" font-size="11">{x_low:.2f} ms</text>'
+            f'<text x="{width - 90}" y="{height - 22}" font-size="11">{x_low + x_span:.2f} ms</text>'
+            f'<text x="{width / 2 - 90:.0f}" y="{height - 6}" font-size="11">PyTorch latency at batch 1 (p50)</text>'
+            f'<text x="2" y="{height - pad}" font-size="11">{y_low:.3f}</text><text x="2" y="16" font-size="11">{y_low + y_span:.3f}</text>'
+            "</svg>")
+
+
+def _search_html(search: dict | None) -> str:
+    if not search:
+        return ""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{t['number']}{' (chosen)' if t['number'] == search['chosen'] else ''}</td><td>{e(t['state'])}</td>"
+        f"<td>{_number(t['val_accuracy'])}</td><td>{_number(t['val_f1_macro'])}</td><td>{_number(t['latency_p50_ms'])}</td>"
+        f"<td>{_number(t['size_mb'])}</td><td>{_number(t['seconds'])}</td>"
+        f"<td>{e(', '.join(f'{k}={_number(v)}' for k, v in t['params'].items()))}</td><td>{e(t['note'] or '')}</td></tr>"
+        for t in search["trials"])
+    return (f"<h2>Search</h2><p>{len(search['trials'])} trials in {search['spent_minutes']} of {search['budget_minutes']} minutes "
+            f"(study {e(search['study'])}, {e(search['storage'])}); chosen: trial {search['chosen']}, by {e(search['selection'])}; "
+            f"red: the Pareto front; latency: {e(search['latency'])}.</p>{_trials_svg(search)}"
+            "<table><tr><th>trial</th><th>state</th><th>val accuracy</th><th>val F1 macro</th><th>latency ms</th><th>size MB</th>"
+            f"<th>seconds</th><th>params</th><th>note</th></tr>{rows}</table>")
+
+
 def report_html(report: dict) -> str:
     """One target's report as a self-contained page: summary, gates, per-class metrics, confusion matrix, fine-tuning."""
     e = html.escape
@@ -122,8 +176,8 @@ def report_html(report: dict) -> str:
     tuning = ""
     if finetune:
         rows = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{_number(finetune.get(k))}</td></tr>" for k in
-                       ("method", "device", "test_accuracy_head_only", "test_accuracy", "test_f1_macro_head_only", "test_f1_macro",
-                        "val_accuracy_head_only", "val_accuracy", "epochs_run", "seconds", "samples_per_second") if k in finetune)
+                       ("method", "device", "val_accuracy_head_only", "val_accuracy", "best_epoch", "epochs_run", "seconds",
+                        "samples_per_second", "kept") if k in finetune)
         tuning = f"<h2>Fine-tuning</h2><table>{rows}</table>{_curve_svg(list(finetune.get('loss_curve') or []))}"
     data = report.get("data") or {}
     data_html = ""
@@ -152,7 +206,7 @@ th.rot span {{ writing-mode: vertical-rl; transform: rotate(180deg); }}
 <h2>Gates</h2><table><tr><th>gate</th><th>value</th><th>budget</th><th>result</th></tr>{gates}</table>
 <h2>Per class (final model)</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{classes}</table>
 <h2>Confusion matrix (final model)</h2>{confusion}
-{tuning}{data_html}
+{_search_html(report.get("search"))}{tuning}{data_html}
 </body></html>
 """
 
@@ -183,11 +237,13 @@ def render(reports: list[dict], console) -> None:
             metrics.add_row(f"pr_auc ({positive})", _number(report["metrics"]["pr_auc"]["reference"]), _number(report["metrics"]["pr_auc"]["final"]))
         console.print(metrics)
         finetune = report["metrics"].get("finetune") or {}
-        if "test_accuracy_head_only" in finetune:
-            tuning = Table("test split", "head only", f"fine-tuned ({finetune['method']})", title="customization", title_justify="left")
-            for name in ("accuracy", "f1_macro"):
-                tuning.add_row(name, _number(finetune[f"test_{name}_head_only"]), _number(finetune[f"test_{name}"]))
+        if finetune.get("val_accuracy_head_only") is not None:
+            tuning = Table("validation split", "head only", f"fine-tuned ({finetune['method']})", title="customization",
+                           title_justify="left")
+            tuning.add_row("accuracy", _number(finetune["val_accuracy_head_only"]), _number(finetune["val_accuracy"]))
             console.print(tuning)
+        if report.get("search"):
+            _render_search(report["search"], console)
         if report.get("data"):
             data = report["data"]
             dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in data["dropped"].items()) or "none"
@@ -199,3 +255,18 @@ def render(reports: list[dict], console) -> None:
             console.print(gates)
         if report["kept_in_float"]:
             console.print(f"kept in float ({len(report['kept_in_float'])}): {', '.join(report['kept_in_float'])}", highlight=False)
+
+
+def _render_search(search: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table("trial", "state", "val acc", "latency ms", "size MB", "s", "what it tried", title=(
+        f"search: {len(search['trials'])} trials, {search['spent_minutes']} of {search['budget_minutes']} min; "
+        f"chosen trial {search['chosen']} (* Pareto front)"), title_justify="left")
+    for t in search["trials"]:
+        mark = ("→ " if t["number"] == search["chosen"] else "") + str(t["number"]) + (" *" if t["number"] in search["pareto"] else "")
+        params = " ".join(f"{k.removeprefix('finetune.')}={v:.3g}" if isinstance(v, float) else f"{k.removeprefix('finetune.')}={v}"
+                          for k, v in t["params"].items())
+        table.add_row(mark, t["state"].lower(), _number(t["val_accuracy"]), _number(t["latency_p50_ms"]), _number(t["size_mb"]),
+                      _number(t["seconds"]), params)
+    console.print(table)

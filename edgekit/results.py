@@ -52,14 +52,10 @@ class LoadResult(_TrainingRun):
 
 
 class FinetuneResult(_TrainingRun):
-    """The fine-tuned model beside the one it started from (text: on validation and test)."""
+    """The fine-tuned model beside the one it started from, on validation (test is the evaluate pass's alone)."""
 
     method: str
     val_accuracy_head_only: float | None = None
-    test_accuracy_head_only: float | None = None
-    test_accuracy: float | None = None
-    test_f1_macro_head_only: float | None = None
-    test_f1_macro: float | None = None
     resumed_after_epoch: int | None = None
 
 

@@ -180,12 +180,12 @@ def autocast(on: str, allowed: bool = True):
     return torch.autocast(on, dtype=torch.bfloat16, enabled=allowed and on == "cuda" and torch.cuda.is_bf16_supported())
 
 
-def cross_entropy(forward: Forward):
-    """The loss of a classifier on its labels."""
+def cross_entropy(forward: Forward, label_smoothing: float = 0.0):
+    """The loss of a classifier on its labels (``label_smoothing``: the share of each target spread over all classes)."""
     import torch.nn.functional as F
 
     def loss(model, batch: Batch):
-        return F.cross_entropy(forward(model, batch.inputs).float(), batch.labels)
+        return F.cross_entropy(forward(model, batch.inputs).float(), batch.labels, label_smoothing=label_smoothing)
 
     return loss
 
@@ -236,6 +236,7 @@ class _Run:
     seconds: float = 0.0
     stopped: bool = False
     extra: dict = field(default_factory=dict)
+    last_score: float | None = None
 
 
 def fit(model: "torch.nn.Module", batches: BatchSource, loss: Callable[["torch.nn.Module", Batch], "torch.Tensor"],
@@ -243,8 +244,14 @@ def fit(model: "torch.nn.Module", batches: BatchSource, loss: Callable[["torch.n
         validate: Callable[["torch.nn.Module"], float] | None = None,
         initial: Callable[["torch.nn.Module"], tuple[float, dict]] | None = None,
         checkpoints: Checkpoints = Checkpoints(None), parameters: Iterable["torch.nn.Parameter"] | None = None,
-        memory_check: Callable[[str], None] | None = None) -> FitResult:
-    """Train ``model`` in place; the best epoch's weights (by ``validate``) are left in it, on the CPU, in eval mode."""
+        learning_rates: Mapping[str, float] | None = None, memory_check: Callable[[str], None] | None = None,
+        on_epoch: Callable[[int, float], None] | None = None) -> FitResult:
+    """Train ``model`` in place; the best epoch's weights (by ``validate``) are left in it, on the CPU, in eval mode.
+
+    ``learning_rates`` maps module names (a part of a parameter's dotted name, e.g. ``classifier``) to their own
+    learning rate (a head trained faster than the encoder under it); the rest train at ``settings.learning_rate``. ``on_epoch(epoch, score)`` hears each
+    epoch's validation score and may raise to stop the run (a search pruning a trial); the checkpoint is saved first.
+    """
     import torch
 
     on = device()
@@ -252,7 +259,8 @@ def fit(model: "torch.nn.Module", batches: BatchSource, loss: Callable[["torch.n
         memory_check(on)
     model.to(on)
     trained = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, trained, settings.learning_rate, learning_rates or {}),
+                                  lr=settings.learning_rate, weight_decay=settings.weight_decay)
     total_steps = batches.steps_per_epoch * settings.epochs
     optimizer_steps = math.ceil(batches.steps_per_epoch / settings.accumulation_steps) * settings.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, optimizer_steps))
@@ -274,6 +282,8 @@ def fit(model: "torch.nn.Module", batches: BatchSource, loss: Callable[["torch.n
         run.seconds = time.perf_counter() - started
         checkpoints.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "batches": batches.state_dict(), "run": run.__dict__})
+        if on_epoch is not None and run.last_score is not None:
+            on_epoch(epoch, run.last_score)
         if run.stopped:
             break
     progress.remove_task(task)
@@ -282,6 +292,17 @@ def fit(model: "torch.nn.Module", batches: BatchSource, loss: Callable[["torch.n
     model.to("cpu").eval()
     return FitResult(on, run.best_score, run.initial_score, run.best_epoch, epoch, time.perf_counter() - started, run.seen,
                      run.losses, first_epoch - 1 or None, run.extra)
+
+
+def _parameter_groups(model, trained: list, default: float, learning_rates: Mapping[str, float]) -> list[dict]:
+    """AdamW parameter groups: parameters under a module named in ``learning_rates`` at its rate, the rest at ``default``."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups: dict[float, list] = {}
+    for parameter in trained:
+        parts = names.get(id(parameter), "").split(".")
+        rate = next((r for module, r in learning_rates.items() if module in parts), default)
+        groups.setdefault(rate, []).append(parameter)
+    return [{"params": params, "lr": rate} for rate, params in groups.items()]
 
 
 def _start_or_resume(model, optimizer, scheduler, batches: BatchSource, checkpoints: Checkpoints, initial, say,
@@ -325,7 +346,7 @@ def _one_epoch(model, epoch_batches: Iterator[Batch], loss, optimizer, scheduler
 
 
 def _judge_epoch(model, validate, epoch: int, run: _Run, settings: FitSettings, say) -> None:
-    score = validate(model)
+    score = run.last_score = validate(model)
     say(f"{settings.label}: epoch {epoch}: loss {np.mean(run.losses[-50:]):.4f}, {settings.score_name} {score:.4f}")
     if run.best_score is None or score > run.best_score:
         run.best_score, run.best_epoch = score, epoch

@@ -35,22 +35,51 @@ def build(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Pass cache (default: $XDG_CACHE_HOME/edgekit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print each target's pass plan and what is cached; build nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
+    search: bool | None = typer.Option(None, "--search/--no-search", help=(
+        "Search customizations (head only, LoRA, full fine-tuning and their hyper-parameters; image and time-series "
+        "training settings) on the validation split and build the best (search.enabled). Default: on when you give "
+        "your own data and the config says nothing about head, finetune or train.")),
+    search_budget: float | None = typer.Option(None, "--search-budget", metavar="MINUTES", help=(
+        "Minutes of trial time for the search, summed over its trials (search.budget_minutes; default 10). A rerun of a "
+        "finished search trains nothing; an interrupted one goes on with what is left.")),
+    study_db: str | None = typer.Option(None, "--study-db", metavar="URL", help=(
+        "Optuna storage for the search (search.storage): default sqlite:///<out>/search/study.db; a postgresql:// URL "
+        "lets several build hosts share one study.")),
 ) -> None:
     """Build signed bundles: load → [finetune] → [prune] → export → per target: [qat] → optimize → quantize → compile → evaluate → gates → package.
 
     Without CONFIG and --model this builds the embedded demo (all-MiniLM-L6-v2 with a head fitted on WordNet
     glosses) for x86-64-cpu. Exits 1 when any target fails its gates (the report says which), 2 on bad input.
+
+    With your own data (--data, or data.path in the config) and no head, finetune or train section, the build first
+    searches for the best customization within --search-budget minutes (Optuna; trials compared on the validation
+    split, the test split judges only the model that ships). The trials, the chosen one and the accuracy-vs-latency
+    front are in report.json and report.html. Search keys a config may tune (search.space):
+    text: finetune.method (none, lora, full), finetune.learning_rate, finetune.head_learning_rate, finetune.epochs,
+    finetune.batch_size, finetune.warmup_ratio, finetune.weight_decay, finetune.label_smoothing, finetune.lora_r,
+    finetune.lora_alpha, finetune.lora_dropout, head.learning_rate, finetune.max_train_rows, prune.ratio;
+    images and time series: train.learning_rate, train.epochs, train.batch_size, train.weight_decay, train.augment
+    (images), model.widths, prune.ratio; any task: model.source (or list candidates in search.models).
     """
     from edgekit.pipeline import Build
     from edgekit.report import write_reports
     from edgekit.tasks import load_task_data
 
     config = _config_with_overrides(config_file, model=model, task=task, data=data, targets=target)
+    config = _search_overrides(config, search=search, budget=search_budget, storage=study_db)
     cache = cache_dir or default_cache_dir()
     key, development_key = _signing_key(key, cache, quiet=as_json)
     data_set = load_task_data(config)
     progress = _progress_bars(quiet=as_json)
     say = (lambda message: None) if as_json else (lambda message: console.print(message, highlight=False))
+    outcome = None
+    if not dry_run and _searching(config, data):
+        from edgekit.search import run_search
+
+        with progress:
+            outcome = run_search(config, data_set, out, cache, key, progress, say)
+        config = outcome.config
+        say(f"search: building trial {outcome.chosen} ({len(outcome.trials)} trials, {outcome.spent_minutes:.1f} min)")
     builder = Build(config, data_set, out, cache, key, progress, say)
     if dry_run:
         _print_plan(builder, cache, as_json=as_json)
@@ -58,7 +87,7 @@ def build(
     with progress:
         results = builder.run()
     reports = write_reports(results, out, signing={"key": str(key), "development_key": development_key, "key_id": builder.signer},
-                            data=data_set.summary)
+                            data=data_set.summary, search=outcome.report() if outcome else None)
     _print_reports(reports, as_json=as_json)
     if not all(result.passed for result in results):
         raise typer.Exit(1)
@@ -88,6 +117,26 @@ def _config_with_overrides(config_file: Path | None, *, model: str | None, task:
     if task and task != config.task.kind:
         raise EdgekitError(f"--task {task} differs from the config's task.kind {config.task.kind}; set task.kind in the build config")
     return config.model_copy(update=updates)
+
+
+def _search_overrides(config: BuildConfig, *, search: bool | None, budget: float | None, storage: str | None) -> BuildConfig:
+    """The config with --search/--no-search, --search-budget and --study-db applied to its search section."""
+    from edgekit.config import MIN_SEARCH_MINUTES
+    from edgekit.errors import EdgekitError
+
+    if budget is not None and not budget >= MIN_SEARCH_MINUTES:
+        raise EdgekitError(f"--search-budget {budget:g} is below the minimum of {MIN_SEARCH_MINUTES:g} minute(s); "
+                           "give the search more time, or build without it (--no-search)")
+    updates = {name: value for name, value in (("enabled", search), ("budget_minutes", budget), ("storage", storage)) if value is not None}
+    return config.model_copy(update={"search": config.search.model_copy(update=updates)}) if updates else config
+
+
+def _searching(config: BuildConfig, data_flag: Path | None) -> bool:
+    from edgekit.config import DEMO_DATA
+    from edgekit.search import wanted
+
+    own_data = data_flag is not None or config.data.path != DEMO_DATA or config.data.idx is not None
+    return wanted(config, own_data)
 
 
 def _signing_key(key: Path | None, cache: Path, *, quiet: bool) -> tuple[Path, bool]:

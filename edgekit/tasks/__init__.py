@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from edgekit.artifact import Artifact, PassContext, TaskSpec
     from edgekit.config import BuildConfig, FinetuneSection, PruneSection
     from edgekit.data import Split, TaskData
+    from edgekit.search_space import Dimension
 
 
 class Task(Protocol):
@@ -45,6 +46,9 @@ class Task(Protocol):
     # int8 schemes whose numerics edgekit.fake_quant emulates for this task's models: quantization-aware training runs
     # for targets with one of them (it calls load_torch, forward, torch_batches, save_torch and export_onnx)
     quantization_aware_schemes: tuple[str, ...]
+    # what a search may tune (edgekit.search_space), and the values it tries first after the build as written
+    search_space: tuple[Dimension, ...]
+    search_starts: tuple[dict[str, Any], ...]
 
     def settings(self, config: BuildConfig) -> BaseModel: ...
 

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from edgekit.config import BuildConfig, FinetuneSection, ImageSection, PruneSection, TrainSection
+from edgekit.config import BuildConfig, FinetuneSection, ImageSection, PruneSection, SearchRange, TrainSection
 from edgekit.data import Split, TaskData
+from edgekit.search_space import Dimension
 from edgekit.tasks import image_models
 from edgekit.tasks.image_data import INPUT_NAME, channels_of, load_task_data, preprocessing
 
@@ -39,6 +40,18 @@ if TYPE_CHECKING:
 
 KIND = "image-classification"
 PREDICT_BATCH = 256
+
+
+# What a search may tune for models trained here from scratch (the train section), and pruning on request.
+SEARCH_SPACE = (
+    Dimension("train.learning_rate", SearchRange(low=5e-4, high=5e-3, log=True)),
+    Dimension("train.epochs", SearchRange(low=3, high=10, integer=True)),
+    Dimension("train.batch_size", [32, 64, 128]),
+    Dimension("train.weight_decay", SearchRange(low=0.0, high=5e-4)),
+    Dimension("train.augment", ["none", "flip", "flip+shift"]),
+    Dimension("model.widths", [[16, 32, 64, 128], [32, 64, 128, 256]], searched=False),
+    Dimension("prune.ratio", SearchRange(low=0.1, high=0.5), searched=False),
+)
 
 
 class ImageSettings(BaseModel):
@@ -59,6 +72,8 @@ class ImageClassification:
     graph_fusion = None  # Conv+BN folding is the exporter's and ONNX Runtime's own
     builtin_sources = image_models.KNOWN_SOURCES
     definitions = Path(image_models.__file__)
+    search_space = SEARCH_SPACE
+    search_starts: tuple[dict, ...] = ()
     quantization_aware_schemes: tuple[str, ...] = ()  # CNNs quantize by static QDQ, which edgekit.fake_quant does not emulate yet
 
     def settings(self, config: BuildConfig) -> ImageSettings:
@@ -290,7 +305,7 @@ def train_model(model: torch.nn.Module, data: TaskData, spec: TaskSpec, settings
     result = training.fit(
         model, batches, training.cross_entropy(TASK.forward), fit_settings, progress=ctx.progress, say=ctx.say,
         validate=lambda m: accuracy(m, data.val, spec), initial=(lambda m: (accuracy(m, data.val, spec), {})) if keep_initial else None,
-        checkpoints=Checkpoints(ctx.checkpoint_dir),
+        checkpoints=Checkpoints(ctx.checkpoint_dir), on_epoch=ctx.on_epoch,
         memory_check=lambda device: check_memory(model, settings.batch_size, channels, size, device, f"{what}.batch_size"))
     return {
         "device": result.device, "val_accuracy": result.best_score, "val_accuracy_before": result.initial_score,

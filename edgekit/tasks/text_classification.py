@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from edgekit.config import BuildConfig, DataSection, FinetuneSection, HeadSection, PruneSection
+from edgekit.config import BuildConfig, DataSection, FinetuneSection, HeadSection, PruneSection, SearchRange
+from edgekit.search_space import NO_FINETUNE, Dimension
 from edgekit.data import Split, TaskData
 from edgekit.tasks.text_data import load_dataset, read_rows, to_task_data
 from edgekit.errors import EdgekitError
@@ -48,6 +49,32 @@ LORA_TARGETS = {
     "roberta": ("query", "key", "value", "dense"),
 }
 
+_TUNED = ("finetune.method", ("lora", "full"))
+# What a text search may tune. Ranges: full fine-tuning of BERT-size encoders lives at 1e-5..1e-4 (the common recipe
+# is 2e-5..5e-5); LoRA adapters need about ten times more; a freshly fitted head learns at about 1e-3.
+SEARCH_SPACE = (
+    Dimension("finetune.method", [NO_FINETUNE, "lora", "full"]),
+    Dimension("finetune.learning_rate", SearchRange(low=1.5e-5, high=1.2e-4, log=True), when=("finetune.method", ("full",))),
+    Dimension("finetune.learning_rate", SearchRange(low=2e-4, high=2e-3, log=True), when=("finetune.method", ("lora",))),
+    Dimension("finetune.head_learning_rate", SearchRange(low=3e-4, high=3e-3, log=True), when=_TUNED),
+    Dimension("finetune.epochs", SearchRange(low=2, high=5, integer=True), when=_TUNED),
+    Dimension("finetune.batch_size", [16, 32], when=_TUNED),
+    Dimension("finetune.warmup_ratio", SearchRange(low=0.0, high=0.15), when=_TUNED),
+    Dimension("finetune.weight_decay", SearchRange(low=0.0, high=0.1), when=_TUNED),
+    Dimension("finetune.label_smoothing", SearchRange(low=0.0, high=0.15), when=_TUNED),
+    Dimension("finetune.lora_r", [8, 16, 32], when=("finetune.method", ("lora",))),
+    Dimension("finetune.lora_alpha", [16, 32, 64], when=("finetune.method", ("lora",))),
+    Dimension("finetune.lora_dropout", SearchRange(low=0.0, high=0.15), when=("finetune.method", ("lora",))),
+    Dimension("head.learning_rate", SearchRange(low=1e-3, high=1e-2, log=True), when=("finetune.method", (NO_FINETUNE,))),
+    Dimension("finetune.max_train_rows", SearchRange(low=200, high=100_000, integer=True, log=True), searched=False),
+    Dimension("prune.ratio", SearchRange(low=0.1, high=0.5), searched=False),
+)
+# After the build as written, the search tries this first: plain full fine-tuning as sentence encoders are usually
+# fine-tuned (a slow encoder, a fast head), the recipe a careful user would write by hand.
+SEARCH_STARTS = ({"finetune.method": "full", "finetune.learning_rate": 5e-5, "finetune.head_learning_rate": 1e-3,
+                  "finetune.epochs": 4, "finetune.batch_size": 32, "finetune.warmup_ratio": 0.06, "finetune.weight_decay": 0.01,
+                  "finetune.label_smoothing": 0.0},)
+
 
 class TextSettings(BaseModel):
     """What a text build's config says about the task (part of the cache key of every pass that trains or exports)."""
@@ -67,6 +94,8 @@ class TextClassification:
     builtin_sources: tuple[str, ...] = ()  # Hugging Face folders, embedded:all-minilm-l6-v2 or an .onnx file
     definitions = None
     quantization_aware_schemes = ("dynamic",)  # edgekit.fake_quant emulates dynamic int8 of BERT-style encoders
+    search_space = SEARCH_SPACE
+    search_starts = SEARCH_STARTS
 
     def settings(self, config: BuildConfig) -> TextSettings:
         return TextSettings(max_length=config.task.max_length, head=config.head)
@@ -342,41 +371,35 @@ def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext) ->
     fit_settings = training.FitSettings(settings.epochs, settings.learning_rate, settings.weight_decay, "linear",
                                         int(settings.warmup_ratio * steps_per_epoch * settings.epochs),
                                         settings.early_stopping_patience, label=f"finetune ({settings.method})")
-    result = training.fit(trainable, batches, training.cross_entropy(TASK.forward), fit_settings, progress=ctx.progress,
-                          say=ctx.say, validate=scores.validate, initial=scores.head_only,
-                          checkpoints=Checkpoints(ctx.checkpoint_dir), memory_check=memory_check)
-    tuned_test = scores.test(trainable.to(result.device))  # on the device the head-only model was scored on
-    trainable.to("cpu")
+    head_rate = settings.head_learning_rate or settings.learning_rate
+    result = training.fit(trainable, batches, training.cross_entropy(TASK.forward, settings.label_smoothing), fit_settings,
+                          progress=ctx.progress, say=ctx.say, validate=scores.validate, initial=scores.head_only,
+                          checkpoints=Checkpoints(ctx.checkpoint_dir), memory_check=memory_check,
+                          learning_rates={"classifier": head_rate, "pooler": head_rate}, on_epoch=ctx.on_epoch)
     if settings.method == "lora":
         trainable.save_pretrained(ctx.work_dir / "adapter")
         trainable = trainable.merge_and_unload()
     TASK.save_torch(trainable, artifact.directory, ctx.work_dir)
-    metrics = _finetune_metrics(settings, result, tuned_test, steps_per_epoch)
+    metrics = _finetune_metrics(settings, result, steps_per_epoch)
     return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, with_tokenizer_in(artifact, ctx.work_dir),
                     results=artifact.recording(finetune=FinetuneResult(**metrics)))
 
 
 class _Scores:
-    """Validation and test accuracy of the model being fine-tuned, through the prediction loop."""
+    """Validation accuracy of the model being fine-tuned, through the prediction loop (the test split is the evaluate
+    pass's alone: a search compares fine-tuning runs on validation, and test judges only the one it ships)."""
 
     def __init__(self, spec: TaskSpec, data: TaskData) -> None:
         self.spec, self.data = spec, data
 
-    def _metrics(self, model, split: Split):
-        from edgekit import training
-        from edgekit.measure import classification_metrics
-
-        logits = training.predict(model, TASK.torch_batches(self.spec, split), TASK.forward)
-        return classification_metrics(split.labels, logits.argmax(-1), self.data.labels)
-
     def validate(self, model) -> float:
-        return self._metrics(model, self.data.val).accuracy
+        from edgekit import training
+
+        logits = training.predict(model, TASK.torch_batches(self.spec, self.data.val), TASK.forward)
+        return float(np.mean(logits.argmax(-1) == self.data.val.labels))
 
     def head_only(self, model) -> tuple[float, dict]:
-        return self.validate(model), {"head_only_test": self._metrics(model, self.data.test).to_dict()}
-
-    def test(self, model):
-        return self._metrics(model, self.data.test)
+        return self.validate(model), {}
 
 
 def _text_batch(spec: TaskSpec, split: Split, rows: np.ndarray, teacher: np.ndarray | None = None):
@@ -389,14 +412,11 @@ def _text_batch(spec: TaskSpec, split: Split, rows: np.ndarray, teacher: np.ndar
                           torch.from_numpy(teacher[rows]) if teacher is not None else None)
 
 
-def _finetune_metrics(settings: FinetuneSection, result, tuned_test, steps_per_epoch: int) -> dict:
-    head_only_test = result.extra["head_only_test"]
+def _finetune_metrics(settings: FinetuneSection, result, steps_per_epoch: int) -> dict:
     return {
         "method": settings.method, "device": result.device, "val_accuracy_head_only": result.initial_score,
-        "val_accuracy": result.best_score, "test_accuracy_head_only": head_only_test["accuracy"], "test_accuracy": tuned_test.accuracy,
-        "test_f1_macro_head_only": head_only_test["f1_macro"], "test_f1_macro": tuned_test.f1_macro,
-        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "resumed_after_epoch": result.resumed_after_epoch,
-        "seconds": result.seconds, "samples_per_second": result.samples_per_second,
-        "loss_curve": result.loss_curve(steps_per_epoch),
+        "val_accuracy": result.best_score, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+        "resumed_after_epoch": result.resumed_after_epoch, "seconds": result.seconds,
+        "samples_per_second": result.samples_per_second, "loss_curve": result.loss_curve(steps_per_epoch),
         "kept": "fine-tuned" if result.improved else "the head-only model (fine-tuning did not beat it on validation)",
     }

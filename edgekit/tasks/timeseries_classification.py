@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from edgekit.config import BuildConfig, FinetuneSection, PruneSection, TrainSection
+from edgekit.config import BuildConfig, FinetuneSection, PruneSection, SearchRange, TrainSection
 from edgekit.data import Split, TaskData
+from edgekit.search_space import Dimension
 from edgekit.errors import EdgekitError
 
 if TYPE_CHECKING:
@@ -44,6 +45,17 @@ WEIGHTS_FILE = "model.pt"
 DEFAULT_WIDTHS = [32, 64, 64]
 KERNELS = [7, 5, 3]  # per stage; later stages reuse the last
 PREDICT_BATCH = 256
+
+
+# What a search may tune for models trained here from scratch (the train section), and pruning on request.
+SEARCH_SPACE = (
+    Dimension("train.learning_rate", SearchRange(low=5e-4, high=5e-3, log=True)),
+    Dimension("train.epochs", SearchRange(low=3, high=10, integer=True)),
+    Dimension("train.batch_size", [32, 64, 128]),
+    Dimension("train.weight_decay", SearchRange(low=0.0, high=5e-4)),
+    Dimension("model.widths", [[32, 64, 64], [64, 128, 128]], searched=False),
+    Dimension("prune.ratio", SearchRange(low=0.1, high=0.5), searched=False),
+)
 
 
 class SeriesSettings(BaseModel):
@@ -118,6 +130,8 @@ class TimeSeriesClassification:
     graph_fusion = None
     builtin_sources = (CNN1D,)
     definitions = Path(__file__)
+    search_space = SEARCH_SPACE
+    search_starts: tuple[dict, ...] = ()
     quantization_aware_schemes: tuple[str, ...] = ()  # 1D CNNs quantize by static QDQ, which edgekit.fake_quant does not emulate yet
 
     def settings(self, config: BuildConfig) -> SeriesSettings:
@@ -277,7 +291,7 @@ def _train(model, ctx: PassContext, spec: TaskSpec, settings: TrainSection, what
     result = training.fit(model, training.Shuffled(len(train), settings.batch_size, settings.seed, batch),
                           training.cross_entropy(TASK.forward), fit_settings, progress=ctx.progress, say=ctx.say,
                           validate=negative_loss, initial=(lambda m: (negative_loss(m), {"accuracy": accuracy(m)})) if keep_initial else None,
-                          checkpoints=Checkpoints(ctx.checkpoint_dir))
+                          checkpoints=Checkpoints(ctx.checkpoint_dir), on_epoch=ctx.on_epoch)
     return {"device": result.device, "val_accuracy": accuracy(model), "val_accuracy_before": result.extra.get("accuracy"),
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": round(result.seconds, 2),
             "samples_per_second": round(result.samples_per_second, 1) if result.samples_per_second else None,

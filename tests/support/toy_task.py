@@ -47,6 +47,8 @@ class ToyVectors:
     builtin_sources: tuple[str, ...] = ()
     definitions = None
     quantization_aware_schemes: tuple[str, ...] = ()
+    search_space: tuple = ()  # nothing to tune: a search of this task tries the config as written (and search.models)
+    search_starts: tuple = ()
 
     def settings(self, config) -> ToySettings:
         return ToySettings()

@@ -1,0 +1,369 @@
+"""AutoML: before the build, search customizations of the user's model on their data and keep the best (Optuna).
+
+A trial is a build config: the build's own, with values drawn from its task's
+search space (``edgekit.search_space``). It runs the build's PyTorch passes
+(load → [finetune] → [prune]) through the pass cache, so a trial that repeats
+an earlier one's values trains nothing, and the build that follows the search
+finds the chosen trial's model in the cache. Each finished trial is scored on
+the validation split (accuracy, macro F1) and measured: the model's fp32
+parameter size and its PyTorch latency at batch 1 on this host (the front of
+accuracy against latency and size is reported; the target's own budgets are
+judged on the built model by the evaluate pass, as in any build).
+
+Honest selection: trials are compared on validation only, and the fine-tuning
+pass no longer scores test, so the test split is touched once, by the
+evaluate pass of the chosen trial's build.
+
+The engine is Optuna: a seeded TPE sampler (multivariate, grouped by the
+space's conditions) and a median pruner judged after each training epoch (a
+trial below the median of earlier trials at the same epoch stops). The first
+trials are the config as written (the search never does worse on validation
+than not searching) and the task's starting recipes (``Task.search_starts``);
+TPE draws the rest.
+
+Budget: ``search.budget_minutes`` of trial time summed over the study's trials.
+A rerun of a finished search trains nothing; an interrupted one goes on with
+what is left. A trial still training when the budget is spent stops at the end
+of its epoch. ``search.max_trials`` caps the count of finished trials.
+
+Storage: an Optuna RDB storage, by default ``<out>/search/study.db`` (SQLite);
+a PostgreSQL URL lets several build hosts share one study. The study's name
+hashes what trains (model, task, data, head, finetune, train, prune and the
+space), so a changed config starts a new study in the same file. Trials beat
+a heartbeat: one whose host died (kill -9, power loss) is marked failed after
+``search.stale_after_seconds`` and run again from the start of its pass, which
+resumes from its last epoch checkpoint. A trial interrupted by Ctrl-C is queued
+again the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgekit.config import BuildConfig, SearchRange
+from edgekit.errors import EdgekitError
+from edgekit.search_space import Dimension, apply, current_values, resolve, sample, starting_parameters
+
+if TYPE_CHECKING:
+    import optuna
+
+    from edgekit.artifact import Artifact
+    from edgekit.data import TaskData
+
+MIN_VALIDATION_ROWS = 20
+LATENCY_RUNS = 15
+STORAGE_HINT = "use sqlite:///path/to/study.db or postgresql://user[:password]@host:5432/dbname"
+# What decides how a trial trains: a change here starts a new study.
+TRAINING_SECTIONS = ("model", "task", "head", "finetune", "train", "prune")
+
+
+class _TrialFailed(Exception):
+    """A trial that could not run (a candidate model that does not load, a bad combination): recorded, the search goes on."""
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    params: dict[str, Any]  # config path → value
+    val_accuracy: float | None = None
+    val_f1_macro: float | None = None
+    latency_p50_ms: float | None = None
+    size_mb: float | None = None
+    seconds: float | None = None
+    epochs: dict[str, float] = field(default_factory=dict)  # validation score after each epoch, as pruning saw it
+    note: str | None = None  # why it stopped or failed
+
+
+@dataclass
+class SearchOutcome:
+    config: BuildConfig  # the chosen trial's config: what the build goes on to build
+    trials: list[TrialRecord]
+    chosen: int
+    pareto: list[int]
+    study: str
+    storage: str
+    budget_minutes: float
+    spent_minutes: float
+
+    def report(self) -> dict:
+        return {
+            "study": self.study, "storage": self.storage, "budget_minutes": self.budget_minutes,
+            "spent_minutes": round(self.spent_minutes, 2), "chosen": self.chosen, "pareto": self.pareto,
+            "selection": "the highest validation accuracy among finished trials (ties: the lower latency)",
+            "latency": "PyTorch fp32 p50 at batch 1 on the build host; size: fp32 parameters",
+            "trials": [asdict(t) for t in self.trials],
+        }
+
+
+def wanted(config: BuildConfig, own_data: bool) -> bool:
+    """search.enabled, with auto resolved: on for the user's own data when the config leaves training to the search."""
+    from edgekit.passes.load import is_onnx_source
+
+    setting = config.search.enabled
+    if setting != "auto":
+        return bool(setting)
+    says_how_to_train = bool({"head", "finetune", "train"} & config.model_fields_set)
+    return own_data and not says_how_to_train and not is_onnx_source(config.model.source)
+
+
+def run_search(config: BuildConfig, data: TaskData, out_dir: Path, cache_dir: Path, signing_key: Path, progress, say) -> SearchOutcome:
+    """Run (or resume) the study within its budget and return the chosen trial's config with every trial's record."""
+    import optuna
+
+    from edgekit.tasks import task_for
+
+    task = task_for(config.task.kind)
+    _check_searchable(config, data)
+    dimensions = resolve(config, task.search_space)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage, shown = _storage(config, out_dir)
+    name = study_name(config, data, dimensions)
+    with warnings.catch_warnings():  # multivariate, grouped TPE is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=config.search.seed, n_startup_trials=5, multivariate=True, group=True)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True, sampler=sampler,
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, n_min_trials=2))
+    for start in (current_values(config, dimensions), *(starting_parameters(s, dimensions) for s in task.search_starts)):
+        study.enqueue_trial(start, skip_if_exists=True)
+    trials = _Trials(config, data, dimensions, study, out_dir, cache_dir, signing_key, progress, say)
+    budget = config.search.budget_minutes * 60
+    say(f"search: study {name} in {shown}; budget {config.search.budget_minutes:g} min of trials"
+        + (f", at most {config.search.max_trials} trials" if config.search.max_trials else ""))
+    bar = progress.add_task("search", total=budget, completed=min(budget, _spent(study)))
+    try:
+        while (remaining := budget - _spent(study)) > 0 and not _enough(study, config.search.max_trials):
+            trials.deadline = time.monotonic() + remaining
+            study.optimize(trials.objective, n_trials=1, catch=(_TrialFailed,))
+            progress.update(bar, completed=min(budget, _spent(study)), description=trials.describe_best())
+    finally:
+        progress.remove_task(bar)
+    return _outcome(config, study, name, shown, budget)
+
+
+def study_name(config: BuildConfig, data: TaskData, dimensions: tuple[Dimension, ...]) -> str:
+    document = {
+        "config": config.model_dump(mode="json", include=set(TRAINING_SECTIONS)),
+        "data": data.digest, "seed": config.search.seed,
+        "space": [[d.key, d.values.model_dump() if isinstance(d.values, SearchRange) else d.values, d.when, d.searched] for d in dimensions],
+    }
+    return "edgekit-" + hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_searchable(config: BuildConfig, data: TaskData) -> None:
+    from edgekit.passes.load import is_onnx_source
+
+    if is_onnx_source(config.model.source):
+        raise EdgekitError(f"a search trains the model, and {config.model.source} is an ONNX file; give the model's "
+                           "Hugging Face folder, or build without a search (--no-search)")
+    if len(data.val) < MIN_VALIDATION_ROWS:
+        raise EdgekitError(f"the validation split has {len(data.val)} rows; a search compares trials on it and needs at least "
+                           f"{MIN_VALIDATION_ROWS}: add labelled rows (or val rows in the split column), or build without a search (--no-search)")
+
+
+def _storage(config: BuildConfig, out_dir: Path) -> tuple[optuna.storages.RDBStorage, str]:
+    """The study's storage, with heartbeats so a dead host's trial is failed and retried; and its URL, password hidden."""
+    import optuna
+    import sqlalchemy as sa
+
+    if config.search.storage:
+        text = config.search.storage
+    else:
+        (out_dir / "search").mkdir(parents=True, exist_ok=True)
+        text = f"sqlite:///{(out_dir / 'search' / 'study.db').resolve()}"
+    try:
+        url = sa.make_url(text)
+    except sa.exc.ArgumentError:
+        raise EdgekitError(f"search storage {text!r} is not a database URL; {STORAGE_HINT}") from None
+    engine_kwargs: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql":
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")  # the driver edgekit installs (psycopg 3)
+        engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+    elif url.get_backend_name() == "sqlite":
+        engine_kwargs = {"connect_args": {"timeout": 30}}
+    shown = url.render_as_string(hide_password=True)
+    stale = config.search.stale_after_seconds
+    try:
+        with warnings.catch_warnings():  # heartbeats are marked experimental; edgekit's tests exercise them
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs,
+                heartbeat_interval=max(1, int(stale // 4)), grace_period=int(stale),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy, driver and Optuna errors all mean "cannot use this storage"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise EdgekitError(f"cannot open the search storage {shown}: {reason}; check the server and the URL "
+                           f"(search.storage or --study-db): {STORAGE_HINT}") from None
+    return storage, shown
+
+
+def _spent(study: optuna.Study) -> float:
+    return sum(float(t.user_attrs.get("seconds", 0.0)) for t in study.get_trials(deepcopy=False))
+
+
+def _enough(study: optuna.Study, max_trials: int | None) -> bool:
+    import optuna
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return max_trials is not None and len(study.get_trials(deepcopy=False, states=finished)) >= max_trials
+
+
+class _Trials:
+    """The objective: one trial's config trained through the pipeline, scored on validation, measured."""
+
+    def __init__(self, config, data, dimensions, study, out_dir: Path, cache_dir: Path, signing_key: Path, progress, say) -> None:
+        self.config, self.data, self.dimensions, self.study = config, data, dimensions, study
+        self.out_dir, self.cache_dir, self.signing_key, self.progress, self.say = out_dir, cache_dir, signing_key, progress, say
+        self.deadline = math.inf
+
+    def objective(self, trial: optuna.Trial) -> float:
+        import optuna
+
+        from edgekit.pipeline import Build
+
+        values = sample(trial, self.dimensions)
+        trial.set_user_attr("params", values)
+        started = time.monotonic()
+        build = None
+        try:
+            trial_config = apply(self.config, values)
+            build = Build(trial_config, self.data, self.out_dir / "search" / f"trial-{trial.number:03d}", self.cache_dir,
+                          self.signing_key, self.progress, lambda message: None, on_epoch=self._judge(trial))
+            scores = _scores(build.train(), self.data)
+        except optuna.TrialPruned:
+            build.discard_checkpoints()  # a stopped trial is never resumed
+            self.say(f"search: trial {trial.number} stopped: {trial.user_attrs.get('stopped')} ({_describe(values)})")
+            raise
+        except KeyboardInterrupt:
+            self.study.enqueue_trial(trial.params, skip_if_exists=False)  # a rerun trains it again, from its checkpoint
+            raise
+        except Exception as error:  # noqa: BLE001 - any trial may fail (a model that does not load); the search goes on
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            trial.set_user_attr("error", reason[:500])
+            self.say(f"search: trial {trial.number} failed: {reason} ({_describe(values)})")
+            raise _TrialFailed(reason) from error
+        finally:
+            trial.set_user_attr("seconds", round(time.monotonic() - started, 2))
+        for name, value in scores.items():
+            trial.set_user_attr(name, value)
+        self.say(f"search: trial {trial.number}: validation accuracy {scores['val_accuracy']:.4f} in "
+                 f"{time.monotonic() - started:.0f} s ({_describe(values)}){self._best_note(trial.number, scores['val_accuracy'])}")
+        return scores["val_accuracy"]
+
+    def _judge(self, trial: optuna.Trial):
+        import optuna
+
+        def on_epoch(epoch: int, score: float) -> None:
+            trial.report(score, epoch)
+            if time.monotonic() > self.deadline:
+                trial.set_user_attr("stopped", f"the search budget was spent during epoch {epoch}")
+                raise optuna.TrialPruned()
+            if trial.should_prune():
+                trial.set_user_attr("stopped", f"validation {score:.4f} after epoch {epoch} is below the median of earlier trials")
+                raise optuna.TrialPruned()
+
+        return on_epoch
+
+    def _best_note(self, number: int, accuracy: float) -> str:
+        earlier = [t.value for t in self.study.get_trials(deepcopy=False) if t.value is not None and t.number != number]
+        return ": best so far" if not earlier or accuracy > max(earlier) else ""
+
+    def describe_best(self) -> str:
+        try:
+            best = self.study.best_trial
+        except ValueError:
+            return "search: no finished trial yet"
+        return f"search: best validation accuracy {best.value:.4f} (trial {best.number})"
+
+
+def _scores(artifact: Artifact, data: TaskData) -> dict[str, float]:
+    """The trained model on validation, its fp32 parameter size, and its PyTorch latency at batch 1 on this host."""
+    import torch
+
+    from edgekit import training
+    from edgekit.measure import classification_metrics
+    from edgekit.tasks import task_for
+
+    task = task_for(artifact.task.kind)
+    model = task.load_torch(artifact.directory)
+    logits = training.predict(model, task.torch_batches(artifact.task, data.val), task.forward)
+    metrics = classification_metrics(data.val.labels, logits.argmax(-1), artifact.task.labels)
+    one_row = next(iter(task.torch_batches(artifact.task, data.val.head(1), 1)))
+    timings = []
+    with torch.inference_mode():
+        task.forward(model, one_row)  # warm-up
+        for _ in range(LATENCY_RUNS):
+            started = time.perf_counter()
+            task.forward(model, one_row)
+            timings.append((time.perf_counter() - started) * 1000)
+    return {"val_accuracy": float(metrics.accuracy), "val_f1_macro": float(metrics.f1_macro),
+            "latency_p50_ms": round(float(np.median(timings)), 3),
+            "size_mb": round(sum(p.numel() * 4 for p in model.parameters()) / 1e6, 2)}
+
+
+def _describe(values: dict[str, Any]) -> str:
+    def short(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    return ", ".join(f"{key.removeprefix('finetune.')} {short(value)}" for key, value in values.items())
+
+
+def _records(study: optuna.Study) -> list[TrialRecord]:
+    return [TrialRecord(
+        number=t.number, state=t.state.name, params=dict(t.user_attrs.get("params", {})),
+        val_accuracy=t.user_attrs.get("val_accuracy"), val_f1_macro=t.user_attrs.get("val_f1_macro"),
+        latency_p50_ms=t.user_attrs.get("latency_p50_ms"), size_mb=t.user_attrs.get("size_mb"),
+        seconds=t.user_attrs.get("seconds"), epochs={str(k): v for k, v in t.intermediate_values.items()},
+        note=t.user_attrs.get("stopped") or t.user_attrs.get("error")
+        or ("its host stopped answering; run again" if t.state.name == "FAIL" else None),
+    ) for t in study.get_trials(deepcopy=False)]
+
+
+def pareto_front(trials: list[TrialRecord]) -> list[int]:
+    """Finished trials no other beats on validation accuracy, latency and size at once."""
+    done = [t for t in trials if t.state == "COMPLETE"]
+
+    def dominates(a: TrialRecord, b: TrialRecord) -> bool:
+        at_least = a.val_accuracy >= b.val_accuracy and a.latency_p50_ms <= b.latency_p50_ms and a.size_mb <= b.size_mb
+        better = a.val_accuracy > b.val_accuracy or a.latency_p50_ms < b.latency_p50_ms or a.size_mb < b.size_mb
+        return at_least and better
+
+    return [t.number for t in done if not any(dominates(o, t) for o in done if o is not t)]
+
+
+def _outcome(config: BuildConfig, study: optuna.Study, name: str, shown: str, budget: float) -> SearchOutcome:
+    records = _records(study)
+    done = [t for t in records if t.state == "COMPLETE"]
+    if not done:
+        raise _nothing_finished(config, records)
+    chosen = max(done, key=lambda t: (t.val_accuracy, -t.latency_p50_ms, -t.number))
+    return SearchOutcome(apply(config, chosen.params), records, chosen.number, pareto_front(records), name, shown,
+                         config.search.budget_minutes, _spent(study) / 60)
+
+
+def _nothing_finished(config: BuildConfig, records: list[TrialRecord]) -> EdgekitError:
+    cut = [t for t in records if t.note and "budget" in t.note]
+    if cut:
+        first = cut[0]
+        epochs_done = max(len(first.epochs), 1)
+        planned = _planned_epochs(apply(config, first.params))
+        needed = max(math.ceil((first.seconds or 0) / epochs_done * planned / 60 * 1.2), math.ceil(config.search.budget_minutes) + 1)
+        return EdgekitError(f"search.budget_minutes {config.search.budget_minutes:g} ran out before any trial finished "
+                            f"(trial {first.number} trained {len(first.epochs)} of {planned} epochs in {first.seconds or 0:.0f} s); "
+                            f"give the search at least {needed} minutes (--search-budget {needed}), or build without it (--no-search)")
+    failures = "; ".join(f"trial {t.number}: {t.note}" for t in records if t.note) or "no trial ran"
+    return EdgekitError(f"no search trial finished: {failures}")
+
+
+def _planned_epochs(config: BuildConfig) -> int:
+    return config.finetune.epochs if config.finetune.enabled else config.train.epochs

@@ -1,0 +1,280 @@
+"""The build's search (edgekit.search): real Optuna studies on SQLite and PostgreSQL, trials through the real passes of a
+tiny BERT, the chosen trial built into a bundle; resuming after kill -9; every bad input a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from edgekit.cli import app
+from edgekit.config import BuildConfig, SearchRange
+from edgekit.search import TrialRecord, pareto_front, wanted
+from edgekit.search_space import Dimension, apply, current_values, resolve, starting_parameters
+from edgekit.tasks.text_classification import SEARCH_SPACE
+from tests.support.builds import relaxed_target, tiny_text_build_config
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+# Small and fast: every trial fine-tunes the tiny BERT for at most two epochs on 320 rows.
+FAST_SPACE = {"finetune.epochs": 2, "finetune.max_train_rows": 320}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.support.tiny_bert import tiny_hf_folder
+
+    return tiny_hf_folder(tmp_path_factory.mktemp("search-model") / "tiny")
+
+
+def _config(root: Path, model: Path, **search) -> Path:
+    """The tiny build with a search section; the head/finetune sections the test helper writes are dropped so that the
+    config says nothing about training (what a user who leaves it to the search writes)."""
+    target = relaxed_target(root, "x86-64-cpu", max_accuracy_drop_points=100.0, min_top1_agreement=0.0)
+    path = tiny_text_build_config(root, model, [target])
+    document = yaml.safe_load(path.read_text())
+    document.pop("head", None)
+    document["search"] = {"enabled": True, "space": dict(FAST_SPACE), **search}
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def _build(config: Path, root: Path, *extra: str):
+    return runner.invoke(app, ["build", str(config), "--out", str(root / "out"), "--cache-dir", str(root / "cache"), *extra])
+
+
+def _trials(db: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+
+
+# ------------------------------------------------------------------ the space
+
+
+def test_the_config_as_written_is_the_first_trial_and_apply_turns_methods_on_and_off():
+    config = BuildConfig()
+    dimensions = resolve(config, SEARCH_SPACE)
+    first = current_values(config, dimensions)
+    assert first == {"finetune.method": "none", "head.learning_rate [none]": config.head.learning_rate}
+    tuned = apply(config, {"finetune.method": "full", "finetune.learning_rate": 4e-5, "finetune.lora_r": 16})
+    assert tuned.finetune.enabled and tuned.finetune.method == "full" and tuned.finetune.learning_rate == 4e-5
+    assert not apply(tuned, {"finetune.method": "none"}).finetune.enabled
+    pruned = apply(config, {"prune.ratio": 0.25})
+    assert pruned.prune.enabled and pruned.prune.ratio == 0.25
+    assert not apply(pruned, {"prune.ratio": 0.0}).prune.enabled
+
+
+def test_overrides_replace_ranges_fix_values_and_add_keys_not_searched_by_default():
+    config = BuildConfig.model_validate({"search": {"space": {
+        "finetune.learning_rate": {"low": 1e-5, "high": 2e-5, "log": True}, "finetune.epochs": 3, "prune.ratio": [0.0, 0.3]}}})
+    dimensions = {(d.key, d.when): d for d in resolve(config, SEARCH_SPACE)}
+    rates = [d for (key, _), d in dimensions.items() if key == "finetune.learning_rate"]
+    assert len(rates) == 2 and all(d.values == SearchRange(low=1e-5, high=2e-5, log=True) for d in rates)
+    assert dimensions[("finetune.epochs", ("finetune.method", ("lora", "full")))].values == 3
+    assert ("prune.ratio", None) in dimensions and ("finetune.max_train_rows", None) not in dimensions
+    # A start outside a range is left to the sampler; a conditional key is named with its condition.
+    start = starting_parameters({"finetune.method": "full", "finetune.learning_rate": 5e-5, "finetune.batch_size": 32},
+                                tuple(dimensions.values()))
+    assert start == {"finetune.method": "full", "finetune.batch_size [lora/full]": 32}
+
+
+def test_an_unknown_space_key_is_one_error_listing_the_allowed_keys(tmp_path, tiny_model):
+    config = _config(tmp_path, tiny_model)
+    document = yaml.safe_load(config.read_text())
+    document["search"]["space"]["finetune.lr"] = 1e-4
+    config.write_text(yaml.safe_dump(document))
+    result = _build(config, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "unknown key(s) finetune.lr" in result.output and "finetune.learning_rate" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_auto_searches_only_the_users_own_data_when_the_config_leaves_training_to_it():
+    assert not wanted(BuildConfig(), own_data=False)
+    assert wanted(BuildConfig(), own_data=True)
+    assert not wanted(BuildConfig.model_validate({"finetune": {"enabled": True}}), own_data=True), "the user said how to train"
+    assert not wanted(BuildConfig.model_validate({"model": {"source": "/models/model.onnx"}}), own_data=True), "an ONNX file cannot train"
+    assert wanted(BuildConfig.model_validate({"search": {"enabled": True}}), own_data=False)
+    assert not wanted(BuildConfig.model_validate({"search": {"enabled": False}}), own_data=True)
+
+
+def test_the_pareto_front_keeps_trials_no_other_beats_on_every_axis():
+    def trial(number, accuracy, latency, size=10.0):
+        return TrialRecord(number, "COMPLETE", {}, accuracy, None, latency, size)
+
+    trials = [trial(0, 0.80, 1.0), trial(1, 0.90, 2.0), trial(2, 0.85, 2.5), trial(3, 0.90, 1.5), TrialRecord(4, "PRUNED", {})]
+    assert pareto_front(trials) == [0, 3]
+
+
+# ------------------------------------------------------------------ a search end to end
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("search")
+    config = _config(root, tiny_model, max_trials=3)
+    result = _build(config, root)
+    assert result.exit_code == 0, result.output
+    return root, config, result.output
+
+
+@pytest.mark.slow
+def test_the_search_compares_trials_on_validation_and_builds_the_best(searched):
+    root, _, output = searched
+    report = json.loads((root / "out" / "x86-64-cpu-test" / "report.json").read_text())
+    search = report["search"]
+    finished = [t for t in search["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3, search["trials"]
+    assert search["trials"][0]["params"]["finetune.method"] == "none", "the config as written goes first"
+    assert search["trials"][1]["params"]["finetune.method"] == "full", "then the task's starting recipe"
+    complete = [t for t in search["trials"] if t["state"] == "COMPLETE"]
+    best = max(t["val_accuracy"] for t in complete)
+    chosen = next(t for t in complete if t["number"] == search["chosen"])
+    assert chosen["val_accuracy"] == best and search["chosen"] in search["pareto"]
+    for trial in complete:
+        assert 0 <= trial["val_accuracy"] <= 1 and trial["latency_p50_ms"] > 0 and trial["size_mb"] > 0 and trial["seconds"] > 0
+    # The shipped model is the chosen trial's: its fine-tuning (or none) is what the build ran.
+    ran_finetune = "finetune" in [p["name"] for p in report["passes"]]
+    assert ran_finetune == (chosen["params"]["finetune.method"] != "none")
+    page = (root / "out" / "x86-64-cpu-test" / "report.html").read_text()
+    assert "<h2>Search</h2>" in page and "validation accuracy against latency" in page and "(chosen)" in page
+    assert "search: trial 0" in output and "chosen trial" in output
+
+
+@pytest.mark.slow
+def test_a_rerun_of_a_finished_search_trains_nothing(searched):
+    root, config, _ = searched
+    before = _trials(root / "out" / "search" / "study.db")
+    result = _build(config, root)
+    assert result.exit_code == 0, result.output
+    assert _trials(root / "out" / "search" / "study.db") == before
+    report = json.loads((root / "out" / "x86-64-cpu-test" / "report.json").read_text())
+    assert all(p["cached"] for p in report["passes"])
+
+
+@pytest.mark.slow
+def test_a_candidate_model_that_does_not_load_fails_its_trial_and_the_search_goes_on(tmp_path, tiny_model):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    config = _config(tmp_path, tiny_model, max_trials=2, models=[str(broken)],
+                     space={**FAST_SPACE, "finetune.method": "none"})
+    result = _build(config, tmp_path)
+    assert result.exit_code == 0, result.output
+    trials = json.loads((tmp_path / "out" / "x86-64-cpu-test" / "report.json").read_text())["search"]["trials"]
+    failed = [t for t in trials if t["state"] == "FAIL"]
+    assert failed and all(t["params"]["model.source"] == str(broken) and t["note"] for t in failed), trials
+    assert any(t["state"] == "COMPLETE" and t["params"]["model.source"] == str(tiny_model) for t in trials)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_a_budget_below_the_minimum_is_refused_before_anything_runs(tmp_path, tiny_model):
+    result = _build(_config(tmp_path, tiny_model), tmp_path, "--search-budget", "0.5")
+    assert result.exit_code == 2 and "minimum of 1 minute" in result.output, result.output
+    assert not (tmp_path / "out" / "search").exists()
+
+
+def test_a_budget_spent_before_any_trial_finished_names_the_minimum():
+    from edgekit.search import _nothing_finished
+
+    config = BuildConfig.model_validate({"search": {"budget_minutes": 1}})
+    cut = TrialRecord(0, "PRUNED", {"finetune.method": "full", "finetune.epochs": 4}, seconds=90.0, epochs={"1": 0.5},
+                      note="the search budget was spent during epoch 1")
+    message = str(_nothing_finished(config, [cut]))
+    assert "ran out before any trial finished" in message and "trained 1 of 4 epochs" in message
+    assert "--search-budget 8" in message  # 90 s an epoch, 4 epochs, 20% spare: 7.2 → 8 minutes
+
+
+def test_a_storage_that_cannot_be_reached_is_a_clear_error(tmp_path, tiny_model):
+    result = _build(_config(tmp_path, tiny_model), tmp_path, "--study-db", "postgresql://nobody@127.0.0.1:1/test")
+    assert result.exit_code == 2, result.output
+    assert "cannot open the search storage postgresql+psycopg://nobody@127.0.0.1:1/test" in result.output
+    assert "Traceback" not in result.output
+    result = _build(_config(tmp_path, tiny_model), tmp_path, "--study-db", "not a url")
+    assert result.exit_code == 2 and "is not a database URL" in result.output, result.output
+
+
+def test_data_too_small_to_compare_trials_is_a_clear_error(tmp_path, tiny_model):
+    rows = [{"text": f"sample text number {i} about {label}", "label": label} for i in range(20) for label in ("a", "b", "c")]
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    result = _build(_config(tmp_path, tiny_model), tmp_path, "--data", str(data))
+    assert result.exit_code == 2, result.output
+    assert "validation split has" in result.output and "--no-search" in result.output
+
+
+# ------------------------------------------------------------------ interrupted and shared searches
+
+
+def _search_process(config: Path, root: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgekit", "build", str(config), "--out", str(root / "out"),
+                             "--cache-dir", str(root / "cache"), "--json", *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_search_killed_during_a_trial_resumes_without_repeating_finished_trials(tmp_path, tiny_model):
+    # Trials long enough (1,500 rows, three epochs) to be caught mid-training.
+    config = _config(tmp_path, tiny_model, max_trials=4, stale_after_seconds=2,
+                     space={"finetune.epochs": 3, "finetune.max_train_rows": 1500})
+    db = tmp_path / "out" / "search" / "study.db"
+    process = _search_process(config, tmp_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        states = _trials(db) if db.is_file() else []
+        if any(number >= 1 and state == "RUNNING" for number, state in states) and any(s == "COMPLETE" for _, s in states):
+            break
+        if process.poll() is not None:
+            pytest.fail(f"the search ended before a second trial ran: {process.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {number: state for number, state in _trials(db)}
+    finished_before = {n for n, s in before.items() if s in ("COMPLETE", "PRUNED")}
+
+    rerun = _search_process(config, tmp_path)
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-3000:]
+    report = json.loads(out)[0]["search"]
+    finished = [t for t in report["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4, report["trials"]
+    assert finished_before <= {t["number"] for t in finished}, "trials finished before the kill are kept as they were"
+    params = [json.dumps(t["params"], sort_keys=True) for t in finished]
+    assert len(set(params)) == len(params), "no finished trial was run twice"
+    killed = [t for t in report["trials"] if t["number"] in before and before[t["number"]] == "RUNNING"]
+    assert killed and all(t["state"] == "FAIL" for t in killed)
+    assert any(json.dumps(k["params"], sort_keys=True) in params for k in killed), "the killed trial ran again"
+
+
+@pytest.mark.slow
+def test_two_build_hosts_share_one_study_through_postgresql(tmp_path, tiny_model):
+    from tests.fleet.conftest import postgres_schema
+
+    with postgres_schema() as url:
+        hosts = []
+        for host in ("a", "b"):
+            (tmp_path / host).mkdir()
+            config = _config(tmp_path / host, tiny_model, max_trials=4, storage=url)
+            hosts.append(_search_process(config, tmp_path / host))
+            time.sleep(8)  # the second host joins a study the first one made (and queued its starting trials in)
+        results = [host.communicate(timeout=600) for host in hosts]
+        assert all(host.returncode == 0 for host in hosts), [err[-2000:] for _, err in results]
+        reports = [json.loads(out)[0]["search"] for out, _ in results]
+    assert reports[0]["study"] == reports[1]["study"]
+    trials = reports[0]["trials"] if len(reports[0]["trials"]) >= len(reports[1]["trials"]) else reports[1]["trials"]
+    finished = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
+    # Each host checks the count before it starts a trial, so two hosts may overshoot the cap by one between them.
+    assert 4 <= len(finished) <= 5, trials
+    assert len({json.dumps(t["params"], sort_keys=True) for t in finished}) == len(finished)
+    assert {reports[0]["chosen"], reports[1]["chosen"]} <= {t["number"] for t in finished}
