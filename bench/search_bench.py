@@ -31,7 +31,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +55,8 @@ def edgekit_with_search(data: Path, budget: float, work: Path) -> dict:
     chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
     return {
         "wall_s": round(time.perf_counter() - started, 1), "passed": report["passed"], "precision": report["precision"],
+        "gates": {g["name"]: {"value": g["value"], "budget": g["budget"], "passed": g["passed"]} for g in report["gates"]},
+        "kept_in_float": len(report["kept_in_float"]), "error": report["error"],
         "test_accuracy_bundle": report["metrics"]["final"]["accuracy"], "test_accuracy_fp32": report["metrics"]["reference"]["accuracy"],
         "test_f1_macro_bundle": report["metrics"]["final"]["f1_macro"], "search_minutes": search["spent_minutes"],
         "trials": [{k: t[k] for k in ("number", "state", "val_accuracy", "seconds", "params", "note")} for t in search["trials"]],

@@ -132,9 +132,12 @@ class TrainSection(_Strict):
 
 
 class HeadSection(_Strict):
-    """Fit the classification head (pooler + classifier) on the frozen encoder: the untuned baseline, and fine-tuning's start."""
+    """Fit the classification head on the frozen encoder: the untuned baseline, and fine-tuning's start."""
 
     enabled: bool = True
+    pooling: Literal["auto", "cls", "mean"] = Field("auto", description=(
+        "how the head reads the encoder: auto = mean over tokens when the model folder's sentence-transformers config "
+        "(1_Pooling/config.json) says so (all-MiniLM-L6-v2 does), else the family's [CLS] pooler + classifier"))
     epochs: int = Field(60, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     seed: int = 0

@@ -44,6 +44,7 @@ class LoadResult(_TrainingRun):
     """Text: the head fitted on frozen features. Images: the model built and trained from scratch."""
 
     head: str | None = None
+    pooling: str | None = None  # text: cls or mean
     val_f1_macro: float | None = None
     epochs: int | None = None
     model: str | None = None

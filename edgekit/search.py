@@ -23,8 +23,11 @@ TPE draws the rest.
 
 Budget: ``search.budget_minutes`` of trial time summed over the study's trials.
 A rerun of a finished search trains nothing; an interrupted one goes on with
-what is left. A trial still training when the budget is spent stops at the end
-of its epoch. ``search.max_trials`` caps the count of finished trials.
+what is left. A trial still training when the budget is spent ends its training
+after the current epoch and is scored on its best epoch (its pass result is
+cached as trained, and ``report.json`` says it was cut short), so the budget
+never throws away a run that was going well. ``search.max_trials`` caps the
+count of finished trials.
 
 Storage: an Optuna RDB storage, by default ``<out>/search/study.db`` (SQLite);
 a PostgreSQL URL lets several build hosts share one study. The study's name
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
     from edgekit.data import TaskData
 
 MIN_VALIDATION_ROWS = 20
+MAX_REPEATS = 3  # draws in a row of values already tried before the search calls a small space exhausted
 LATENCY_RUNS = 15
 STORAGE_HINT = "use sqlite:///path/to/study.db or postgresql://user[:password]@host:5432/dbname"
 # What decides how a trial trains: a change here starts a new study.
@@ -139,9 +143,14 @@ def run_search(config: BuildConfig, data: TaskData, out_dir: Path, cache_dir: Pa
     budget = config.search.budget_minutes * 60
     say(f"search: study {name} in {shown}; budget {config.search.budget_minutes:g} min of trials"
         + (f", at most {config.search.max_trials} trials" if config.search.max_trials else ""))
+    # Nothing to draw (every key fixed, or a task with no space): the config as written is the only trial.
+    max_trials = config.search.max_trials if any(isinstance(d.values, (SearchRange, list)) for d in dimensions) else 1
     bar = progress.add_task("search", total=budget, completed=min(budget, _spent(study)))
     try:
-        while (remaining := budget - _spent(study)) > 0 and not _enough(study, config.search.max_trials):
+        while (remaining := budget - _spent(study)) > 0 and not _enough(study, max_trials):
+            if trials.repeats >= MAX_REPEATS:
+                say(f"search: the sampler drew values already tried {MAX_REPEATS} times in a row; the space is exhausted")
+                break
             trials.deadline = time.monotonic() + remaining
             study.optimize(trials.objective, n_trials=1, catch=(_TrialFailed,))
             progress.update(bar, completed=min(budget, _spent(study)), description=trials.describe_best())
@@ -225,6 +234,7 @@ class _Trials:
         self.config, self.data, self.dimensions, self.study = config, data, dimensions, study
         self.out_dir, self.cache_dir, self.signing_key, self.progress, self.say = out_dir, cache_dir, signing_key, progress, say
         self.deadline = math.inf
+        self.repeats = 0
 
     def objective(self, trial: optuna.Trial) -> float:
         import optuna
@@ -233,6 +243,14 @@ class _Trials:
 
         values = sample(trial, self.dimensions)
         trial.set_user_attr("params", values)
+        tried = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # a failed trial's retry is no repeat
+        earlier = next((t.number for t in self.study.get_trials(deepcopy=False, states=tried)
+                        if t.user_attrs.get("params") == values), None)
+        if earlier is not None:  # the sampler drew a finished trial's values again: nothing new to learn
+            self.repeats += 1
+            trial.set_user_attr("stopped", f"the same values as trial {earlier}")
+            raise optuna.TrialPruned()
+        self.repeats = 0
         started = time.monotonic()
         build = None
         try:
@@ -263,14 +281,15 @@ class _Trials:
     def _judge(self, trial: optuna.Trial):
         import optuna
 
-        def on_epoch(epoch: int, score: float) -> None:
+        def on_epoch(epoch: int, score: float) -> bool:
             trial.report(score, epoch)
-            if time.monotonic() > self.deadline:
-                trial.set_user_attr("stopped", f"the search budget was spent during epoch {epoch}")
-                raise optuna.TrialPruned()
             if trial.should_prune():
                 trial.set_user_attr("stopped", f"validation {score:.4f} after epoch {epoch} is below the median of earlier trials")
                 raise optuna.TrialPruned()
+            if time.monotonic() > self.deadline:  # training ends here and the trial is scored on its best epoch so far
+                trial.set_user_attr("stopped", f"the search budget ended its training after epoch {epoch}; its best epoch is kept")
+                return True
+            return False
 
         return on_epoch
 
@@ -345,25 +364,12 @@ def _outcome(config: BuildConfig, study: optuna.Study, name: str, shown: str, bu
     records = _records(study)
     done = [t for t in records if t.state == "COMPLETE"]
     if not done:
-        raise _nothing_finished(config, records)
+        raise _nothing_finished(records)
     chosen = max(done, key=lambda t: (t.val_accuracy, -t.latency_p50_ms, -t.number))
     return SearchOutcome(apply(config, chosen.params), records, chosen.number, pareto_front(records), name, shown,
                          config.search.budget_minutes, _spent(study) / 60)
 
 
-def _nothing_finished(config: BuildConfig, records: list[TrialRecord]) -> EdgekitError:
-    cut = [t for t in records if t.note and "budget" in t.note]
-    if cut:
-        first = cut[0]
-        epochs_done = max(len(first.epochs), 1)
-        planned = _planned_epochs(apply(config, first.params))
-        needed = max(math.ceil((first.seconds or 0) / epochs_done * planned / 60 * 1.2), math.ceil(config.search.budget_minutes) + 1)
-        return EdgekitError(f"search.budget_minutes {config.search.budget_minutes:g} ran out before any trial finished "
-                            f"(trial {first.number} trained {len(first.epochs)} of {planned} epochs in {first.seconds or 0:.0f} s); "
-                            f"give the search at least {needed} minutes (--search-budget {needed}), or build without it (--no-search)")
+def _nothing_finished(records: list[TrialRecord]) -> EdgekitError:
     failures = "; ".join(f"trial {t.number}: {t.note}" for t in records if t.note) or "no trial ran"
     return EdgekitError(f"no search trial finished: {failures}")
-
-
-def _planned_epochs(config: BuildConfig) -> int:
-    return config.finetune.epochs if config.finetune.enabled else config.train.epochs

@@ -250,7 +250,8 @@ def fit(model: "torch.nn.Module", batches: BatchSource, loss: Callable[["torch.n
 
     ``learning_rates`` maps module names (a part of a parameter's dotted name, e.g. ``classifier``) to their own
     learning rate (a head trained faster than the encoder under it); the rest train at ``settings.learning_rate``. ``on_epoch(epoch, score)`` hears each
-    epoch's validation score and may raise to stop the run (a search pruning a trial); the checkpoint is saved first.
+    epoch's validation score after its checkpoint is saved: it returns True to end training there (the best epoch is
+    kept, as with early stopping: a search whose budget is spent) or raises to abandon the run (a pruned trial).
     """
     import torch
 
@@ -282,8 +283,8 @@ def fit(model: "torch.nn.Module", batches: BatchSource, loss: Callable[["torch.n
         run.seconds = time.perf_counter() - started
         checkpoints.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "batches": batches.state_dict(), "run": run.__dict__})
-        if on_epoch is not None and run.last_score is not None:
-            on_epoch(epoch, run.last_score)
+        if on_epoch is not None and run.last_score is not None and on_epoch(epoch, run.last_score):
+            run.stopped = True  # asked to end here: the best epoch so far is kept, as when early stopping ends a run
         if run.stopped:
             break
     progress.remove_task(task)

@@ -8,7 +8,7 @@ import typer
 
 from edgekit.cli.output import print_json, print_table
 
-_BUILD_LIBRARIES = ("torch", "transformers", "optimum-onnx", "peft", "onnx", "onnxscript")
+_BUILD_LIBRARIES = ("torch", "transformers", "peft", "optuna", "onnx", "onnxscript")
 
 
 def _library_versions() -> dict[str, str | None]:

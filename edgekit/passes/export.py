@@ -1,8 +1,8 @@
 """export: the torch-stage model to ONNX (the task's exporter), then a parity check against PyTorch.
 
-Text models go through optimum's exporter (dynamic axes named ``batch`` and
-``sequence``, the names target profiles use for shape ranges); image models
-through torch.onnx. Parity: ONNX Runtime and PyTorch run the same validation
+Text models go through PyTorch's TorchScript exporter as loaded by the task
+(mean-pooled or not; dynamic axes named ``batch`` and ``sequence``, the names
+target profiles use for shape ranges); image models through torch.onnx too. Parity: ONNX Runtime and PyTorch run the same validation
 inputs; if any output differs by more than the tolerance the build stops and
 names it, since an export that "succeeds" with diverging outputs is the failure
 users meet most.
@@ -77,7 +77,7 @@ PASS = Pass(
     takes=frozenset({Stage.TORCH}),
     gives=Stage.ONNX,
     version=2,  # 2: records the PyTorch folder it exported (Artifact.trained_model), which the qat pass retrains
-    libraries=("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime"),
+    libraries=("torch", "transformers", "onnx", "onnxruntime"),
     options_for=options_for,
     run=run,
 )

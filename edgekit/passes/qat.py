@@ -162,7 +162,7 @@ PASS = Pass(
     takes=frozenset({Stage.ONNX}),
     gives=Stage.ONNX,
     target_specific=True,
-    libraries=("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime"),
+    libraries=("torch", "transformers", "onnx", "onnxruntime"),
     options_for=options_for,
     run=run,
 )

@@ -6,17 +6,20 @@ Data: rows with a text, a label and (optionally) a split, read by
 file or, without one, from train. Tokenization is
 ``device_agent.preprocess.TextTokenizer``: the same code a device runs.
 
-Models: the embedded all-MiniLM-L6-v2 or a Hugging Face folder. The load step
-fits the head (pooler + classifier) on the frozen encoder's [CLS] features; the
-finetune step trains LoRA adapters (peft) or every weight; prune removes
-attention heads and FFN neurons (``edgekit.pruning.encoder``). All training runs
-in ``edgekit.training.fit``. Export is optimum's, with the dynamic axes named
+Models: the embedded all-MiniLM-L6-v2 or a Hugging Face folder, read by mean
+pooling or [CLS] as the encoder was trained (``edgekit.tasks.text_models``).
+The load step fits the head on the frozen encoder's features; the finetune step
+trains LoRA adapters (peft) or every weight; prune removes attention heads and
+FFN neurons (``edgekit.pruning.encoder``). All training runs in
+``edgekit.training.fit``. Export is PyTorch's TorchScript exporter (the one
+optimum runs for BERT), from the model as trained, with the dynamic axes named
 ``batch`` and ``sequence``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -30,6 +33,7 @@ from edgekit.config import BuildConfig, DataSection, FinetuneSection, HeadSectio
 from edgekit.search_space import NO_FINETUNE, Dimension
 from edgekit.data import Split, TaskData
 from edgekit.tasks.text_data import load_dataset, read_rows, to_task_data
+from edgekit.tasks.text_models import load_classifier, mean_pool, new_classifier, pooling_of
 from edgekit.errors import EdgekitError
 
 if TYPE_CHECKING:
@@ -41,7 +45,6 @@ KIND = "text-classification"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 PREDICT_BATCH = 64
-_DIM_NAMES = {"batch_size": "batch", "sequence_length": "sequence"}
 # Linear layers that LoRA adapts, by model family (the Hugging Face module names).
 LORA_TARGETS = {
     "bert": ("query", "key", "value", "dense"),
@@ -66,6 +69,7 @@ SEARCH_SPACE = (
     Dimension("finetune.lora_alpha", [16, 32, 64], when=("finetune.method", ("lora",))),
     Dimension("finetune.lora_dropout", SearchRange(low=0.0, high=0.15), when=("finetune.method", ("lora",))),
     Dimension("head.learning_rate", SearchRange(low=1e-3, high=1e-2, log=True), when=("finetune.method", (NO_FINETUNE,))),
+    Dimension("head.pooling", ["cls", "mean"], searched=False),  # auto reads the model's own pooling config
     Dimension("finetune.max_train_rows", SearchRange(low=200, high=100_000, integer=True, log=True), searched=False),
     Dimension("prune.ratio", SearchRange(low=0.1, high=0.5), searched=False),
 )
@@ -134,9 +138,7 @@ class TextClassification:
         return prune_encoder(artifact, settings, ctx)
 
     def load_torch(self, folder: Path) -> torch.nn.Module:
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        return load_classifier(folder).eval()
 
     def save_torch(self, model: torch.nn.Module, source: Path, folder: Path) -> None:
         model.save_pretrained(folder)
@@ -156,26 +158,40 @@ class TextClassification:
     # ------------------------------------------------------------------ ONNX and the device
 
     def export_onnx(self, folder: Path, output: Path, opset: int, say) -> None:
-        """Optimum's exporter, dynamic axes renamed ``batch``/``sequence``, checked by onnx.checker."""
+        """The model as trained (mean-pooled or not) through PyTorch's TorchScript exporter, as optimum exports BERT:
+        the tokenizer's inputs with axes ``batch`` and ``sequence``, ``logits`` out; checked by onnx.checker."""
+        import warnings
+
         import onnx
-        from optimum.exporters.onnx import main_export
+        import torch
 
         from edgekit.passes.export import ExportError
 
-        staging = output.parent / "optimum"
-        say(f"exporting to ONNX (opset {opset}) with optimum")
+        model = self.load_torch(folder)
+        names = [name for name in INPUT_NAMES if name in inspect.signature(model.forward).parameters]
+        example = {name: torch.ones(1, 8, dtype=torch.int64) for name in names}
+        if "token_type_ids" in example:
+            example["token_type_ids"] = torch.zeros_like(example["token_type_ids"])
+        say(f"exporting to ONNX (opset {opset})")
+        axes = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
+
+        class Logits(torch.nn.Module):  # the exporter wants tensors out, not a ModelOutput
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, *inputs):
+                return self.model(**dict(zip(names, inputs, strict=True))).logits
+
         try:
-            main_export(str(folder), output=staging, task=KIND, opset=opset, device="cpu", do_validation=False)
-        except (ValueError, KeyError, NotImplementedError) as exc:
-            raise ExportError(f"optimum cannot export this model ({exc}); check that its architecture supports ONNX export") from None
-        model = onnx.load(str(staging / "model.onnx"))
-        for value in [*model.graph.input, *model.graph.output]:
-            for dim in value.type.tensor_type.shape.dim:
-                if dim.dim_param in _DIM_NAMES:
-                    dim.dim_param = _DIM_NAMES[dim.dim_param]
-        onnx.checker.check_model(model)
-        onnx.save(model, str(output))
-        shutil.rmtree(staging)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notices say nothing about this model
+                torch.onnx.export(Logits().eval(), tuple(example.values()), str(output), dynamo=False, input_names=names,
+                                  output_names=["logits"], dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+        except (RuntimeError, ValueError, IndexError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
+            raise ExportError(f"PyTorch cannot export this model to ONNX ({str(exc).splitlines()[0]}); check that its "
+                              "architecture supports ONNX export") from None
+        onnx.checker.check_model(onnx.load(str(output)))
 
     def feeds(self, spec: TaskSpec, inputs: Sequence[str], *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
         """Every tensor the tokenizer makes (callers keep those the graph takes); ``pad_to_max_length`` for fixed-shape timing."""
@@ -243,9 +259,9 @@ def with_tokenizer_in(artifact: Artifact, folder: Path) -> TaskSpec:
 
 
 def fit_head(source: Path, data: TaskData, settings: TextSettings, ctx: PassContext) -> dict:
-    """Load the model with a head for the labels and fit pooler + classifier on the frozen encoder's [CLS] features."""
+    """Load the model with a classifier for the labels and fit it on the frozen encoder's features: mean-pooled token
+    vectors (``edgekit.tasks.text_models``) or the family's [CLS] pooler + classifier."""
     import torch
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     from edgekit import training
@@ -254,16 +270,15 @@ def fit_head(source: Path, data: TaskData, settings: TextSettings, ctx: PassCont
     labels, head_settings = data.labels, settings.head
     hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected: we fit it next
     torch.manual_seed(head_settings.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
-    ).eval()
+    pooling = pooling_of(source, head_settings.pooling)
+    model = new_classifier(source, labels, pooling).eval()
     if not head_settings.enabled:
         model.save_pretrained(ctx.work_dir)
-        return {"head": "as loaded (not fitted)"}
+        return {"head": "as loaded (not fitted)", "pooling": pooling}
     spec = TASK.spec(labels, settings.max_length, tokenizer_of(source))
-    train_x, val_x = _cls_features(model, spec, data.train, "train", ctx), _cls_features(model, spec, data.val, "val", ctx)
+    train_x, val_x = (_features(model, pooling, spec, split, what, ctx) for split, what in ((data.train, "train"), (data.val, "val")))
     train_y, val_y = torch.from_numpy(data.train.labels), data.val.labels
-    head = _head(model.base_model.pooler, model.classifier)
+    head = model.classifier if pooling == "mean" else _cls_head(model.base_model.pooler, model.classifier)
 
     def validate(module) -> float:
         return float(np.mean(training.predict(module, [{"features": val_x}], _head_forward).argmax(-1) == val_y))
@@ -275,25 +290,28 @@ def fit_head(source: Path, data: TaskData, settings: TextSettings, ctx: PassCont
                           progress=ctx.progress, validate=validate)
     val_metrics = classification_metrics(val_y, training.predict(head, [{"features": val_x}], _head_forward).argmax(-1), labels)
     model.save_pretrained(ctx.work_dir)
-    ctx.say(f"fitted the classification head: validation accuracy {val_metrics.accuracy:.3f} (epoch {result.best_epoch})")
-    return {"head": "pooler + classifier fitted on frozen encoder", "val_accuracy": val_metrics.accuracy,
+    ctx.say(f"fitted the classification head ({pooling} pooling): validation accuracy {val_metrics.accuracy:.3f} (epoch {result.best_epoch})")
+    what = "classifier on mean-pooled token vectors" if pooling == "mean" else "pooler + classifier on [CLS]"
+    return {"head": f"{what}, fitted on the frozen encoder", "pooling": pooling, "val_accuracy": val_metrics.accuracy,
             "val_f1_macro": val_metrics.f1_macro, "epochs": result.best_epoch}
 
 
-def _cls_features(model, spec: TaskSpec, split: Split, what: str, ctx: PassContext):
+def _features(model, pooling: str, spec: TaskSpec, split: Split, what: str, ctx: PassContext):
+    """The frozen encoder's features of every row: its [CLS] vector, or its token vectors' mean."""
     import torch
 
     rows = []
     task = ctx.progress.add_task(f"encoding {what}", total=len(split))
     with torch.inference_mode():
         for inputs in TASK.torch_batches(spec, split):
-            rows.append(model.base_model(**inputs).last_hidden_state[:, 0])
+            hidden = model.base_model(**inputs).last_hidden_state
+            rows.append(mean_pool(hidden, inputs["attention_mask"]) if pooling == "mean" else hidden[:, 0])
             ctx.progress.advance(task, len(inputs["input_ids"]))
     ctx.progress.remove_task(task)
     return torch.cat(rows)
 
 
-def _head(pooler, classifier):
+def _cls_head(pooler, classifier):
     """The pooler and classifier of a BERT-style classifier as one module over [CLS] features (it shares their weights)."""
     import torch
 
@@ -330,8 +348,9 @@ def lora_model(model, settings: FinetuneSection):
             f"LoRA target modules {missing} do not exist in this {family} model; "
             f"set finetune.lora_target_modules to some of: {', '.join(available)}"
         )
+    head = ["classifier", "pooler"] if getattr(model.base_model, "pooler", None) is not None else ["classifier"]
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=settings.lora_r, lora_alpha=settings.lora_alpha,
-                        lora_dropout=settings.lora_dropout, target_modules=list(targets), modules_to_save=["classifier", "pooler"])
+                        lora_dropout=settings.lora_dropout, target_modules=list(targets), modules_to_save=head)
     return get_peft_model(model, config)
 
 
@@ -352,7 +371,6 @@ def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext) ->
     import math
 
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     from edgekit import training
     from edgekit.artifact import Artifact, Stage
@@ -361,7 +379,7 @@ def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext) ->
 
     torch.manual_seed(settings.seed)
     spec = artifact.task
-    model = AutoModelForSequenceClassification.from_pretrained(artifact.directory)
+    model = load_classifier(artifact.directory)
     memory_check = _memory_check(model, settings, spec.max_length)
     trainable = lora_model(model, settings) if settings.method == "lora" else model
     train = ctx.data.train.head(settings.max_train_rows) if settings.max_train_rows else ctx.data.train

@@ -121,16 +121,18 @@ def test_corrupt_onnx_source_is_named(tmp_path):
         load.run_onnx(source, options, _context(tmp_path))
 
 
-def test_architecture_the_exporter_does_not_support_is_named(tmp_path):
-    from transformers import CanineConfig, CanineForSequenceClassification
+def test_a_model_the_exporter_cannot_trace_is_a_clear_error(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
 
     from edgekit.artifact import Artifact, Stage, TaskSpec
     from edgekit.passes import export
 
-    folder = tmp_path / "canine"
-    config = CanineConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=8)
-    CanineForSequenceClassification(config).save_pretrained(folder)
+    folder = tmp_path / "short-bert"
+    # Four positions: the exporter's example sequence does not fit, as a real model with too few positions would not.
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=8,
+                        max_position_embeddings=4)
+    BertForSequenceClassification(config).save_pretrained(folder)
     (tmp_path / "work").mkdir()
     artifact = Artifact(Stage.TORCH, folder, ".", "d", TaskSpec("text-classification", tuple("abcdefgh"), 8, tmp_path / "tok.json"))
-    with pytest.raises(EdgekitError, match="optimum cannot export this model"):
+    with pytest.raises(EdgekitError, match="PyTorch cannot export this model to ONNX"):
         export.run(artifact, export.Options(opset=17, parity_atol=1e-4, parity_samples=2), _context(tmp_path))

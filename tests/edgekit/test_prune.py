@@ -178,7 +178,7 @@ def test_the_pass_prunes_exports_and_runs_in_onnx_runtime_like_the_pruned_torch_
     assert set(metrics["val_accuracy"]) == {"before", "pruned", "recovered"} and metrics["val_accuracy"]["recovered"] is None
     assert not (result.directory / "timing").exists()
 
-    # The real export pass (optimum + its parity check) takes the pruned folder.
+    # The real export pass (and its parity check) takes the pruned folder.
     work = tmp_path / "export"
     work.mkdir()
     config = BuildConfig()

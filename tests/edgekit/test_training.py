@@ -100,3 +100,30 @@ def test_distillation_mixes_labels_and_the_teachers_softened_logits():
     assert torch.isclose(plain, training.cross_entropy(_forward)(model, batch)), "without a teacher: labels only"
     mixed = training.distillation(_forward, 2.0)(model, training.Batch(batch.inputs, batch.labels, teacher))
     assert not torch.isclose(mixed, plain)
+
+
+def test_on_epoch_hears_each_score_and_can_end_training_keeping_the_best_epoch():
+    heard = []
+
+    def on_epoch(epoch: int, score: float) -> bool:
+        heard.append((epoch, score))
+        return epoch == 3  # a search whose budget is spent after epoch 3
+
+    model = _model()
+    curve = iter([0.5, 0.8, 0.6, 0.9, 0.95])
+    result = training.fit(model, FixedBatches(_data()), training.cross_entropy(_forward), training.FitSettings(5, 0.05),
+                          progress=Progress(disable=True), validate=lambda _m: next(curve), on_epoch=on_epoch)
+    assert heard == [(1, 0.5), (2, 0.8), (3, 0.6)] and result.epochs_run == 3
+    assert (result.best_epoch, result.best_score) == (2, 0.8), "the best epoch so far is what remains"
+    again = _model()
+    _fit(again, [0.5, 0.8], epochs=2)
+    assert torch.equal(model.weight, again.weight)
+
+
+def test_parameters_under_a_named_module_train_at_their_own_learning_rate():
+    model = torch.nn.Sequential()
+    model.add_module("encoder", torch.nn.Linear(4, 4))
+    model.add_module("classifier", torch.nn.Linear(4, 2))
+    groups = training._parameter_groups(model, list(model.parameters()), 1e-5, {"classifier": 1e-3})
+    rates = {rate: {id(p) for p in group} for rate, group in ((g["lr"], g["params"]) for g in groups)}
+    assert rates == {1e-5: {id(p) for p in model.encoder.parameters()}, 1e-3: {id(p) for p in model.classifier.parameters()}}
