@@ -7,7 +7,9 @@ optimize pass's output) against the int8 model (the quantize pass's output) at
 batch 1 on real test images, in alternating rounds so the VM's drift hits both
 alike. Latency comes from ``edgekit.measure.latency``, as in the build.
 
-Run: python bench/fashion_mnist_bench.py [--reuse OUT] [--results bench/results/fashion_mnist.json]
+Run: python bench/fashion_mnist_bench.py [--config examples/fashion-mnist.yaml] [--reuse OUT] [--results bench/results/fashion_mnist.json]
+(``--config examples/fashion-mnist-search.yaml --results bench/results/fashion_mnist_search.json``: the training
+chosen by the build's search; the trials are recorded too.)
 Needs Debian's dataset-fashion-mnist. Timing on shared VMs drifts: compare numbers only within one run.
 """
 
@@ -30,10 +32,10 @@ ROUNDS = 5
 ITERATIONS = 300
 
 
-def build(out: Path) -> float:
+def build(config: Path, out: Path) -> float:
     """Run the example build from an empty cache; its wall time in seconds."""
     started = time.perf_counter()
-    command = [sys.executable, "-m", "edgekit", "build", str(CONFIG), "--out", str(out), "--cache-dir", str(out / "cache")]
+    command = [sys.executable, "-m", "edgekit", "build", str(config), "--out", str(out), "--cache-dir", str(out / "cache")]
     subprocess.run(command, check=True, cwd=ROOT)
     return time.perf_counter() - started
 
@@ -43,14 +45,14 @@ def pass_model(out: Path, target: str, name: str) -> Path:
     return folder / "model.onnx"
 
 
-def latencies(fp32: Path, int8: Path) -> dict:
+def latencies(config_file: Path, fp32: Path, int8: Path) -> dict:
     import onnxruntime
 
     from edgekit.config import load_build_config
     from edgekit.measure import latency
     from edgekit.tasks import image_classification, model_feeds
 
-    config = load_build_config(CONFIG)
+    config = load_build_config(config_file)
     data = image_classification.load_task_data(config.data, config.task.image)
     task = image_classification.task_spec(data.labels, config.task.image)
     feeds = model_feeds(task, data.test.inputs[:1])
@@ -68,18 +70,21 @@ def latencies(fp32: Path, int8: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--reuse", type=Path, help="read an existing build's --out folder instead of building")
     parser.add_argument("--build-seconds", type=float, help="with --reuse: the wall time that build took (measured outside)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "fashion_mnist.json")
     args = parser.parse_args()
     out = args.reuse or Path(tempfile.mkdtemp(prefix="fashion-mnist-bench-"))
-    wall = args.build_seconds if args.reuse else build(out)
+    wall = args.build_seconds if args.reuse else build(args.config, out)
     report = json.loads((out / "x86-64-cpu" / "report.json").read_text())
-    jetson = json.loads((out / "jetson-orin-nano-8gb" / "report.json").read_text())
+    jetson_report = out / "jetson-orin-nano-8gb" / "report.json"
+    jetson = json.loads(jetson_report.read_text()) if jetson_report.is_file() else None
     reference, final = report["metrics"]["reference"], report["metrics"]["final"]
     results = {
-        "date": time.strftime("%Y-%m-%d"),
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "config": str(args.config.resolve().relative_to(ROOT)) if args.config.resolve().is_relative_to(ROOT) else str(args.config),
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "build_wall_seconds": round(wall, 1) if wall is not None else None,
         "pass_seconds": {p["name"]: p["seconds"] for p in report["passes"]},
         "train": {k: report["metrics"]["load"].get(k) for k in ("parameters", "widths", "epochs_run", "val_accuracy", "seconds", "samples_per_second")},
@@ -93,10 +98,15 @@ def main() -> None:
         "size_mb": {"fp32": reference["size_mb"], "int8": final["size_mb"]},
         "bars": {"fp32_accuracy_at_least": 0.90, "int8_drop_points_at_most": 0.5},
         "x86_64_cpu_passed": report["passed"],
-        "jetson": {"passed": jetson["passed"], "precision": jetson["precision"], "int8_test_accuracy": jetson["metrics"]["final"]["accuracy"],
-                   "engine_built_here": (jetson["metrics"]["compile"] or {}).get("engine_built"),
-                   "reason": (jetson["metrics"]["compile"] or {}).get("reason")},
-        "latency_batch1": latencies(pass_model(out, "x86-64-cpu", "optimize"), pass_model(out, "x86-64-cpu", "quantize")),
+        "jetson": jetson and {"passed": jetson["passed"], "precision": jetson["precision"],
+                              "int8_test_accuracy": jetson["metrics"]["final"]["accuracy"],
+                              "engine_built_here": (jetson["metrics"]["compile"] or {}).get("engine_built"),
+                              "reason": (jetson["metrics"]["compile"] or {}).get("reason")},
+        "latency_batch1": latencies(args.config, pass_model(out, "x86-64-cpu", "optimize"), pass_model(out, "x86-64-cpu", "quantize")),
+        "search": report.get("search") and {
+            "spent_minutes": report["search"]["spent_minutes"], "budget_minutes": report["search"]["budget_minutes"],
+            "chosen": report["search"]["chosen"],
+            "trials": [{k: t[k] for k in ("number", "state", "val_accuracy", "seconds", "params", "note")} for t in report["search"]["trials"]]},
     }
     results["bars_met"] = results["fp32_test_accuracy"] >= 0.90 and results["int8_accuracy_drop_points"] <= 0.5
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ def build(
     front are in report.json and report.html. Search keys a config may tune (search.space):
     text: finetune.method (none, lora, full), finetune.learning_rate, finetune.head_learning_rate, finetune.epochs,
     finetune.batch_size, finetune.warmup_ratio, finetune.weight_decay, finetune.label_smoothing, finetune.lora_r,
-    finetune.lora_alpha, finetune.lora_dropout, head.learning_rate, finetune.max_train_rows, prune.ratio;
+    finetune.lora_alpha, finetune.lora_dropout, head.learning_rate, head.pooling, finetune.max_train_rows, prune.ratio;
     images and time series: train.learning_rate, train.epochs, train.batch_size, train.weight_decay, train.augment
     (images), model.widths, prune.ratio; any task: model.source (or list candidates in search.models).
     """
@@ -72,18 +72,14 @@ def build(
     data_set = load_task_data(config)
     progress = _progress_bars(quiet=as_json)
     say = (lambda message: None) if as_json else (lambda message: console.print(message, highlight=False))
-    outcome = None
-    if not dry_run and _searching(config, data):
-        from edgekit.search import run_search
-
-        with progress:
-            outcome = run_search(config, data_set, out, cache, key, progress, say)
-        config = outcome.config
-        say(f"search: building trial {outcome.chosen} ({len(outcome.trials)} trials, {outcome.spent_minutes:.1f} min)")
-    builder = Build(config, data_set, out, cache, key, progress, say)
+    searching = _searching(config, data)
     if dry_run:
-        _print_plan(builder, cache, as_json=as_json)
+        if searching:
+            say("--dry-run: a search would run first and choose the training; this is the plan of the config as written")
+        _print_plan(Build(config, data_set, out, cache, key, progress, say), cache, as_json=as_json)
         return
+    outcome = _search(config, data_set, out, cache, key, progress, say) if searching else None
+    builder = Build(outcome.config if outcome else config, data_set, out, cache, key, progress, say)
     with progress:
         results = builder.run()
     reports = write_reports(results, out, signing={"key": str(key), "development_key": development_key, "key_id": builder.signer},
@@ -137,6 +133,16 @@ def _searching(config: BuildConfig, data_flag: Path | None) -> bool:
 
     own_data = data_flag is not None or config.data.path != DEMO_DATA or config.data.idx is not None
     return wanted(config, own_data)
+
+
+def _search(config, data_set, out: Path, cache: Path, key: Path, progress, say):
+    """Run (or resume) the build's search; its outcome carries the chosen trial's config."""
+    from edgekit.search import run_search
+
+    with progress:
+        outcome = run_search(config, data_set, out, cache, key, progress, say)
+    say(f"search: building trial {outcome.chosen} ({len(outcome.trials)} trials, {outcome.spent_minutes:.1f} min)")
+    return outcome
 
 
 def _signing_key(key: Path | None, cache: Path, *, quiet: bool) -> tuple[Path, bool]:

@@ -98,6 +98,15 @@ def test_an_unknown_space_key_is_one_error_listing_the_allowed_keys(tmp_path, ti
     assert "Traceback" not in result.output
 
 
+def test_build_help_lists_every_key_each_task_may_search():
+    from edgekit.cli.build import build
+    from edgekit.tasks import TASKS
+
+    help_text = " ".join(build.__doc__.split())
+    missing = {d.key for task in TASKS.values() for d in task.search_space} - {k for k in help_text.replace(",", " ").replace(";", " ").split()}
+    assert not missing, f"edgekit build --help does not name {missing}"
+
+
 def test_auto_searches_only_the_users_own_data_when_the_config_leaves_training_to_it():
     assert not wanted(BuildConfig(), own_data=False)
     assert wanted(BuildConfig(), own_data=True)
