@@ -256,7 +256,7 @@ class _Trials:
         try:
             trial_config = apply(self.config, values)
             build = Build(trial_config, self.data, self.out_dir / "search" / f"trial-{trial.number:03d}", self.cache_dir,
-                          self.signing_key, self.progress, lambda message: None, on_epoch=self._judge(trial))
+                          self.signing_key, self.progress, lambda message: None, on_epoch=self._judge(trial, _epochs(trial_config)))
             scores = _scores(build.train(), self.data)
         except optuna.TrialPruned:
             build.discard_checkpoints()  # a stopped trial is never resumed
@@ -278,7 +278,7 @@ class _Trials:
                  f"{time.monotonic() - started:.0f} s ({_describe(values)}){self._best_note(trial.number, scores['val_accuracy'])}")
         return scores["val_accuracy"]
 
-    def _judge(self, trial: optuna.Trial):
+    def _judge(self, trial: optuna.Trial, epochs: int):
         import optuna
 
         def on_epoch(epoch: int, score: float) -> bool:
@@ -286,7 +286,7 @@ class _Trials:
             if trial.should_prune():
                 trial.set_user_attr("stopped", f"validation {score:.4f} after epoch {epoch} is below the median of earlier trials")
                 raise optuna.TrialPruned()
-            if time.monotonic() > self.deadline:  # training ends here and the trial is scored on its best epoch so far
+            if epoch < epochs and time.monotonic() > self.deadline:  # training ends here, scored on its best epoch so far
                 trial.set_user_attr("stopped", f"the search budget ended its training after epoch {epoch}; its best epoch is kept")
                 return True
             return False
@@ -373,3 +373,8 @@ def _outcome(config: BuildConfig, study: optuna.Study, name: str, shown: str, bu
 def _nothing_finished(records: list[TrialRecord]) -> EdgekitError:
     failures = "; ".join(f"trial {t.number}: {t.note}" for t in records if t.note) or "no trial ran"
     return EdgekitError(f"no search trial finished: {failures}")
+
+
+def _epochs(config: BuildConfig) -> int:
+    """The epochs a trial's training runs at most: fine-tuning's when on, else the train section's (models built here)."""
+    return config.finetune.epochs if config.finetune.enabled else config.train.epochs
