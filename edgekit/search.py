@@ -161,7 +161,8 @@ def run_search(config: BuildConfig, data: TaskData, out_dir: Path, cache_dir: Pa
 
 def study_name(config: BuildConfig, data: TaskData, dimensions: tuple[Dimension, ...]) -> str:
     document = {
-        "config": config.model_dump(mode="json", include=set(TRAINING_SECTIONS)),
+        # the bundle's name and version do not change how a trial trains
+        "config": config.model_dump(mode="json", include=set(TRAINING_SECTIONS), exclude={"model": {"name", "version"}}),
         "data": data.digest, "seed": config.search.seed,
         "space": [[d.key, d.values.model_dump() if isinstance(d.values, SearchRange) else d.values, d.when, d.searched] for d in dimensions],
     }
