@@ -15,11 +15,14 @@ pass no longer scores test, so the test split is touched once, by the
 evaluate pass of the chosen trial's build.
 
 The engine is Optuna: a seeded TPE sampler (multivariate, grouped by the
-space's conditions) and a median pruner judged after each training epoch (a
-trial below the median of earlier trials at the same epoch stops). The first
+space's conditions) and a median pruner (a trial below the median of earlier
+trials stops). The first
 trials are the config as written (the search never does worse on validation
 than not searching) and the task's starting recipes (``Task.search_starts``);
-TPE draws the rest.
+TPE draws the rest. A trial is judged halfway through its own epochs against
+earlier trials halfway through theirs (compared at the same epoch, a long
+schedule still at a high learning rate would lose to a short one already
+decayed).
 
 Budget: ``search.budget_minutes`` of trial time summed over the study's trials.
 A rerun of a finished search trains nothing; an interrupted one goes on with
@@ -84,7 +87,7 @@ class TrialRecord:
     latency_p50_ms: float | None = None
     size_mb: float | None = None
     seconds: float | None = None
-    epochs: dict[str, float] = field(default_factory=dict)  # validation score after each epoch, as pruning saw it
+    epochs: dict[str, float] = field(default_factory=dict)  # validation score after each epoch
     note: str | None = None  # why it stopped or failed
 
 
@@ -282,11 +285,20 @@ class _Trials:
     def _judge(self, trial: optuna.Trial, epochs: int):
         import optuna
 
+        halfway = max(1, math.ceil(epochs / 2))
+        curve: dict[str, float] = {}
+
         def on_epoch(epoch: int, score: float) -> bool:
-            trial.report(score, epoch)
-            if trial.should_prune():
-                trial.set_user_attr("stopped", f"validation {score:.4f} after epoch {epoch} is below the median of earlier trials")
-                raise optuna.TrialPruned()
+            curve[str(epoch)] = score
+            trial.set_user_attr("epoch_scores", curve)
+            # Judged halfway through its own schedule against earlier trials halfway through theirs: compared at the
+            # same epoch, a long schedule (still at a high learning rate) would lose to a short one that has decayed.
+            if epoch == halfway:
+                trial.report(score, 1)
+                if trial.should_prune():
+                    trial.set_user_attr("stopped", f"validation {score:.4f} halfway (epoch {epoch} of {epochs}) is below "
+                                                   "the median of earlier trials halfway")
+                    raise optuna.TrialPruned()
             if epoch < epochs and time.monotonic() > self.deadline:  # training ends here, scored on its best epoch so far
                 trial.set_user_attr("stopped", f"the search budget ended its training after epoch {epoch}; its best epoch is kept")
                 return True
@@ -343,7 +355,7 @@ def _records(study: optuna.Study) -> list[TrialRecord]:
         number=t.number, state=t.state.name, params=dict(t.user_attrs.get("params", {})),
         val_accuracy=t.user_attrs.get("val_accuracy"), val_f1_macro=t.user_attrs.get("val_f1_macro"),
         latency_p50_ms=t.user_attrs.get("latency_p50_ms"), size_mb=t.user_attrs.get("size_mb"),
-        seconds=t.user_attrs.get("seconds"), epochs={str(k): v for k, v in t.intermediate_values.items()},
+        seconds=t.user_attrs.get("seconds"), epochs=dict(t.user_attrs.get("epoch_scores", {})),
         note=t.user_attrs.get("stopped") or t.user_attrs.get("error")
         or ("its host stopped answering; run again" if t.state.name == "FAIL" else None),
     ) for t in study.get_trials(deepcopy=False)]
