@@ -158,6 +158,8 @@ class FinetuneSection(_Strict):
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="share of all optimizer steps spent warming up the learning rate")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description=(
+        "the learning rate after the warm-up: decayed to zero linearly or along a cosine, or held"))
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     early_stopping_patience: int = Field(2, ge=1, description="epochs without a better validation accuracy before stopping")
     max_train_rows: int | None = Field(None, ge=1)

@@ -56,7 +56,7 @@ def build(
     split, the test split judges only the model that ships). The trials, the chosen one and the accuracy-vs-latency
     front are in report.json and report.html. Search keys a config may tune (search.space):
     text: finetune.method (none, lora, full), finetune.learning_rate, finetune.head_learning_rate, finetune.epochs,
-    finetune.batch_size, finetune.warmup_ratio, finetune.weight_decay, finetune.label_smoothing, finetune.lora_r,
+    finetune.batch_size, finetune.warmup_ratio, finetune.schedule, finetune.weight_decay, finetune.label_smoothing, finetune.lora_r,
     finetune.lora_alpha, finetune.lora_dropout, head.learning_rate, head.pooling, finetune.max_train_rows, prune.ratio;
     images and time series: train.learning_rate, train.epochs, train.batch_size, train.weight_decay, train.augment
     (images), model.widths, prune.ratio; any task: model.source (or list candidates in search.models).

@@ -63,6 +63,7 @@ SEARCH_SPACE = (
     Dimension("finetune.epochs", SearchRange(low=2, high=5, integer=True), when=_TUNED),
     Dimension("finetune.batch_size", [16, 32], when=_TUNED),
     Dimension("finetune.warmup_ratio", SearchRange(low=0.0, high=0.15), when=_TUNED),
+    Dimension("finetune.schedule", ["linear", "cosine", "constant"], when=_TUNED),
     Dimension("finetune.weight_decay", SearchRange(low=0.0, high=0.1), when=_TUNED),
     Dimension("finetune.label_smoothing", SearchRange(low=0.0, high=0.15), when=_TUNED),
     Dimension("finetune.lora_r", [8, 16, 32], when=("finetune.method", ("lora",))),
@@ -386,7 +387,7 @@ def finetune(artifact: Artifact, settings: FinetuneSection, ctx: PassContext) ->
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     scores = _Scores(spec, ctx.data)
     batches = training.Shuffled(len(train), settings.batch_size, settings.seed, lambda rows, _epoch: _text_batch(spec, train, rows))
-    fit_settings = training.FitSettings(settings.epochs, settings.learning_rate, settings.weight_decay, "linear",
+    fit_settings = training.FitSettings(settings.epochs, settings.learning_rate, settings.weight_decay, settings.schedule,
                                         int(settings.warmup_ratio * steps_per_epoch * settings.epochs),
                                         settings.early_stopping_patience, label=f"finetune ({settings.method})")
     head_rate = settings.head_learning_rate or settings.learning_rate

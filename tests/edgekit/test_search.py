@@ -276,3 +276,27 @@ def test_two_build_hosts_share_one_study_through_postgresql(tmp_path, tiny_model
     assert 4 <= len(finished) <= 5, trials
     assert len({json.dumps(t["params"], sort_keys=True) for t in finished}) == len(finished)
     assert {reports[0]["chosen"], reports[1]["chosen"]} <= {t["number"] for t in finished}
+
+
+def test_the_fine_tuning_schedule_is_searched_and_reaches_the_training_loop(monkeypatch, tmp_path, tiny_model):
+    from rich.progress import Progress
+
+    from edgekit import training
+    from edgekit.artifact import Artifact, PassContext, Stage, TaskSpec
+    from edgekit.passes import finetune
+    from edgekit.tasks.text_classification import load_task_data
+    from tests.support.tiny_bert import MAX_LENGTH
+
+    assert any(d.key == "finetune.schedule" and d.values == ["linear", "cosine", "constant"] for d in resolve(BuildConfig(), SEARCH_SPACE))
+    config = apply(BuildConfig(), {"finetune.method": "full", "finetune.schedule": "constant", "finetune.epochs": 1,
+                                   "finetune.max_train_rows": 64})
+    seen = []
+    real_fit = training.fit
+    monkeypatch.setattr(training, "fit", lambda *args, **kwargs: seen.append(args[3].schedule) or real_fit(*args, **kwargs))
+    data = load_task_data(BuildConfig().data)
+    artifact = Artifact(Stage.TORCH, tiny_model, ".", "tiny", TaskSpec("text-classification", data.labels, MAX_LENGTH,
+                                                                    tiny_model / "tokenizer.json"))
+    (tmp_path / "work").mkdir()
+    ctx = PassContext(tmp_path / "work", data, Progress(disable=True), tmp_path / "k", print)
+    finetune.run(artifact, finetune.options_for(config, None), ctx)
+    assert seen == ["constant"]
