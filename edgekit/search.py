@@ -38,7 +38,8 @@ hashes what trains (model, task, data, head, finetune, train, prune and the
 space), so a changed config starts a new study in the same file. Trials beat
 a heartbeat: one whose host died (kill -9, power loss) is marked failed after
 ``search.stale_after_seconds`` and run again from the start of its pass, which
-resumes from its last epoch checkpoint. A trial interrupted by Ctrl-C is queued
+resumes from its last epoch checkpoint (one killed before its first heartbeat
+is found by :func:`fail_trials_that_died_starting`). A trial interrupted by Ctrl-C is queued
 again the same way.
 """
 
@@ -151,6 +152,7 @@ def run_search(config: BuildConfig, data: TaskData, out_dir: Path, cache_dir: Pa
     bar = progress.add_task("search", total=budget, completed=min(budget, _spent(study)))
     try:
         while (remaining := budget - _spent(study)) > 0 and not _enough(study, max_trials):
+            fail_trials_that_died_starting(study, storage, config.search.stale_after_seconds)
             if trials.repeats >= MAX_REPEATS:
                 say(f"search: the sampler drew values already tried {MAX_REPEATS} times in a row; the space is exhausted")
                 break
@@ -218,6 +220,31 @@ def _storage(config: BuildConfig, out_dir: Path) -> tuple[optuna.storages.RDBSto
         raise EdgekitError(f"cannot open the search storage {shown}: {reason}; check the server and the URL "
                            f"(search.storage or --study-db): {STORAGE_HINT}") from None
     return storage, shown
+
+
+def fail_trials_that_died_starting(study: optuna.Study, storage: optuna.storages.BaseStorage, stale_after_seconds: float) -> list[int]:
+    """Fail (and queue again) running trials whose process died before the trial began: no heartbeat tells on them.
+
+    Optuna fails a running trial whose heartbeat stopped, but a process killed between creating a trial and its first
+    heartbeat leaves it running for ever. A trial here records its values the moment it starts, so a running trial
+    without them, older than ``stale_after_seconds``, is one of those; an enqueued one's values are queued again.
+    """
+    import datetime
+
+    import optuna
+
+    now = datetime.datetime.now()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if "params" in trial.user_attrs or started is None or (now - started).total_seconds() < stale_after_seconds:
+            continue
+        storage.set_trial_user_attr(trial._trial_id, "error", "its process died before the trial began")
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        if trial.system_attrs.get("fixed_params"):
+            study.enqueue_trial(trial.system_attrs["fixed_params"], skip_if_exists=False)
+        failed.append(trial.number)
+    return failed
 
 
 def _spent(study: optuna.Study) -> float:

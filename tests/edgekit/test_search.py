@@ -53,8 +53,11 @@ def _build(config: Path, root: Path, *extra: str):
 
 
 def _trials(db: Path) -> list[tuple[int, str]]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+    except sqlite3.OperationalError:  # the study's tables are not there yet
+        return []
 
 
 # ------------------------------------------------------------------ the space
@@ -215,6 +218,33 @@ def test_data_too_small_to_compare_trials_is_a_clear_error(tmp_path, tiny_model)
 # ------------------------------------------------------------------ interrupted and shared searches
 
 
+def _has_begun_training(db: Path) -> bool:
+    """Whether a running trial has reported a training epoch (so a kill lands in the middle of its training)."""
+    try:
+        with sqlite3.connect(db) as conn:
+            return bool(conn.execute(
+                "SELECT 1 FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+                "WHERE t.state = 'RUNNING' AND t.number >= 1 AND a.key = 'epoch_scores'").fetchall())
+    except sqlite3.OperationalError:  # the study's tables are not there yet
+        return False
+
+
+def test_a_trial_whose_process_died_before_it_began_is_failed_and_queued_again(tmp_path):
+    import optuna
+
+    from edgekit.search import fail_trials_that_died_starting
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, direction="maximize")
+    study.enqueue_trial({"finetune.method": "full"})
+    dead = study.ask()  # running, never given its values or a heartbeat: as a process killed at that moment leaves it
+    assert dead.params == {} and study.get_trials()[0].state.name == "RUNNING"
+    assert fail_trials_that_died_starting(study, storage, stale_after_seconds=3600) == [], "too recent to call dead"
+    assert fail_trials_that_died_starting(study, storage, stale_after_seconds=0) == [dead.number]
+    states = [(t.state.name, t.system_attrs.get("fixed_params")) for t in study.get_trials()]
+    assert states == [("FAIL", {"finetune.method": "full"}), ("WAITING", {"finetune.method": "full"})]
+
+
 def _search_process(config: Path, root: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "edgekit", "build", str(config), "--out", str(root / "out"),
                              "--cache-dir", str(root / "cache"), "--json", *extra],
@@ -231,7 +261,7 @@ def test_a_search_killed_during_a_trial_resumes_without_repeating_finished_trial
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         states = _trials(db) if db.is_file() else []
-        if any(number >= 1 and state == "RUNNING" for number, state in states) and any(s == "COMPLETE" for _, s in states):
+        if any(number >= 1 and state == "RUNNING" for number, state in states) and _has_begun_training(db):
             break
         if process.poll() is not None:
             pytest.fail(f"the search ended before a second trial ran: {process.communicate()[1][-2000:]}")
