@@ -15,7 +15,9 @@ pass no longer scores test, so the test split is touched once, by the
 evaluate pass of the chosen trial's build.
 
 The engine is Optuna: a seeded TPE sampler (multivariate, grouped by the
-space's conditions) and a median pruner (a trial below the median of earlier
+space's conditions; a host that joins or resumes a study with trials mixes its
+process id into the seed, so two hosts do not draw the same values, and a draw
+equal to a finished or running trial's is skipped) and a median pruner (a trial below the median of earlier
 trials stops). The first
 trials are the config as written (the search never does worse on validation
 than not searching) and the task's starting recipes (``Task.search_starts``);
@@ -48,13 +50,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from edgekit.config import BuildConfig, SearchRange
 from edgekit.errors import EdgekitError
@@ -138,7 +139,8 @@ def run_search(config: BuildConfig, data: TaskData, out_dir: Path, cache_dir: Pa
     name = study_name(config, data, dimensions)
     with warnings.catch_warnings():  # multivariate, grouped TPE is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=config.search.seed, n_startup_trials=5, multivariate=True, group=True)
+        sampler = optuna.samplers.TPESampler(seed=_sampler_seed(storage, name, config.search.seed), n_startup_trials=5,
+                                             multivariate=True, group=True)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True, sampler=sampler,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, n_min_trials=2))
     for start in (current_values(config, dimensions), *(starting_parameters(s, dimensions) for s in task.search_starts)):
@@ -216,8 +218,7 @@ def _storage(config: BuildConfig, out_dir: Path) -> tuple[optuna.storages.RDBSto
                 heartbeat_interval=max(1, int(stale // 4)), grace_period=int(stale),
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
     except Exception as error:  # noqa: BLE001 - SQLAlchemy, driver and Optuna errors all mean "cannot use this storage"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise EdgekitError(f"cannot open the search storage {shown}: {reason}; check the server and the URL "
+        raise EdgekitError(f"cannot open the search storage {shown}: {_first_line(error)}; check the server and the URL "
                            f"(search.storage or --study-db): {STORAGE_HINT}") from None
     return storage, shown
 
@@ -247,6 +248,15 @@ def fail_trials_that_died_starting(study: optuna.Study, storage: optuna.storages
     return failed
 
 
+def _sampler_seed(storage: optuna.storages.BaseStorage, name: str, seed: int) -> int:
+    """``seed`` for a new study (one host's search is reproducible); mixed with this process's id when the study already
+    has trials, so a second host sharing it (or a resumed run) does not draw the same values as the first."""
+    import optuna
+
+    existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    return seed if not existing.get(name) else (seed * 1_000_003 + os.getpid()) % 2**32
+
+
 def _spent(study: optuna.Study) -> float:
     return sum(float(t.user_attrs.get("seconds", 0.0)) for t in study.get_trials(deepcopy=False))
 
@@ -274,10 +284,11 @@ class _Trials:
 
         values = sample(trial, self.dimensions)
         trial.set_user_attr("params", values)
-        tried = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # a failed trial's retry is no repeat
+        # Finished or running elsewhere (another host); a failed trial's retry is no repeat.
+        tried = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
         earlier = next((t.number for t in self.study.get_trials(deepcopy=False, states=tried)
-                        if t.user_attrs.get("params") == values), None)
-        if earlier is not None:  # the sampler drew a finished trial's values again: nothing new to learn
+                        if t.number != trial.number and t.user_attrs.get("params") == values), None)
+        if earlier is not None:  # the sampler drew values already tried: nothing new to learn
             self.repeats += 1
             trial.set_user_attr("stopped", f"the same values as trial {earlier}")
             raise optuna.TrialPruned()
@@ -297,7 +308,7 @@ class _Trials:
             self.study.enqueue_trial(trial.params, skip_if_exists=False)  # a rerun trains it again, from its checkpoint
             raise
         except Exception as error:  # noqa: BLE001 - any trial may fail (a model that does not load); the search goes on
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = _first_line(error)
             trial.set_user_attr("error", reason[:500])
             self.say(f"search: trial {trial.number} failed: {reason} ({_describe(values)})")
             raise _TrialFailed(reason) from error
@@ -350,7 +361,7 @@ def _scores(artifact: Artifact, data: TaskData) -> dict[str, float]:
     import torch
 
     from edgekit import training
-    from edgekit.measure import classification_metrics
+    from edgekit.measure import classification_metrics, latency
     from edgekit.tasks import task_for
 
     task = task_for(artifact.task.kind)
@@ -358,16 +369,16 @@ def _scores(artifact: Artifact, data: TaskData) -> dict[str, float]:
     logits = training.predict(model, task.torch_batches(artifact.task, data.val), task.forward)
     metrics = classification_metrics(data.val.labels, logits.argmax(-1), artifact.task.labels)
     one_row = next(iter(task.torch_batches(artifact.task, data.val.head(1), 1)))
-    timings = []
     with torch.inference_mode():
-        task.forward(model, one_row)  # warm-up
-        for _ in range(LATENCY_RUNS):
-            started = time.perf_counter()
-            task.forward(model, one_row)
-            timings.append((time.perf_counter() - started) * 1000)
+        timed = latency(lambda: task.forward(model, one_row), iterations=LATENCY_RUNS, warmup=1)
     return {"val_accuracy": float(metrics.accuracy), "val_f1_macro": float(metrics.f1_macro),
-            "latency_p50_ms": round(float(np.median(timings)), 3),
+            "latency_p50_ms": round(timed.p50_ms, 3),
             "size_mb": round(sum(p.numel() * 4 for p in model.parameters()) / 1e6, 2)}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _describe(values: dict[str, Any]) -> str:

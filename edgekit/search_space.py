@@ -49,8 +49,7 @@ class Dimension:
             return trial.suggest_float(self.parameter, values.low, values.high, log=values.log)
         if isinstance(values, list):
             # Optuna's choices must be plain scalars: a list value (image widths) travels as its JSON text.
-            encoded = [json.dumps(v) if isinstance(v, (list, dict)) else v for v in values]
-            picked = trial.suggest_categorical(self.parameter, encoded)
+            picked = trial.suggest_categorical(self.parameter, [self.encoded(v) for v in values])
             return json.loads(picked) if isinstance(picked, str) and picked[:1] in "[{" else picked
         return values  # one fixed value
 

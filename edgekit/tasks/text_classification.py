@@ -77,8 +77,8 @@ SEARCH_SPACE = (
 # After the build as written, the search tries this first: plain full fine-tuning as sentence encoders are usually
 # fine-tuned (a slow encoder, a fast head), the recipe a careful user would write by hand.
 SEARCH_STARTS = ({"finetune.method": "full", "finetune.learning_rate": 5e-5, "finetune.head_learning_rate": 1e-3,
-                  "finetune.epochs": 4, "finetune.batch_size": 32, "finetune.warmup_ratio": 0.06, "finetune.weight_decay": 0.01,
-                  "finetune.label_smoothing": 0.0},)
+                  "finetune.epochs": 4, "finetune.batch_size": 32, "finetune.warmup_ratio": 0.06, "finetune.schedule": "linear",
+                  "finetune.weight_decay": 0.01, "finetune.label_smoothing": 0.0},)
 
 
 class TextSettings(BaseModel):
