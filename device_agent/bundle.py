@@ -140,6 +140,9 @@ class TensorSpec(_Strict):
     shape: list[Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1)]] = Field(
         description="an int for a fixed dimension, a name for a symbolic one"
     )
+    value_range: tuple[int, int] | None = Field(
+        None, description="the values an integer input may hold, inclusive (it indexes a table: token ids, type ids)"
+    )
 
 
 class TaskInfo(_Strict):

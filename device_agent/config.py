@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from device_agent.http_limits import HttpLimits
 from device_agent.validation import read_yaml_mapping, validate_model
 
 _PATH_FIELDS = ("state_dir", "keyring_dir", "admin_token_file", "ssl_certfile", "ssl_keyfile", "device_token_file")
@@ -37,6 +38,17 @@ class AgentSettings(BaseModel):
     ssl_keyfile: Path | None = None
     max_body_bytes: int = Field(2 << 30, gt=0, description="largest bundle upload (admin API)")
     max_request_bytes: int = Field(64 << 20, gt=0, description="largest inference request, after decompression")
+    # The resource contract of one inference request and one connection (README "Limits"), checked before any work.
+    max_json_bytes: int = Field(2 << 20, gt=0, description="largest JSON part of an inference request (tensors past it: binary extension)")
+    max_rows_per_request: int = Field(256, ge=1, description="most rows (texts, images) in one inference request")
+    max_text_chars: int = Field(20_000, ge=1, description="a longer text is cut to this many characters before tokenizing")
+    max_concurrent_requests: int = Field(32, ge=1, description="inference requests in flight; past it 503 with Retry-After")
+    preprocess_threads: int = Field(2, ge=1, le=64, description="worker threads that decode, tokenize and preprocess requests")
+    max_header_bytes: int = Field(16 << 10, ge=1024, le=1 << 20, description="request line and headers together")
+    header_timeout_s: float = Field(10.0, gt=0, le=300, description="a connection must send complete headers within this")
+    keep_alive_s: float = Field(5.0, gt=0, le=300, description="an idle keep-alive connection is closed after this")
+    body_timeout_s: float = Field(30.0, gt=0, description="a body may take this long plus 1 s per 64 KiB")
+    max_connections: int = Field(1000, ge=1, description="open connections; past it a new one gets 503")
     max_batch: int = Field(8, ge=1, description="most rows the dynamic batcher puts into one model run")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest a request waits for others to join its batch")
     keep_versions: int = Field(3, ge=2, description="versions kept on disk per model (rollback needs two)")
@@ -55,7 +67,12 @@ class AgentSettings(BaseModel):
     upload_backoff_max_s: float = Field(300.0, gt=0, description="longest wait between failed uploads (exponential, full jitter)")
     capture_every: int | None = Field(None, ge=1, description="keep every n-th raw input for retraining; None (default): keep none")
     capture_max_samples: int = Field(20, ge=1, le=1000, description="raw inputs kept per window when capture is on")
-    capture_max_bytes: int = Field(1 << 20, ge=1, description="bytes of raw inputs kept per window when capture is on")
+    capture_max_bytes: int = Field(1 << 20, ge=1, le=8 << 20, description="bytes of raw inputs kept per window when capture is on")
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(max_header_bytes=self.max_header_bytes, header_timeout_s=self.header_timeout_s,
+                          keep_alive_s=self.keep_alive_s, body_timeout_s=self.body_timeout_s,
+                          max_connections=self.max_connections)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> AgentSettings:

@@ -75,6 +75,8 @@ class Metrics:
         # Every result starts at 0, so a rate() over the first failure sees it.
         self.installs: Counter[str] = Counter({result: 0 for result in INSTALL_RESULTS})
         self.rollbacks = 0
+        # Inference requests refused for the client's mistake (4xx), by status: never counted as model failures.
+        self.refused: Counter[int] = Counter()
 
     def for_model(self, name: str, version: str) -> ModelStats:
         return self._models.setdefault((name, version), ModelStats())
@@ -91,4 +93,7 @@ class Metrics:
         installs = [(_labels(result=result), count) for result, count in sorted(self.installs.items())]
         lines += _family("edgekit_installs_total", "counter", "Bundle installs through the admin API, by result", installs)
         lines += _family("edgekit_rollbacks_total", "counter", "Rollbacks through the admin API", [("", self.rollbacks)])
+        refused = [(_labels(code=str(code)), count) for code, count in sorted(self.refused.items())]
+        lines += _family("edgekit_inference_refused_total", "counter",
+                         "Inference requests refused as the client's mistake (4xx), by status code", refused)
         return "\n".join(lines) + "\n"

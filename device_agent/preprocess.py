@@ -34,6 +34,7 @@ class TextTokenizer:
         # [PAD], RoBERTa's <unk> and <pad>; the tokenizer file's own model and padding settings say which, where they do.
         unknown = getattr(self._tokenizer.model, "unk_token", None)
         self.unknown_id: int | None = self._first_known(unknown, "[UNK]", "<unk>")
+        self.vocabulary_size: int = self._tokenizer.get_vocab_size()
         self._tokenizer.enable_truncation(max_length)
         padding = self._tokenizer.padding or {}
         pad_token = next((t for t in (padding.get("pad_token"), "[PAD]", "<pad>") if t and self._tokenizer.token_to_id(t) is not None), None)

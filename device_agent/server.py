@@ -19,12 +19,14 @@ worker threads so inference keeps flowing meanwhile. Every error answers
 from __future__ import annotations
 
 import asyncio
+import codecs
 import functools
 import hmac
 import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from contextlib import asynccontextmanager
@@ -47,6 +49,8 @@ from device_agent.batching import DynamicBatcher
 from device_agent.bundle import ImagePreprocessing, Manifest, ModelInfo, TensorSpec, TokenizerPreprocessing
 from device_agent.config import AgentSettings
 from device_agent.errors import UserError
+from device_agent.http_limits import Admission, RequestRefused, connection_cap, read_body, stream_body, uvicorn_options
+from device_agent.input_contract import check_feeds, check_rows, value_ranges
 from device_agent.metrics import Metrics, RequestStats
 from device_agent.protocol import (
     HEADER_LENGTH,
@@ -123,7 +127,10 @@ class Agent:
     def __init__(self, repository: Repository, settings: AgentSettings) -> None:
         self.repository = repository
         self.settings = settings
+        self.http_limits = settings.http_limits()
         self.metrics = Metrics()
+        # Decoding, tokenizing and preprocessing run here, never on the event loop that answers health checks.
+        self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="edgekit-preprocess")
         self.admin_token = _read_admin_token(settings.admin_token_file)
         self.started_at = time.time()
         self.start_problem: str | None = "the repository is still loading its models"
@@ -182,6 +189,10 @@ class Agent:
             assert isinstance(spec, TokenizerPreprocessing)
             self._tokenizers[key] = TextTokenizer(served.slot_dir / spec.tokenizer_file, spec.max_length)
         return self._tokenizers[key]
+
+    async def off_loop(self, function, *args):  # type: ignore[no-untyped-def]
+        """``function(*args)`` in the preprocessing pool: CPU work that must not stall the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.preprocess_pool, functools.partial(function, *args))
 
     def forget(self, name: str) -> None:
         """Drop an unloaded model's batcher, and with it the last reference to its session."""
@@ -287,12 +298,22 @@ def batchable(manifest: Manifest) -> bool:
 
 
 async def _run(batcher: DynamicBatcher, manifest: Manifest, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The model's outputs for ``feeds``: one run, or one run per row where the bundle was gated a row per run."""
-    rows = rows_run_alone(manifest, feeds)
-    if rows is None:
-        return await batcher.submit(feeds)
+    """The model's outputs for ``feeds``: runs of at most the batcher's rows (so one request's memory is bounded by
+    ``max_batch``, not by its rows), or one run per row where the bundle was gated a row per run."""
+    rows = rows_run_alone(manifest, feeds) or (row_slices(feeds, batcher.max_batch) if batchable(manifest) else [feeds])
+    if len(rows) == 1:
+        return await batcher.submit(rows[0])
     parts = await asyncio.gather(*(batcher.submit(row) for row in rows))
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def row_slices(feeds: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """``feeds`` cut along dimension 0 into pieces of at most ``size`` rows; whole when the inputs disagree on it."""
+    counts = {array.shape[0] if array.ndim else None for array in feeds.values()}
+    if len(counts) != 1 or None in counts or next(iter(counts)) <= size:
+        return [feeds]
+    total = counts.pop()
+    return [{name: array[start:start + size] for name, array in feeds.items()} for start in range(0, total, size)]
 
 
 def rows_run_alone(manifest: Manifest, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
@@ -350,6 +371,10 @@ async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSO
     return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
 
 
+async def _on_refused(request: Request, error: RequestRefused) -> JSONResponse:
+    return _error(error.status_code, str(error))
+
+
 async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     problems = [f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
     return _error(400, "; ".join(problems))
@@ -363,38 +388,13 @@ async def _on_internal_error(request: Request, error: Exception) -> JSONResponse
 # --------------------------------------------------------------------------- request bodies
 
 
-def _too_large(limit: int, setting: str) -> ProtocolError:
-    return ProtocolError(f"the request body is over the {limit}-byte limit ({setting})", 413)
-
-
-def _refuse_declared_length(request: Request, limit: int, setting: str) -> None:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit, setting)
-
-
-async def read_body(request: Request, limit: int, setting: str) -> bytes:
-    """The whole body, refused with 413 as soon as it passes ``limit`` bytes (the declared length is checked first)."""
-    _refuse_declared_length(request, limit, setting)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit, setting)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def receive_to_file(request: Request, path: Path, limit: int) -> int:
+async def receive_to_file(request: Request, path: Path, limit: int, agent: Agent) -> int:
     """Stream the body into a new file (mode 0600) without holding it in memory; 413 past ``limit``."""
-    _refuse_declared_length(request, limit, "max_body_bytes")
     size, pending = 0, bytearray()
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
-        async for chunk in request.stream():
+        async for chunk in stream_body(request, limit, "max_body_bytes", agent.http_limits):
             size += len(chunk)
-            if size > limit:
-                raise _too_large(limit, "max_body_bytes")
             pending += chunk
             if len(pending) >= _UPLOAD_WRITE_CHUNK:
                 data, pending = pending, bytearray()
@@ -504,7 +504,10 @@ async def _infer(agent: Agent, request: Request, served: ServedModel) -> Respons
     started = time.perf_counter()
     try:
         response, observed = await _answer(agent, request, served, stats)
-    except Exception:
+    except Exception as error:
+        if _client_error(error):  # the client's mistake: no model ran, so neither a failure nor a drift window's error
+            agent.metrics.refused[_status_of_any(error)] += 1
+            raise
         stats.failure += 1
         agent.record_request(served, None, (time.perf_counter() - started) * 1e3, error=True)
         raise
@@ -515,23 +518,27 @@ async def _infer(agent: Agent, request: Request, served: ServedModel) -> Respons
     return response
 
 
+def _status_of_any(error: Exception) -> int:
+    if isinstance(error, UserError):
+        return _status_of(error)
+    return getattr(error, "status_code", 500)
+
+
+def _client_error(error: Exception) -> bool:
+    return isinstance(error, (UserError, RequestRefused, StarletteHTTPException)) and _status_of_any(error) < 500
+
+
 def _microseconds_since(started: float) -> int:
     return int((time.perf_counter() - started) * 1e6)
 
 
 async def _answer(agent: Agent, request: Request, served: ServedModel, stats: RequestStats) -> tuple[Response, _Observed | None]:
     limit = agent.settings.max_request_bytes
-    body = decompress(await read_body(request, limit, "max_request_bytes"), request.headers.get("content-encoding"), limit)
-    infer_request, binary = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-
+    body = await read_body(request, limit, "max_request_bytes", agent.http_limits)
     started = time.perf_counter()
-    raw: dict = {}  # the raw texts or images, for the drift features and capture
-    feeds = (
-        _text_feeds(agent, served, infer_request, binary, raw)
-        or _image_feeds(served, infer_request, binary, raw)
-        or decode_inputs(infer_request, binary, served.manifest)
+    infer_request, feeds, choices, raw = await agent.off_loop(
+        _decode, agent, served, body, request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
     )
-    choices = choose_outputs(infer_request, served.manifest)
     stats.compute_input_duration_us += _microseconds_since(started)
     try:
         outputs = await _run(agent.batcher_for(served), served.manifest, feeds)
@@ -553,6 +560,31 @@ async def _answer(agent: Agent, request: Request, served: ServedModel, stats: Re
     if header_length is None:
         return Response(content, media_type="application/json"), observed
     return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}), observed
+
+
+def _decode(agent: Agent, served: ServedModel, body: bytes, encoding: str | None, header_length: str | None):  # type: ignore[no-untyped-def]
+    """The request's model feeds and wanted outputs, every part of the input contract checked (in the preprocessing pool).
+
+    Returns (request, feeds, output choices, raw texts or images for the drift features and capture).
+    """
+    settings = agent.settings
+    body = decompress(body, encoding, settings.max_request_bytes)
+    json_length = len(body) if header_length is None else min(len(body), int(header_length) if header_length.isdigit() else 0)
+    if json_length > settings.max_json_bytes:
+        # Parsing JSON holds the interpreter lock for ~10 ms per MiB here; the binary extension has no such cost.
+        raise ProtocolError(f"the request's JSON is {json_length} bytes, over the {settings.max_json_bytes}-byte limit "
+                            "(max_json_bytes): send large tensors with the binary tensor extension", 413)
+    infer_request, binary = parse_infer_request(body, header_length)
+    check_rows(infer_request, served.manifest, settings.max_rows_per_request)
+    raw: dict = {}
+    feeds = (
+        _text_feeds(agent, served, infer_request, binary, raw)
+        or _image_feeds(served, infer_request, binary, raw)
+        or decode_inputs(infer_request, binary, served.manifest)
+    )
+    tokenizer = agent.tokenizer_for(served) if isinstance(served.manifest.preprocessing, TokenizerPreprocessing) else None
+    check_feeds(served.manifest, feeds, value_ranges(served.manifest, tokenizer.vocabulary_size if tokenizer else None))
+    return infer_request, feeds, choose_outputs(infer_request, served.manifest), raw
 
 
 # What text and image models take from clients besides their tensors: raw strings, tokenized here with
@@ -584,13 +616,23 @@ def _text_feeds(agent: Agent, served: ServedModel, request: InferRequest, binary
     if not isinstance(served.manifest.preprocessing, TokenizerPreprocessing) or not any(t.name == TEXT_INPUT.name for t in request.inputs):
         return None
     texts = decode_inputs(request, binary, served.manifest.model_copy(update={"inputs": [TEXT_INPUT]}))[TEXT_INPUT.name]
-    try:
-        strings = [item.decode("utf-8") for item in texts]
-    except UnicodeDecodeError:
-        raise ProtocolError("input 'text' must be UTF-8") from None
+    strings = [leading_characters(item, agent.settings.max_text_chars) for item in texts.ravel()]
     encoded = agent.tokenizer_for(served).encode(strings)
     raw["texts"] = strings
     return {spec.name: encoded[spec.name] for spec in served.manifest.inputs}
+
+
+def leading_characters(text: bytes, count: int) -> str:
+    """The first ``count`` characters of UTF-8 ``text``, decoding no more of it than they can take (4 bytes each).
+
+    The model reads at most max_length tokens, which ``count`` characters (max_text_chars) cover in any ordinary
+    text; the cut bounds the tokenizer's time and memory whatever a client sends.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        return decoder.decode(text[:4 * count], final=len(text) <= 4 * count)[:count]
+    except UnicodeDecodeError:
+        raise ProtocolError("input 'text' must be UTF-8") from None
 
 
 # --------------------------------------------------------------------------- OIP: model repository extension
@@ -625,14 +667,14 @@ def _version_row(info: VersionInfo) -> dict:
 
 @repository_routes.post("/v2/repository/index", summary="Repository index", openapi_extra=_optional_json_body("IndexRequest"))
 async def repository_index(request: Request, agent: Agent = Depends(_agent)) -> list[dict]:
-    wanted = _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests"), IndexRequest, "the index request")
+    wanted = _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests", agent.http_limits), IndexRequest, "the index request")
     infos = await run_in_threadpool(agent.repository.index)
     return [_version_row(info) for info in infos if not wanted.ready or info.state == "READY"]
 
 
 @repository_routes.post("/v2/repository/models/{name}/load", summary="Load a model", openapi_extra=_optional_json_body("ModelRequest"))
 async def repository_load(name: str, request: Request, agent: Agent = Depends(_agent)) -> dict:
-    load = _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests"), ModelRequest, "the load request")
+    load = _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests", agent.http_limits), ModelRequest, "the load request")
     overrides = sorted(key for key in (load.parameters or {}) if key == "config" or key.startswith("file:"))
     if overrides:
         raise ProtocolError(f"load parameters {overrides} are not supported: models come only from signed bundles")
@@ -644,7 +686,7 @@ async def repository_load(name: str, request: Request, agent: Agent = Depends(_a
 
 @repository_routes.post("/v2/repository/models/{name}/unload", summary="Unload a model", openapi_extra=_optional_json_body("ModelRequest"))
 async def repository_unload(name: str, request: Request, agent: Agent = Depends(_agent)) -> dict:
-    _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests"), ModelRequest, "the unload request")
+    _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests", agent.http_limits), ModelRequest, "the unload request")
     check_model_reference(name)
     await run_in_threadpool(agent.repository.unload, name)
     agent.forget(name)
@@ -694,7 +736,7 @@ async def install_bundle(request: Request, force: bool = False, agent: Agent = D
     await agent.start_ended()
     upload = agent.repository.new_upload_path()
     try:
-        size = await receive_to_file(request, upload, agent.settings.max_body_bytes)
+        size = await receive_to_file(request, upload, agent.settings.max_body_bytes, agent)
         served = await run_in_threadpool(agent.repository.install, upload, force=force)
     except UserError as error:  # a refused bundle, or an upload over the limit
         agent.metrics.installs["refused"] += 1
@@ -820,12 +862,19 @@ def create_app(repository: Repository, settings: AgentSettings) -> FastAPI:
     app.state.agent = agent
     app.add_exception_handler(UserError, _on_user_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestRefused, _on_refused)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_internal_error)
     for router in (oip, repository_routes, admin, metrics_routes):
         app.include_router(router)
+    app.add_middleware(Admission, limit=settings.max_concurrent_requests, guarded=_is_inference, limits=agent.http_limits,
+                       what="inference requests")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _is_inference(path: str) -> bool:
+    return path.startswith("/v2/models/") and path.endswith("/infer")
 
 
 def run_server(settings: AgentSettings) -> None:
@@ -856,4 +905,5 @@ def run_server(settings: AgentSettings) -> None:
         log_config=None,
         log_level=settings.log_level,
         server_header=False,
+        **uvicorn_options(connection_cap(settings.http_limits())),
     )

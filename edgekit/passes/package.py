@@ -37,15 +37,54 @@ def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
     return Options(name=config.model.name, version=config.model.version, target=target, golden_samples=config.evaluation.golden_samples)
 
 
-def _tensor_specs(values) -> list:
+def _tensor_specs(values, ranges: dict[str, tuple[int, int]] | None = None) -> list:
     from device_agent.bundle import TensorSpec
 
     specs = []
     for value in values:
         tensor = value.type.tensor_type
         shape = [dim.dim_param or dim.dim_value for dim in tensor.shape.dim]
-        specs.append(TensorSpec(name=value.name, datatype=_ONNX_TO_OIP[tensor.elem_type], shape=shape))
+        specs.append(TensorSpec(name=value.name, datatype=_ONNX_TO_OIP[tensor.elem_type], shape=shape,
+                                value_range=(ranges or {}).get(value.name)))
     return specs
+
+
+# Ops whose input (index) looks rows up in a table (index): the table's first dimension bounds the input's values.
+_LOOKUPS = {"Gather": [(1, 0)], "EmbedLayerNormalization": [(0, 2), (1, 4)]}
+# Ops that pass values through unchanged: a graph input seen through them is still that input, a table still that table.
+_PASS_THROUGH = {"Cast", "Identity", "DequantizeLinear"}
+
+
+def index_ranges(graph) -> dict[str, tuple[int, int]]:
+    """The values each integer graph input may hold: 0 to the rows of every table it indexes, less one.
+
+    Token ids past the vocabulary, or type ids past the type table, make ONNX Runtime fail inside the model; the agent
+    refuses them before (device_agent.input_contract). Quantized tables are read through their DequantizeLinear.
+    """
+    tables = {initializer.name: list(initializer.dims) for initializer in graph.initializer}
+    origin = {value.name: value.name for value in graph.input if value.type.tensor_type.elem_type in (6, 7)}
+    for node in graph.node:
+        if node.op_type in _PASS_THROUGH and node.input and node.output:
+            if node.input[0] in origin:
+                origin[node.output[0]] = origin[node.input[0]]
+            if node.input[0] in tables:
+                tables[node.output[0]] = tables[node.input[0]]
+    ranges: dict[str, tuple[int, int]] = {}
+    for node in graph.node:
+        for index_at, table_at in _LOOKUPS.get(node.op_type, []):
+            if len(node.input) <= max(index_at, table_at):
+                continue
+            source, table = origin.get(node.input[index_at]), tables.get(node.input[table_at])
+            if source is None or not table:
+                continue
+            high = table[0] - 1 if node.op_type != "Gather" or _gather_axis(node) == 0 else None
+            if high is not None:
+                ranges[source] = (0, min(high, ranges.get(source, (0, high))[1]))
+    return ranges
+
+
+def _gather_axis(node) -> int:
+    return next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 0)
 
 
 def bundle_metrics(artifact: Artifact) -> dict:
@@ -91,7 +130,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
                             model_file="model.onnx", engine_build=dict(artifact.engine_build) if artifact.engine_build else None,
                             max_rows_per_run=_max_rows_per_run(artifact)),
         precision=artifact.precision,
-        inputs=[spec for spec in _tensor_specs(graph.input) if spec.name in names],
+        inputs=[spec for spec in _tensor_specs(graph.input, index_ranges(graph)) if spec.name in names],
         outputs=_tensor_specs(graph.output),
         task=TaskInfo(kind=task.bundle_kind, labels=list(artifact.task.labels)),
         preprocessing=task.bundle_preprocessing(artifact.task),

@@ -213,8 +213,9 @@ BAD_REQUESTS = {
     "nulls for FP32": (_json({"inputs": [_x([1, 4], [None, 1, 2, 3])]}), 400, "must be numbers"),
     "ragged data": (_json({"inputs": [_x([2, 4], [FOUR, [1.0]])]}), 400, "regularly nested"),
     "negative dimension": (_json({"inputs": [_x([-1, 4], FOUR)]}), 400, "shape"),
-    "huge dimension of an empty tensor": (_json({"inputs": [_x([2**40, 4, 0], [])]}), 400, "dimensions above"),
-    "huge symbolic dimension": (_json({"inputs": [_x([2**40, 4], FOUR)]}), 400, "dimensions above"),
+    "huge dimension of an empty tensor": (_json({"inputs": [_x([2**40, 4, 0], [])]}), 413, "max_rows_per_request"),
+    "huge symbolic dimension": (_json({"inputs": [_x([2**40, 4], FOUR)]}), 413, "max_rows_per_request"),
+    "huge fixed dimension": (_json({"inputs": [_x([1, 2**40], FOUR)]}), 400, "dimensions above"),
     "duplicate input": (_json({"inputs": [_x([1, 4], FOUR), _x([1, 4], FOUR)]}), 400, "given twice"),
     "misspelt field": (_json({"inputs": [{**_x([1, 4], FOUR), "datatyp": "FP32"}]}), 400, "datatyp"),
     "no data at all": (_json({"inputs": [_x([1, 4])]}), 400, "no data"),
@@ -343,11 +344,15 @@ def test_metrics_use_tritons_names(agent: LiveAgent, client):
     labels = {"model": MODEL, "version": "1.0.0"}
     success, inferences = _metric(agent, "nv_inference_request_success", **labels), _metric(agent, "nv_inference_count", **labels)
     failures = _metric(agent, "nv_inference_request_failure", **labels)
+    text = httpx.get(f"{agent.url}/metrics").text
+    refused = float(m.group(1)) if (m := re.search(r'^edgekit_inference_refused_total\{code="400"\} (\S+)$', text, re.MULTILINE)) else 0.0
     client.infer(MODEL, [_input(_batch(5))])
     httpx.post(f"{agent.url}/v2/models/{MODEL}/infer", json={"inputs": [_x([1, 5], FOUR + [1])]})
     assert _metric(agent, "nv_inference_request_success", **labels) == success + 1
     assert _metric(agent, "nv_inference_count", **labels) == inferences + 5
-    assert _metric(agent, "nv_inference_request_failure", **labels) == failures + 1
+    # A client's mistake (400) is not a model failure: it is counted apart.
+    assert _metric(agent, "nv_inference_request_failure", **labels) == failures
+    assert _metric(agent, "edgekit_inference_refused_total", code="400") == refused + 1
     for name in ("nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
                  "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count"):
         assert _metric(agent, name, **labels) >= 0
@@ -476,6 +481,24 @@ def test_the_shipped_jetson_config_loads():
     assert settings.state_dir == Path("/var/lib/edgekit")
     assert settings.admin_token_file == Path("/etc/edgekit/admin.token")
     assert settings.keep_versions >= 2 and settings.max_batch >= 1
+    assert settings.host == "127.0.0.1"  # opening the port is the operator's choice, with the note on what protects it
+
+
+def test_the_shipped_config_documents_each_limit_with_its_default():
+    import yaml
+
+    from device_agent.config import AgentSettings
+
+    documented = {}
+    for line in (REPO_ROOT / "deploy" / "agent.yaml").read_text().splitlines():
+        key, _, rest = line.removeprefix("# ").partition(":")
+        if line.startswith("# ") and key in AgentSettings.model_fields and rest.strip():
+            documented[key] = yaml.safe_load(rest.split("#")[0])
+    limits = ["max_json_bytes", "max_rows_per_request", "max_text_chars", "max_concurrent_requests", "preprocess_threads",
+              "max_header_bytes", "header_timeout_s", "keep_alive_s", "body_timeout_s", "max_connections"]
+    assert set(limits) <= set(documented)
+    for key in limits:
+        assert documented[key] == AgentSettings.model_fields[key].default, key
 
 
 def test_flags_override_the_file_and_relative_paths_follow_the_file(tmp_path: Path):

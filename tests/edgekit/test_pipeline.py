@@ -86,6 +86,8 @@ def test_bundles_verify_and_jetson_carries_symmetric_qdq_and_engine_options(buil
         assert manifest.runtime.engine_build["precision"] == "int8"
         assert manifest.runtime.engine_build["profile"]["input_ids"]["max"] == [8, 256]
         assert manifest.runtime.max_rows_per_run is None  # static int8 answers do not depend on the batch
+        ranges = {spec.name: spec.value_range for spec in manifest.inputs}
+        assert ranges["input_ids"] == (0, 30521) and ranges["token_type_ids"] == (0, 1)  # the agent refuses the rest
         graph = onnx.load(str(bundle.path("model.onnx"))).graph
         zero_points = {init.name: init for init in graph.initializer if "zero_point" in init.name}
         quantize_nodes = [n for n in graph.node if n.op_type == "QuantizeLinear"]

@@ -17,6 +17,7 @@ from device_agent.keys import Keyring, generate_keypair, load_private_key
 from device_agent.repository import Repository
 from device_agent.server import create_app
 from tests.support.bundles import write_tiny_bundle
+from tests.support.limits import memory_capped
 from tests.support.network import free_port, serving  # serving: re-exported for the tests that import it from here
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
@@ -108,10 +109,12 @@ class AgentProcess:
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
-    def start(self, timeout: float = 60) -> "AgentProcess":
+    def start(self, timeout: float = 60, *, memory_limit: int | None = None) -> "AgentProcess":
+        """Run the agent; ``memory_limit`` caps its address space (RLIMIT_AS, bytes): past it allocations fail."""
         port = free_port()
         command = [self._python, "-c", "from device_agent.cli import main; main()", "serve", "--config", str(self.config), "--port", str(port)]
-        self.process = self._subprocess.Popen(command, stdout=self._subprocess.DEVNULL, stderr=self._subprocess.DEVNULL)
+        self.process = self._subprocess.Popen(command, stdout=self._subprocess.DEVNULL, stderr=self._subprocess.DEVNULL,
+                                              **memory_capped(memory_limit))
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
         while True:

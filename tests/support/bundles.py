@@ -246,3 +246,35 @@ def _oversized_header(path: Path, good: list[Entry]) -> Path:
         archive.fileobj = io.BytesIO()  # the archive's own end markers must not land after the fake entry
     path.write_bytes(gzip.compress(buffer.getvalue(), compresslevel=1))
     return path
+
+
+# --------------------------------------------------------------------------- a text bundle
+
+
+def write_tiny_text_bundle(out: Path, key: Ed25519PrivateKey, version: str = "1.0.0") -> Manifest:
+    """A signed text-classification bundle: an untrained tiny BERT (vocabulary of all-MiniLM-L6-v2, 2 token types,
+    128 positions) with the real tokenizer at max_length 64, and its inputs' value ranges as the package pass records them."""
+    import onnx
+    import onnxruntime
+
+    from device_agent.bundle import TokenizerPreprocessing
+    from edgekit.passes.package import _tensor_specs, index_ranges
+    from tests.support.tiny_bert import MAX_LENGTH, _tiny_classifier, export_hf_classifier, minilm_tokenizer_file
+
+    payload_dir = out.parent / f"{out.stem}-payload"
+    payload_dir.mkdir(parents=True, exist_ok=True)
+    model_path = export_hf_classifier(_tiny_classifier(len(LABELS), 32, 2).eval(), payload_dir / "model.onnx")
+    graph = onnx.load(str(model_path)).graph
+    feeds = {"input_ids": np.array([[101, 2023, 102]]), "attention_mask": np.ones((1, 3), np.int64), "token_type_ids": np.zeros((1, 3), np.int64)}
+    (logits,) = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    golden = payload_dir / "golden.npz"
+    np.savez(golden, **{f"input:{name}": value for name, value in feeds.items()}, **{"output:logits": logits})
+    manifest = tiny_manifest(version).model_copy(update={
+        "model": ModelInfo(name="tiny-text", version=version),
+        "inputs": _tensor_specs(graph.input, index_ranges(graph)),
+        "outputs": _tensor_specs(graph.output),
+        "task": TaskInfo(kind="text-classification", labels=LABELS),
+        "preprocessing": TokenizerPreprocessing(tokenizer_file="tokenizer.json", max_length=MAX_LENGTH),
+    })
+    payload = {"model.onnx": model_path, "golden.npz": golden, "tokenizer.json": minilm_tokenizer_file()}
+    return write_bundle(out, manifest, payload, key)
