@@ -67,7 +67,7 @@ class AgentSettings(BaseModel):
     upload_backoff_max_s: float = Field(300.0, gt=0, description="longest wait between failed uploads (exponential, full jitter)")
     capture_every: int | None = Field(None, ge=1, description="keep every n-th raw input for retraining; None (default): keep none")
     capture_max_samples: int = Field(20, ge=1, le=1000, description="raw inputs kept per window when capture is on")
-    capture_max_bytes: int = Field(1 << 20, ge=1, le=8 << 20, description="bytes of raw inputs kept per window when capture is on")
+    capture_max_bytes: int = Field(1 << 20, ge=1, le=4 << 20, description="bytes of raw inputs kept per window when capture is on")
 
     def http_limits(self) -> HttpLimits:
         return HttpLimits(max_header_bytes=self.max_header_bytes, header_timeout_s=self.header_timeout_s,

@@ -27,11 +27,12 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from math import isnan
+from math import isfinite, isnan
 
 import numpy as np
 
 from device_agent.telemetry_schema import (
+    LATENCY_MAX_MS,
     CapturedImage,
     CapturedSample,
     DriftReference,
@@ -39,6 +40,7 @@ from device_agent.telemetry_schema import (
     FeatureScore,
     Latency,
     ModelRef,
+    is_printable,
     reference_sha256,
 )
 
@@ -267,7 +269,7 @@ class DriftMonitor:
             self.errors += 1
         else:
             self.rows += rows
-        if latency_ms is not None:
+        if latency_ms is not None and isfinite(latency_ms):  # the contract takes finite percentiles only
             self._latency_seen += 1
             if len(self._latencies) < _LATENCY_RESERVOIR:
                 self._latencies.append(latency_ms)
@@ -293,10 +295,16 @@ class DriftMonitor:
         return self.requests % capture.every == 0
 
     def add_sample(self, *, text: str | None = None, image: np.ndarray | None = None, predicted: str | None = None) -> bool:
-        """Keep one raw input in the window when it fits the bounds; whether it was kept."""
+        """Keep one raw input in the window when it fits the bounds; whether it was kept.
+
+        A ``predicted`` label the contract refuses (control or bidirectional characters) is left out: the sample is
+        kept unlabelled, as export-samples shows it.
+        """
         capture = self.capture
         if capture is None or len(self._samples) >= capture.max_samples:
             return False
+        if predicted is not None and not is_printable(predicted):
+            predicted = None
         if image is not None:
             pixels = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
             size = pixels.nbytes * 4 // 3 + 64
@@ -347,7 +355,8 @@ class DriftMonitor:
             "requests": self.requests,
             "errors": self.errors,
             "latency": Latency(
-                **{f"p{q}_ms": float(np.percentile(latencies, q)) for q in (50, 95, 99)} if latencies is not None else {}
+                **{f"p{q}_ms": min(float(np.percentile(latencies, q)), LATENCY_MAX_MS) for q in (50, 95, 99)}
+                if latencies is not None else {}
             ),
             "histograms": histograms,
             "scores": scores,

@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from edgekit.cli.output import console, print_json, print_table
+
+if TYPE_CHECKING:
+    from edgekit.fleet.report import Alert
 
 DEFAULT_DB = "sqlite:///edgekit-fleet.db"
 # The terminal table names the three most drifting features (--json and --html list them all).
@@ -76,13 +80,15 @@ def serve(
     """
     import uvicorn
 
-    from edgekit.fleet.collector import create_app
+    from device_agent.http_limits import connection_cap, uvicorn_options
+    from edgekit.fleet.collector import HTTP_LIMITS, create_app
 
     token = _read_operator_token(operator_token_file) if operator_token_file else None
     store = _open(db)
     where = store.engine.url.render_as_string(hide_password=True)
     typer.echo(f"edgekit fleet collector on http://{host}:{port} (database {where}); Ctrl-C stops it", err=True)
-    uvicorn.run(create_app(store, operator_token=token), host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(create_app(store, operator_token=token), host=host, port=port, log_level=log_level, access_log=False,
+                **uvicorn_options(connection_cap(HTTP_LIMITS)))
 
 
 @devices_app.command("add")
@@ -139,10 +145,24 @@ def devices_list(
     print_table(
         "Registered devices",
         ["device", "registered", "windows", "last seen"],
-        [[row.id, _when(row.created_at), str(row.windows), _when(row.last_seen)] for row in rows],
+        [[_name(row.id), _when(row.created_at), str(row.windows), _when(row.last_seen)] for row in rows],
     )
     if not rows:
         console.print("no devices yet: register one with `edgekit fleet devices add NAME`")
+
+
+def _name(text: str) -> str:
+    """A name from the fleet database as a table cell: control and bidirectional characters escaped, no rich markup."""
+    from rich.markup import escape
+
+    from device_agent.telemetry_schema import escape_unprintable
+
+    return escape(escape_unprintable(text))
+
+
+def _skipped_warning(skipped: int) -> str:
+    return (f"warning: {skipped} stored windows could not be read (written before the telemetry contract refused what "
+            "they hold: a NaN, JSON that does not parse, an absurd time) and are left out")
 
 
 def _when(timestamp: float | None) -> str:
@@ -186,13 +206,13 @@ def report(
         return
     rows = [
         [
-            d.device_id,
-            f"{d.model_name} {d.model_version}" if d.model_name else "-",
+            _name(d.device_id),
+            _name(f"{d.model_name} {d.model_version}") if d.model_name else "-",
             str(d.requests),
             f"{d.p95_ms:.1f}" if d.p95_ms is not None else "-",
             f"{d.error_rate:.2%}" if d.error_rate is not None else "-",
             _status(d.status) + (f" since {format_time(d.status_since)}" if d.status_since else ""),
-            ", ".join(d.top_features[:TOP_IN_TABLE]),
+            _name(", ".join(d.top_features[:TOP_IN_TABLE])),
             str(d.evicted_total),
             format_time(d.last_seen),
         ]
@@ -206,12 +226,14 @@ def report(
             "Fleet-wide drift per model version (summed histogram counts)",
             ["model", "devices", "windows", "requests", "drift", "top drifting features"],
             [
-                [f"{f.model_name} {f.model_version}", str(f.devices), str(f.windows), str(f.requests),
+                [_name(f"{f.model_name} {f.model_version}"), str(f.devices), str(f.windows), str(f.requests),
                  "no reference stored" if f.reference_missing else _status("alert" if f.drifting else "ok"),
-                 ", ".join(f.top_features[:TOP_IN_TABLE])]
+                 _name(", ".join(f.top_features[:TOP_IN_TABLE]))]
                 for f in review.fleet_drift
             ],
         )
+    if review.skipped_windows:
+        console.print(_skipped_warning(review.skipped_windows), style="yellow", highlight=False, markup=False)
     if html is not None:
         console.print(f"HTML report: {html}", highlight=False)
 
@@ -232,10 +254,39 @@ def alerts_command(
     no_fleet_drift: bool = typer.Option(False, "--no-fleet-drift", help="Do not alert on fleet-wide drift per model version."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
 ) -> None:
-    """List devices past thresholds (drift alerts, error rate, and the optional ones); exit 1 when any, 0 when none.
+    """List devices past thresholds (drift alerts, error rate, and the optional ones).
 
-    For cron and CI: `edgekit fleet alerts --since 1h || notify-operators`. Exit 2 means the command itself failed.
+    Exit code: 0 no alerts, 1 alerts found, 2 the check itself failed (a bad option, a missing or unreadable
+    database, any other error), with one `error: ...` line on stderr. For cron and CI:
+    `edgekit fleet alerts --since 1h || notify-operators` hears of both.
     """
+    from device_agent.errors import UserError
+    from device_agent.telemetry_schema import escape_unprintable
+
+    try:
+        found, skipped = _find_alerts(db, since, max_error_rate, max_p95_ms, max_evictions, stale_after, no_fleet_drift)
+    except Exception as error:  # exit 1 means "alerts found": whatever stops the check itself must exit 2
+        lines = str(error).strip().splitlines()
+        detail = lines[0] if lines else ""
+        message = str(error) if isinstance(error, UserError) else f"fleet alerts failed ({type(error).__name__}): {detail}"
+        typer.echo(f"error: {escape_unprintable(message)}", err=True)
+        raise typer.Exit(2) from None
+    if skipped:
+        typer.echo(_skipped_warning(skipped), err=True)
+    if as_json:
+        print_json([{"subject": alert.subject, "reasons": alert.reasons} for alert in found])
+    elif found:
+        for alert in found:
+            typer.echo(escape_unprintable(f"{alert.subject}: {'; '.join(alert.reasons)}"))
+    else:
+        typer.echo("no alerts")
+    if found:
+        raise typer.Exit(1)
+
+
+def _find_alerts(db: str, since: str | None, max_error_rate: float | None, max_p95_ms: float | None,
+                 max_evictions: int | None, stale_after: str | None, no_fleet_drift: bool) -> tuple[list[Alert], int]:
+    """The alerts for `fleet alerts`, and how many stored windows were skipped as unreadable."""
     from edgekit.fleet.report import AlertThresholds, alerts, build_report, parse_duration, parse_since
 
     stale_seconds = parse_duration(stale_after, "--stale-after") if stale_after is not None else None
@@ -243,18 +294,10 @@ def alerts_command(
                                  stale_after_s=stale_seconds, fleet_drift=not no_fleet_drift)
     store = _open(db, migrate=False)
     try:
-        found = alerts(build_report(store, since=parse_since(since)), thresholds)
+        review = build_report(store, since=parse_since(since))
     finally:
         store.close()
-    if as_json:
-        print_json([{"subject": alert.subject, "reasons": alert.reasons} for alert in found])
-    elif found:
-        for alert in found:
-            typer.echo(f"{alert.subject}: {'; '.join(alert.reasons)}")
-    else:
-        typer.echo("no alerts")
-    if found:
-        raise typer.Exit(1)
+    return alerts(review, thresholds), review.skipped_windows
 
 
 @app.command("export-samples")
@@ -275,7 +318,9 @@ def export_samples(
     store = _open(db, migrate=False)
     try:
         store.require_device(device)
-        written = export(store.fetch_samples(device), out, device=device, force=force)
+        samples, skipped = store.fetch_samples(device)
+        written = export(samples, out, device=device, force=force)
     finally:
         store.close()
-    typer.echo(f"wrote {written.count} samples of {device} to {out} ({written.kind}; {written.unlabelled} without a predicted label)")
+    unreadable = f"; {skipped} stored samples could not be read and were left out" if skipped else ""
+    typer.echo(f"wrote {written.count} samples of {device} to {out} ({written.kind}; {written.unlabelled} without a predicted label{unreadable})")

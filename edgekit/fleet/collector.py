@@ -4,8 +4,11 @@ Ingest: ``POST /v1/telemetry`` with ``Authorization: Bearer <device token>`` and
 an ``UploadBatch`` body; the answer is an ``UploadAck`` naming every sequence of
 the batch, stored now or before. Missing or unknown token → 401; a token of
 another device than the batch's ``device_id`` → 403; a body that breaks the
-contract → 422 (``{"error": "<field>: <problem>; …"}``); the database away → 503,
-which a device treats like any other failure: it keeps the rows and retries.
+contract → 422 (``{"error": "<field>: <problem>; …"}``): the schema's, and what
+needs the collector's state: window times against its clock, and histogram bins
+against the window's drift reference (sent in the batch or stored before); the
+database away → 503, which a device treats like any other failure: it keeps the
+rows and retries.
 
 Queries (``GET /v1/devices``, ``/v1/devices/{id}/windows``, ``/v1/report``) are
 for operators and dashboards, not devices: they need the operator token the
@@ -19,9 +22,13 @@ request), so several collectors can serve one database behind a load balancer.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hmac
-from collections.abc import AsyncIterator, Iterator
+import re
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated
 
@@ -35,8 +42,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from device_agent.errors import UserError
+from device_agent.http_limits import Admission, HttpLimits, RequestRefused, read_body
 from device_agent.telemetry_schema import (
+    MAX_BINS,
     DeviceId,
+    DriftReference,
     UploadAck,
     UploadBatch,
     reference_sha256,
@@ -44,7 +54,14 @@ from device_agent.telemetry_schema import (
 from edgekit.fleet.store import Store
 
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
-MAX_BODY_BYTES = 64 << 20
+# An agent uploads batches of about 4 MiB (device_agent.telemetry.Outbox.pending), and one window with captured samples
+# holds at most 4 MiB of them (AgentSettings.capture_max_bytes; base64 images: 5.3 MiB of JSON); 8 MiB takes either.
+MAX_BODY_BYTES = 8 << 20
+# Uploads in flight (bodies held: MAX_BODY_BYTES each at most), of which PARSE_THREADS are validated at once: validation
+# holds a body's Python objects, several times its size (bench/hostile_bench.py measures the largest body's cost).
+MAX_CONCURRENT_UPLOADS = 16
+PARSE_THREADS = 2
+HTTP_LIMITS = HttpLimits()
 _UPLOAD_BODY = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/UploadBatch"}}}}
 
 
@@ -75,12 +92,16 @@ async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSO
     return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
 
 
+def _one_message(problems: list[str], shown: int = 20) -> str:
+    return "; ".join(problems[:shown]) + (f"; and {len(problems) - shown} more" if len(problems) > shown else "")
+
+
 def _describe_problems(errors) -> str:  # type: ignore[no-untyped-def]
     problems = []
     for problem in errors:
         where = ".".join(str(part) for part in problem["loc"] if part != "body") or "body"
         problems.append(f"{where}: {problem['msg']}")
-    return "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+    return _one_message(problems)
 
 
 async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -156,6 +177,7 @@ def gc_tuned_for_ingest() -> Iterator[None]:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     with gc_tuned_for_ingest():
         yield
+    app.state.parse_pool.shutdown(wait=False)
 
 
 # The routes live on a module-level router so that each is a plain, named function; create_app mounts it.
@@ -169,14 +191,38 @@ def health(request: Request) -> dict:
     return {"status": "ok", "schema_version": current_version(_store(request).engine)}
 
 
-def _parse_upload(body: bytes, device: str) -> UploadBatch:
-    """The batch in ``body``, checked against the contract, the authenticated ``device`` and its references' digests.
+# Window times the collector accepts, against its own clock. Device clocks drift and an outbox holds weeks of unsent
+# windows, so the past is bounded only by a date before any edgekit device ran; the future by a day: more than an
+# NTP-kept clock drifts, or a hardware clock kept in local time is off (14 h at most), while the year 3000 is refused.
+EARLIEST_WINDOW_TIME = 1_577_836_800.0  # 2020-01-01T00:00:00Z
+MAX_CLOCK_AHEAD_S = 86_400.0
+# Bodies larger than this are scanned for an over-long array before validation: pydantic parses the whole body first,
+# ~30 bytes of memory per body byte, before it can refuse a list for its length. An agent's batches stay under this
+# size (Outbox.pending takes about 4 MiB), so they never pay the scan (~2 ns a byte); under it the longest array a
+# body can hold costs validation about 0.2 s and 130 MB.
+_SCAN_ABOVE_BYTES = 4 << 20
+# A JSON member whose array holds more than MAX_BINS scalars or plain strings: ``"key": [v, v, …``. No list of the
+# contract may be that long (histograms, edges, proportions, categories: MAX_BINS at most; windows and samples hold
+# objects). It cannot match inside a string of a valid body: the quote before the colon follows a key character or
+# the opening quote, never a backslash, so it ends a string, and the colon makes that string a key.
+_OVERLONG_ARRAY = re.compile(
+    rb'"([^"\\:,{}\[\]]{0,256})"[ \t\r\n]*:[ \t\r\n]*\[(?:[ \t\r\n]*(?:"[^"\\]*"|[^\[\]{}",]*),){%d}' % MAX_BINS
+)
 
-    Raises HTTPException: 413 for a body over MAX_BODY_BYTES, 422 for a contract breach or a misnamed reference,
-    403 for records of another device than the token's.
+
+def _parse_upload(body: bytes, device: str) -> UploadBatch:
+    """The batch in ``body``, checked against the contract, the authenticated ``device``, its references' digests
+    and the collector's clock.
+
+    Raises HTTPException: 413 for a body over MAX_BODY_BYTES, 422 for a contract breach, a misnamed reference or a
+    window time out of range, 403 for records of another device than the token's.
     """
     if len(body) > MAX_BODY_BYTES:
         raise HTTPException(413, f"the body has {len(body)} bytes; the limit is {MAX_BODY_BYTES}: send fewer windows per batch")
+    if len(body) > _SCAN_ABOVE_BYTES and (overlong := _OVERLONG_ARRAY.search(body)):
+        key = overlong.group(1).decode("utf-8", "replace")
+        raise HTTPException(422, f"{key}: the array at byte {overlong.start(1) - 1} has more than {MAX_BINS} values; "
+                                 f"histograms, edges, proportions and categories hold at most MAX_BINS = {MAX_BINS}")
     try:
         batch = UploadBatch.model_validate_json(body)
     except ValidationError as error:
@@ -187,7 +233,60 @@ def _parse_upload(body: bytes, device: str) -> UploadBatch:
         actual = reference_sha256(reference)
         if actual != digest:
             raise HTTPException(422, f"references.{digest}: the reference's sha256 is {actual}; name it by that digest")
+    problems = _clock_problems(batch, now=time.time())
+    if problems:
+        raise HTTPException(422, _one_message(problems))
     return batch
+
+
+def _clock_problems(batch: UploadBatch, now: float) -> list[str]:
+    """A problem for each window time outside [EARLIEST_WINDOW_TIME, now + MAX_CLOCK_AHEAD_S]."""
+    latest = now + MAX_CLOCK_AHEAD_S
+    problems = []
+    for index, window in enumerate(batch.windows):
+        for field, value in (("started_at", window.started_at), ("ended_at", window.ended_at)):
+            if not EARLIEST_WINDOW_TIME <= value <= latest:
+                problems.append(
+                    f"windows.{index}.{field} (sequence {window.sequence}): {value!r} is outside "
+                    f"[{EARLIEST_WINDOW_TIME:.0f} (2020-01-01T00:00:00Z), {latest:.0f} (the collector's clock + 1 day)]; "
+                    "set the device's clock (NTP)"
+                )
+    return problems
+
+
+def _bin_problems(batch: UploadBatch, references: Mapping[str, DriftReference]) -> list[str]:
+    """A problem for each histogram (or score) of a feature its window's reference lacks, or with another bin count.
+
+    A window without a reference, or whose reference is not in ``references``, is bounded by the schema's MAX_BINS only.
+    """
+    bins = {digest: {name: feature.bins for name, feature in reference.features.items()}
+            for digest, reference in references.items()}
+    problems = []
+    for index, window in enumerate(batch.windows):
+        expected = bins.get(window.reference_sha256) if window.reference_sha256 else None
+        if expected is None:
+            continue
+        where = f"(sequence {window.sequence}): the window's reference {window.reference_sha256[:12]}…"
+        for name, counts in window.histograms.items():
+            if name not in expected:
+                problems.append(f"windows.{index}.histograms.{name} {where} has no feature {name!r}; "
+                                f"its features: {', '.join(sorted(expected)[:10])}{' …' if len(expected) > 10 else ''}")
+            elif len(counts) != expected[name]:
+                problems.append(f"windows.{index}.histograms.{name} {where} has {expected[name]} bins for it, "
+                                f"not {len(counts)}: send exactly {expected[name]} counts")
+        problems.extend(f"windows.{index}.scores.{name} {where} has no feature {name!r}"
+                        for name in window.scores if name not in expected)
+    return problems
+
+
+def _store_upload(store: Store, batch: UploadBatch) -> UploadAck:
+    """Check the batch's histograms against their references (the batch's, else stored ones: one lookup), then store it."""
+    unsent = {window.reference_sha256 for window in batch.windows if window.reference_sha256} - batch.references.keys()
+    references = {**store.references(unsent), **batch.references} if unsent else batch.references
+    problems = _bin_problems(batch, references)
+    if problems:
+        raise HTTPException(422, _one_message(problems))
+    return store.ingest(batch)
 
 
 @_routes.post("/v1/telemetry", response_model=UploadAck, responses={**_ERRORS, 413: {"model": ErrorBody}},
@@ -195,8 +294,10 @@ def _parse_upload(body: bytes, device: str) -> UploadBatch:
 async def upload(request: Request, device: Annotated[str, Depends(_authenticated_device)]) -> UploadAck:
     # The body is parsed here, after the token check, so that a caller without a valid token learns
     # nothing but 401 (FastAPI would decode a declared body first), and in one pass from bytes.
-    batch = _parse_upload(await request.body(), device)
-    return await run_in_threadpool(_store(request).ingest, batch)
+    body = await read_body(request, MAX_BODY_BYTES, "the collector's body limit: send fewer windows per batch", HTTP_LIMITS)
+    # Validation is CPU work: off the event loop, which keeps answering health checks and token checks meanwhile.
+    batch = await asyncio.get_running_loop().run_in_executor(request.app.state.parse_pool, _parse_upload, body, device)
+    return await run_in_threadpool(_store_upload, _store(request), batch)
 
 
 @_routes.get("/v1/devices", response_model=list[DeviceInfo], responses=_ERRORS, dependencies=[Depends(_operator)],
@@ -216,7 +317,8 @@ def device_windows(
     store = _store(request)
     if not store.has_device(device_id):
         raise HTTPException(404, f"unknown device {device_id!r}")
-    return [window.to_dict() for window in store.fetch_windows(device=device_id, since=since, limit=limit)]
+    windows, _skipped = store.fetch_windows(device=device_id, since=since, limit=limit)  # unreadable rows are left out
+    return [window.to_dict() for window in windows]
 
 
 @_routes.get("/v1/report", responses={**_ERRORS, 404: {"model": ErrorBody}}, dependencies=[Depends(_operator)],
@@ -259,13 +361,17 @@ def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.store = store
+    app.state.parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="edgekit-collector-parse")
     app.state.operator_token = operator_token.encode("utf-8") if operator_token else None
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(UserError, _on_user_error)
+    app.add_exception_handler(RequestRefused, _on_user_error)
     app.add_exception_handler(sa.exc.OperationalError, _on_database_error)
     app.add_exception_handler(sa.exc.InterfaceError, _on_database_error)
     app.add_exception_handler(Exception, _on_internal_error)
     app.include_router(_routes)
+    app.add_middleware(Admission, limit=MAX_CONCURRENT_UPLOADS, guarded=lambda path: path == "/v1/telemetry",
+                       limits=HTTP_LIMITS, what="uploads")
     app.openapi = lambda: _openapi_with_upload_body(app)  # type: ignore[method-assign]
     return app

@@ -12,6 +12,7 @@ import io
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from device_agent.telemetry_schema import escape_unprintable
 from edgekit.fleet.report import FleetReport, format_time
 
 _TEMPLATE = """<!doctype html>
@@ -27,12 +28,17 @@ _TEMPLATE = """<!doctype html>
  .alert { background: #fdd; } .drifting { background: #ffe9c4; } .ok { background: #e3f6e3; } .unknown { color: #888; }
  img { max-width: 100%; display: block; margin: 0 0 2em; }
  .muted { color: #777; font-size: 13px; }
+ .warning { background: #fdd; padding: 4px 8px; display: inline-block; }
 </style>
 </head>
 <body>
 <h1>edgekit fleet report</h1>
 <p class="muted">generated {{ when(report.generated_at) }}{% if report.since %}; windows that ended since {{ when(report.since) }}{% endif %};
  {{ report.devices|length }} devices, {{ report.windows|length }} windows</p>
+{% if report.skipped_windows %}
+<p class="warning">{{ report.skipped_windows }} stored windows could not be read (written before the telemetry contract
+ refused what they hold) and are left out of every number below.</p>
+{% endif %}
 
 <h2>Devices</h2>
 <table>
@@ -41,7 +47,7 @@ _TEMPLATE = """<!doctype html>
 {% for d in report.devices %}
 <tr>
  <td>{{ d.device_id }}</td>
- <td>{{ d.model_name or "-" }} {{ d.model_version or "" }}</td>
+ <td>{{ d.model_name|name or "-" }} {{ d.model_version|name }}</td>
  <td>{{ d.requests }}</td>
  <td>{{ "%.1f"|format(d.p95_ms) if d.p95_ms is not none else "-" }}</td>
  <td>{{ "%.2f%%"|format(100 * d.error_rate) if d.error_rate is not none else "-" }}</td>
@@ -61,7 +67,7 @@ _TEMPLATE = """<!doctype html>
 <tr><th>model</th><th>version</th><th>devices</th><th>windows</th><th>requests</th><th>drift</th><th>top drifting features</th><th>worst PSI</th></tr>
 {% for f in report.fleet_drift %}
 <tr>
- <td>{{ f.model_name }}</td><td>{{ f.model_version }}</td><td>{{ f.devices }}</td><td>{{ f.windows }}</td><td>{{ f.requests }}</td>
+ <td>{{ f.model_name|name }}</td><td>{{ f.model_version|name }}</td><td>{{ f.devices }}</td><td>{{ f.windows }}</td><td>{{ f.requests }}</td>
  <td class="{{ 'alert' if f.drifting else ('unknown' if f.reference_missing else 'ok') }}">
   {{ 'drifting' if f.drifting else ('no reference stored' if f.reference_missing else 'ok') }}</td>
  <td>{{ f.top_features|join(", ") }}</td>
@@ -85,6 +91,8 @@ def render_html(report: FleetReport) -> str:
     import jinja2
 
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    # Names from the database: control and bidirectional characters would reorder or garble what the browser shows.
+    environment.filters["name"] = lambda text: escape_unprintable(text) if text else ""
     template = environment.from_string(_TEMPLATE)
     return template.render(
         report=report,
@@ -117,7 +125,7 @@ def _plots(report: FleetReport) -> list[tuple[str, str]]:
         if not judged:
             continue
         times = [dt.datetime.fromtimestamp(w.ended_at) for w in judged]
-        worst = [max(score["psi"] for score in w.scores.values()) for w in judged]
+        worst = [max(score.psi for score in w.scores.values()) for w in judged]
         (line,) = axes.plot(times, worst, marker=".", label=device)
         alert_points = [(t, s) for t, s, w in zip(times, worst, judged) if w.alert]
         if alert_points:
@@ -139,7 +147,7 @@ def _plots(report: FleetReport) -> list[tuple[str, str]]:
 
     figure, axes = plt.subplots(figsize=(11, 3.5))
     versions = Counter(
-        f"{d.model_name} {d.model_version}" if d.model_name else "no model" for d in report.devices
+        escape_unprintable(f"{d.model_name} {d.model_version}") if d.model_name else "no model" for d in report.devices
     )
     labels = sorted(versions)
     axes.barh(labels, [versions[label] for label in labels], color="#4c72b0")

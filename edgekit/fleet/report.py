@@ -24,6 +24,9 @@ period, i.e. that ended at or after ``since``):
   histogram counts summed over every device, scored against the reference with
   ``device_agent.drift.score_histograms``, the same function a device uses on
   one window.
+- skipped windows: stored rows that do not read as a window (written before the
+  contract refused what they hold: a NaN, broken JSON, an absurd time); they
+  count nowhere else, and every output says how many there were.
 """
 
 from __future__ import annotations
@@ -113,12 +116,14 @@ class FleetReport:
     devices: list[DeviceReport]
     fleet_drift: list[FleetDrift]
     windows: list[StoredWindow] = field(repr=False)
+    skipped_windows: int = 0  # stored rows left out: they do not read as a window (see StoredWindow.from_row)
 
     def to_dict(self) -> dict:
         """The JSON document of ``--json`` and ``/v1/report`` (windows left out: query them separately)."""
         return {
             "generated_at": self.generated_at,
             "since": self.since,
+            "skipped_windows": self.skipped_windows,
             "devices": [asdict(device) for device in self.devices],
             "fleet_drift": [
                 {**{k: v for k, v in asdict(entry).items() if k != "scores"},
@@ -132,7 +137,7 @@ def build_report(store: Store, *, since: float | None = None, device: str | None
     """The fleet review over windows that ended at or after ``since``, for one device or all."""
     if device is not None:
         store.require_device(device)
-    windows = store.fetch_windows(device=device, since=since)
+    windows, skipped = store.fetch_windows(device=device, since=since)
     by_device: dict[str, list[StoredWindow]] = defaultdict(list)
     for window in windows:
         by_device[window.device_id].append(window)
@@ -146,6 +151,7 @@ def build_report(store: Store, *, since: float | None = None, device: str | None
         devices=devices,
         fleet_drift=fleet_drift(windows, references),
         windows=windows,
+        skipped_windows=skipped,
     )
 
 
@@ -194,8 +200,8 @@ def drift_status(windows: list[StoredWindow]) -> tuple[str, float | None, list[s
             break
         run_start = window
     top = list(latest.top_features) or sorted(
-        (name for name, score in latest.scores.items() if score.get("drifting")),
-        key=lambda name: latest.scores[name].get("psi", 0.0), reverse=True,
+        (name for name, score in latest.scores.items() if score.drifting),
+        key=lambda name: latest.scores[name].psi, reverse=True,
     )[:5]
     return flag, run_start.started_at, top
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 import secrets
 import threading
@@ -50,14 +49,23 @@ from pathlib import Path
 
 import pydantic_core
 import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Json, ValidationError, model_validator
 from sqlalchemy.engine import Connection, Engine
 
 from device_agent.telemetry_schema import (
+    UNIX_TIME_MAX,
     CapturedSample,
+    Count,
     DriftReference,
+    FeatureName,
+    Histograms,
+    LatencyMs,
+    Scores,
+    UnixTime,
     UploadAck,
     UploadBatch,
     WindowSummary,
+    window_inconsistency,
 )
 from edgekit.errors import EdgekitError
 
@@ -413,7 +421,7 @@ class Store:
             .order_by(devices.c.id)
         )
         with self._reading() as conn:
-            return [DeviceRow(r.id, r.created_at, r.windows or 0, r.last_seen) for r in conn.execute(query)]
+            return [DeviceRow(r.id, r.created_at, r.windows or 0, _readable_time(r.last_seen)) for r in conn.execute(query)]
 
     def has_device(self, name: str) -> bool:
         with self._reading() as conn:
@@ -461,8 +469,14 @@ class Store:
 
     # -- queries
 
-    def fetch_windows(self, *, device: str | None = None, since: float | None = None, limit: int | None = None) -> list[StoredWindow]:
-        """Stored windows, by device then sequence; ``since`` keeps windows that ended at or after it (unix seconds)."""
+    def fetch_windows(
+        self, *, device: str | None = None, since: float | None = None, limit: int | None = None
+    ) -> tuple[list[StoredWindow], int]:
+        """Stored windows, by device then sequence, and how many rows were skipped because they do not read as a window.
+
+        ``since`` keeps windows that ended at or after it (unix seconds). A skipped row was written before the contract
+        refused what it holds (a NaN, JSON that does not parse, an absurd time): see ``StoredWindow.from_row``.
+        """
         query = sa.select(windows).order_by(windows.c.device_id, windows.c.sequence)
         if device is not None:
             query = query.where(windows.c.device_id == device)
@@ -470,8 +484,15 @@ class Store:
             query = query.where(windows.c.ended_at >= since)
         if limit is not None:
             query = query.limit(limit)
+        found: list[StoredWindow] = []
+        skipped = 0
         with self._reading() as conn:
-            return [StoredWindow.from_row(row) for row in conn.execute(query)]
+            for row in conn.execute(query):
+                try:
+                    found.append(StoredWindow.from_row(row))
+                except ValidationError:
+                    skipped += 1
+        return found, skipped
 
     def count_windows(self, device: str | None = None) -> int:
         query = sa.select(sa.func.count()).select_from(windows)
@@ -481,16 +502,40 @@ class Store:
             return int(conn.scalar(query) or 0)
 
     def references(self, digests: Iterable[str] | None = None) -> dict[str, DriftReference]:
+        """The stored drift references by sha256 (all, or those in ``digests``).
+
+        A document that no longer validates (stored before the contract refused what it holds) is left out, as if it
+        had never been sent: the report shows its windows' model version without fleet-wide scores.
+        """
         query = sa.select(drift_references.c.sha256, drift_references.c.document)
         if digests is not None:
             query = query.where(drift_references.c.sha256.in_(list(digests)))
+        found = {}
         with self._reading() as conn:
-            return {row.sha256: DriftReference.model_validate_json(row.document) for row in conn.execute(query)}
+            for row in conn.execute(query):
+                try:
+                    found[row.sha256] = DriftReference.model_validate_json(row.document)
+                except ValidationError:
+                    continue
+        return found
 
-    def fetch_samples(self, device: str) -> list[CapturedSample]:
+    def fetch_samples(self, device: str) -> tuple[list[CapturedSample], int]:
+        """The device's captured samples in order, and how many stored ones were skipped because they no longer validate."""
         query = sa.select(samples.c.document).where(samples.c.device_id == device).order_by(samples.c.sequence, samples.c.position)
+        found: list[CapturedSample] = []
+        skipped = 0
         with self._reading() as conn:
-            return [CapturedSample.model_validate_json(row.document) for row in conn.execute(query)]
+            for row in conn.execute(query):
+                try:
+                    found.append(CapturedSample.model_validate_json(row.document))
+                except ValidationError:
+                    skipped += 1
+        return found, skipped
+
+
+def _readable_time(timestamp: float | None) -> float | None:
+    """``timestamp`` when a reader can show it (finite, 0 to UNIX_TIME_MAX), else None."""
+    return timestamp if timestamp is not None and 0 <= timestamp <= UNIX_TIME_MAX else None
 
 
 def _json(document: object) -> str:
@@ -522,40 +567,46 @@ def _window_row(device_id: str, window: WindowSummary, received_at: float) -> di
     }
 
 
-@dataclass(frozen=True)
-class StoredWindow:
-    """One stored window, as the reports read it."""
+class StoredWindow(BaseModel):
+    """One stored window, as the reports read it: a row of ``windows``, checked on the way out like a sent window.
+
+    The same bounds as ``WindowSummary`` except for names: a model name or version stored before the contract refused
+    control and bidirectional characters is kept, and printed escaped (``telemetry_schema.escape_unprintable``).
+    """
+
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)  # columns it does not name are ignored, not a bad row
 
     device_id: str
-    sequence: int
-    started_at: float
-    ended_at: float
-    received_at: float
+    sequence: Count
+    started_at: UnixTime
+    ended_at: UnixTime
+    received_at: UnixTime
     model_name: str | None
     model_version: str | None
     reference_sha256: str | None
-    requests: int
-    errors: int
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
-    histograms: dict[str, list[int]]
-    scores: dict[str, dict]
+    requests: Count
+    errors: Count
+    p50_ms: LatencyMs | None
+    p95_ms: LatencyMs | None
+    p99_ms: LatencyMs | None
+    histograms: Json[Histograms]
+    scores: Json[Scores]
     drifting: bool
     alert: bool
-    top_features: list[str]
-    evicted_total: int
+    top_features: Json[list[FeatureName]]
+    evicted_total: Count
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StoredWindow:
+        problem = window_inconsistency(self.started_at, self.ended_at, self.requests, self.errors)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @classmethod
     def from_row(cls, row) -> StoredWindow:  # type: ignore[no-untyped-def]
-        return cls(
-            device_id=row.device_id, sequence=int(row.sequence), started_at=row.started_at, ended_at=row.ended_at,
-            received_at=row.received_at, model_name=row.model_name, model_version=row.model_version,
-            reference_sha256=row.reference_sha256, requests=int(row.requests), errors=int(row.errors),
-            p50_ms=row.p50_ms, p95_ms=row.p95_ms, p99_ms=row.p99_ms, histograms=json.loads(row.histograms),
-            scores=json.loads(row.scores), drifting=bool(row.drifting), alert=bool(row.alert),
-            top_features=json.loads(row.top_features), evicted_total=int(row.evicted_total),
-        )
+        """The window of a ``windows`` row; raises ValidationError for a row that breaks the bounds or does not parse."""
+        return cls.model_validate(dict(row._mapping))
 
     @property
     def judged(self) -> bool:
@@ -563,6 +614,4 @@ class StoredWindow:
         return bool(self.scores)
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
+        return self.model_dump()

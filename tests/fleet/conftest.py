@@ -27,6 +27,7 @@ from device_agent.telemetry_schema import (
     WindowSummary,
     reference_sha256,
 )
+from tests.support.limits import memory_capped
 from tests.support.network import free_port, serving
 
 PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
@@ -145,12 +146,12 @@ class CollectorProcess:
 
 
 @contextmanager
-def collector_process(db_url: str, *extra: str) -> Iterator[CollectorProcess]:
-    """``edgekit fleet serve`` as a real subprocess on a free port."""
+def collector_process(db_url: str, *extra: str, memory_limit: int | None = None) -> Iterator[CollectorProcess]:
+    """``edgekit fleet serve`` as a real subprocess on a free port; ``memory_limit`` caps its address space (bytes)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "edgekit", "fleet", "serve", "--db", db_url, "--port", str(port), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **memory_capped(memory_limit),
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -149,7 +149,7 @@ def test_two_collector_processes_racing_the_same_batches_store_each_window_once(
     assert len(acks) == 20 and all(len(ack["stored"]) == 100 for ack in acks)
     assert sum(ack["duplicates"] for ack in acks) == 1000, "each window is new to exactly one of the two posts"
     assert store.count_windows("dev-1") == 1000
-    assert [w.sequence for w in store.fetch_windows(device="dev-1")] == list(range(1000))
+    assert [w.sequence for w in store.fetch_windows(device="dev-1")[0]] == list(range(1000))
     assert len(store.references()) == 1
     store.close()
 

@@ -65,7 +65,7 @@ def test_an_overlapping_batch_stores_only_the_new_windows_and_keeps_the_first_co
     store.ingest(make_batch("dev-1", range(5), requests=100))
     ack = store.ingest(make_batch("dev-1", range(3, 8), requests=999))
     assert ack.stored == [3, 4, 5, 6, 7] and ack.duplicates == 2
-    stored = {w.sequence: w.requests for w in store.fetch_windows(device="dev-1")}
+    stored = {w.sequence: w.requests for w in store.fetch_windows(device="dev-1")[0]}
     assert stored == {0: 100, 1: 100, 2: 100, 3: 100, 4: 100, 5: 999, 6: 999, 7: 999}
 
 
@@ -89,10 +89,11 @@ def test_windows_round_trip_every_field(store: Store):
 
     store.ingest(UploadBatch(device_id="dev-1", windows=[window], references={reference_sha256(reference): reference}),
                  received_at=123.0)
-    (stored,) = store.fetch_windows()
+    (stored,), skipped = store.fetch_windows()
+    assert skipped == 0
     assert (stored.device_id, stored.sequence, stored.errors, stored.evicted_total) == ("dev-1", 7, 3, 4)
     assert (stored.model_name, stored.model_version, stored.p95_ms, stored.received_at) == ("clf", "1.0.0", 5.0, 123.0)
-    assert stored.histograms == {"f0": [1] * 21} and stored.scores["f0"]["psi"] == 0.5
+    assert stored.histograms == {"f0": [1] * 21} and stored.scores["f0"].psi == 0.5
     assert stored.drifting and stored.alert and stored.top_features == ["f0"]
 
 
@@ -101,7 +102,7 @@ def test_windows_without_model_or_latency_store_nulls(store: Store):
     store.add_device("dev-1")
     ack = store.ingest(make_batch("dev-1", range(3), model=None, latency={}))
     assert ack.stored == [0, 1, 2] and ack.duplicates == 0
-    stored = store.fetch_windows()
+    stored, _ = store.fetch_windows()
     assert {(w.model_name, w.model_version, w.reference_sha256, w.p50_ms, w.p99_ms) for w in stored} == {(None,) * 5}
 
 
@@ -130,7 +131,7 @@ def test_samples_are_stored_once_with_their_window(store: Store):
     batch = make_batch("dev-1", [0], samples=[s.model_dump() for s in samples])
     store.ingest(batch)
     store.ingest(batch)
-    assert store.fetch_samples("dev-1") == samples
+    assert store.fetch_samples("dev-1") == (samples, 0)
 
 
 def test_concurrent_duplicate_ingests_store_each_window_once(db_url: str):
@@ -155,8 +156,8 @@ def test_a_batch_split_over_several_statements_is_still_stored_once(store: Store
     samples = [CapturedSample(captured_at=1.0, text=f"text {i}") for i in range(5)]
     ack = store.ingest(make_batch("dev-1", range(7), samples=[s.model_dump() for s in samples]))
     assert ack.stored == list(range(7)) and ack.duplicates == 2
-    assert [w.sequence for w in store.fetch_windows()] == list(range(7))
-    assert len(store.fetch_samples("dev-1")) == 5 * 5, "samples of the five new windows only, each once"
+    assert [w.sequence for w in store.fetch_windows()[0]] == list(range(7))
+    assert len(store.fetch_samples("dev-1")[0]) == 5 * 5, "samples of the five new windows only, each once"
 
 
 def test_sqlite_commits_are_durable_before_the_ack(tmp_path):
@@ -252,10 +253,10 @@ def test_an_old_version_database_is_upgraded_and_keeps_its_data(db_url: str):
 
     store = Store.open(db_url)
     assert current_version(store.engine) == LATEST_VERSION
-    (window,) = store.fetch_windows(device="old")
+    (window,), _ = store.fetch_windows(device="old")
     assert (window.requests, window.errors, window.received_at) == (10, 1, 0.0)
     store.ingest(make_batch("old", [0, 1], samples=[{"captured_at": 1.0, "text": "hi"}]))
-    assert store.count_windows("old") == 2 and len(store.fetch_samples("old")) == 1
+    assert store.count_windows("old") == 2 and len(store.fetch_samples("old")[0]) == 1
     store.close()
 
 

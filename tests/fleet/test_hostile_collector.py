@@ -1,0 +1,115 @@
+"""The collector under hostile input, as a real `edgekit fleet serve` process in an address-space limit.
+
+Each case asserts the answer's code, that a valid upload right after is stored,
+and, at the end, that the collector's peak memory stayed under a stated bound.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from edgekit.fleet.store import Store
+from tests.fleet.conftest import collector_process, make_batch, make_reference, post
+from tests.support.limits import peak_memory
+
+MEMORY_LIMIT = 2 << 30
+PEAK_MEMORY_BOUND = 500 << 20  # resident memory the collector may reach over this whole module
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory):
+    db_url = f"sqlite:///{tmp_path_factory.mktemp('hostile-collector') / 'fleet.db'}"
+    store = Store.open(db_url)
+    token = store.add_device("edge-1")
+    store.close()
+    with collector_process(db_url, memory_limit=MEMORY_LIMIT) as running:
+        running.token = token
+        running.sequence = 0
+        yield running
+        assert running.process.poll() is None, "the collector died"
+        assert peak_memory(running.process.pid) < PEAK_MEMORY_BOUND
+
+
+def _port(collector) -> int:
+    return int(collector.url.rsplit(":", 1)[1])
+
+
+def _stores_a_valid_upload(collector) -> None:
+    collector.sequence += 1
+    response = post(collector.url, collector.token, make_batch("edge-1", [collector.sequence], make_reference()))
+    assert response.status_code == 200, response.text
+    assert response.json()["stored"] == [collector.sequence]
+
+
+def test_a_declared_huge_body_is_refused_before_reading(collector):
+    with socket.create_connection(("127.0.0.1", _port(collector)), timeout=10) as conn:
+        conn.sendall(f"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {collector.token}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {100 << 30}\r\n\r\n".encode())
+        answer = conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    _stores_a_valid_upload(collector)
+
+
+def test_a_chunked_body_past_the_limit_is_cut_off_while_streaming(collector):
+    """Today's collector read the whole body first: 1.6 GB of it killed it. Here 256 MiB are offered."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", _port(collector)), timeout=10) as conn:
+        conn.sendall(f"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {collector.token}\r\n"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+        conn.settimeout(0.5)
+        for _ in range(256):
+            try:
+                conn.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                answer += conn.recv(4096)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+        conn.settimeout(10)
+        if not answer:
+            answer = conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    _stores_a_valid_upload(collector)
+
+
+def test_an_oversized_header_is_refused_with_431(collector):
+    response = httpx.get(f"{collector.url}/v1/health", headers={"X-Big": "a" * (128 << 10)}, timeout=30)
+    assert response.status_code == 431, response.text
+    _stores_a_valid_upload(collector)
+
+
+def test_idle_connections_do_not_stop_new_clients_and_are_closed(collector):
+    idle = [socket.create_connection(("127.0.0.1", _port(collector))) for _ in range(300)]
+    try:
+        assert httpx.get(f"{collector.url}/v1/health", timeout=5).status_code == 200
+        _stores_a_valid_upload(collector)
+        deadline = time.monotonic() + 20  # the collector's header_timeout_s is 10
+        for conn in idle:
+            conn.settimeout(max(deadline - time.monotonic(), 0.1))
+            try:
+                assert conn.recv(4096) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_a_ten_million_bin_histogram_is_refused_without_the_memory(collector):
+    """A 19 MB body of one huge histogram took 542 MB of the collector's memory; now the body limit or MAX_BINS stops it."""
+    batch = make_batch("edge-1", [10_000]).model_dump(mode="json")
+    batch["windows"][0]["histograms"] = {"f0": [0] * 7_000_000}
+    body = json.dumps(batch, separators=(",", ":")).encode()
+    response = httpx.post(f"{collector.url}/v1/telemetry", content=body, timeout=60,
+                          headers={"Authorization": f"Bearer {collector.token}", "Content-Type": "application/json"})
+    assert response.status_code in (413, 422), response.text
+    _stores_a_valid_upload(collector)
