@@ -13,6 +13,11 @@
   every request), and deletes exactly the sequences the collector's
   ``UploadAck`` lists. Failures back off exponentially with full jitter; 401
   and 403 are logged as a configuration problem and back off the same way.
+  A batch the collector refuses as breaking the contract (422, 413) is sent
+  again a window at a time, and a window refused on its own moves to a
+  bounded ``rejected`` table with the collector's reason (logged, counted in
+  ``edgekit_drift_outbox_rejected_total``): one bad window, say from a clock
+  set wrong, never blocks the windows after it.
   Delivery is at-least-once; the collector's upsert makes storage exactly-once.
 - :class:`Telemetry`: one :class:`~device_agent.drift.DriftMonitor` per served
   model version, a writer thread that moves closed windows into the outbox,
@@ -65,7 +70,18 @@ CREATE TABLE IF NOT EXISTS drift_references (
     sha256 TEXT PRIMARY KEY,
     body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rejected (
+    device_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    rejected_at REAL NOT NULL,
+    PRIMARY KEY (device_id, sequence)
+);
 """
+# Windows the collector refused, kept for an operator to read (sqlite3 outbox.sqlite 'SELECT reason FROM rejected');
+# past this many the oldest go. They are never sent again: the collector refused them on their own.
+MAX_REJECTED = 1000
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,7 @@ class OutboxStats:
     bytes: int
     evicted_total: int
     next_sequence: int
+    rejected_total: int = 0
 
 
 class Outbox:
@@ -208,6 +225,28 @@ class Outbox:
             )
         return deleted
 
+    def reject(self, sequence: int, reason: str) -> None:
+        """Move a window the collector refused on its own out of the queue, into ``rejected`` with the reason."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO rejected (device_id, sequence, body, reason, rejected_at) "
+                "SELECT device_id, sequence, body, ?, ? FROM windows WHERE device_id = ? AND sequence = ?",
+                (reason[:2000], time.time(), self.device_id, sequence),
+            )
+            self._db.execute("DELETE FROM windows WHERE device_id = ? AND sequence = ?", (self.device_id, sequence))
+            self._db.execute(
+                "DELETE FROM rejected WHERE device_id = ? AND sequence NOT IN "
+                "(SELECT sequence FROM rejected WHERE device_id = ? ORDER BY sequence DESC LIMIT ?)",
+                (self.device_id, self.device_id, MAX_REJECTED),
+            )
+            self._set_counter("rejected_total", self._counter("rejected_total") + 1)
+
+    def rejected(self) -> list[tuple[int, str]]:
+        """The kept refused windows: ``(sequence, the collector's reason)``, oldest first."""
+        with self._lock:
+            return self._db.execute("SELECT sequence, reason FROM rejected WHERE device_id = ? ORDER BY sequence",
+                                    (self.device_id,)).fetchall()
+
     def stats(self) -> OutboxStats:
         with self._lock:
             rows, size = self._db.execute(
@@ -215,10 +254,16 @@ class Outbox:
             ).fetchone()
             evicted = self._counter("evicted_total")
             next_sequence = self._next_sequence()
-        return OutboxStats(rows=rows, bytes=size, evicted_total=evicted, next_sequence=next_sequence)
+            rejected = self._counter("rejected_total")
+        return OutboxStats(rows=rows, bytes=size, evicted_total=evicted, next_sequence=next_sequence, rejected_total=rejected)
 
 
 # --------------------------------------------------------------------------- the uploader
+
+
+# What the collector answers for a batch that breaks the contract (a window's content or size), as opposed to a problem
+# of the collector, the network or the token: resending the same window will never succeed.
+_CONTRACT_REFUSALS = (413, 422)
 
 
 class UploadRefused(Exception):
@@ -320,10 +365,32 @@ class Uploader:
             log.warning("telemetry upload failed (%s); retrying with backoff", error, extra={"endpoint": self.endpoint})
 
     def upload_once(self) -> int:
-        """Send one batch of the oldest windows; how many were acknowledged (0 when the outbox is empty). Raises on failure."""
+        """Send one batch of the oldest windows; how many left the outbox (acknowledged, or refused on their own;
+        0 when the outbox is empty). Raises on failure."""
         rows = self.outbox.pending(self.batch_windows, self.batch_bytes)
         if not rows:
             return 0
+        try:
+            return self._send(rows)
+        except UploadRefused as error:
+            if error.status not in _CONTRACT_REFUSALS:
+                raise
+        # Some window breaks the collector's contract: find which, one at a time, so the others still go.
+        handled = 0
+        for row in rows:
+            try:
+                handled += self._send([row])
+            except UploadRefused as error:
+                if error.status not in _CONTRACT_REFUSALS:
+                    raise
+                self.outbox.reject(row[0], str(error))
+                handled += 1
+                log.error("the collector refused telemetry window %d (%s); it is kept in the outbox's rejected table "
+                          "and not sent again", row[0], error, extra={"endpoint": self.endpoint})
+        return handled
+
+    def _send(self, rows: list[tuple[int, str, str | None]]) -> int:
+        """POST ``rows`` as one batch and delete what the collector acknowledged; how many that was."""
         references = self.outbox.references(sha for _, _, sha in rows if sha)
         body = (
             '{"device_id":' + json.dumps(self.outbox.device_id)
@@ -481,6 +548,9 @@ class Telemetry:
         lines += _family("edgekit_drift_outbox_windows", "gauge", "Windows in the telemetry outbox, not yet acknowledged", [("", stats.rows)])
         lines += _family("edgekit_drift_outbox_bytes", "gauge", "Bytes of the windows in the telemetry outbox", [("", stats.bytes)])
         lines += _family("edgekit_drift_outbox_evicted_total", "counter", "Windows evicted unsent because the outbox was full", [("", stats.evicted_total)])
+        lines += _family("edgekit_drift_outbox_rejected_total", "counter",
+                         "Windows the collector refused on their own (kept in the outbox's rejected table, not resent)",
+                         [("", stats.rejected_total)])
         lines += _family("edgekit_drift_uploaded_total", "counter", "Windows the collector acknowledged (since the agent started)", [("", uploader.uploaded)])
         lines += _family("edgekit_drift_upload_failures_total", "counter", "Failed upload attempts (since the agent started)", [("", uploader.failures)])
         return lines

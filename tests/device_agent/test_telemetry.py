@@ -197,6 +197,34 @@ def test_refused_token_never_deletes(tmp_path, caplog):
 # --------------------------------------------------------------------------- the agent, end to end on loopback
 
 
+def test_a_window_the_collector_refuses_is_set_aside_and_the_rest_are_delivered(tmp_path):
+    """A device whose clock was wrong for one window (2017): the real collector refuses that window (422); it moves to
+    the outbox's rejected table with the reason, and the windows before and after it are stored."""
+    from edgekit.fleet.store import Store
+    from tests.fleet.conftest import collector_in_thread
+
+    store = Store.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+    token = store.add_device(DEVICE)
+    outbox = Outbox(tmp_path / "outbox.sqlite", DEVICE)
+    now = time.time()
+    for started in (now - 120, 1_500_000_000.0, now - 60):
+        outbox.append({**_window(), "started_at": started, "ended_at": started + 30, "histograms": {}})
+    try:
+        with collector_in_thread(store) as url:
+            uploader = Uploader(outbox, url, token, timeout_s=5)
+            assert uploader.upload_once() == 3
+            assert uploader.upload_once() == 0
+        stored, _ = store.fetch_windows(device=DEVICE)
+        assert [window.sequence for window in stored] == [0, 2]
+        ((sequence, reason),) = outbox.rejected()
+        assert sequence == 1 and "HTTP 422" in reason and "started_at" in reason
+        stats = outbox.stats()
+        assert (stats.rows, stats.rejected_total) == (0, 1)
+    finally:
+        outbox.close()
+        store.close()
+
+
 def _reference_for_tiny_classifier(model_path: Path) -> DriftReference:
     import onnxruntime
 
