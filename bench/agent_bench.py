@@ -234,6 +234,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="edgekit-agent-bench-") as tmp:
         workdir = Path(tmp)
+        results_at_start = {"load_average_1min_start": os.getloadavg()[0]}
         print("exporting and quantizing all-MiniLM-L6-v2 ...", flush=True)
         # In a child process: torch's idle OpenMP threads spin and would steal the 2 cores from every measurement.
         subprocess.run([sys.executable, __file__, "--prepare", str(workdir)], check=True)
@@ -245,7 +246,7 @@ def main() -> None:
         session = onnxruntime.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
         one = token_batch(1)
         batch = token_batch(args.concurrency)
-        results: dict[str, float] = {}
+        results: dict[str, float] = dict(results_at_start)
 
         # Latency: in-process and agent measured in alternating rounds, so this VM's drift hits both alike.
         agent = Agent(workdir, keyring, max_batch=1, delay_ms=2.0)
@@ -289,9 +290,13 @@ def main() -> None:
         results["import_device_agent_s"] = import_seconds("device_agent")
         results["import_device_agent_server_s"] = import_seconds("device_agent.server")
         results["cpu_count"] = os.cpu_count() or 0
+        results["load_average_1min_end"] = os.getloadavg()[0]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    from datetime import datetime, timezone
+
+    dated = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **results}
+    args.out.write_text(json.dumps(dated, indent=2) + "\n")
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.3f}")

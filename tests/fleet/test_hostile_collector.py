@@ -113,3 +113,15 @@ def test_a_ten_million_bin_histogram_is_refused_without_the_memory(collector):
                           headers={"Authorization": f"Bearer {collector.token}", "Content-Type": "application/json"})
     assert response.status_code in (413, 422), response.text
     _stores_a_valid_upload(collector)
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_numbers_are_refused_and_the_next_upload_is_stored(collector, literal):
+    batch = make_batch("edge-1", [20_000]).model_dump(mode="json")
+    batch["windows"][0]["latency"]["p95_ms"] = 5.0
+    body = json.dumps(batch).encode().replace(b'"p95_ms": 5.0', b'"p95_ms": ' + literal)
+    response = httpx.post(f"{collector.url}/v1/telemetry", content=body, timeout=30,
+                          headers={"Authorization": f"Bearer {collector.token}", "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "p95_ms" in response.json()["error"]
+    _stores_a_valid_upload(collector)
