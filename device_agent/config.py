@@ -18,6 +18,10 @@ from device_agent.http_limits import HttpLimits
 from device_agent.validation import read_yaml_mapping, validate_model
 
 _PATH_FIELDS = ("state_dir", "keyring_dir", "admin_token_file", "ssl_certfile", "ssl_keyfile", "device_token_file")
+# The HTTP limits (device_agent.http_limits) are settings too, with that module's defaults: declared there once.
+_HTTP = HttpLimits()
+_HTTP_SETTINGS = ("max_header_bytes", "header_timeout_s", "keep_alive_s", "body_timeout_s", "min_body_rate",
+                  "max_connections", "max_inflight_body_bytes", "max_concurrent_requests")
 _FLAG_FOR_FIELD = {
     "state_dir": "--state-dir",
     "keyring_dir": "--keyring",
@@ -42,13 +46,15 @@ class AgentSettings(BaseModel):
     max_json_bytes: int = Field(2 << 20, gt=0, description="largest JSON part of an inference request (tensors past it: binary extension)")
     max_rows_per_request: int = Field(256, ge=1, description="most rows (texts, images) in one inference request")
     max_text_chars: int = Field(20_000, ge=1, description="a longer text is cut to this many characters before tokenizing")
-    max_concurrent_requests: int = Field(32, ge=1, description="inference requests in flight; past it 503 with Retry-After")
+    max_concurrent_requests: int = Field(_HTTP.max_concurrent_requests, ge=1, description="inference requests at work (decode, run) at once; past it 503 + Retry-After")
+    max_inflight_body_bytes: int = Field(_HTTP.max_inflight_body_bytes, ge=1 << 20, description="bytes the bodies of all requests in flight hold together, counted as they arrive; past it 503")
     preprocess_threads: int = Field(2, ge=1, le=64, description="worker threads that decode, tokenize and preprocess requests")
-    max_header_bytes: int = Field(16 << 10, ge=1024, le=1 << 20, description="request line and headers together")
-    header_timeout_s: float = Field(10.0, gt=0, le=300, description="a connection must send complete headers within this")
-    keep_alive_s: float = Field(5.0, gt=0, le=300, description="an idle keep-alive connection is closed after this")
-    body_timeout_s: float = Field(30.0, gt=0, description="a body may take this long plus 1 s per 64 KiB")
-    max_connections: int = Field(1000, ge=1, description="open connections; past it a new one gets 503")
+    max_header_bytes: int = Field(_HTTP.max_header_bytes, ge=1024, le=1 << 20, description="request line and headers together")
+    header_timeout_s: float = Field(_HTTP.header_timeout_s, gt=0, le=300, description="a connection must send complete headers within this")
+    keep_alive_s: float = Field(_HTTP.keep_alive_s, gt=0, le=300, description="an idle keep-alive connection is closed after this")
+    body_timeout_s: float = Field(_HTTP.body_timeout_s, gt=0, description="a body may take this long plus 1 s per min_body_rate bytes")
+    min_body_rate: int = Field(_HTTP.min_body_rate, ge=1, description="bytes per second a body must average after body_timeout_s (slow links: lower it)")
+    max_connections: int = Field(_HTTP.max_connections, ge=1, description="open connections; past it a new one gets 503")
     max_batch: int = Field(8, ge=1, description="most rows the dynamic batcher puts into one model run")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest a request waits for others to join its batch")
     keep_versions: int = Field(3, ge=2, description="versions kept on disk per model (rollback needs two)")
@@ -70,12 +76,13 @@ class AgentSettings(BaseModel):
     capture_max_bytes: int = Field(1 << 20, ge=1, le=4 << 20, description="bytes of raw inputs kept per window when capture is on")
 
     def http_limits(self) -> HttpLimits:
-        return HttpLimits(max_header_bytes=self.max_header_bytes, header_timeout_s=self.header_timeout_s,
-                          keep_alive_s=self.keep_alive_s, body_timeout_s=self.body_timeout_s,
-                          max_connections=self.max_connections)
+        return HttpLimits(**{name: getattr(self, name) for name in _HTTP_SETTINGS})
 
     @model_validator(mode="after")
     def _tls_pair(self) -> AgentSettings:
+        if self.max_inflight_body_bytes < self.max_request_bytes:
+            raise ValueError(f"max_inflight_body_bytes ({self.max_inflight_body_bytes}) must hold at least one request of "
+                             f"max_request_bytes ({self.max_request_bytes})")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together: set both for TLS, or neither")
         if self.telemetry_url is not None and (self.device_id is None or self.device_token_file is None):

@@ -1,45 +1,56 @@
 """What one connection or request may cost a server, declared once and enforced before the app does any work.
 
 Both servers (the device agent and the fleet collector) run uvicorn with the
-protocol class made here and read request bodies with :func:`read_body`, so one
-set of rules holds for both:
+protocol class made here and read request bodies with :func:`stream_body`, so
+one set of rules holds for both:
 
 - **Headers**: the request line and headers together are at most
   ``max_header_bytes`` (431 past it, before the app sees the request), at most
   ``max_headers`` of them (431), and complete within ``header_timeout_s`` of the
-  connection opening or of the previous response (the connection is closed: a
-  client that sends nothing, or a byte every few seconds, holds no descriptor
-  for long).
-- **Idle keep-alive** connections are closed after ``keep_alive_s``.
+  connection opening (or of the previous response, ``keep_alive_s`` when that
+  is longer); else the connection is closed: a client that sends nothing, or a
+  byte every few seconds, holds no descriptor for long.
 - **Connections**: past ``max_connections`` open at once a new one is answered
   503 with ``Retry-After`` and closed, so descriptors never run out; the servers
-  raise their descriptor limit to the hard limit at start (:func:`raise_open_files_limit`).
+  raise their descriptor limit towards it at start (:func:`connection_cap`). A
+  response sent before the request's body arrived (a refusal) closes the
+  connection: the rest of that body is not wanted.
 - **Bodies** are streamed and counted: a declared ``Content-Length`` over the
   limit is refused (413) before a byte is read, a streamed one as soon as it
   passes; a body must arrive within ``body_timeout_s`` plus the time
   ``min_body_rate`` bytes per second would take (408).
-- **Saturation**: :class:`Admission` answers 503 with ``Retry-After`` once
-  ``limit`` requests of the guarded routes are in flight.
+- **Load** (:class:`RequestBudget`): the bodies of all requests in flight hold
+  at most ``max_inflight_body_bytes`` together, counted as they arrive, and at
+  most ``max_concurrent_requests`` requests work (decode, run) at once; past
+  either, 503 with ``Retry-After``. A slow client holds a connection, never a
+  work slot or memory it has not sent.
 
 Why h11 and not httptools: httptools (llhttp) has no bound on the size of a
 header (a 128 MB header took the agent 18 s to parse, none of it counted against
 the body limit); h11 refuses a request whose headers pass its incomplete-event
 bound, as it reads them. It costs some microseconds per request, small next to a
-model run.
+model run (bench/README.md, "Device agent").
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import resource
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from device_agent.errors import UserError
+
+log = logging.getLogger("edgekit.http")
 
 
 @dataclass(frozen=True)
@@ -51,34 +62,27 @@ class HttpLimits:
     header_timeout_s: float = 10.0
     keep_alive_s: float = 5.0
     body_timeout_s: float = 30.0
-    min_body_rate: int = 64 << 10
+    min_body_rate: int = 16 << 10
     max_connections: int = 1000
+    max_inflight_body_bytes: int = 256 << 20
+    max_concurrent_requests: int = 32
 
 
-class RequestRefused(Exception):
-    """A request refused for its size or pace; ``status_code`` is the HTTP status (413 or 408)."""
+class RequestRefused(UserError):
+    """A request refused for its size, pace or the server's load; ``status_code`` and ``headers`` make the answer."""
 
-    def __init__(self, message: str, status_code: int) -> None:
+    def __init__(self, message: str, status_code: int, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.headers = headers
+
+
+def error_body(message: str) -> bytes:
+    """The body of every error either server sends: ``{"error": "..."}``."""
+    return json.dumps({"error": message}).encode()
 
 
 # --------------------------------------------------------------------------- the protocol
-
-
-def _plain_response(status: int, message: str, retry_after: int | None = None) -> bytes:
-    body = json.dumps({"error": message}).encode()
-    headers = [f"HTTP/1.1 {status} {_reason(status)}", "content-type: application/json",
-               f"content-length: {len(body)}", "connection: close"]
-    if retry_after is not None:
-        headers.append(f"retry-after: {retry_after}")
-    return ("\r\n".join(headers) + "\r\n\r\n").encode("ascii") + body
-
-
-def _reason(status: int) -> str:
-    from http import HTTPStatus
-
-    return HTTPStatus(status).phrase
 
 
 _LINGER_S = 1.0  # how long a refused connection's remaining input is read and dropped before it is closed
@@ -92,14 +96,15 @@ class BoundedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._closing_soon = False
         if len(self.connections) > self.limits.max_connections:
             self._refuse(503, f"the server holds {self.limits.max_connections} connections, its limit; retry later", retry_after=1)
             return
-        self._arm_header_timer()
+        self._arm_header_timer(self.limits.header_timeout_s)
 
     def data_received(self, data: bytes) -> None:
-        if getattr(self, "_refused", False):
-            return  # the answer is sent; the rest of the request is read and dropped until the connection closes
+        if self._closing_soon:
+            return  # answered already: the rest of the request is read and dropped until the connection closes
         super().data_received(data)
         if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
             self._header_timer.cancel()  # the request's headers are complete
@@ -114,8 +119,14 @@ class BoundedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_header_timer()
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.SEND_BODY:
+            # Answered before the body arrived (413, 408, 401, a GET that ignores its body): uvicorn would keep the
+            # connection waiting for a body nobody reads, with no deadline.
+            self._close_soon()
+            return
+        self._arm_header_timer(max(self.limits.header_timeout_s, self.limits.keep_alive_s))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if getattr(self, "_header_timer", None) is not None:
@@ -123,22 +134,31 @@ class BoundedH11Protocol(H11Protocol):
             self._header_timer = None
         super().connection_lost(exc)
 
-    def _arm_header_timer(self) -> None:
+    def _arm_header_timer(self, seconds: float) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
-        self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._on_header_timeout)
+        self._header_timer = self.loop.call_later(seconds, self._on_header_timeout)
 
     def _on_header_timeout(self) -> None:
         self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            # Nothing or part of a request line and headers in header_timeout_s: an idle or slow-loris connection.
+        no_request = self.cycle is None or self.cycle.response_complete
+        if no_request and not self.transport.is_closing():
+            # No complete request line and headers in time: an idle or slow-loris connection.
             self.transport.close()
 
     def _refuse(self, status: int, message: str, retry_after: int | None = None) -> None:
-        """Answer and close, a moment later: closing with the client's request still unread would reset the
-        connection, and the client would see the reset instead of the answer."""
-        self._refused = True
-        self.transport.write(_plain_response(status, message, retry_after))
+        body = error_body(message)
+        headers = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
+                   f"content-length: {len(body)}", "connection: close"]
+        if retry_after is not None:
+            headers.append(f"retry-after: {retry_after}")
+        self.transport.write(("\r\n".join(headers) + "\r\n\r\n").encode("ascii") + body)
+        self._close_soon()
+
+    def _close_soon(self) -> None:
+        """Close a moment later, dropping what arrives meanwhile: closing with the client's request still unread would
+        reset the connection, and the client would see the reset instead of the answer."""
+        self._closing_soon = True
         self.loop.call_later(_LINGER_S, self.transport.close)
 
 
@@ -157,25 +177,68 @@ def uvicorn_options(limits: HttpLimits) -> dict[str, Any]:
     }
 
 
-def raise_open_files_limit(wanted: int) -> int:
-    """Raise this process's soft descriptor limit towards ``wanted`` (never past the hard limit); the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return target
-    return soft
-
-
 def connection_cap(limits: HttpLimits, reserve: int = 128) -> HttpLimits:
-    """``limits`` with max_connections lowered where the descriptor limit is smaller (``reserve`` kept for files)."""
-    from dataclasses import replace
+    """``limits`` with max_connections lowered where the descriptor limit cannot be raised enough (``reserve`` kept
+    for files); the soft limit is raised towards the hard one first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = limits.max_connections + reserve
+    if soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft - reserve >= limits.max_connections:
+        return limits
+    log.warning("max_connections lowered from %d to %d: the open-files limit is %d (raise it with ulimit -n or LimitNOFILE=)",
+                limits.max_connections, max(soft - reserve, 1), soft)
+    return replace(limits, max_connections=max(soft - reserve, 1))
 
-    available = raise_open_files_limit(limits.max_connections + reserve) - reserve
-    return limits if available >= limits.max_connections else replace(limits, max_connections=max(available, 1))
+
+# --------------------------------------------------------------------------- bodies and load
 
 
-# --------------------------------------------------------------------------- bodies
+class RequestBudget:
+    """The load of the requests in flight, shared on one event loop (so it needs no lock): body bytes and work slots."""
+
+    def __init__(self, limits: HttpLimits, what: str) -> None:
+        self.limits, self.what = limits, what
+        self.body_bytes = 0
+        self.working = 0
+
+    @contextmanager
+    def holding(self) -> Iterator[HeldBudget]:
+        """What one request holds, given back when the block ends."""
+        held = HeldBudget(self)
+        try:
+            yield held
+        finally:
+            self.body_bytes -= held.body_bytes
+            self.working -= held.working
+
+
+class HeldBudget:
+    """One request's share of a :class:`RequestBudget`."""
+
+    def __init__(self, budget: RequestBudget) -> None:
+        self.budget, self.body_bytes, self.working = budget, 0, 0
+
+    def add_body(self, size: int) -> None:
+        budget = self.budget
+        if budget.body_bytes + size > budget.limits.max_inflight_body_bytes:
+            raise _busy(f"the bodies of the {budget.what} in flight hold {budget.limits.max_inflight_body_bytes} bytes, the "
+                        "server's limit (max_inflight_body_bytes)")
+        budget.body_bytes += size
+        self.body_bytes += size
+
+    def start_work(self) -> None:
+        budget = self.budget
+        if budget.working >= budget.limits.max_concurrent_requests:
+            raise _busy(f"{budget.limits.max_concurrent_requests} {budget.what} are at work, the server's limit "
+                        "(max_concurrent_requests)")
+        budget.working += 1
+        self.working = 1
+
+
+def _busy(message: str) -> RequestRefused:
+    return RequestRefused(f"{message}; retry shortly", 503, {"Retry-After": "1"})
 
 
 async def _chunks_in_time(stream: AsyncIterator[bytes], limits: HttpLimits) -> AsyncIterator[bytes]:
@@ -204,59 +267,40 @@ def refuse_declared_length(headers: Any, limit: int, setting: str) -> None:
         raise RequestRefused(f"the request body ({declared} bytes) is over the {limit}-byte limit ({setting})", 413)
 
 
-async def stream_body(request: Any, limit: int, setting: str, limits: HttpLimits) -> AsyncIterator[bytes]:
-    """The body's chunks (a Starlette request), refused with 413 past ``limit`` bytes and 408 when too slow."""
+async def stream_body(request: Any, limit: int, setting: str, limits: HttpLimits,
+                      held: HeldBudget | None = None) -> AsyncIterator[bytes]:
+    """The body's chunks (a Starlette request): 413 past ``limit`` bytes, 408 when too slow, 503 when the chunks would
+    pass the bytes in flight of ``held``'s budget (None: a body that goes to disk, not memory)."""
     refuse_declared_length(request.headers, limit, setting)
     size = 0
     async for chunk in _chunks_in_time(request.stream(), limits):
         size += len(chunk)
         if size > limit:
             raise RequestRefused(f"the request body is over the {limit}-byte limit ({setting})", 413)
+        if held is not None:
+            held.add_body(len(chunk))
         yield chunk
 
 
-async def read_body(request: Any, limit: int, setting: str, limits: HttpLimits) -> bytes:
+async def read_body(request: Any, limit: int, setting: str, limits: HttpLimits, held: HeldBudget | None = None) -> bytes:
     """The whole body (see :func:`stream_body`); memory never holds more than ``limit`` bytes of it."""
-    return b"".join([chunk async for chunk in stream_body(request, limit, setting, limits)])
+    return b"".join([chunk async for chunk in stream_body(request, limit, setting, limits, held)])
 
 
-# --------------------------------------------------------------------------- saturation and header count
+# --------------------------------------------------------------------------- header count
 
 
-class Admission:
-    """ASGI middleware: 431 for too many headers; 503 + Retry-After once ``limit`` guarded requests are in flight.
+class HeaderCountLimit:
+    """ASGI middleware: 431 for a request of more than ``max_headers`` headers (h11 bounds only their bytes)."""
 
-    ``guarded(path)`` says which routes count (inference, uploads); health checks and metrics never wait or count.
-    """
-
-    def __init__(self, app: Any, *, limit: int, guarded: Any, limits: HttpLimits, what: str) -> None:
-        self.app, self.limit, self.guarded, self.limits, self.what = app, limit, guarded, limits, what
-        self.in_flight = 0
+    def __init__(self, app: Any, *, limits: HttpLimits) -> None:
+        self.app, self.limits = app, limits
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] == "http" and len(scope["headers"]) > self.limits.max_headers:
+            body = error_body(f"the request has {len(scope['headers'])} headers; the limit is {self.limits.max_headers}")
+            await send({"type": "http.response.start", "status": 431,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
             return
-        if len(scope["headers"]) > self.limits.max_headers:
-            await _send_error(send, 431, f"the request has {len(scope['headers'])} headers; the limit is {self.limits.max_headers}")
-            return
-        if not self.guarded(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        if self.in_flight >= self.limit:
-            await _send_error(send, 503, f"{self.limit} {self.what} are in flight, the server's limit; retry shortly",
-                              {"retry-after": "1"})
-            return
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-
-
-async def _send_error(send: Any, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(name.encode(), value.encode()) for name, value in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+        await self.app(scope, receive, send)

@@ -33,7 +33,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -49,12 +50,15 @@ from device_agent.batching import DynamicBatcher
 from device_agent.bundle import ImagePreprocessing, Manifest, ModelInfo, TensorSpec, TokenizerPreprocessing
 from device_agent.config import AgentSettings
 from device_agent.errors import UserError
-from device_agent.http_limits import Admission, RequestRefused, connection_cap, read_body, stream_body, uvicorn_options
+from device_agent.http_limits import (
+    HeaderCountLimit, RequestBudget, connection_cap, read_body, stream_body, uvicorn_options,
+)
 from device_agent.input_contract import check_feeds, check_rows, value_ranges
 from device_agent.metrics import Metrics, RequestStats
 from device_agent.protocol import (
     HEADER_LENGTH,
     InferRequest,
+    OutputChoice,
     ProtocolError,
     choose_outputs,
     decode_inputs,
@@ -69,6 +73,7 @@ from device_agent.runtime import Session
 from device_agent.telemetry import Telemetry
 
 log = logging.getLogger("edgekit.agent.server")
+T = TypeVar("T")
 
 SERVER_NAME = "edgekit-agent"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
@@ -131,6 +136,7 @@ class Agent:
         self.metrics = Metrics()
         # Decoding, tokenizing and preprocessing run here, never on the event loop that answers health checks.
         self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="edgekit-preprocess")
+        self.inference_budget = RequestBudget(self.http_limits, "inference requests")
         self.admin_token = _read_admin_token(settings.admin_token_file)
         self.started_at = time.time()
         self.start_problem: str | None = "the repository is still loading its models"
@@ -190,7 +196,7 @@ class Agent:
             self._tokenizers[key] = TextTokenizer(served.slot_dir / spec.tokenizer_file, spec.max_length)
         return self._tokenizers[key]
 
-    async def off_loop(self, function, *args):  # type: ignore[no-untyped-def]
+    async def off_loop(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in the preprocessing pool: CPU work that must not stall the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.preprocess_pool, functools.partial(function, *args))
 
@@ -360,19 +366,15 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 def _status_of(error: UserError) -> int:
     if isinstance(error, ModelNotFound):
         return 404
-    return getattr(error, "status_code", 400)  # InstallRefused, NothingToRollBack, ProtocolError carry theirs
+    return getattr(error, "status_code", 400)  # InstallRefused, NothingToRollBack, ProtocolError, RequestRefused carry theirs
 
 
 async def _on_user_error(request: Request, error: UserError) -> JSONResponse:
-    return _error(_status_of(error), str(error))
+    return _error(_status_of(error), str(error), getattr(error, "headers", None))
 
 
 async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
-
-
-async def _on_refused(request: Request, error: RequestRefused) -> JSONResponse:
-    return _error(error.status_code, str(error))
 
 
 async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -505,8 +507,9 @@ async def _infer(agent: Agent, request: Request, served: ServedModel) -> Respons
     try:
         response, observed = await _answer(agent, request, served, stats)
     except Exception as error:
-        if _client_error(error):  # the client's mistake: no model ran, so neither a failure nor a drift window's error
-            agent.metrics.refused[_status_of_any(error)] += 1
+        status = _status_of(error) if isinstance(error, UserError) else getattr(error, "status_code", 500)
+        if status < 500:  # the client's mistake: no model ran, so neither a failure nor a drift window's error
+            agent.metrics.refused[status] += 1
             raise
         stats.failure += 1
         agent.record_request(served, None, (time.perf_counter() - started) * 1e3, error=True)
@@ -518,34 +521,26 @@ async def _infer(agent: Agent, request: Request, served: ServedModel) -> Respons
     return response
 
 
-def _status_of_any(error: Exception) -> int:
-    if isinstance(error, UserError):
-        return _status_of(error)
-    return getattr(error, "status_code", 500)
-
-
-def _client_error(error: Exception) -> bool:
-    return isinstance(error, (UserError, RequestRefused, StarletteHTTPException)) and _status_of_any(error) < 500
-
-
 def _microseconds_since(started: float) -> int:
     return int((time.perf_counter() - started) * 1e6)
 
 
 async def _answer(agent: Agent, request: Request, served: ServedModel, stats: RequestStats) -> tuple[Response, _Observed | None]:
-    limit = agent.settings.max_request_bytes
-    body = await read_body(request, limit, "max_request_bytes", agent.http_limits)
-    started = time.perf_counter()
-    infer_request, feeds, choices, raw = await agent.off_loop(
-        _decode, agent, served, body, request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
-    )
-    stats.compute_input_duration_us += _microseconds_since(started)
-    try:
-        outputs = await _run(agent.batcher_for(served), served.manifest, feeds)
-    except Exception as error:  # validated inputs that the model still refuses: a fault of the model, not the client
-        log.error("model run failed", extra={"model": served.name, "version": served.version}, exc_info=error)
-        raise HTTPException(500, f"{served.name} {served.version} failed to run: {error}") from None
-    observed = _observe(agent, served, feeds, raw, outputs) if agent.telemetry is not None else None
+    with agent.inference_budget.holding() as held:
+        body = await read_body(request, agent.settings.max_request_bytes, "max_request_bytes", agent.http_limits, held)
+        held.start_work()  # a slot only once the body is here: a slow client never holds one
+        started = time.perf_counter()
+        decoded = await agent.off_loop(
+            _decode, agent, served, body, request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
+        )
+        stats.compute_input_duration_us += _microseconds_since(started)
+        try:
+            outputs = await _run(agent.batcher_for(served), served.manifest, decoded.feeds)
+        except Exception as error:  # validated inputs that the model still refuses: a fault of the model, not the client
+            log.error("model run failed", extra={"model": served.name, "version": served.version}, exc_info=error)
+            raise HTTPException(500, f"{served.name} {served.version} failed to run: {error}") from None
+    observed = _observe(agent, served, decoded.feeds, decoded.raw, outputs) if agent.telemetry is not None else None
+    infer_request, choices = decoded.request, decoded.choices
 
     started = time.perf_counter()
     content, header_length = encode_response(
@@ -562,19 +557,21 @@ async def _answer(agent: Agent, request: Request, served: ServedModel, stats: Re
     return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}), observed
 
 
-def _decode(agent: Agent, served: ServedModel, body: bytes, encoding: str | None, header_length: str | None):  # type: ignore[no-untyped-def]
-    """The request's model feeds and wanted outputs, every part of the input contract checked (in the preprocessing pool).
+@dataclass(frozen=True)
+class _Decoded:
+    """An inference request ready to run: its feeds, the outputs it wants, and its raw texts or images (drift, capture)."""
 
-    Returns (request, feeds, output choices, raw texts or images for the drift features and capture).
-    """
+    request: InferRequest
+    feeds: dict[str, np.ndarray]
+    choices: list[OutputChoice]
+    raw: dict
+
+
+def _decode(agent: Agent, served: ServedModel, body: bytes, encoding: str | None, header_length: str | None) -> _Decoded:
+    """The request decoded, every part of the input contract checked (in the preprocessing pool)."""
     settings = agent.settings
     body = decompress(body, encoding, settings.max_request_bytes)
-    json_length = len(body) if header_length is None else min(len(body), int(header_length) if header_length.isdigit() else 0)
-    if json_length > settings.max_json_bytes:
-        # Parsing JSON holds the interpreter lock for ~10 ms per MiB here; the binary extension has no such cost.
-        raise ProtocolError(f"the request's JSON is {json_length} bytes, over the {settings.max_json_bytes}-byte limit "
-                            "(max_json_bytes): send large tensors with the binary tensor extension", 413)
-    infer_request, binary = parse_infer_request(body, header_length)
+    infer_request, binary = parse_infer_request(body, header_length, max_json_bytes=settings.max_json_bytes)
     check_rows(infer_request, served.manifest, settings.max_rows_per_request)
     raw: dict = {}
     feeds = (
@@ -584,7 +581,7 @@ def _decode(agent: Agent, served: ServedModel, body: bytes, encoding: str | None
     )
     tokenizer = agent.tokenizer_for(served) if isinstance(served.manifest.preprocessing, TokenizerPreprocessing) else None
     check_feeds(served.manifest, feeds, value_ranges(served.manifest, tokenizer.vocabulary_size if tokenizer else None))
-    return infer_request, feeds, choose_outputs(infer_request, served.manifest), raw
+    return _Decoded(infer_request, feeds, choose_outputs(infer_request, served.manifest), raw)
 
 
 # What text and image models take from clients besides their tensors: raw strings, tokenized here with
@@ -852,6 +849,7 @@ def create_app(repository: Repository, settings: AgentSettings) -> FastAPI:
             ticking.cancel()
             # Windows still open are written to the outbox: a clean stop loses nothing.
             await run_in_threadpool(agent.telemetry.stop)
+        agent.preprocess_pool.shutdown(wait=False)
 
     app = FastAPI(
         title=SERVER_NAME,
@@ -862,19 +860,13 @@ def create_app(repository: Repository, settings: AgentSettings) -> FastAPI:
     app.state.agent = agent
     app.add_exception_handler(UserError, _on_user_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(RequestRefused, _on_refused)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_internal_error)
     for router in (oip, repository_routes, admin, metrics_routes):
         app.include_router(router)
-    app.add_middleware(Admission, limit=settings.max_concurrent_requests, guarded=_is_inference, limits=agent.http_limits,
-                       what="inference requests")
+    app.add_middleware(HeaderCountLimit, limits=agent.http_limits)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
-
-
-def _is_inference(path: str) -> bool:
-    return path.startswith("/v2/models/") and path.endswith("/infer")
 
 
 def run_server(settings: AgentSettings) -> None:

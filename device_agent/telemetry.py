@@ -266,6 +266,12 @@ class Outbox:
 _CONTRACT_REFUSALS = (413, 422)
 
 
+def _refuses_the_window(error: UploadRefused) -> bool:
+    """Whether the collector's answer to a batch of one window refuses the window itself: too large, or a 422 whose
+    message names it (``windows.0``)."""
+    return error.status == 413 or (error.status == 422 and "windows.0" in str(error))
+
+
 class UploadRefused(Exception):
     """The collector answered, but not with an acknowledgement (4xx/5xx or a body that is not an UploadAck)."""
 
@@ -381,8 +387,8 @@ class Uploader:
             try:
                 handled += self._send([row])
             except UploadRefused as error:
-                if error.status not in _CONTRACT_REFUSALS:
-                    raise
+                if not _refuses_the_window(error):
+                    raise  # e.g. its drift reference: not this window's own fault, so it is kept and retried
                 self.outbox.reject(row[0], str(error))
                 handled += 1
                 log.error("the collector refused telemetry window %d (%s); it is kept in the outbox's rejected table "

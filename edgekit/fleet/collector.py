@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
-import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -42,9 +41,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from device_agent.errors import UserError
-from device_agent.http_limits import Admission, HttpLimits, RequestRefused, read_body
+from device_agent.http_limits import HeaderCountLimit, HttpLimits, RequestBudget, read_body
 from device_agent.telemetry_schema import (
-    MAX_BINS,
     DeviceId,
     DriftReference,
     UploadAck,
@@ -57,11 +55,11 @@ _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 # An agent uploads batches of about 4 MiB (device_agent.telemetry.Outbox.pending), and one window with captured samples
 # holds at most 4 MiB of them (AgentSettings.capture_max_bytes; base64 images: 5.3 MiB of JSON); 8 MiB takes either.
 MAX_BODY_BYTES = 8 << 20
-# Uploads in flight (bodies held: MAX_BODY_BYTES each at most), of which PARSE_THREADS are validated at once: validation
-# holds a body's Python objects, several times its size (bench/hostile_bench.py measures the largest body's cost).
-MAX_CONCURRENT_UPLOADS = 16
+# Uploads validated at once: validation holds a body's Python objects, about 25 times its size for a body of numbers
+# (bench/hostile_bench.py: 190 MB for 8 MiB). Uploads waiting for these threads hold only their bodies, within
+# HTTP_LIMITS.max_inflight_body_bytes.
 PARSE_THREADS = 2
-HTTP_LIMITS = HttpLimits()
+HTTP_LIMITS = HttpLimits(max_inflight_body_bytes=64 << 20, max_concurrent_requests=16)
 _UPLOAD_BODY = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/UploadBatch"}}}}
 
 
@@ -109,7 +107,7 @@ async def _on_validation_error(request: Request, error: RequestValidationError) 
 
 
 async def _on_user_error(request: Request, error: UserError) -> JSONResponse:
-    return _error(getattr(error, "status_code", 400), str(error))
+    return _error(getattr(error, "status_code", 400), str(error), getattr(error, "headers", None))
 
 
 async def _on_database_error(request: Request, error: sa.exc.SQLAlchemyError) -> JSONResponse:
@@ -196,20 +194,6 @@ def health(request: Request) -> dict:
 # NTP-kept clock drifts, or a hardware clock kept in local time is off (14 h at most), while the year 3000 is refused.
 EARLIEST_WINDOW_TIME = 1_577_836_800.0  # 2020-01-01T00:00:00Z
 MAX_CLOCK_AHEAD_S = 86_400.0
-# Bodies larger than this are scanned for an over-long array before validation: pydantic parses the whole body first,
-# ~30 bytes of memory per body byte, before it can refuse a list for its length. An agent's batches stay under this
-# size (Outbox.pending takes about 4 MiB), so they never pay the scan (~2 ns a byte); under it the longest array a
-# body can hold costs validation about 0.2 s and 130 MB.
-_SCAN_ABOVE_BYTES = 4 << 20
-# A JSON member whose array holds more than MAX_BINS scalars or plain strings: ``"key": [v, v, …``. No list of the
-# contract may be that long (histograms, edges, proportions, categories: MAX_BINS at most; windows and samples hold
-# objects). It cannot match inside a string of a valid body: the quote before the colon follows a key character or
-# the opening quote, never a backslash, so it ends a string, and the colon makes that string a key.
-_OVERLONG_ARRAY = re.compile(
-    rb'"([^"\\:,{}\[\]]{0,256})"[ \t\r\n]*:[ \t\r\n]*\[(?:[ \t\r\n]*(?:"[^"\\]*"|[^\[\]{}",]*),){%d}' % MAX_BINS
-)
-
-
 def _parse_upload(body: bytes, device: str) -> UploadBatch:
     """The batch in ``body``, checked against the contract, the authenticated ``device``, its references' digests
     and the collector's clock.
@@ -219,10 +203,6 @@ def _parse_upload(body: bytes, device: str) -> UploadBatch:
     """
     if len(body) > MAX_BODY_BYTES:
         raise HTTPException(413, f"the body has {len(body)} bytes; the limit is {MAX_BODY_BYTES}: send fewer windows per batch")
-    if len(body) > _SCAN_ABOVE_BYTES and (overlong := _OVERLONG_ARRAY.search(body)):
-        key = overlong.group(1).decode("utf-8", "replace")
-        raise HTTPException(422, f"{key}: the array at byte {overlong.start(1) - 1} has more than {MAX_BINS} values; "
-                                 f"histograms, edges, proportions and categories hold at most MAX_BINS = {MAX_BINS}")
     try:
         batch = UploadBatch.model_validate_json(body)
     except ValidationError as error:
@@ -294,10 +274,12 @@ def _store_upload(store: Store, batch: UploadBatch) -> UploadAck:
 async def upload(request: Request, device: Annotated[str, Depends(_authenticated_device)]) -> UploadAck:
     # The body is parsed here, after the token check, so that a caller without a valid token learns
     # nothing but 401 (FastAPI would decode a declared body first), and in one pass from bytes.
-    body = await read_body(request, MAX_BODY_BYTES, "the collector's body limit: send fewer windows per batch", HTTP_LIMITS)
-    # Validation is CPU work: off the event loop, which keeps answering health checks and token checks meanwhile.
-    batch = await asyncio.get_running_loop().run_in_executor(request.app.state.parse_pool, _parse_upload, body, device)
-    return await run_in_threadpool(_store_upload, _store(request), batch)
+    with request.app.state.budget.holding() as held:
+        body = await read_body(request, MAX_BODY_BYTES, "MAX_BODY_BYTES: send fewer windows per batch", HTTP_LIMITS, held)
+        held.start_work()
+        # Validation is CPU work: off the event loop, which keeps answering health checks and token checks meanwhile.
+        batch = await asyncio.get_running_loop().run_in_executor(request.app.state.parse_pool, _parse_upload, body, device)
+        return await run_in_threadpool(_store_upload, _store(request), batch)
 
 
 @_routes.get("/v1/devices", response_model=list[DeviceInfo], responses=_ERRORS, dependencies=[Depends(_operator)],
@@ -362,16 +344,15 @@ def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
     )
     app.state.store = store
     app.state.parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="edgekit-collector-parse")
+    app.state.budget = RequestBudget(HTTP_LIMITS, "uploads")
     app.state.operator_token = operator_token.encode("utf-8") if operator_token else None
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(UserError, _on_user_error)
-    app.add_exception_handler(RequestRefused, _on_user_error)
     app.add_exception_handler(sa.exc.OperationalError, _on_database_error)
     app.add_exception_handler(sa.exc.InterfaceError, _on_database_error)
     app.add_exception_handler(Exception, _on_internal_error)
     app.include_router(_routes)
-    app.add_middleware(Admission, limit=MAX_CONCURRENT_UPLOADS, guarded=lambda path: path == "/v1/telemetry",
-                       limits=HTTP_LIMITS, what="uploads")
+    app.add_middleware(HeaderCountLimit, limits=HTTP_LIMITS)
     app.openapi = lambda: _openapi_with_upload_body(app)  # type: ignore[method-assign]
     return app

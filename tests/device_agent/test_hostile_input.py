@@ -252,32 +252,107 @@ def test_a_slow_loris_is_cut_off_at_the_header_deadline(agent):
         assert time.monotonic() - started < 6
 
 
-def test_a_half_sent_body_times_out_with_408(agent):
+def test_a_half_sent_body_times_out_with_408_and_the_connection_closes(agent):
     with socket.create_connection(("127.0.0.1", _port(agent))) as conn:
         conn.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
         conn.settimeout(10)
         answer = conn.recv(4096)
-    assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert _closed_by_server(conn, within=5)
     _answers_correctly(agent)
 
 
-def test_saturation_answers_503_with_retry_after_and_health_stays_up(agent):
+def test_an_answer_before_the_body_closes_the_connection(agent):
+    """A GET that declares a 1 TB body it never sends: answered, then closed, not held open waiting for the body."""
+    with socket.create_connection(("127.0.0.1", _port(agent))) as conn:
+        conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n")
+        conn.settimeout(5)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert _closed_by_server(conn, within=5)
+        assert time.monotonic() - started < 3
+
+
+def test_slow_bodies_hold_no_work_slot(agent):
+    """max_concurrent_requests is 2: three requests whose bodies have not arrived leave the slots free."""
     stalled = []
     try:
-        for _ in range(2):  # max_concurrent_requests is 2: two inference requests whose bodies never finish
+        for _ in range(3):
             conn = socket.create_connection(("127.0.0.1", _port(agent)))
             conn.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
             stalled.append(conn)
         time.sleep(0.2)
-        response = _infer(agent, *_texts_request([b"hello"]), timeout=5)
-        _refused(response, 503, "in flight")
-        assert response.headers["retry-after"] == "1"
-        assert httpx.get(f"{agent.url}/v2/health/live").status_code == 200
+        _answers_correctly(agent)
     finally:
         for conn in stalled:
             conn.close()
-    time.sleep(1.5)  # the stalled bodies time out (body_timeout_s 1) and free their slots
+
+
+def test_saturation_answers_503_with_retry_after_and_health_stays_up(agent):
+    """Six of the largest text requests at once against two work slots: some wait for none, they get 503."""
+    body, headers = _texts_request([("token " * 4000).encode()[:20_000]] * 256)
+    answers: list[httpx.Response] = []
+
+    def send() -> None:
+        answers.append(_infer(agent, body, headers))
+
+    senders = [threading.Thread(target=send) for _ in range(6)]
+    for sender in senders:
+        sender.start()
+    time.sleep(0.3)
+    assert httpx.get(f"{agent.url}/v2/health/live", timeout=5).status_code == 200
+    for sender in senders:
+        sender.join()
+    busy = [answer for answer in answers if answer.status_code == 503]
+    assert busy and any(answer.status_code == 200 for answer in answers), [answer.status_code for answer in answers]
+    assert all(answer.headers["retry-after"] == "1" and "max_concurrent_requests" in answer.json()["error"] for answer in busy)
     _answers_correctly(agent)
+
+
+@pytest.fixture(scope="module")
+def tight_agent(tmp_path_factory):
+    """An agent whose request bodies in flight may hold 1 MiB together, each at most 512 KiB."""
+    from tests.support.bundles import write_tiny_bundle
+
+    workdir = tmp_path_factory.mktemp("tight-agent")
+    generate_keypair(workdir / "keys")
+    (workdir / "keyring").mkdir()
+    shutil.copy(workdir / "keys" / "edgekit.pub", workdir / "keyring" / "build-host.pub")
+    bundle = workdir / "tiny.ekb"
+    write_tiny_bundle(bundle, load_private_key(workdir / "keys" / "edgekit.key"))
+    process = AgentProcess(workdir, workdir / "keyring", max_request_bytes=512 << 10, max_inflight_body_bytes=1 << 20,
+                           body_timeout_s=5).start(memory_limit=MEMORY_LIMIT)
+    try:
+        installed = httpx.post(f"{process.url}/admin/models", content=bundle.read_bytes(), headers=process.admin_headers, timeout=60)
+        assert installed.status_code == 200, installed.text
+        yield process
+    finally:
+        process.stop()
+
+
+def test_bodies_in_flight_are_bounded_in_bytes(tight_agent):
+    stalled = []
+    try:
+        for _ in range(2):  # 800 KB in flight: under the 1 MiB bound
+            conn = socket.create_connection(("127.0.0.1", _port(tight_agent)))
+            conn.sendall(b"POST /v2/models/tiny-classifier/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\r\n" + b" " * 400_000)
+            stalled.append(conn)
+        time.sleep(0.3)
+        conn = socket.create_connection(("127.0.0.1", _port(tight_agent)))
+        stalled.append(conn)
+        conn.sendall(b"POST /v2/models/tiny-classifier/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\r\n" + b" " * 400_000)
+        conn.settimeout(5)
+        answer = b""
+        while b"max_inflight_body_bytes" not in answer and (chunk := conn.recv(4096)):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503") and b"max_inflight_body_bytes" in answer and b"retry-after: 1" in answer.lower(), answer
+    finally:
+        for conn in stalled:
+            conn.close()
+    time.sleep(0.3)
+    response = httpx.post(f"{tight_agent.url}/v2/models/tiny-classifier/infer", timeout=10,
+                          json={"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]})
+    assert response.status_code == 200, response.text
 
 
 def test_past_max_connections_a_new_connection_gets_503(agent):

@@ -494,8 +494,9 @@ def test_the_shipped_config_documents_each_limit_with_its_default():
         key, _, rest = line.removeprefix("# ").partition(":")
         if line.startswith("# ") and key in AgentSettings.model_fields and rest.strip():
             documented[key] = yaml.safe_load(rest.split("#")[0])
-    limits = ["max_json_bytes", "max_rows_per_request", "max_text_chars", "max_concurrent_requests", "preprocess_threads",
-              "max_header_bytes", "header_timeout_s", "keep_alive_s", "body_timeout_s", "max_connections"]
+    limits = ["max_json_bytes", "max_rows_per_request", "max_text_chars", "max_inflight_body_bytes", "max_concurrent_requests",
+              "preprocess_threads", "max_header_bytes", "header_timeout_s", "keep_alive_s", "body_timeout_s", "min_body_rate",
+              "max_connections"]
     assert set(limits) <= set(documented)
     for key in limits:
         assert documented[key] == AgentSettings.model_fields[key].default, key
