@@ -16,6 +16,9 @@ import statistics
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -34,18 +37,15 @@ MAX_LENGTH = 64  # the bundle's max_length
 VOCABULARY = 30522
 
 
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("hostile-agent")
+@contextmanager
+def _capped_agent(workdir: Path, write_bundle, **settings: object) -> Iterator[AgentProcess]:  # type: ignore[no-untyped-def]
+    """A real agent process under MEMORY_LIMIT with ``settings``, serving the bundle ``write_bundle(path, key)`` writes."""
     generate_keypair(workdir / "keys")
     (workdir / "keyring").mkdir()
     shutil.copy(workdir / "keys" / "edgekit.pub", workdir / "keyring" / "build-host.pub")
-    bundle = workdir / "tiny-text.ekb"
-    write_tiny_text_bundle(bundle, load_private_key(workdir / "keys" / "edgekit.key"))
-    process = AgentProcess(
-        workdir, workdir / "keyring", header_timeout_s=1, keep_alive_s=1, body_timeout_s=1,
-        max_concurrent_requests=2, max_connections=MAX_CONNECTIONS,
-    ).start(memory_limit=MEMORY_LIMIT)
+    bundle = workdir / "model.ekb"
+    write_bundle(bundle, load_private_key(workdir / "keys" / "edgekit.key"))
+    process = AgentProcess(workdir, workdir / "keyring", **settings).start(memory_limit=MEMORY_LIMIT)
     try:
         installed = httpx.post(f"{process.url}/admin/models", content=bundle.read_bytes(), headers=process.admin_headers, timeout=60)
         assert installed.status_code == 200, installed.text
@@ -54,6 +54,13 @@ def agent(tmp_path_factory):
         assert peak_memory(process.process.pid) < PEAK_MEMORY_BOUND
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    with _capped_agent(tmp_path_factory.mktemp("hostile-agent"), write_tiny_text_bundle, header_timeout_s=1, keep_alive_s=1,
+                       body_timeout_s=1, max_concurrent_requests=2, max_connections=MAX_CONNECTIONS) as process:
+        yield process
 
 
 def _texts_request(texts: list[bytes]) -> tuple[bytes, dict[str, str]]:
@@ -314,20 +321,9 @@ def tight_agent(tmp_path_factory):
     """An agent whose request bodies in flight may hold 1 MiB together, each at most 512 KiB."""
     from tests.support.bundles import write_tiny_bundle
 
-    workdir = tmp_path_factory.mktemp("tight-agent")
-    generate_keypair(workdir / "keys")
-    (workdir / "keyring").mkdir()
-    shutil.copy(workdir / "keys" / "edgekit.pub", workdir / "keyring" / "build-host.pub")
-    bundle = workdir / "tiny.ekb"
-    write_tiny_bundle(bundle, load_private_key(workdir / "keys" / "edgekit.key"))
-    process = AgentProcess(workdir, workdir / "keyring", max_request_bytes=512 << 10, max_inflight_body_bytes=1 << 20,
-                           body_timeout_s=5).start(memory_limit=MEMORY_LIMIT)
-    try:
-        installed = httpx.post(f"{process.url}/admin/models", content=bundle.read_bytes(), headers=process.admin_headers, timeout=60)
-        assert installed.status_code == 200, installed.text
+    with _capped_agent(tmp_path_factory.mktemp("tight-agent"), write_tiny_bundle, max_request_bytes=512 << 10,
+                       max_inflight_body_bytes=1 << 20, body_timeout_s=5) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def test_bodies_in_flight_are_bounded_in_bytes(tight_agent):
