@@ -125,3 +125,41 @@ def test_non_finite_numbers_are_refused_and_the_next_upload_is_stored(collector,
     assert response.status_code == 422, response.text
     assert "p95_ms" in response.json()["error"]
     _stores_a_valid_upload(collector)
+
+
+def test_a_slow_loris_is_cut_off_at_the_header_deadline(collector):
+    """One header byte every half second: closed once the collector's 10 s header deadline passes."""
+    with socket.create_connection(("127.0.0.1", _port(collector))) as conn:
+        started = time.monotonic()
+        closed = False
+        for byte in b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            try:
+                conn.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.5)
+            if time.monotonic() - started > 20:
+                break
+        conn.settimeout(5)
+        try:
+            closed = closed or conn.recv(4096) == b""
+        except ConnectionResetError:
+            closed = True
+        assert closed and time.monotonic() - started < 16
+    _stores_a_valid_upload(collector)
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"errors": 600}, "errors"),
+    ({"started_at": 1_700_000_100.0, "ended_at": 1_700_000_000.0}, "started_at"),
+    ({"ended_at": 1e18}, "ended_at"),
+    ({"model": {"name": "clf\u202e", "version": "1.0.0"}}, "model.name"),
+])
+def test_windows_that_break_the_contract_get_422_and_the_next_upload_is_stored(collector, change, fragment):
+    batch = make_batch("edge-1", [30_000]).model_dump(mode="json")
+    batch["windows"][0].update(change)
+    response = post(collector.url, collector.token, batch)
+    assert response.status_code == 422, response.text
+    assert fragment in response.json()["error"]
+    _stores_a_valid_upload(collector)
