@@ -5,9 +5,11 @@
   model metadata, inference (JSON and the binary tensor extension, the
   classification extension) and the model repository extension (index, load,
   unload).
-- ``/admin/...`` installs signed bundles, activates versions and rolls back;
-  it needs ``Authorization: Bearer <token>`` (the token file is a setting;
-  without one the admin API is off).
+- ``/admin/...`` installs signed bundles, activates versions and rolls back.
+  It and the repository extension's load and unload, everything that changes
+  what the device serves, need ``Authorization: Bearer <token>`` (the token
+  file is a setting; without one they are off). Unlike Triton's: anyone who
+  reaches the port could otherwise take the device's model down.
 - ``/metrics`` is Prometheus text under Triton's metric names.
 
 Requests to a model go through its :class:`DynamicBatcher`. Blocking
@@ -632,6 +634,24 @@ def leading_characters(text: bytes, count: int) -> str:
         raise ProtocolError("input 'text' must be UTF-8") from None
 
 
+# --------------------------------------------------------------------------- the admin token
+
+
+_bearer = HTTPBearer(auto_error=False, description="the token in the agent's admin_token_file")
+
+
+async def require_admin(
+    agent: Agent = Depends(_agent), credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> None:
+    """401 without a bearer token, 403 with a wrong one (compared in constant time)."""
+    if agent.admin_token is None:
+        raise HTTPException(403, "the admin API is off: set admin_token_file in the agent's settings")
+    if credentials is None:
+        raise HTTPException(401, "the admin API needs 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(credentials.credentials.encode("utf-8"), agent.admin_token):
+        raise HTTPException(403, "wrong admin token")
+
+
 # --------------------------------------------------------------------------- OIP: model repository extension
 
 repository_routes = APIRouter(tags=["model repository"])
@@ -669,7 +689,8 @@ async def repository_index(request: Request, agent: Agent = Depends(_agent)) -> 
     return [_version_row(info) for info in infos if not wanted.ready or info.state == "READY"]
 
 
-@repository_routes.post("/v2/repository/models/{name}/load", summary="Load a model", openapi_extra=_optional_json_body("ModelRequest"))
+@repository_routes.post("/v2/repository/models/{name}/load", summary="Load a model (admin token)",
+                        openapi_extra=_optional_json_body("ModelRequest"), dependencies=[Depends(require_admin)])
 async def repository_load(name: str, request: Request, agent: Agent = Depends(_agent)) -> dict:
     load = _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests", agent.http_limits), ModelRequest, "the load request")
     overrides = sorted(key for key in (load.parameters or {}) if key == "config" or key.startswith("file:"))
@@ -681,7 +702,8 @@ async def repository_load(name: str, request: Request, agent: Agent = Depends(_a
     return {"name": served.name, "version": served.version, "state": "READY"}
 
 
-@repository_routes.post("/v2/repository/models/{name}/unload", summary="Unload a model", openapi_extra=_optional_json_body("ModelRequest"))
+@repository_routes.post("/v2/repository/models/{name}/unload", summary="Unload a model (admin token)",
+                        openapi_extra=_optional_json_body("ModelRequest"), dependencies=[Depends(require_admin)])
 async def repository_unload(name: str, request: Request, agent: Agent = Depends(_agent)) -> dict:
     _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests", agent.http_limits), ModelRequest, "the unload request")
     check_model_reference(name)
@@ -692,21 +714,6 @@ async def repository_unload(name: str, request: Request, agent: Agent = Depends(
 
 
 # --------------------------------------------------------------------------- admin API
-
-_bearer = HTTPBearer(auto_error=False, description="the token in the agent's admin_token_file")
-
-
-async def require_admin(
-    agent: Agent = Depends(_agent), credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
-) -> None:
-    """401 without a bearer token, 403 with a wrong one (compared in constant time)."""
-    if agent.admin_token is None:
-        raise HTTPException(403, "the admin API is off: set admin_token_file in the agent's settings")
-    if credentials is None:
-        raise HTTPException(401, "the admin API needs 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(credentials.credentials.encode("utf-8"), agent.admin_token):
-        raise HTTPException(403, "wrong admin token")
-
 
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 

@@ -300,7 +300,7 @@ def test_unknown_models_and_routes_are_404_with_an_error(agent: LiveAgent, path:
 
 def test_repository_index_unload_and_load(agent: LiveAgent, client):
     assert client.get_model_repository_index() == [{"name": MODEL, "version": "1.0.0", "state": "READY", "reason": ""}]
-    client.unload_model(MODEL)
+    client.unload_model(MODEL, headers=agent.admin_headers)
     try:
         assert not client.is_model_ready(MODEL)
         assert not client.is_server_ready(), "an active version that does not serve makes the server not ready"
@@ -309,8 +309,18 @@ def test_repository_index_unload_and_load(agent: LiveAgent, client):
         ready_only = httpx.post(f"{agent.url}/v2/repository/index", json={"ready": True}).json()
         assert ready_only == []
     finally:
-        client.load_model(MODEL)
+        client.load_model(MODEL, headers=agent.admin_headers)
     assert client.is_model_ready(MODEL) and client.is_server_ready()
+
+
+@pytest.mark.parametrize("action", ["unload", "load"])
+@pytest.mark.parametrize(("token", "status"), [(None, 401), ("wrong-token-0123456789abcdef", 403)])
+def test_load_and_unload_need_the_admin_token(agent: LiveAgent, action: str, token: str | None, status: int):
+    """Anyone who reached the port could unload the served model (404 on ready afterwards)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.post(f"{agent.url}/v2/repository/models/{MODEL}/{action}", headers=headers)
+    assert response.status_code == status, response.text
+    assert httpx.get(f"{agent.url}/v2/models/{MODEL}/ready").status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -324,7 +334,7 @@ def test_repository_index_unload_and_load(agent: LiveAgent, client):
     ],
 )
 def test_repository_requests_refused(agent: LiveAgent, path: str, body: bytes, status: int):
-    response = httpx.post(f"{agent.url}{path}", content=body)
+    response = httpx.post(f"{agent.url}{path}", content=body, headers=agent.admin_headers)
     assert response.status_code == status
     assert "error" in response.json()
 
@@ -437,6 +447,41 @@ def test_install_activate_rollback_and_downgrade(fresh_agent: LiveAgent):
     assert activated.status_code == 200
     _serves(fresh_agent, "1.0.0")
     assert _metric(fresh_agent, "edgekit_active_version_info", model=MODEL, version="1.0.0") == 1
+
+
+def test_no_request_fails_during_an_upgrade_and_a_rollback(fresh_agent: LiveAgent):
+    """Four clients infer without pause while 2.0.0 is installed (loaded and golden-checked beside 1.0.0) and then rolled
+    back: the switch is atomic, so every request is answered 200 by one version or the other."""
+    import threading
+
+    statuses: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def infer() -> None:
+        with httpx.Client(base_url=fresh_agent.url, timeout=30) as session:
+            while not stop.is_set():
+                response = session.post(f"/v2/models/{MODEL}/infer", json={"inputs": [_x([1, 4], FOUR)]})
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    versions.add(response.json()["model_version"])
+
+    clients = [threading.Thread(target=infer) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        assert fresh_agent.install("2.0.0").status_code == 200
+        time.sleep(0.3)
+        back = httpx.post(f"{fresh_agent.url}/admin/models/{MODEL}/rollback", headers=fresh_agent.admin_headers)
+        assert back.status_code == 200 and back.json()["version"] == "1.0.0"
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert len(statuses) > 50 and set(statuses) == {200}, sorted(set(statuses))
+    assert versions == {"1.0.0", "2.0.0"}
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ def _examples(operation) -> int:
 
 def _load_the_model(agent: LiveAgent) -> None:
     """Generated unload requests may have unloaded it; each operation starts with the model serving."""
-    assert httpx.post(f"{agent.url}/v2/repository/models/{MODEL}/load").status_code == 200
+    assert httpx.post(f"{agent.url}/v2/repository/models/{MODEL}/load", headers=agent.admin_headers).status_code == 200
 
 
 def _exercise(agent: LiveAgent, operation, mode: GenerationMode, headers: dict[str, str]) -> tuple[int, list[str]]:
