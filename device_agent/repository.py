@@ -3,7 +3,7 @@
 Layout of the state directory::
 
     models/<name>/slots/<version>/   a verified, unpacked bundle (complete: it appears by one rename)
-    models/<name>/active.json        {"version": ..., "history": [older versions, newest first]}
+    models/<name>/active.json        {"version": ..., "history": [older versions, newest first], "highest": ...}
     staging/                         bundles being verified and proved (emptied at start)
     uploads/                         bundles being received (emptied at start)
 
@@ -15,6 +15,12 @@ fsync of the folder). A crash or a power cut at any point therefore leaves
 ``active.json`` naming either the old version or the new one, and every slot it
 can name is complete. Serving swaps one reference per model, so requests that
 already hold the old model finish on it.
+
+Anti-rollback (TUF's rule against rollback attacks): ``highest`` is the highest
+version ever installed, kept when slots are pruned. A bundle below it is
+refused, forced or not, unless the device still holds that version (going back
+is a rollback or an activation, never a fresh install of an old, perhaps
+vulnerable, signed bundle); a held version below the active one needs force.
 """
 
 from __future__ import annotations
@@ -95,6 +101,12 @@ class VersionInfo:
     state: str  # READY (serving), AVAILABLE (on disk), UNAVAILABLE (failed to load or check)
     reason: str
     active: bool
+
+
+def _highest_installed(active: dict) -> str | None:
+    """The highest version ever installed, from ``active.json`` (older files lack the field: their versions tell)."""
+    known = [v for v in [active.get("highest"), active.get("version"), *active.get("history", [])] if v]
+    return max(known, key=_version_key) if known else None
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -192,7 +204,8 @@ class Repository:
             return {"version": None, "history": []}
 
     def _write_active(self, name: str, version: str, history: list[str]) -> None:
-        document = {"version": version, "history": [v for v in history if v != version]}
+        highest = max([version, *history, *filter(None, [_highest_installed(self._read_active(name))])], key=_version_key)
+        document = {"version": version, "history": [v for v in history if v != version], "highest": highest}
         write_atomically(self.models_dir / name / ACTIVE_FILE, json.dumps(document).encode())
 
     # ----------------------------------------------------------------- start and queries
@@ -268,9 +281,17 @@ class Repository:
                     raise InstallRefused(
                         "version", f"{name} {version} is already installed with different content; build with a new version", 409
                     )
+                highest = _highest_installed(active)
+                if highest and _version_key(version) < _version_key(highest) and not slot.exists():
+                    held = sorted((path.name for path in self._slots(name).iterdir()), key=_version_key)
+                    raise InstallRefused(
+                        "version", f"{name} {version} is older than {highest}, the highest version installed on this device, "
+                        f"and the device no longer holds it: refused, forced or not (anti-rollback); go back to a held "
+                        f"version with rollback or activate (held: {', '.join(held)})", 409
+                    )
                 if active["version"] and _version_key(version) < _version_key(active["version"]) and not force:
                     raise InstallRefused(
-                        "version", f"{name} {version} is older than the active {active['version']}; pass force to downgrade", 409
+                        "version", f"{name} {version} is older than the active {active['version']}; pass force to go back to it", 409
                     )
                 candidate = self._prove(name, version, manifest, bundle.root)
                 if not slot.exists():

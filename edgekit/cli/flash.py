@@ -14,7 +14,7 @@ def flash(
     device: str | None = typer.Option(None, "--device", help="The agent's URL, e.g. http://jetson-01:8000."),
     token_file: Path | None = typer.Option(None, "--token-file", help="File holding the agent's admin token (with --device)."),
     devices: Path | None = typer.Option(None, "--devices", help="YAML file listing devices: {devices: [{name, url, token_file}]}."),
-    force: bool = typer.Option(False, "--force", help="Allow installing a version lower than the active one."),
+    force: bool = typer.Option(False, "--force", help="Go back to an older version the device still holds (a version below the highest it ever installed and no longer holds is refused, forced or not)."),
 ) -> None:
     """Install a bundle on device agents. Each agent verifies it, runs its golden vectors, then switches atomically."""
     from edgekit.errors import EdgekitError

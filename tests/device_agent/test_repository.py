@@ -57,13 +57,30 @@ def test_upgrade_then_rollback_then_restart_keeps_the_choice(repo, tmp_path, sig
     assert restarted.served("tiny-classifier").version == "1.0.0"
 
 
-def test_lower_version_is_refused_unless_forced(repo, tmp_path, signing_key):
+def test_a_version_below_the_highest_installed_is_refused_even_forced(repo, tmp_path, signing_key):
+    """TUF's rollback-attack rule: an old signed bundle the device does not hold never installs, forced or not."""
     repo.install(_bundle(tmp_path, signing_key, "2.0.0"))
-    with pytest.raises(InstallRefused) as raised:
-        repo.install(_bundle(tmp_path, signing_key, "1.9.9"))
-    assert raised.value.status_code == 409 and "older" in str(raised.value)
+    for force in (False, True):
+        with pytest.raises(InstallRefused) as raised:
+            repo.install(_bundle(tmp_path, signing_key, "1.9.9"), force=force)
+        assert raised.value.status_code == 409 and "anti-rollback" in str(raised.value) and "held: 2.0.0" in str(raised.value)
     assert repo.served("tiny-classifier").version == "2.0.0"
-    assert repo.install(_bundle(tmp_path, signing_key, "1.9.9"), force=True).version == "1.9.9"
+
+
+def test_the_highest_version_outlives_rollbacks_pruning_and_restarts(repo, tmp_path, signing_key, keyring, host):
+    bundles = {version: _bundle(tmp_path, signing_key, version) for version in ("1.0.0", "2.0.0")}
+    for bundle in bundles.values():
+        repo.install(bundle)
+    assert repo.rollback("tiny-classifier").version == "1.0.0"
+    for version in ("1.0.1", "1.0.2", "1.0.3"):  # above the active 1.0.0, below the highest 2.0.0, never held
+        with pytest.raises(InstallRefused, match="anti-rollback"):
+            repo.install(_bundle(tmp_path, signing_key, version), force=True)
+    restarted = Repository(repo.state_dir, keyring, host=host)
+    restarted.start()
+    with pytest.raises(InstallRefused, match="older than 2.0.0, the highest"):
+        restarted.install(_bundle(tmp_path, signing_key, "1.5.0"), force=True)
+    assert restarted.install(bundles["2.0.0"]).version == "2.0.0"  # held: going forward again
+    assert restarted.install(_bundle(tmp_path, signing_key, "2.1.0")).version == "2.1.0"
 
 
 def test_only_the_newest_versions_are_kept(repo, tmp_path, signing_key):
@@ -150,7 +167,7 @@ def test_active_pointer_is_small_json(repo, tmp_path, signing_key):
     repo.install(_bundle(tmp_path, signing_key, "1.0.0"))
     repo.install(_bundle(tmp_path, signing_key, "1.0.1"))
     document = json.loads((repo.models_dir / "tiny-classifier" / "active.json").read_text())
-    assert document == {"version": "1.0.1", "history": ["1.0.0"]}
+    assert document == {"version": "1.0.1", "history": ["1.0.0"], "highest": "1.0.1"}
 
 
 def test_reinstalling_an_older_slot_still_needs_force(repo, tmp_path, signing_key):

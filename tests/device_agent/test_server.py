@@ -435,18 +435,18 @@ def test_install_activate_rollback_and_downgrade(fresh_agent: LiveAgent):
         content=fresh_agent.bundle("1.5.0").read_bytes(),
         headers=fresh_agent.admin_headers,
     )
-    assert forced.status_code == 200
-    _serves(fresh_agent, "1.5.0")
+    assert forced.status_code == 409 and "anti-rollback" in forced.json()["error"]  # 1.5.0 was never on the device
+    _serves(fresh_agent, "2.0.0")
 
     back = httpx.post(f"{fresh_agent.url}/admin/models/{MODEL}/rollback", headers=fresh_agent.admin_headers)
-    assert back.status_code == 200 and back.json()["version"] == "2.0.0"
-    _serves(fresh_agent, "2.0.0")
+    assert back.status_code == 200 and back.json()["version"] == "1.0.0"
+    _serves(fresh_agent, "1.0.0")
     assert _metric(fresh_agent, "edgekit_rollbacks_total") == 1
 
-    activated = httpx.post(f"{fresh_agent.url}/admin/models/{MODEL}/activate/1.0.0", headers=fresh_agent.admin_headers)
+    activated = httpx.post(f"{fresh_agent.url}/admin/models/{MODEL}/activate/2.0.0", headers=fresh_agent.admin_headers)
     assert activated.status_code == 200
-    _serves(fresh_agent, "1.0.0")
-    assert _metric(fresh_agent, "edgekit_active_version_info", model=MODEL, version="1.0.0") == 1
+    _serves(fresh_agent, "2.0.0")
+    assert _metric(fresh_agent, "edgekit_active_version_info", model=MODEL, version="2.0.0") == 1
 
 
 def test_no_request_fails_during_an_upgrade_and_a_rollback(fresh_agent: LiveAgent):
