@@ -27,7 +27,6 @@ import os
 import platform
 import socket
 import statistics
-import struct
 import sys
 import tempfile
 import threading
@@ -98,19 +97,10 @@ def write_text_bundle(workdir: Path) -> Path:
     return bundle
 
 
-def _texts_body(texts: list[bytes]) -> tuple[bytes, dict[str, str]]:
-    blob = b"".join(struct.pack("<I", len(text)) + text for text in texts)
-    header = json.dumps({"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()
-    return header + blob, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
-
-
 def _tokens_body(rows: int) -> tuple[bytes, dict[str, str]]:
-    ids = np.random.default_rng(0).integers(1000, 30000, size=(rows, SEQUENCE), dtype=np.int64)
-    tensors = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    inputs = [{"name": n, "shape": list(v.shape), "datatype": "INT64", "parameters": {"binary_data_size": v.nbytes}} for n, v in tensors.items()]
-    header = json.dumps({"inputs": inputs}).encode()
-    return header + b"".join(v.tobytes() for v in tensors.values()), {"Inference-Header-Content-Length": str(len(header))}
+    from tests.support.requests import tokens_request
+
+    return tokens_request(np.random.default_rng(0).integers(1000, 30000, size=(rows, SEQUENCE), dtype=np.int64))
 
 
 def _json_body(rows: int) -> tuple[bytes, dict[str, str]]:
@@ -124,6 +114,7 @@ def _json_body(rows: int) -> tuple[bytes, dict[str, str]]:
 def bench_agent(workdir: Path) -> dict:
     from device_agent.config import AgentSettings
     from tests.support.agent import AgentProcess
+    from tests.support.requests import texts_request
 
     defaults = AgentSettings(state_dir=workdir, keyring_dir=workdir)
     bundle = write_text_bundle(workdir)
@@ -139,10 +130,10 @@ def bench_agent(workdir: Path) -> dict:
         url = f"{agent.url}/v2/models/minilm-text/infer"
         longest = ("token " * (defaults.max_text_chars // 6 + 1)).encode()[:defaults.max_text_chars]
         requests = {
-            "texts_256_of_max_text_chars_binary": _texts_body([longest] * defaults.max_rows_per_request),
+            "texts_256_of_max_text_chars_binary": texts_request([longest] * defaults.max_rows_per_request),
             "tokens_256_rows_binary": _tokens_body(defaults.max_rows_per_request),
             "tokens_256_rows_json": _json_body(defaults.max_rows_per_request),
-            "one_60_MiB_text_binary": _texts_body([b"word " * (12 << 20)]),
+            "one_60_MiB_text_binary": texts_request([b"word " * (12 << 20)]),
         }
         for name, (body, headers) in requests.items():
             started = time.perf_counter()

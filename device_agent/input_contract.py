@@ -38,11 +38,10 @@ def check_rows(request: InferRequest, manifest: Manifest, max_rows: int) -> None
 
 
 def check_feeds(manifest: Manifest, feeds: dict[str, np.ndarray], ranges: dict[str, tuple[int, int]]) -> None:
-    """Refuse tensors the model cannot take: empty ones, sequences outside 1..max_length, values outside their range."""
+    """Refuse tensors the model cannot take: sequences past max_length, values outside their range (empty ones never get
+    here: ``check_rows`` refused them from their declared shapes)."""
     max_length = manifest.preprocessing.max_length if isinstance(manifest.preprocessing, TokenizerPreprocessing) else None
     for name, array in feeds.items():
-        if array.size == 0:
-            raise ProtocolError(f"input {name!r} has shape {list(array.shape)}: an empty dimension; send at least one row and one token")
         if max_length is not None and array.ndim == 2 and array.shape[1] > max_length:
             raise ProtocolError(f"input {name!r} holds sequences of {array.shape[1]} tokens; this model takes 1 to {max_length}")
         allowed = ranges.get(name)

@@ -28,15 +28,15 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, TypeVar
+
+import numpy as np
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,7 +53,7 @@ from device_agent.bundle import ImagePreprocessing, Manifest, ModelInfo, TensorS
 from device_agent.config import AgentSettings
 from device_agent.errors import UserError
 from device_agent.http_limits import (
-    HeaderCountLimit, RequestBudget, connection_cap, read_body, stream_body, uvicorn_options,
+    HeaderCountLimit, HttpLimits, RequestBudget, connection_cap, read_body, stream_body, uvicorn_options,
 )
 from device_agent.input_contract import check_feeds, check_rows, value_ranges
 from device_agent.metrics import Metrics, RequestStats
@@ -392,12 +392,12 @@ async def _on_internal_error(request: Request, error: Exception) -> JSONResponse
 # --------------------------------------------------------------------------- request bodies
 
 
-async def receive_to_file(request: Request, path: Path, limit: int, agent: Agent) -> int:
+async def receive_to_file(request: Request, path: Path, limit: int, limits: HttpLimits) -> int:
     """Stream the body into a new file (mode 0600) without holding it in memory; 413 past ``limit``."""
     size, pending = 0, bytearray()
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
-        async for chunk in stream_body(request, limit, "max_body_bytes", agent.http_limits):
+        async for chunk in stream_body(request, limit, "max_body_bytes", limits):
             size += len(chunk)
             pending += chunk
             if len(pending) >= _UPLOAD_WRITE_CHUNK:
@@ -407,8 +407,10 @@ async def receive_to_file(request: Request, path: Path, limit: int, agent: Agent
     return size
 
 
-def _optional_body(document: bytes, model: type[BaseModel], what: str) -> BaseModel:
-    """An optional JSON body: empty means all defaults (tritonclient sends an empty index request)."""
+async def _control_body(request: Request, agent: Agent, model: type[BaseModel], what: str) -> BaseModel:
+    """The optional JSON body of a control request (index, load, unload): empty means all defaults (tritonclient sends
+    an empty index request)."""
+    document = await read_body(request, _CONTROL_BODY_LIMIT, "control requests", agent.http_limits)
     return parse_json_model(document or b"{}", model, what)
 
 
@@ -684,7 +686,7 @@ def _version_row(info: VersionInfo) -> dict:
 
 @repository_routes.post("/v2/repository/index", summary="Repository index", openapi_extra=_optional_json_body("IndexRequest"))
 async def repository_index(request: Request, agent: Agent = Depends(_agent)) -> list[dict]:
-    wanted = _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests", agent.http_limits), IndexRequest, "the index request")
+    wanted = await _control_body(request, agent, IndexRequest, "the index request")
     infos = await run_in_threadpool(agent.repository.index)
     return [_version_row(info) for info in infos if not wanted.ready or info.state == "READY"]
 
@@ -692,7 +694,7 @@ async def repository_index(request: Request, agent: Agent = Depends(_agent)) -> 
 @repository_routes.post("/v2/repository/models/{name}/load", summary="Load a model (admin token)",
                         openapi_extra=_optional_json_body("ModelRequest"), dependencies=[Depends(require_admin)])
 async def repository_load(name: str, request: Request, agent: Agent = Depends(_agent)) -> dict:
-    load = _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests", agent.http_limits), ModelRequest, "the load request")
+    load = await _control_body(request, agent, ModelRequest, "the load request")
     overrides = sorted(key for key in (load.parameters or {}) if key == "config" or key.startswith("file:"))
     if overrides:
         raise ProtocolError(f"load parameters {overrides} are not supported: models come only from signed bundles")
@@ -705,7 +707,7 @@ async def repository_load(name: str, request: Request, agent: Agent = Depends(_a
 @repository_routes.post("/v2/repository/models/{name}/unload", summary="Unload a model (admin token)",
                         openapi_extra=_optional_json_body("ModelRequest"), dependencies=[Depends(require_admin)])
 async def repository_unload(name: str, request: Request, agent: Agent = Depends(_agent)) -> dict:
-    _optional_body(await read_body(request, _CONTROL_BODY_LIMIT, "control requests", agent.http_limits), ModelRequest, "the unload request")
+    await _control_body(request, agent, ModelRequest, "the unload request")
     check_model_reference(name)
     await run_in_threadpool(agent.repository.unload, name)
     agent.forget(name)
@@ -740,7 +742,7 @@ async def install_bundle(request: Request, force: bool = False, agent: Agent = D
     await agent.start_ended()
     upload = agent.repository.new_upload_path()
     try:
-        size = await receive_to_file(request, upload, agent.settings.max_body_bytes, agent)
+        size = await receive_to_file(request, upload, agent.settings.max_body_bytes, agent.http_limits)
         served = await run_in_threadpool(agent.repository.install, upload, force=force)
     except UserError as error:  # a refused bundle, or an upload over the limit
         agent.metrics.installs["refused"] += 1

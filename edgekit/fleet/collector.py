@@ -194,15 +194,15 @@ def health(request: Request) -> dict:
 # NTP-kept clock drifts, or a hardware clock kept in local time is off (14 h at most), while the year 3000 is refused.
 EARLIEST_WINDOW_TIME = 1_577_836_800.0  # 2020-01-01T00:00:00Z
 MAX_CLOCK_AHEAD_S = 86_400.0
+
+
 def _parse_upload(body: bytes, device: str) -> UploadBatch:
     """The batch in ``body``, checked against the contract, the authenticated ``device``, its references' digests
     and the collector's clock.
 
-    Raises HTTPException: 413 for a body over MAX_BODY_BYTES, 422 for a contract breach, a misnamed reference or a
-    window time out of range, 403 for records of another device than the token's.
+    Raises HTTPException: 422 for a contract breach, a misnamed reference or a window time out of range, 403 for
+    records of another device than the token's. (The body's size was checked as it was read: ``upload``.)
     """
-    if len(body) > MAX_BODY_BYTES:
-        raise HTTPException(413, f"the body has {len(body)} bytes; the limit is {MAX_BODY_BYTES}: send fewer windows per batch")
     try:
         batch = UploadBatch.model_validate_json(body)
     except ValidationError as error:

@@ -13,7 +13,6 @@ import json
 import shutil
 import socket
 import statistics
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import pytest
 from device_agent.keys import generate_keypair, load_private_key
 from tests.support.agent import AgentProcess
 from tests.support.limits import peak_memory
+from tests.support.requests import texts_request, tokens_request
 from tests.support.bundles import write_tiny_text_bundle
 
 MEMORY_LIMIT = 2 << 30  # the agent's address space; today's code died past it on the first two cases
@@ -63,25 +63,6 @@ def agent(tmp_path_factory):
         yield process
 
 
-def _texts_request(texts: list[bytes]) -> tuple[bytes, dict[str, str]]:
-    """A binary-extension request of raw texts."""
-    blob = b"".join(struct.pack("<I", len(text)) + text for text in texts)
-    header = json.dumps({"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()
-    return header + blob, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
-
-
-def _tokens_request(input_ids: np.ndarray, type_ids: np.ndarray | None = None) -> tuple[bytes, dict[str, str]]:
-    """A binary-extension request of token tensors (INT64 [rows, sequence])."""
-    tensors = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
-               "token_type_ids": np.zeros_like(input_ids) if type_ids is None else type_ids}
-    inputs = [{"name": name, "shape": list(value.shape), "datatype": "INT64", "parameters": {"binary_data_size": value.nbytes}}
-              for name, value in tensors.items()]
-    header = json.dumps({"inputs": inputs}).encode()
-    return header + b"".join(value.astype("<i8").tobytes() for value in tensors.values()), {
-        "Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
-
-
 def _infer(agent: AgentProcess, body: bytes, headers: dict[str, str], timeout: float = 60) -> httpx.Response:
     return httpx.post(f"{agent.url}/v2/models/{MODEL}/infer", content=body, headers=headers, timeout=timeout)
 
@@ -111,7 +92,7 @@ def _failures(agent: AgentProcess) -> float:
 
 
 def test_too_many_token_rows_are_refused_before_any_work(agent):
-    body, headers = _tokens_request(np.full((2048, 128), 1000, np.int64))  # 6 MB: today it killed the agent for memory
+    body, headers = tokens_request(np.full((2048, 128), 1000, np.int64))  # 6 MB: today it killed the agent for memory
     _refused(_infer(agent, body, headers), 413, "2048 rows", "max_rows_per_request")
     _answers_correctly(agent)
 
@@ -124,7 +105,7 @@ def test_too_many_texts_are_refused(agent):
 
 def test_the_most_rows_allowed_run_in_slices_and_answer(agent):
     ids = np.random.default_rng(0).integers(1000, 2000, size=(256, MAX_LENGTH))
-    response = _infer(agent, *_tokens_request(ids))
+    response = _infer(agent, *tokens_request(ids))
     assert response.status_code == 200, response.text
     assert response.json()["outputs"][0]["shape"] == [256, 3]
 
@@ -148,7 +129,7 @@ def test_a_declared_huge_body_is_refused_before_reading(agent):
 
 
 def test_a_60_mb_text_is_cut_and_answered_quickly(agent):
-    body, headers = _texts_request([b"word " * (12 << 20)])  # 60 MiB: today it froze the agent for 30 s, then it died
+    body, headers = texts_request([b"word " * (12 << 20)])  # 60 MiB: today it froze the agent for 30 s, then it died
     started = time.monotonic()
     response = _infer(agent, body, headers)
     assert response.status_code == 200, response.text
@@ -157,7 +138,7 @@ def test_a_60_mb_text_is_cut_and_answered_quickly(agent):
 
 
 def test_health_stays_responsive_while_the_largest_allowed_request_runs(agent):
-    body, headers = _texts_request([("token " * 4000).encode()[:20_000]] * 256)  # 256 texts of max_text_chars
+    body, headers = texts_request([("token " * 4000).encode()[:20_000]] * 256)  # 256 texts of max_text_chars
     latencies, done = [], threading.Event()
 
     def probe() -> None:
@@ -185,14 +166,14 @@ def test_health_stays_responsive_while_the_largest_allowed_request_runs(agent):
 
 
 @pytest.mark.parametrize(("case", "body", "fragments"), [
-    ("empty batch", lambda: _tokens_request(np.zeros((0, 8), np.int64)), ["empty dimension"]),
-    ("zero-length sequence", lambda: _tokens_request(np.zeros((1, 0), np.int64)), ["empty dimension"]),
-    ("token id past the vocabulary", lambda: _tokens_request(np.full((1, 8), VOCABULARY, np.int64)),
+    ("empty batch", lambda: tokens_request(np.zeros((0, 8), np.int64)), ["empty dimension"]),
+    ("zero-length sequence", lambda: tokens_request(np.zeros((1, 0), np.int64)), ["empty dimension"]),
+    ("token id past the vocabulary", lambda: tokens_request(np.full((1, 8), VOCABULARY, np.int64)),
      ["'input_ids'", f"{VOCABULARY}", f"0 to {VOCABULARY - 1}"]),
-    ("negative token id", lambda: _tokens_request(np.full((1, 8), -5, np.int64)), ["'input_ids'", "-5"]),
-    ("token type above 1", lambda: _tokens_request(np.full((1, 8), 1000, np.int64), np.full((1, 8), 2, np.int64)),
+    ("negative token id", lambda: tokens_request(np.full((1, 8), -5, np.int64)), ["'input_ids'", "-5"]),
+    ("token type above 1", lambda: tokens_request(np.full((1, 8), 1000, np.int64), np.full((1, 8), 2, np.int64)),
      ["'token_type_ids'", "0 to 1"]),
-    ("sequence over max_length", lambda: _tokens_request(np.full((1, MAX_LENGTH * 3), 1000, np.int64)),
+    ("sequence over max_length", lambda: tokens_request(np.full((1, MAX_LENGTH * 3), 1000, np.int64)),
      [f"{MAX_LENGTH * 3} tokens", f"1 to {MAX_LENGTH}"]),
 ])
 def test_values_the_model_cannot_take_are_a_4xx_naming_the_field(agent, case, body, fragments):
@@ -297,7 +278,7 @@ def test_slow_bodies_hold_no_work_slot(agent):
 
 def test_saturation_answers_503_with_retry_after_and_health_stays_up(agent):
     """Six of the largest text requests at once against two work slots: some wait for none, they get 503."""
-    body, headers = _texts_request([("token " * 4000).encode()[:20_000]] * 256)
+    body, headers = texts_request([("token " * 4000).encode()[:20_000]] * 256)
     answers: list[httpx.Response] = []
 
     def send() -> None:
