@@ -71,6 +71,7 @@ class AgentSettings(BaseModel):
     outbox_max_bytes: int = Field(64 << 20, ge=1 << 16, description="bytes of unsent windows kept")
     upload_timeout_s: float = Field(10.0, gt=0, le=600, description="timeout of each upload request to the collector")
     upload_backoff_max_s: float = Field(300.0, gt=0, description="longest wait between failed uploads (exponential, full jitter)")
+    poll_seconds: float = Field(30.0, gt=0, description="how often the desired state is pulled from the collector (telemetry_url set)")
     capture_every: int | None = Field(None, ge=1, description="keep every n-th raw input for retraining; None (default): keep none")
     capture_max_samples: int = Field(20, ge=1, le=1000, description="raw inputs kept per window when capture is on")
     capture_max_bytes: int = Field(1 << 20, ge=1, le=4 << 20, description="bytes of raw inputs kept per window when capture is on")

@@ -118,15 +118,19 @@ class BoundedH11Protocol(H11Protocol):
             self._refuse(400, msg)
 
     def on_response_complete(self) -> None:
+        # Read before uvicorn's own handler: when the request is done, that handler starts the next cycle and parses a
+        # request the client already sent on this connection, whose body may still be arriving (SEND_BODY again).
+        answered_before_body = self.conn.their_state is h11.SEND_BODY
         super().on_response_complete()
         if self.transport.is_closing():
             return
-        if self.conn.their_state is h11.SEND_BODY:
+        if answered_before_body:
             # Answered before the body arrived (413, 408, 401, a GET that ignores its body): uvicorn would keep the
             # connection waiting for a body nobody reads, with no deadline.
             self._close_soon()
             return
-        self._arm_header_timer(max(self.limits.header_timeout_s, self.limits.keep_alive_s))
+        if self.cycle is None or self.cycle.response_complete:  # no next request under way yet
+            self._arm_header_timer(max(self.limits.header_timeout_s, self.limits.keep_alive_s))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if getattr(self, "_header_timer", None) is not None:

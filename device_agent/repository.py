@@ -106,10 +106,10 @@ class VersionInfo:
 def _highest_installed(active: dict) -> str | None:
     """The highest version ever installed, from ``active.json`` (older files lack the field: their versions tell)."""
     known = [v for v in [active.get("highest"), active.get("version"), *active.get("history", [])] if v]
-    return max(known, key=_version_key) if known else None
+    return max(known, key=version_key) if known else None
 
 
-def _version_key(version: str) -> tuple[int, ...]:
+def version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
 
@@ -204,7 +204,7 @@ class Repository:
             return {"version": None, "history": []}
 
     def _write_active(self, name: str, version: str, history: list[str]) -> None:
-        highest = max([version, *history, *filter(None, [_highest_installed(self._read_active(name))])], key=_version_key)
+        highest = max([version, *history, *filter(None, [_highest_installed(self._read_active(name))])], key=version_key)
         document = {"version": version, "history": [v for v in history if v != version], "highest": highest}
         write_atomically(self.models_dir / name / ACTIVE_FILE, json.dumps(document).encode())
 
@@ -248,7 +248,7 @@ class Repository:
         for name in self.model_names():
             active = self._read_active(name)["version"]
             served = self._served.get(name)
-            for slot in sorted(self._slots(name).iterdir(), key=lambda p: _version_key(p.name)):
+            for slot in sorted(self._slots(name).iterdir(), key=lambda p: version_key(p.name)):
                 version = slot.name
                 failure = self._failures.get((name, version))
                 if served is not None and served.version == version:
@@ -282,14 +282,14 @@ class Repository:
                         "version", f"{name} {version} is already installed with different content; build with a new version", 409
                     )
                 highest = _highest_installed(active)
-                if highest and _version_key(version) < _version_key(highest) and not slot.exists():
-                    held = sorted((path.name for path in self._slots(name).iterdir()), key=_version_key)
+                if highest and version_key(version) < version_key(highest) and not slot.exists():
+                    held = sorted((path.name for path in self._slots(name).iterdir()), key=version_key)
                     raise InstallRefused(
                         "version", f"{name} {version} is older than {highest}, the highest version installed on this device, "
                         f"and the device no longer holds it: refused, forced or not (anti-rollback); go back to a held "
                         f"version with rollback or activate (held: {', '.join(held)})", 409
                     )
-                if active["version"] and _version_key(version) < _version_key(active["version"]) and not force:
+                if active["version"] and version_key(version) < version_key(active["version"]) and not force:
                     raise InstallRefused(
                         "version", f"{name} {version} is older than the active {active['version']}; pass force to go back to it", 409
                     )

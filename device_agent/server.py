@@ -51,6 +51,7 @@ from device_agent import features as drift_features
 from device_agent.batching import DynamicBatcher
 from device_agent.bundle import ImagePreprocessing, Manifest, ModelInfo, TensorSpec, TokenizerPreprocessing
 from device_agent.config import AgentSettings
+from device_agent.desired_state import DesiredStatePuller
 from device_agent.errors import UserError
 from device_agent.http_limits import (
     HeaderCountLimit, HttpLimits, RequestBudget, connection_cap, read_body, stream_body, uvicorn_options,
@@ -146,6 +147,8 @@ class Agent:
         self._batchers: dict[str, tuple[Session, DynamicBatcher]] = {}
         self._tokenizers: dict[tuple[str, str], TextTokenizer] = {}
         self.telemetry = _make_telemetry(settings)
+        # Pulls rollouts from the collector (telemetry_url set); made once the repository has started.
+        self.desired: DesiredStatePuller | None = None
 
     def record_request(self, served: ServedModel, observed: _Observed | None, latency_ms: float, error: bool) -> None:
         """Count one inference request in its model's drift window (telemetry on); a full window goes to the outbox."""
@@ -236,6 +239,26 @@ def _make_telemetry(settings: AgentSettings) -> Telemetry | None:
     uploader = Uploader(outbox, settings.telemetry_url, read_device_token(settings.device_token_file),
                         timeout_s=settings.upload_timeout_s, backoff_max_s=settings.upload_backoff_max_s)
     return Telemetry(outbox, uploader, monitor_settings)
+
+
+async def _start_desired_puller(agent: Agent) -> None:
+    """Pull the desired state in a thread once the repository's start has ended: the start empties staging/, where
+    installs unpack. A model it switches has its batcher dropped, as after an unload, so the old session goes now."""
+    from device_agent.telemetry import read_device_token
+
+    settings = agent.settings
+    await agent.start_ended()
+    loop = asyncio.get_running_loop()
+    try:
+        assert settings.telemetry_url is not None and settings.device_id is not None and settings.device_token_file is not None
+        agent.desired = DesiredStatePuller(
+            agent.repository, settings.telemetry_url, settings.device_id, read_device_token(settings.device_token_file),
+            poll_seconds=settings.poll_seconds, timeout_s=settings.upload_timeout_s, backoff_max_s=settings.upload_backoff_max_s,
+            on_change=lambda name: loop.call_soon_threadsafe(agent.forget, name),
+        )
+        agent.desired.start()
+    except Exception:  # the agent keeps serving what it has; the log says why no rollout reaches it
+        log.exception("the desired-state puller did not start; rollouts will not reach this device")
 
 
 @dataclass(frozen=True)
@@ -808,6 +831,8 @@ async def metrics(agent: Agent = Depends(_agent)) -> PlainTextResponse:
     text = agent.metrics.render(active)
     if agent.telemetry is not None:
         text += "\n".join(await run_in_threadpool(agent.telemetry.metric_lines)) + "\n"
+    if agent.desired is not None:
+        text += "\n".join(agent.desired.metric_lines()) + "\n"
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -851,9 +876,14 @@ def create_app(repository: Repository, settings: AgentSettings) -> FastAPI:
         if agent.telemetry is not None:
             agent.telemetry.start()
             ticking = asyncio.create_task(_close_due_windows(agent.telemetry))
+        pulling = asyncio.create_task(_start_desired_puller(agent)) if settings.telemetry_url is not None else None
         yield
         if not starting.done():
             starting.cancel()
+        if pulling is not None:
+            pulling.cancel()
+        if agent.desired is not None:
+            await run_in_threadpool(agent.desired.stop)
         if ticking is not None:
             ticking.cancel()
             # Windows still open are written to the outbox: a clean stop loses nothing.

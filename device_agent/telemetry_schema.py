@@ -62,7 +62,7 @@ PROPORTIONS_SUM_TOLERANCE = 1e-6
 # terminal shows (U+202E shows the text after it reversed). PostgreSQL text cannot hold NUL at all.
 _UNPRINTABLE_CLASS = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 _UNPRINTABLE = re.compile(f"[{_UNPRINTABLE_CLASS}]")
-_PRINTABLE = f"^[^{_UNPRINTABLE_CLASS}]*$"
+PRINTABLE = f"^[^{_UNPRINTABLE_CLASS}]*$"  # a pattern for free text that may reach a terminal
 
 
 def is_printable(text: str) -> bool:
@@ -95,7 +95,7 @@ class FeatureReference(_Strict):
     source: Literal["input", "output"]
     edges: list[float] | None = Field(None, max_length=MAX_BINS - 1,
                                       description="ascending bin edges (numeric); counts have len(edges)+1 entries")
-    categories: list[Annotated[str, Field(max_length=256, pattern=_PRINTABLE)]] | None = Field(
+    categories: list[Annotated[str, Field(max_length=256, pattern=PRINTABLE)]] | None = Field(
         None, max_length=MAX_BINS, description="category names (categorical); counts have one entry per name")
     proportions: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         max_length=MAX_BINS, description="the reference distribution over the same bins, summing to 1")
@@ -135,8 +135,8 @@ class DriftReference(_Strict):
 
 
 class ModelRef(_Strict):
-    name: str = Field(max_length=128, pattern=_PRINTABLE)
-    version: str = Field(max_length=32, pattern=_PRINTABLE)
+    name: str = Field(max_length=128, pattern=PRINTABLE)
+    version: str = Field(max_length=32, pattern=PRINTABLE)
 
 
 LatencyMs = Annotated[float, Field(ge=0, le=LATENCY_MAX_MS)]
@@ -165,7 +165,7 @@ class CapturedSample(_Strict):
     captured_at: UnixTime
     text: str | None = Field(None, max_length=100_000)
     image: CapturedImage | None = None
-    predicted: str | None = Field(None, max_length=256, pattern=_PRINTABLE,
+    predicted: str | None = Field(None, max_length=256, pattern=PRINTABLE,
                                   description="the model's label for it (a pseudo-label: review before training)")
 
     @model_validator(mode="after")

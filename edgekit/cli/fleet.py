@@ -33,14 +33,16 @@ app = typer.Typer(
         "1. `edgekit fleet serve` runs the collector (creates/migrates the database).\n"
         "2. `edgekit fleet devices add jetson-01` prints that device's token once; give it to the agent "
         "(`edgekit-agent serve --telemetry-url http://HOST:8600 --device-id jetson-01 --device-token-file F`).\n"
-        "3. `edgekit fleet report` and `edgekit fleet alerts` read the same database."
+        "3. `edgekit fleet report` and `edgekit fleet alerts` read the same database.\n\n"
+        "4. `edgekit fleet deploy BUNDLE --all` rolls a bundle out in gated waves; agents pull it "
+        "(`edgekit fleet rollouts`, `edgekit fleet rollout show ID`)."
     ),
 )
-devices_app = typer.Typer(no_args_is_help=True, help="Register devices and list them.")
+devices_app = typer.Typer(no_args_is_help=True, help="Register devices, put them in groups, rotate their tokens, remove them.")
 app.add_typer(devices_app, name="devices")
 
 
-def _db_option() -> str:
+def db_option() -> str:
     return typer.Option(DEFAULT_DB, "--db", envvar="EDGEKIT_FLEET_DB", help=DB_HELP)
 
 
@@ -64,13 +66,15 @@ def _read_operator_token(path: Path) -> str:
 
 @app.command("serve")
 def serve(
-    db: str = _db_option(),
+    db: str = db_option(),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 for devices on the network."),
     port: int = typer.Option(8600, "--port", help="TCP port."),
     operator_token_file: Path | None = typer.Option(
         None, "--operator-token-file", help="File with the token that unlocks the query API (GET /v1/...); without it the query API is off."
     ),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn's log level: debug, info, warning, error."),
+    rollout_interval: float = typer.Option(5.0, "--rollout-interval", min=0.1,
+                                           help="Seconds between two looks at the running rollouts (advance, halt)."),
 ) -> None:
     """Run the telemetry collector: devices POST window summaries to /v1/telemetry with their token.
 
@@ -87,50 +91,94 @@ def serve(
     store = _open(db)
     where = store.engine.url.render_as_string(hide_password=True)
     typer.echo(f"edgekit fleet collector on http://{host}:{port} (database {where}); Ctrl-C stops it", err=True)
-    uvicorn.run(create_app(store, operator_token=token), host=host, port=port, log_level=log_level, access_log=False,
+    uvicorn.run(create_app(store, operator_token=token, rollout_interval_s=rollout_interval), host=host, port=port, log_level=log_level, access_log=False,
                 **uvicorn_options(connection_cap(HTTP_LIMITS)))
 
 
 @devices_app.command("add")
 def devices_add(
     name: str = typer.Argument(..., help="The device id the agent will send (--device-id), e.g. jetson-01."),
-    db: str = _db_option(),
+    db: str = db_option(),
+    group: str | None = typer.Option(None, "--group", help="Put the device in this group (deploy --group G targets it)."),
     token_file: Path | None = typer.Option(
         None, "--token-file", help="Write the token to this new file (mode 0600) instead of printing it."
     ),
-    rotate: bool = typer.Option(False, "--rotate", help="The device exists: issue a new token; the old one stops working."),
 ) -> None:
-    """Register a device and print its upload token ONCE (only its SHA-256 is stored).
+    """Register a device and print its token ONCE (only its SHA-256 is stored).
 
     The token alone is printed on stdout, so `edgekit fleet devices add jetson-01 > token`
-    works; or use --token-file.
+    works; or use --token-file. A lost token is replaced with `devices rotate-token NAME`.
     """
+    _check_new_token_file(token_file)
+    store = _open(db)
+    try:
+        token = store.add_device(name, group=group)
+    finally:
+        store.close()
+    _hand_over_token(name, token, token_file, "registered" + (f" in group {group!r}" if group else ""))
+
+
+@devices_app.command("rotate-token")
+def devices_rotate_token(
+    name: str = typer.Argument(..., help="A registered device."),
+    db: str = db_option(),
+    token_file: Path | None = typer.Option(None, "--token-file", help="Write the new token to this new file (mode 0600)."),
+) -> None:
+    """Issue a new token for a device; the old one stops working at once (uploads and pulls with it get 401)."""
+    _check_new_token_file(token_file)
+    store = _open(db)
+    try:
+        token = store.rotate_token(name)
+    finally:
+        store.close()
+    _hand_over_token(name, token, token_file, "has a new token (the old one no longer works)")
+
+
+@devices_app.command("remove")
+def devices_remove(
+    name: str = typer.Argument(..., help="A registered device."),
+    db: str = db_option(),
+) -> None:
+    """Unregister a device: its token stops working and it leaves lists, groups and deploys. Its telemetry is kept.
+
+    Refused while a running rollout includes the device (abort it first). `devices add NAME` brings it back with a new token.
+    """
+    store = _open(db)
+    try:
+        store.remove_device(name)
+    finally:
+        store.close()
+    typer.echo(f"device {name!r} removed; its token no longer works, its telemetry stays in the database", err=True)
+
+
+def _check_new_token_file(token_file: Path | None) -> None:
     from edgekit.errors import EdgekitError
 
     if token_file is not None and token_file.exists():
         raise EdgekitError(f"--token-file {token_file} exists; choose a new path (tokens are never overwritten)")
-    store = _open(db)
-    try:
-        token = store.add_device(name, rotate=rotate)
-    finally:
-        store.close()
+
+
+def _hand_over_token(name: str, token: str, token_file: Path | None, what: str) -> None:
+    """Print the token on stdout, or write it to a new 0600 file."""
+    from edgekit.errors import EdgekitError
+
     if token_file is None:
         typer.echo(token)
-        typer.echo(f"device {name!r} registered; the token above is shown once: give it to the agent (--device-token-file)", err=True)
+        typer.echo(f"device {name!r} {what}; the token above is shown once: give it to the agent (--device-token-file)", err=True)
         return
     try:
         descriptor = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise EdgekitError(f"cannot create --token-file {token_file} ({exc.strerror}); the token was NOT saved: "
-                           f"run again with --rotate to issue a new one") from None
+                           f"issue a new one with `edgekit fleet devices rotate-token {name}`") from None
     with os.fdopen(descriptor, "w") as handle:
         handle.write(token + "\n")
-    typer.echo(f"device {name!r} registered; its token is in {token_file}", err=True)
+    typer.echo(f"device {name!r} {what}; its token is in {token_file}", err=True)
 
 
 @devices_app.command("list")
 def devices_list(
-    db: str = _db_option(),
+    db: str = db_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List registered devices with their stored windows and last upload."""
@@ -144,8 +192,8 @@ def devices_list(
         return
     print_table(
         "Registered devices",
-        ["device", "registered", "windows", "last seen"],
-        [[_name(row.id), _when(row.created_at), str(row.windows), _when(row.last_seen)] for row in rows],
+        ["device", "group", "registered", "windows", "last seen"],
+        [[_name(row.id), _name(row.group or "-"), _when(row.created_at), str(row.windows), _when(row.last_seen)] for row in rows],
     )
     if not rows:
         console.print("no devices yet: register one with `edgekit fleet devices add NAME`")
@@ -177,7 +225,7 @@ def _since_option() -> str | None:
 
 @app.command("report")
 def report(
-    db: str = _db_option(),
+    db: str = db_option(),
     since: str | None = _since_option(),
     device: str | None = typer.Option(None, "--device", help="Only this device."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
@@ -245,7 +293,7 @@ def _status(status: str) -> str:
 
 @app.command("alerts")
 def alerts_command(
-    db: str = _db_option(),
+    db: str = db_option(),
     since: str | None = _since_option(),
     max_error_rate: float | None = typer.Option(0.05, "--max-error-rate", help="Alert above this error rate (0.05 = 5%)."),
     max_p95_ms: float | None = typer.Option(None, "--max-p95-ms", help="Alert when the worst window p95 passes this (off by default)."),
@@ -304,7 +352,7 @@ def _find_alerts(db: str, since: str | None, max_error_rate: float | None, max_p
 def export_samples(
     device: str = typer.Option(..., "--device", help="The device whose captured samples to export."),
     out: Path = typer.Option(..., "--out", help="Text: a .jsonl file. Images: a folder (one sub-folder of PNGs per label)."),
-    db: str = _db_option(),
+    db: str = db_option(),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ) -> None:
     """Write a device's captured samples as a dataset `edgekit build` reads, labelled with the model's predictions.

@@ -25,6 +25,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
+import logging
+import re
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,13 +37,14 @@ from typing import Annotated
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from device_agent.errors import UserError
+from device_agent.desired_schema import DesiredState, DeviceReport, ReportAck
 from device_agent.http_limits import HeaderCountLimit, HttpLimits, RequestBudget, read_body
 from device_agent.telemetry_schema import (
     DeviceId,
@@ -49,7 +53,11 @@ from device_agent.telemetry_schema import (
     UploadBatch,
     reference_sha256,
 )
+from edgekit.fleet.desired import bundle_for_device, desired_state, read_bundle, record_report
+from edgekit.fleet.rollouts import advance_rollouts, collector_actor
 from edgekit.fleet.store import Store
+
+log = logging.getLogger("edgekit.fleet.collector")
 
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 # An agent uploads batches of about 4 MiB (device_agent.telemetry.Outbox.pending), and one window with captured samples
@@ -173,8 +181,12 @@ def gc_tuned_for_ingest() -> Iterator[None]:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if app.state.rollouts is not None:
+        app.state.rollouts.start()
     with gc_tuned_for_ingest():
         yield
+    if app.state.rollouts is not None:
+        await run_in_threadpool(app.state.rollouts.stop)
     app.state.parse_pool.shutdown(wait=False)
 
 
@@ -319,6 +331,102 @@ def fleet_report(
         raise HTTPException(404, str(error)) from None
 
 
+# --------------------------------------------------------------------------- desired state (device_agent.desired_schema)
+
+# A report names at most MAX_MODELS models and MAX_OUTCOMES outcomes of at most MAX_REASON_CHARS each: under 256 KiB.
+MAX_REPORT_BYTES = 256 << 10
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+def _own_device(device_id: str, device: str) -> None:
+    if device_id != device:
+        raise HTTPException(403, f"this token belongs to device {device!r}, not {device_id!r}")
+
+
+@_routes.get("/v1/devices/{device_id}/desired", response_model=DesiredState, responses=_ERRORS,
+             summary="What this device should serve (device token)")
+def desired(request: Request, device_id: Annotated[DeviceId, Path()],
+            device: Annotated[str, Depends(_authenticated_device)]) -> DesiredState:
+    _own_device(device_id, device)
+    return desired_state(_store(request), device)
+
+
+@_routes.get("/v1/bundles/{sha256}", responses={**_ERRORS, 404: {"model": ErrorBody}, 416: {"model": ErrorBody}},
+             response_class=StreamingResponse, summary="A bundle this device is told to run; Range: bytes=N- resumes")
+def bundle(request: Request, sha256: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")],
+           device: Annotated[str, Depends(_authenticated_device)]) -> StreamingResponse:
+    store = _store(request)
+    found = bundle_for_device(store, device, sha256)
+    if found is None:
+        raise HTTPException(404, f"no bundle {sha256[:12]}… for device {device!r}: a device reads only the bundles "
+                                 "its desired state names")
+    start, end, status = 0, found.size - 1, 200
+    match = _RANGE.match(request.headers.get("range", "").strip())
+    if match:  # one range; anything else is ignored and the whole bundle sent, as RFC 9110 allows
+        start = int(match.group(1))
+        end = min(int(match.group(2)), found.size - 1) if match.group(2) else found.size - 1
+        if start >= found.size or end < start:
+            raise HTTPException(416, f"range starts at byte {start}; the bundle has {found.size} bytes",
+                                {"Content-Range": f"bytes */{found.size}"})
+        status = 206
+    headers = {"Content-Length": str(end - start + 1), "Accept-Ranges": "bytes", "ETag": f'"{sha256}"'}
+    if status == 206:
+        headers["Content-Range"] = f"bytes {start}-{end}/{found.size}"
+    return StreamingResponse(iterate_in_threadpool(read_bundle(store, sha256, start, end)), status_code=status,
+                             media_type="application/octet-stream", headers=headers)
+
+
+def _parse_report(body: bytes, device_id: str) -> DeviceReport:
+    try:
+        report = DeviceReport.model_validate_json(body)
+    except ValidationError as error:
+        raise HTTPException(422, _describe_problems(error.errors())) from None
+    if report.device_id != device_id:
+        raise HTTPException(403, f"the report is of {report.device_id!r}, sent to /v1/devices/{device_id}/reports")
+    return report
+
+
+@_routes.post("/v1/devices/{device_id}/reports", response_model=ReportAck, responses={**_ERRORS, 413: {"model": ErrorBody}},
+              summary="What the device serves and what it did with its desired bundles (device token; idempotent)",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/DeviceReport"}}}}})
+async def report_state(request: Request, device_id: Annotated[DeviceId, Path()],
+                       device: Annotated[str, Depends(_authenticated_device)]) -> ReportAck:
+    _own_device(device_id, device)
+    with request.app.state.budget.holding() as held:
+        body = await read_body(request, MAX_REPORT_BYTES, "MAX_REPORT_BYTES: send fewer outcomes", HTTP_LIMITS, held)
+        held.start_work()
+        report = _parse_report(body, device_id)
+        return ReportAck(recorded=await run_in_threadpool(record_report, _store(request), report))
+
+
+class RolloutDriver:
+    """Advances the running rollouts every ``interval_s`` from a thread, while the collector serves."""
+
+    def __init__(self, store: Store, interval_s: float) -> None:
+        self.store = store
+        self.interval_s = interval_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgekit-rollouts", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        actor = collector_actor()
+        while not self._stopping.wait(self.interval_s):
+            try:
+                advance_rollouts(self.store, actor=actor)
+            except sa.exc.SQLAlchemyError as error:  # the database away: the rollouts wait in it, unchanged
+                log.warning("rollouts not advanced: the fleet database is unavailable (%s); retrying", type(error).__name__)
+            except Exception:  # noqa: BLE001 - a bug must not stop ingest; it is logged with its traceback
+                log.exception("rollouts not advanced")
+
+
 def _openapi_with_upload_body(app: FastAPI) -> dict:
     """The app's OpenAPI document, built once, with the ``UploadBatch`` schema that ``upload`` refers to."""
     # The ingest body is parsed by hand (see upload); its schema still belongs in the document.
@@ -330,12 +438,16 @@ def _openapi_with_upload_body(app: FastAPI) -> dict:
         components = document.setdefault("components", {}).setdefault("schemas", {})
         components.update(schema.pop("$defs", {}))
         components["UploadBatch"] = schema
+        report = DeviceReport.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(report.pop("$defs", {}))
+        components["DeviceReport"] = report
         app.openapi_schema = document
     return app.openapi_schema
 
 
-def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
-    """The collector over ``store``; ``operator_token`` turns the query API on."""
+def create_app(store: Store, *, operator_token: str | None = None, rollout_interval_s: float | None = 5.0) -> FastAPI:
+    """The collector over ``store``; ``operator_token`` turns the query API on; rollouts advance every
+    ``rollout_interval_s`` (None: not by this collector)."""
     app = FastAPI(
         title="edgekit fleet collector",
         version="1",
@@ -346,6 +458,7 @@ def create_app(store: Store, *, operator_token: str | None = None) -> FastAPI:
     app.state.parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="edgekit-collector-parse")
     app.state.budget = RequestBudget(HTTP_LIMITS, "uploads")
     app.state.operator_token = operator_token.encode("utf-8") if operator_token else None
+    app.state.rollouts = RolloutDriver(store, rollout_interval_s) if rollout_interval_s else None
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(UserError, _on_user_error)

@@ -99,6 +99,8 @@ devices = sa.Table(
     sa.Column("id", sa.String(128), primary_key=True),
     sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("group_name", sa.String(128)),  # since version 3
+    sa.Column("removed_at", sa.Float),  # since version 3: a removed device keeps its history, not its token
 )
 
 windows = sa.Table(
@@ -143,6 +145,96 @@ samples = sa.Table(  # since version 2
 
 windows_by_time = sa.Index("windows_device_ended_at", windows.c.device_id, windows.c.ended_at)  # since version 2
 
+# --- since version 3: desired state, bundles and rollouts (edgekit.fleet.rollouts)
+
+bundles = sa.Table(
+    "bundles", metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("model_name", sa.String(128), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("stored_at", sa.Float, nullable=False),
+)
+
+bundle_chunks = sa.Table(  # the bundle's bytes in BUNDLE_CHUNK_BYTES pieces: one database holds them for every collector
+    "bundle_chunks", metadata,
+    sa.Column("sha256", sa.String(64), sa.ForeignKey("bundles.sha256"), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+desired_models = sa.Table(  # what each device should serve, per model
+    "desired_models", metadata,
+    sa.Column("device_id", sa.String(128), sa.ForeignKey("devices.id"), primary_key=True),
+    sa.Column("model_name", sa.String(128), primary_key=True),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("sha256", sa.String(64), sa.ForeignKey("bundles.sha256"), nullable=False),
+    sa.Column("rollout_id", sa.Integer),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+serving_models = sa.Table(  # what each device last reported serving
+    "serving_models", metadata,
+    sa.Column("device_id", sa.String(128), sa.ForeignKey("devices.id"), primary_key=True),
+    sa.Column("model_name", sa.String(128), primary_key=True),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("reported_at", sa.Float, nullable=False),
+)
+
+install_outcomes = sa.Table(
+    "install_outcomes", metadata,
+    sa.Column("device_id", sa.String(128), sa.ForeignKey("devices.id"), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("outcome", sa.String(16), primary_key=True),
+    sa.Column("at", sa.Float, primary_key=True),
+    sa.Column("model_name", sa.String(128), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("check_name", sa.String(64)),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+
+rollouts = sa.Table(
+    "rollouts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(128), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("sha256", sa.String(64), sa.ForeignKey("bundles.sha256"), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # running, completed, rolled_back, aborted
+    sa.Column("selection", sa.String(256), nullable=False),  # how the devices were chosen, for people
+    sa.Column("wave", sa.Integer, nullable=False),  # the current wave (0-based)
+    sa.Column("waves", sa.Integer, nullable=False),
+    sa.Column("wave_started_at", sa.Float, nullable=False),
+    sa.Column("soak_s", sa.Float, nullable=False),
+    sa.Column("wave_timeout_s", sa.Float, nullable=False),
+    sa.Column("gates", sa.Text, nullable=False),  # JSON [{"name", "limit"}]
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
+)
+
+rollout_devices = sa.Table(
+    "rollout_devices", metadata,
+    sa.Column("rollout_id", sa.Integer, sa.ForeignKey("rollouts.id"), primary_key=True),
+    sa.Column("device_id", sa.String(128), sa.ForeignKey("devices.id"), primary_key=True),
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("previous_version", sa.String(32)),  # what the device was told to serve before: the rollback target
+    sa.Column("previous_sha256", sa.String(64)),
+)
+
+rollout_events = sa.Table(  # the audit trail: every decision of a rollout, in order
+    "rollout_events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rollout_id", sa.Integer, sa.ForeignKey("rollouts.id"), nullable=False, index=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),  # "operator" or the collector that decided ("collector:<host>:<pid>")
+)
+
+_VERSION_3_TABLES = (bundles, bundle_chunks, desired_models, serving_models, install_outcomes, rollouts,
+                     rollout_devices, rollout_events)
+
 
 # --------------------------------------------------------------------------- migrations
 
@@ -150,13 +242,15 @@ windows_by_time = sa.Index("windows_device_ended_at", windows.c.device_id, windo
 def _migration_1(conn: Connection) -> None:
     """devices, windows (without received_at), drift_references."""
     old = sa.MetaData()
-    for table in (devices, drift_references):
-        table.to_metadata(old)
-    window_columns = [
-        sa.Column(column.name, column.type, primary_key=column.primary_key, nullable=column.nullable, autoincrement=False)
-        for column in windows.columns if column.name != "received_at"
-    ]
-    sa.Table("windows", old, *window_columns, sa.ForeignKeyConstraint(["device_id"], ["devices.id"]))
+    drift_references.to_metadata(old)
+
+    def columns(table: sa.Table, *later: str) -> list[sa.Column]:
+        return [sa.Column(column.name, column.type, primary_key=column.primary_key, nullable=column.nullable,
+                          unique=column.unique, autoincrement=False)
+                for column in table.columns if column.name not in later]
+
+    sa.Table("devices", old, *columns(devices, "group_name", "removed_at"))
+    sa.Table("windows", old, *columns(windows, "received_at"), sa.ForeignKeyConstraint(["device_id"], ["devices.id"]))
     old.create_all(conn, checkfirst=True)
 
 
@@ -170,9 +264,20 @@ def _migration_2(conn: Connection) -> None:
     windows_by_time.create(conn, checkfirst=True)
 
 
+def _migration_3(conn: Connection) -> None:
+    """devices.group_name and devices.removed_at; bundles, desired state, install outcomes, rollouts and their audit."""
+    present = {column["name"] for column in sa.inspect(conn).get_columns("devices")}
+    for name, column_type in (("group_name", sa.String(128)), ("removed_at", sa.Float())):
+        if name not in present:
+            conn.exec_driver_sql(f"ALTER TABLE devices ADD COLUMN {name} {column_type.compile(dialect=conn.dialect)}")
+    for table in _VERSION_3_TABLES:
+        table.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
+    (3, _migration_3),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
@@ -334,12 +439,19 @@ def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def _new_token() -> tuple[str, str]:
+    """A fresh device token (256 random bits) and its SHA-256."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    return token, token_sha256(token)
+
+
 @dataclass(frozen=True)
 class DeviceRow:
     id: str
     created_at: float
     windows: int
     last_seen: float | None
+    group: str | None
 
 
 class Store:
@@ -376,24 +488,58 @@ class Store:
 
     # -- devices
 
-    def add_device(self, name: str, *, rotate: bool = False) -> str:
-        """Register ``name`` and return its new token (only its SHA-256 is stored). ``rotate`` replaces an existing token."""
+    def add_device(self, name: str, *, group: str | None = None) -> str:
+        """Register ``name`` (in ``group``) and return its token; only the token's SHA-256 is stored.
+
+        A removed device may be added again: it gets a new token and keeps its history.
+        """
         if not DEVICE_NAME.match(name):
             raise FleetError(f"device name {name!r} is not allowed; use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        digest = token_sha256(token)
+        if group is not None and not DEVICE_NAME.match(group):
+            raise FleetError(f"group name {group!r} is not allowed; use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        token, digest = _new_token()
         with self.engine.begin() as conn:
-            exists = conn.scalar(sa.select(devices.c.id).where(devices.c.id == name)) is not None
-            if exists and not rotate:
+            row = conn.execute(sa.select(devices.c.removed_at).where(devices.c.id == name)).first()
+            if row is not None and row.removed_at is None:
                 raise FleetError(
-                    f"device {name!r} is already registered; keep using its token, or pass --rotate to issue a new one "
-                    "(the old token stops working)"
+                    f"device {name!r} is already registered; keep using its token, or issue a new one with "
+                    f"`edgekit fleet devices rotate-token {name}` (the old token stops working)"
                 )
-            if exists:
-                conn.execute(devices.update().where(devices.c.id == name).values(token_sha256=digest))
+            if row is not None:
+                conn.execute(devices.update().where(devices.c.id == name)
+                             .values(token_sha256=digest, group_name=group, removed_at=None))
             else:
-                conn.execute(devices.insert().values(id=name, token_sha256=digest, created_at=time.time()))
+                conn.execute(devices.insert().values(id=name, token_sha256=digest, created_at=time.time(), group_name=group))
         return token
+
+    def rotate_token(self, name: str) -> str:
+        """Issue a new token for a registered device; the old one stops working with this commit."""
+        token, digest = _new_token()
+        with self.engine.begin() as conn:
+            changed = conn.execute(devices.update().where(devices.c.id == name, devices.c.removed_at.is_(None))
+                                   .values(token_sha256=digest)).rowcount
+        if not changed:
+            self.require_device(name)
+        return token
+
+    def remove_device(self, name: str) -> None:
+        """Unregister a device: its token stops working and it leaves every list and group; its telemetry stays.
+
+        Refused while a running rollout includes it (abort the rollout first): a rollout waits for its devices.
+        """
+        from edgekit.fleet.rollouts import running_rollouts_of
+
+        _, unusable = _new_token()  # the column is unique and not null: a fresh random digest nobody holds the token of
+        with self.engine.begin() as conn:
+            running = running_rollouts_of(conn, [name])
+            if running:
+                raise FleetError(f"device {name!r} is in running rollout {running[0]}; abort it first "
+                                 f"(`edgekit fleet rollout abort {running[0]}`)")
+            changed = conn.execute(devices.update().where(devices.c.id == name, devices.c.removed_at.is_(None))
+                                   .values(token_sha256=unusable, removed_at=time.time())).rowcount
+            conn.execute(desired_models.delete().where(desired_models.c.device_id == name))
+        if not changed:
+            self.require_device(name)
 
     def device_for_token(self, token: str) -> str | None:
         """The device a bearer token belongs to, or None.
@@ -416,16 +562,18 @@ class Store:
             .subquery()
         )
         query = (
-            sa.select(devices.c.id, devices.c.created_at, counts.c.windows, counts.c.last_seen)
+            sa.select(devices.c.id, devices.c.created_at, devices.c.group_name, counts.c.windows, counts.c.last_seen)
             .select_from(devices.outerjoin(counts, counts.c.device_id == devices.c.id))
+            .where(devices.c.removed_at.is_(None))
             .order_by(devices.c.id)
         )
         with self._reading() as conn:
-            return [DeviceRow(r.id, r.created_at, r.windows or 0, _readable_time(r.last_seen)) for r in conn.execute(query)]
+            return [DeviceRow(r.id, r.created_at, r.windows or 0, _readable_time(r.last_seen), r.group_name)
+                    for r in conn.execute(query)]
 
     def has_device(self, name: str) -> bool:
         with self._reading() as conn:
-            return conn.scalar(sa.select(devices.c.id).where(devices.c.id == name)) is not None
+            return conn.scalar(sa.select(devices.c.id).where(devices.c.id == name, devices.c.removed_at.is_(None))) is not None
 
     def require_device(self, name: str) -> None:
         if not self.has_device(name):

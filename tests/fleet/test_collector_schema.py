@@ -15,16 +15,20 @@ from collections import Counter
 import httpx
 import pytest
 import schemathesis
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from edgekit.fleet.store import Store
+from edgekit.fleet.store import Store, install_outcomes, serving_models
 from tests.fleet.conftest import collector_in_thread
 
 OPERATOR = "operator-token-for-the-schema-tests"
 EXAMPLES = 12  # per operation and generation mode; ingest gets four times as many
+# What a device token opens: ingest and the desired-state contract (device_agent.desired_schema).
+DEVICE_OPERATIONS = {"/v1/telemetry", "/v1/devices/{device_id}/desired", "/v1/devices/{device_id}/reports",
+                     "/v1/bundles/{sha256}"}
 
 
 @pytest.fixture
@@ -68,10 +72,10 @@ def _expected(operation_path: str, credential: str, status: int) -> str | None:
         return None if status == 200 else "health must answer 200"
     if credential in ("none", "wrong"):
         return None if status == 401 else "without a valid token only 401 is right"
-    if credential == "device" and operation_path != "/v1/telemetry":
+    if credential == "device" and operation_path not in DEVICE_OPERATIONS:
         return None if status == 401 else "a device token must not open the query API"
-    if credential == "operator" and operation_path == "/v1/telemetry":
-        return None if status == 401 else "the operator token must not write telemetry"
+    if credential == "operator" and operation_path in DEVICE_OPERATIONS:
+        return None if status == 401 else "the operator token must not act as a device"
     return None
 
 
@@ -111,4 +115,8 @@ def test_no_generated_request_gets_a_server_error_or_passes_the_wrong_token(coll
     assert not failures, "\n\n".join(failures[:10])
     assert total >= 500, f"only {total} requests were generated"
     assert store.count_windows("dev-2") == 0, "dev-1's token wrote records of dev-2"
+    with store.engine.connect() as conn:
+        for table in (serving_models, install_outcomes):
+            written = conn.scalar(sa.select(sa.func.count()).select_from(table).where(table.c.device_id == "dev-2"))
+            assert written == 0, f"dev-1's token wrote {table.name} of dev-2"
     assert store.count_windows("dev-1") > 0, f"no generated batch reached the store: the test exercised nothing {statuses}"

@@ -179,6 +179,13 @@ def test_alerts_exit_1_when_any_device_is_past_a_threshold_and_0_when_none(sqlit
         (["fleet", "alerts", "--db", "{db}", "--stale-after", "soon"], "--stale-after 'soon' is not a duration"),
         (["fleet", "report", "--db", "postgres ql://x"], "is not a database URL"),
         (["fleet", "devices", "add", "dev-a", "--db", "{db}"], "already registered"),
+        (["fleet", "devices", "rotate-token", "ghost", "--db", "{db}"], "unknown device 'ghost'"),
+        (["fleet", "devices", "remove", "ghost", "--db", "{db}"], "unknown device 'ghost'"),
+        (["fleet", "deploy", "{tmp}/x.ekb", "--db", "{db}"], "exactly one of --all, --devices a,b or --group G"),
+        (["fleet", "deploy", "{tmp}/x.ekb", "--db", "{db}", "--all"], "is not an edgekit bundle"),
+        (["fleet", "deploy", "{tmp}/x.ekb", "--db", "{db}", "--all", "--gate", "latency<=3"], "unknown gate 'latency'"),
+        (["fleet", "rollout", "show", "99", "--db", "{db}"], "no rollout 99"),
+        (["fleet", "rollout", "abort", "99", "--db", "{db}"], "no rollout 99"),
         (["fleet", "export-samples", "--device", "dev-b", "--out", "{tmp}/x.jsonl", "--db", "{db}"], "no captured samples"),
     ],
 )
@@ -193,5 +200,5 @@ def test_user_errors_are_one_line_with_the_fix_and_exit_2(sqlite_filled: str, tm
 def test_fleet_help_teaches_the_workflow():
     result = runner.invoke(app, ["fleet", "--help"])
     assert result.exit_code == 0
-    for word in ("serve", "devices", "report", "alerts", "export-samples", "--device-token-file"):
+    for word in ("serve", "devices", "report", "alerts", "export-samples", "--device-token-file", "deploy", "rollouts"):
         assert word in result.stdout

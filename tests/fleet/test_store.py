@@ -201,9 +201,9 @@ def test_device_tokens_are_stored_hashed_and_name_their_device(store: Store):
 
 def test_adding_a_device_twice_is_a_clear_error_and_rotate_replaces_the_token(store: Store):
     old = store.add_device("dev-1")
-    with pytest.raises(FleetError, match="already registered.*--rotate"):
+    with pytest.raises(FleetError, match="already registered.*devices rotate-token dev-1"):
         store.add_device("dev-1")
-    new = store.add_device("dev-1", rotate=True)
+    new = store.rotate_token("dev-1")
     assert store.device_for_token(old) is None and store.device_for_token(new) == "dev-1"
 
 
