@@ -41,6 +41,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from device_agent.bundle import BundleError, read_manifest_unverified
 from device_agent.desired_schema import (
     MAX_MODELS,
     MAX_OUTCOMES,
@@ -538,22 +539,13 @@ def _verified(part: Path, model: DesiredModel) -> Path:
 
 
 def _bundle_identity(bundle: Path) -> tuple[str, str] | None:
-    """The model name and version in the bundle's manifest, read from its first entry without unpacking anything;
-    None when that is not possible (the install then says what is wrong with the bundle)."""
-    import tarfile
-
-    from device_agent.bundle import MANIFEST_NAME
-
+    """The model name and version in the bundle's manifest, read without unpacking anything; None when the bundle
+    cannot be read (the install then says what is wrong with it)."""
     try:
-        with tarfile.open(bundle, mode="r|*") as archive:
-            member = archive.next()
-            if member is None or member.name != MANIFEST_NAME or not member.isreg() or member.size > 1 << 20:
-                return None
-            reader = archive.extractfile(member)
-            model = json.loads(reader.read())["model"] if reader is not None else None
-        return (str(model["name"]), str(model["version"])) if isinstance(model, dict) else None
-    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError):
+        manifest, _names = read_manifest_unverified(bundle)
+    except BundleError:
         return None
+    return manifest.model.name, manifest.model.version
 
 
 def _reason(error: BaseException) -> str:

@@ -6,16 +6,34 @@ collectors (``edgekit fleet serve``) advance it and devices pull it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from edgekit.cli.fleet import db_option
 from edgekit.cli.output import console, print_json, print_table
 
+if TYPE_CHECKING:
+    from edgekit.fleet.store import Store
+
 rollout_app = typer.Typer(no_args_is_help=True, help="Look at one rollout, or stop it (and roll its devices back).")
 
 _STATE_COLOUR = {"running": "yellow", "completed": "green", "rolled_back": "red", "aborted": "red"}
+
+
+@contextmanager
+def _fleet_database(db: str, *, migrate: bool = False) -> Iterator[Store]:
+    """The fleet database, closed afterwards; readers and abort need it set up already (``fleet serve`` does)."""
+    from edgekit.fleet.store import Store
+
+    store = Store.open(db, migrate_schema=migrate)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _gate_help() -> str:
@@ -52,19 +70,16 @@ def deploy(
     `edgekit fleet rollout show ID`.
     """
     from edgekit.fleet.rollouts import Selection, deploy as start_rollout, parse_gate, show_rollout
-    from edgekit.fleet.store import FleetError, Store
+    from edgekit.fleet.store import FleetError
 
     chosen = [flag for flag, on in (("--all", all_devices), ("--devices", devices), ("--group", group)) if on]
     if len(chosen) != 1:
         raise FleetError(f"choose the devices with exactly one of --all, --devices a,b or --group G (got {', '.join(chosen) or 'none'})")
     selection = Selection(all=all_devices, devices=tuple(d.strip() for d in (devices or "").split(",") if d.strip()), group=group)
     gates = [parse_gate(text) for text in gate]
-    store = Store.open(db)
-    try:
+    with _fleet_database(db, migrate=True) as store:
         rollout_id = start_rollout(store, bundle, selection, waves=waves, soak_s=soak, wave_timeout_s=wave_timeout, gates=gates)
         view = show_rollout(store, rollout_id)
-    finally:
-        store.close()
     if as_json:
         print_json(view.to_dict())
         return
@@ -81,13 +96,9 @@ def list_rollouts(
     """List rollouts, newest first, with their state and why they ended."""
     from edgekit.fleet.report import format_time
     from edgekit.fleet.rollouts import list_rollouts as rollouts
-    from edgekit.fleet.store import Store
 
-    store = Store.open(db, migrate_schema=False)
-    try:
+    with _fleet_database(db) as store:
         found = rollouts(store)
-    finally:
-        store.close()
     if as_json:
         print_json([view.to_dict() for view in found])
         return
@@ -108,13 +119,9 @@ def show(
 ) -> None:
     """A rollout's devices (wave, desired, serving, outcome) and its audit trail."""
     from edgekit.fleet.rollouts import show_rollout
-    from edgekit.fleet.store import Store
 
-    store = Store.open(db, migrate_schema=False)
-    try:
+    with _fleet_database(db) as store:
         view = show_rollout(store, rollout_id)
-    finally:
-        store.close()
     if as_json:
         print_json(view.to_dict())
         return
@@ -128,13 +135,9 @@ def abort(
 ) -> None:
     """Stop a running rollout: every device it started is told to go back to the version it ran before."""
     from edgekit.fleet.rollouts import abort_rollout
-    from edgekit.fleet.store import Store
 
-    store = Store.open(db, migrate_schema=False)
-    try:
+    with _fleet_database(db) as store:
         view = abort_rollout(store, rollout_id)
-    finally:
-        store.close()
     console.print(f"rollout {rollout_id} aborted; {view.events[-1]['message']}", highlight=False, markup=False)
 
 

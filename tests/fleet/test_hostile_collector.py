@@ -163,3 +163,24 @@ def test_windows_that_break_the_contract_get_422_and_the_next_upload_is_stored(c
     assert response.status_code == 422, response.text
     assert fragment in response.json()["error"]
     _stores_a_valid_upload(collector)
+
+
+def test_a_request_sent_right_after_the_last_on_one_connection_is_answered(collector):
+    # The next request's headers arrive with the previous one and its body a moment later: the server starts its
+    # cycle while finishing the previous answer, and must not take it for a request answered before its body.
+    collector.sequence += 1
+    body = json.dumps(make_batch("edge-1", [collector.sequence]).model_dump(mode="json")).encode()
+    with socket.create_connection(("127.0.0.1", _port(collector)), timeout=10) as conn:
+        conn.sendall(b"GET /v1/health HTTP/1.1\r\nHost: collector\r\n\r\n"
+                     b"POST /v1/telemetry HTTP/1.1\r\nHost: collector\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {collector.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        time.sleep(0.5)
+        conn.sendall(body)
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < 2 or not answers.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answers += chunk
+    assert answers.count(b"HTTP/1.1 200 OK") == 2, answers.decode(errors="replace")
+    assert f'"stored":[{collector.sequence}]'.encode() in answers
