@@ -1,7 +1,7 @@
 """Rollouts on real SQLite and PostgreSQL: waves, gates, refusals, timeouts, rollback and the audit trail.
 
 Devices are simulated here by what they would send (reports and telemetry windows), so each rule of the engine is
-exercised on its own; tests/fleet/test_rollout_e2e.py runs real agents.
+exercised on its own; tests/e2e/test_rollout_e2e.py runs real agents.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 contract over real HTTP (pull, download, verify the sha256, report, send telemetry), without an agent or a model.
 
 A simulated device "installs" a bundle by downloading it and checking its hash; it does not verify the signature or
-run it (tests/fleet/test_rollout_e2e.py runs real agents for that).
+run it (tests/e2e/test_rollout_e2e.py runs real agents for that).
 """
 
 from __future__ import annotations
