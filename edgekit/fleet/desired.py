@@ -138,10 +138,13 @@ def record_report(store: Store, report: DeviceReport, now: float | None = None) 
     now = time.time() if now is None else now
     new = 0
     with store.engine.begin() as conn:
+        before = {row.model_name: row for row in conn.execute(
+            sa.select(serving_models).where(serving_models.c.device_id == report.device_id))}
         conn.execute(serving_models.delete().where(serving_models.c.device_id == report.device_id))
         if report.serving:
             conn.execute(serving_models.insert(), [
-                {"device_id": report.device_id, "model_name": name, "model_version": version, "reported_at": now}
+                {"device_id": report.device_id, "model_name": name, "model_version": version, "reported_at": now,
+                 "since": before[name].since if name in before and before[name].model_version == version else now}
                 for name, version in report.serving.items()
             ])
         for outcome in report.outcomes:

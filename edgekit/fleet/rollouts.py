@@ -409,19 +409,19 @@ def _members(conn: Connection, row) -> list[_Member]:  # type: ignore[no-untyped
             member.refused = f"[{outcome.check_name or 'install'}] {outcome.reason}"
         elif outcome.outcome in ("installed", "rolled_back") and member.installed_at is None:
             member.installed_at = outcome.at
-    # A device that serves the version already (flashed by hand, or installed before a collector restart) counts
-    # as installed from its report.
+    # A device that serves the version without an outcome for it (flashed by hand, or installed in an earlier
+    # rollout) counts as installed since it began serving it; its windows still count only from this rollout on.
     for serving in conn.execute(sa.select(serving_models).where(
             serving_models.c.device_id.in_(list(by_id)), serving_models.c.model_name == row.model_name,
             serving_models.c.model_version == row.model_version, serving_models.c.reported_at >= row.created_at)):
         member = by_id[serving.device_id]
         if member.installed_at is None:
-            member.installed_at = serving.reported_at
+            member.installed_at = serving.since
     for window in conn.execute(sa.select(windows).where(
             windows.c.device_id.in_(list(by_id)), windows.c.model_name == row.model_name,
             windows.c.model_version == row.model_version, windows.c.ended_at >= row.created_at)):
         member = by_id[window.device_id]
-        if member.installed_at is not None and window.ended_at >= member.installed_at:
+        if member.installed_at is not None and window.ended_at >= max(member.installed_at, row.created_at):
             member.windows.append(window)
     return members
 

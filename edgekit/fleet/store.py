@@ -178,7 +178,8 @@ serving_models = sa.Table(  # what each device last reported serving
     sa.Column("device_id", sa.String(128), sa.ForeignKey("devices.id"), primary_key=True),
     sa.Column("model_name", sa.String(128), primary_key=True),
     sa.Column("model_version", sa.String(32), nullable=False),
-    sa.Column("reported_at", sa.Float, nullable=False),
+    sa.Column("since", sa.Float, nullable=False),  # the first report of this version: when the device began serving it
+    sa.Column("reported_at", sa.Float, nullable=False),  # the latest report
 )
 
 install_outcomes = sa.Table(

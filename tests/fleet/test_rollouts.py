@@ -253,3 +253,20 @@ def test_removed_devices_and_rotated_tokens(store):
         store.rotate_token("dev-a")
     again = store.add_device("dev-a")
     assert store.device_for_token(again) == "dev-a" and store.list_devices()[0].group is None
+
+
+def test_a_device_already_serving_the_version_counts_as_installed_from_when_it_began(store, bundle_files):
+    _fleet(store, names=("dev-a",))
+    rollout = deploy(store, bundle_files["2.0.0"], Selection(all=True), waves="100%", soak_s=60, now=T0)
+
+    def report(at: float) -> None:  # flashed by hand before: it serves 2.0.0 and has no install outcome for it
+        record_report(store, DeviceReport(device_id="dev-a", serving={MODEL: "2.0.0"}), now=at)
+
+    report(T0 + 10)
+    _window(store, "dev-a", 1, "2.0.0", T0 + 20)
+    for at in (T0 + 30, T0 + 50, T0 + 69):  # reports keep coming: the soak counts from the first, not the latest
+        report(at)
+        assert advance_rollouts(store, now=at) == 0
+    report(T0 + 71)
+    assert advance_rollouts(store, now=T0 + 71) == 1
+    assert show_rollout(store, rollout).state == "completed"
