@@ -296,7 +296,7 @@ def show_rollout(store: Store, rollout_id: int) -> RolloutView:
             desired_models.c.device_id.in_(ids), desired_models.c.model_name == row.model_name)).all())
         serving = dict(conn.execute(sa.select(serving_models.c.device_id, serving_models.c.model_version).where(
             serving_models.c.device_id.in_(ids), serving_models.c.model_name == row.model_name)).all())
-        outcomes = _latest_outcomes(conn, ids, row.sha256)
+        outcomes = _latest_outcomes(conn, row, members)
         view.devices.extend(
             RolloutDevice(m.device_id, m.wave, m.previous_version, desired.get(m.device_id), serving.get(m.device_id),
                           outcomes[m.device_id].outcome if m.device_id in outcomes else None,
@@ -308,12 +308,19 @@ def show_rollout(store: Store, rollout_id: int) -> RolloutView:
     return view
 
 
-def _latest_outcomes(conn: Connection, device_ids: Iterable[str], sha256: str) -> dict:
+def _latest_outcomes(conn: Connection, row, members) -> dict:  # type: ignore[no-untyped-def]
+    """Each device's latest outcome of this rollout: for its bundle while it ran, and, once it rolled back, for the
+    version each device went back to."""
+    ended = row.ended_at if row.ended_at is not None else math.inf
+    went_back = {m.device_id: m.previous_sha256 for m in members} if row.state in (ROLLED_BACK, ABORTED) else {}
     latest: dict = {}
-    for row in conn.execute(sa.select(install_outcomes).where(install_outcomes.c.device_id.in_(list(device_ids)),
-                                                              install_outcomes.c.sha256 == sha256)
-                            .order_by(install_outcomes.c.at)):
-        latest[row.device_id] = row
+    for outcome in conn.execute(sa.select(install_outcomes).where(
+            install_outcomes.c.device_id.in_([m.device_id for m in members]),
+            install_outcomes.c.received_at >= row.created_at).order_by(install_outcomes.c.at)):
+        ours = outcome.sha256 == row.sha256 and outcome.received_at <= ended
+        back = outcome.sha256 == went_back.get(outcome.device_id) and outcome.received_at >= ended
+        if ours or back:
+            latest[outcome.device_id] = outcome
     return latest
 
 
