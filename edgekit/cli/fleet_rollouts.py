@@ -113,7 +113,7 @@ def list_rollouts(
 
 @rollout_app.command("show")
 def show(
-    rollout_id: int = typer.Argument(..., help="The rollout's id (edgekit fleet rollouts)."),
+    rollout_id: int = typer.Argument(..., min=1, max=2**31 - 1, help="The rollout's id (edgekit fleet rollouts)."),
     db: str = db_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
@@ -130,7 +130,7 @@ def show(
 
 @rollout_app.command("abort")
 def abort(
-    rollout_id: int = typer.Argument(..., help="The running rollout's id."),
+    rollout_id: int = typer.Argument(..., min=1, max=2**31 - 1, help="The running rollout's id."),
     db: str = db_option(),
 ) -> None:
     """Stop a running rollout: every device it started is told to go back to the version it ran before."""

@@ -335,7 +335,7 @@ def fleet_report(
 
 # A report names at most MAX_MODELS models and MAX_OUTCOMES outcomes of at most MAX_REASON_CHARS each: under 256 KiB.
 MAX_REPORT_BYTES = 256 << 10
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{1,18})-(\d{0,18})$")  # longer numbers cannot be offsets: the whole bundle is sent
 
 
 def _own_device(device_id: str, device: str) -> None:
@@ -421,8 +421,9 @@ class RolloutDriver:
         while not self._stopping.wait(self.interval_s):
             try:
                 advance_rollouts(self.store, actor=actor)
-            except sa.exc.SQLAlchemyError as error:  # the database away: the rollouts wait in it, unchanged
-                log.warning("rollouts not advanced: the fleet database is unavailable (%s); retrying", type(error).__name__)
+            except sa.exc.SQLAlchemyError as error:  # e.g. the database away: the rollouts wait in it, unchanged
+                detail = str(error.orig if getattr(error, "orig", None) is not None else error).strip().splitlines()
+                log.warning("rollouts not advanced (%s: %s); retrying", type(error).__name__, detail[0] if detail else "")
             except Exception:  # noqa: BLE001 - a bug must not stop ingest; it is logged with its traceback
                 log.exception("rollouts not advanced")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
+from pydantic import ValidationError
 from sqlalchemy.engine import Connection
 
 from device_agent.bundle import BundleError, read_manifest_unverified
@@ -29,6 +30,7 @@ from edgekit.fleet.store import (
     bundles,
     desired_models,
     install_outcomes,
+    lock_for_transaction,
     serving_models,
 )
 
@@ -64,24 +66,41 @@ def read_bundle_file(path: Path) -> StoredBundle:
     except BundleError as error:
         raise FleetError(f"{path} is not an edgekit bundle: {error}; pass the .ekb file `edgekit build` wrote") from None
     sha256, size = _file_sha256(path)
+    try:  # what the desired-state contract and the fleet database can hold
+        DesiredModel(name=manifest.model.name, version=manifest.model.version, sha256=sha256, size=size)
+    except ValidationError as error:
+        raise FleetError(f"{path}: {error.errors()[0]['loc'][0]} {error.errors()[0]['msg'].lower()}; "
+                         "rebuild with a name of at most 128 characters and a version of at most 32") from None
     return StoredBundle(sha256, manifest.model.name, manifest.model.version, size)
 
 
-def store_bundle(conn: Connection, path: Path, bundle: StoredBundle) -> None:
-    """Store the bytes of ``bundle`` (read from ``path``) once: storing the same bundle again changes nothing."""
-    if conn.scalar(sa.select(bundles.c.sha256).where(bundles.c.sha256 == bundle.sha256)) is not None:
-        return
-    conn.execute(bundles.insert().values(sha256=bundle.sha256, model_name=bundle.model_name,
-                                         model_version=bundle.model_version, size=bundle.size, stored_at=time.time()))
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        position = 0
-        while block := handle.read(BUNDLE_CHUNK_BYTES):
-            conn.execute(bundle_chunks.insert().values(sha256=bundle.sha256, position=position, data=block))
-            digest.update(block)
-            position += 1
-    if digest.hexdigest() != bundle.sha256:  # the file changed since it was read: store nothing rather than a mix
-        raise FleetError(f"{path} changed while it was being stored; store it again once it is complete")
+def store_bundle(store: Store, path: Path, bundle: StoredBundle) -> None:
+    """Store the bytes of ``bundle`` (read from ``path``) once: storing the same bundle again changes nothing.
+
+    A different bundle under a model and version already stored is refused: devices compare versions, so two builds
+    under one version could not be told apart (the device's repository refuses it the same way).
+    """
+    with store.engine.begin() as conn:
+        lock_for_transaction(conn, f"bundle:{bundle.model_name}")
+        other = conn.scalar(sa.select(bundles.c.sha256).where(
+            bundles.c.model_name == bundle.model_name, bundles.c.model_version == bundle.model_version))
+        if other == bundle.sha256:
+            return
+        if other is not None:
+            raise FleetError(f"{bundle.model_name} {bundle.model_version} is already stored as another bundle "
+                             f"(sha256 {other[:12]}…, this one {bundle.sha256[:12]}…); devices tell builds apart by "
+                             "version: set a new model.version and build again")
+        conn.execute(bundles.insert().values(sha256=bundle.sha256, model_name=bundle.model_name,
+                                             model_version=bundle.model_version, size=bundle.size, stored_at=time.time()))
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            position = 0
+            while block := handle.read(BUNDLE_CHUNK_BYTES):
+                conn.execute(bundle_chunks.insert().values(sha256=bundle.sha256, position=position, data=block))
+                digest.update(block)
+                position += 1
+        if digest.hexdigest() != bundle.sha256:  # the file changed since it was read: store nothing rather than a mix
+            raise FleetError(f"{path} changed while it was being stored; store it again once it is complete")
 
 
 def bundle_row(conn: Connection, sha256: str) -> StoredBundle | None:
@@ -93,7 +112,7 @@ def bundle_for_device(store: Store, device: str, sha256: str) -> StoredBundle | 
     """The bundle when it is one ``device`` is told to run, else None: a device reads nothing else."""
     query = (sa.select(bundles).select_from(bundles.join(desired_models, desired_models.c.sha256 == bundles.c.sha256))
              .where(desired_models.c.device_id == device, bundles.c.sha256 == sha256))
-    with store.engine.connect() as conn:
+    with store.reading() as conn:
         row = conn.execute(query).first()
     return StoredBundle(row.sha256, row.model_name, row.model_version, row.size) if row else None
 
@@ -102,7 +121,7 @@ def read_bundle(store: Store, sha256: str, start: int, end: int) -> Iterator[byt
     """Bytes ``start`` to ``end`` (inclusive) of a stored bundle, a chunk per short read (no connection held between)."""
     first, last = start // BUNDLE_CHUNK_BYTES, end // BUNDLE_CHUNK_BYTES
     for position in range(first, last + 1):
-        with store.engine.connect() as conn:
+        with store.reading() as conn:
             data = conn.scalar(sa.select(bundle_chunks.c.data)
                                .where(bundle_chunks.c.sha256 == sha256, bundle_chunks.c.position == position))
         if data is None:
@@ -115,7 +134,7 @@ def desired_state(store: Store, device: str) -> DesiredState:
     query = (sa.select(desired_models, bundles.c.size)
              .select_from(desired_models.join(bundles, bundles.c.sha256 == desired_models.c.sha256))
              .where(desired_models.c.device_id == device).order_by(desired_models.c.model_name))
-    with store.engine.connect() as conn:
+    with store.reading() as conn:
         rows = conn.execute(query).all()
     return DesiredState(device_id=device, models=[
         DesiredModel(name=row.model_name, version=row.model_version, sha256=row.sha256, size=row.size,

@@ -51,9 +51,11 @@ from edgekit.fleet.desired import StoredBundle, bundle_row, read_bundle_file, se
 from edgekit.fleet.store import (
     FleetError,
     Store,
+    bundles,
     desired_models,
     devices,
     install_outcomes,
+    lock_for_transaction,
     rollout_devices,
     rollout_events,
     rollouts,
@@ -182,29 +184,24 @@ def running_rollouts_of(conn: Connection, device_ids: Sequence[str], model: str 
 def deploy(store: Store, bundle_path: Path, selection: Selection, *, waves: str = DEFAULT_WAVES,
            soak_s: float = DEFAULT_SOAK_S, wave_timeout_s: float = DEFAULT_WAVE_TIMEOUT_S,
            gates: Sequence[Gate] = (), now: float | None = None) -> int:
-    """Store the bundle, create a running rollout of it and start its first wave, in one transaction; the rollout's id.
+    """Store the bundle, create a running rollout of it and start its first wave; the rollout's id.
 
-    On any error (an unknown device or group, a busy device, bad waves) nothing is created, not even the bundle.
+    The deploy is checked before anything is stored (an unknown device or group, a busy device, bad waves or gates:
+    nothing is created, not even the bundle), then again in the transaction that creates the rollout, under a lock
+    per model, so two deploys at once cannot both start on one device.
     """
     now = time.time() if now is None else now
-    if soak_s < 0 or wave_timeout_s <= soak_s:
-        raise FleetError(f"--wave-timeout ({wave_timeout_s:g} s) must be longer than --soak ({soak_s:g} s), and --soak ≥ 0")
+    if not (math.isfinite(soak_s) and math.isfinite(wave_timeout_s)) or soak_s < 0 or wave_timeout_s <= soak_s:
+        raise FleetError(f"--wave-timeout ({wave_timeout_s:g} s) must be a finite number of seconds longer than --soak "
+                         f"({soak_s:g} s), and --soak ≥ 0")
     bundle = read_bundle_file(bundle_path)
+    with store.reading() as conn:
+        _plan(conn, bundle, selection, waves, gates)
+    store_bundle(store, bundle_path, bundle)
     with store.engine.begin() as conn:
-        chosen = _select_devices(conn, selection)
-        busy = running_rollouts_of(conn, chosen, bundle.model_name)
-        if busy:
-            raise FleetError(f"rollout {busy[0]} of {bundle.model_name} is still running on some of these devices; "
-                             f"wait for it or `edgekit fleet rollout abort {busy[0]}`")
-        counts = parse_waves(waves, len(chosen))
-        relative = [str(gate) for gate in gates if gate.name in RELATIVE_GATES]
-        if relative and counts[0] == len(chosen):
-            raise FleetError(f"gate {relative[0]} compares the first wave with devices still on the old version, but the "
-                             f"first wave takes all {len(chosen)} devices; start with a smaller wave (--waves 1,100%)")
-        previous = {row.device_id: row for row in conn.execute(
-            sa.select(desired_models).where(desired_models.c.model_name == bundle.model_name,
-                                            desired_models.c.device_id.in_(chosen)))}
-        store_bundle(conn, bundle_path, bundle)
+        lock_for_transaction(conn, f"rollout:{bundle.model_name}")
+        chosen, counts = _plan(conn, bundle, selection, waves, gates)
+        previous = _rollback_targets(conn, bundle.model_name, chosen)
         rollout_id = conn.execute(rollouts.insert().values(
             model_name=bundle.model_name, model_version=bundle.model_version, sha256=bundle.sha256, state=RUNNING,
             selection=selection.describe()[:256], wave=0, waves=len(counts), wave_started_at=now, soak_s=soak_s,
@@ -217,11 +214,44 @@ def deploy(store: Store, bundle_path: Path, selection: Selection, *, waves: str 
              "previous_sha256": previous[device].sha256 if device in previous else None}
             for device in chosen
         ])
+        without = [device for device in chosen if device not in previous]
         _event(conn, rollout_id, now, "created", f"{bundle.model_name} {bundle.model_version} to {selection.describe()} "
                f"({len(chosen)} devices) in {len(counts)} waves {counts}; soak {soak_s:g} s; "
-               f"gates {', '.join(map(str, gates)) or 'install only'}", "operator")
+               f"gates {', '.join(map(str, gates)) or 'install only'}"
+               + (f"; no version to roll back to on {', '.join(without)}" if without else ""), "operator")
         _start_wave(conn, rollout_id, bundle, 0, [d for d in chosen if wave_of[d] == 0], now, "operator")
     return rollout_id
+
+
+def _plan(conn: Connection, bundle: StoredBundle, selection: Selection, waves: str,
+          gates: Sequence[Gate]) -> tuple[list[str], list[int]]:
+    """The devices a deploy covers and its cumulative wave sizes; a FleetError for any reason not to start it."""
+    chosen = _select_devices(conn, selection)
+    busy = running_rollouts_of(conn, chosen, bundle.model_name)
+    if busy:
+        raise FleetError(f"rollout {busy[0]} of {bundle.model_name} is still running on some of these devices; "
+                         f"wait for it or `edgekit fleet rollout abort {busy[0]}`")
+    counts = parse_waves(waves, len(chosen))
+    relative = [str(gate) for gate in gates if gate.name in RELATIVE_GATES]
+    if relative and counts[0] == len(chosen):
+        raise FleetError(f"gate {relative[0]} compares the first wave with devices still on the old version, but the "
+                         f"first wave takes all {len(chosen)} devices; start with a smaller wave (--waves 1,100%)")
+    return chosen, counts
+
+
+def _rollback_targets(conn: Connection, model: str, chosen: list[str]) -> dict[str, StoredBundle]:
+    """Per device, the bundle a halt sends it back to: what it was told to run before, else the stored bundle of the
+    version it reports serving (flashed by hand). A device with neither has none: a halt leaves it as it is."""
+    targets = {}
+    for row in conn.execute(sa.select(desired_models).where(desired_models.c.model_name == model,
+                                                            desired_models.c.device_id.in_(chosen))):
+        targets[row.device_id] = bundle_row(conn, row.sha256)
+    for row in conn.execute(sa.select(serving_models.c.device_id, bundles.c.sha256)
+                            .select_from(serving_models.join(bundles, (bundles.c.model_name == serving_models.c.model_name)
+                                                             & (bundles.c.model_version == serving_models.c.model_version)))
+                            .where(serving_models.c.model_name == model, serving_models.c.device_id.in_(chosen))):
+        targets.setdefault(row.device_id, bundle_row(conn, row.sha256))
+    return {device: bundle for device, bundle in targets.items() if bundle is not None}
 
 
 def _start_wave(conn: Connection, rollout_id: int, bundle: StoredBundle, wave: int, members: list[str], now: float,
@@ -278,13 +308,13 @@ def _view(row, gates: list[dict]) -> RolloutView:  # type: ignore[no-untyped-def
 
 
 def list_rollouts(store: Store) -> list[RolloutView]:
-    with store.engine.connect() as conn:
+    with store.reading() as conn:
         return [_view(row, json.loads(row.gates)) for row in conn.execute(sa.select(rollouts).order_by(rollouts.c.id.desc()))]
 
 
 def show_rollout(store: Store, rollout_id: int) -> RolloutView:
     """One rollout with its devices and its audit trail."""
-    with store.engine.connect() as conn:
+    with store.reading() as conn:
         row = conn.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).first()
         if row is None:
             raise FleetError(f"no rollout {rollout_id}; list them with `edgekit fleet rollouts`")
@@ -346,8 +376,8 @@ def collector_actor() -> str:
 
 def advance_rollouts(store: Store, *, now: float | None = None, actor: str | None = None) -> int:
     """Look at every running rollout once (see the module's rules); how many changed state or wave."""
-    actor = actor or collector_actor()
-    with store.engine.connect() as conn:
+    actor = (actor or collector_actor())[:128]
+    with store.reading() as conn:
         ids = list(conn.scalars(sa.select(rollouts.c.id).where(rollouts.c.state == RUNNING).order_by(rollouts.c.id)))
     changed = 0
     for rollout_id in ids:
@@ -415,7 +445,7 @@ def _members(conn: Connection, row) -> list[_Member]:  # type: ignore[no-untyped
         if outcome.outcome == "refused":
             member.refused = f"[{outcome.check_name or 'install'}] {outcome.reason}"
         elif outcome.outcome in ("installed", "rolled_back") and member.installed_at is None:
-            member.installed_at = outcome.at
+            member.installed_at = outcome.received_at  # the collector's clock, as every time the engine compares
     # A device that serves the version without an outcome for it (flashed by hand, or installed in an earlier
     # rollout) counts as installed since it began serving it; its windows still count only from this rollout on.
     for serving in conn.execute(sa.select(serving_models).where(
@@ -424,11 +454,12 @@ def _members(conn: Connection, row) -> list[_Member]:  # type: ignore[no-untyped
         member = by_id[serving.device_id]
         if member.installed_at is None:
             member.installed_at = serving.since
+    # Windows by when the collector received them: a device's clock may be off by up to a day (the telemetry contract).
     for window in conn.execute(sa.select(windows).where(
             windows.c.device_id.in_(list(by_id)), windows.c.model_name == row.model_name,
-            windows.c.model_version == row.model_version, windows.c.ended_at >= row.created_at)):
+            windows.c.model_version == row.model_version, windows.c.received_at >= row.created_at)):
         member = by_id[window.device_id]
-        if member.installed_at is not None and window.ended_at >= max(member.installed_at, row.created_at):
+        if member.installed_at is not None and window.received_at >= member.installed_at:
             member.windows.append(window)
     return members
 
@@ -467,8 +498,8 @@ def _judge_relative(conn: Connection, row, gate: Gate, new: list, control: list[
     since = row.wave_started_at
     old = list(conn.execute(sa.select(windows).where(
         windows.c.device_id.in_([m.device_id for m in control]), windows.c.model_name == row.model_name,
-        windows.c.model_version != row.model_version, windows.c.ended_at >= since)))
-    new = [w for w in new if w.ended_at >= since]
+        windows.c.model_version != row.model_version, windows.c.received_at >= since)))
+    new = [w for w in new if w.received_at >= since]
     if not new or not old:
         return _Judgement(waiting=f"gate {gate} waits for windows from both the new version ({len(new)}) and the control ({len(old)})")
     if gate.name == "p95_ratio":

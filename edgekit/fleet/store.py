@@ -319,6 +319,14 @@ def migrate(engine: Engine, *, up_to: int = LATEST_VERSION) -> int:
 # --------------------------------------------------------------------------- connecting
 
 
+def lock_for_transaction(conn: Connection, name: str) -> None:
+    """Serialise the transactions that name ``name`` (PostgreSQL: an advisory lock held until commit); on SQLite every
+    writing transaction already holds the database's write lock (BEGIN IMMEDIATE)."""
+    if conn.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
 def _describe(url: sa.URL) -> str:
     return url.render_as_string(hide_password=True)
 
@@ -481,7 +489,7 @@ class Store:
         self.engine.dispose()
 
     @contextmanager
-    def _reading(self) -> Iterator[Connection]:
+    def reading(self) -> Iterator[Connection]:
         """A read-only transaction: on SQLite it takes no write lock, so token checks do not queue behind ingests."""
         with self.engine.connect() as conn:
             conn.execution_options(**{_READ_ONLY: True})
@@ -550,7 +558,7 @@ class Store:
         hash leaks nothing useful. The final comparison is constant-time anyway.
         """
         digest = token_sha256(token)
-        with self._reading() as conn:
+        with self.reading() as conn:
             row = conn.execute(sa.select(devices.c.id, devices.c.token_sha256).where(devices.c.token_sha256 == digest)).first()
         if row is None or not hmac.compare_digest(row.token_sha256, digest):
             return None
@@ -568,12 +576,12 @@ class Store:
             .where(devices.c.removed_at.is_(None))
             .order_by(devices.c.id)
         )
-        with self._reading() as conn:
+        with self.reading() as conn:
             return [DeviceRow(r.id, r.created_at, r.windows or 0, _readable_time(r.last_seen), r.group_name)
                     for r in conn.execute(query)]
 
     def has_device(self, name: str) -> bool:
-        with self._reading() as conn:
+        with self.reading() as conn:
             return conn.scalar(sa.select(devices.c.id).where(devices.c.id == name, devices.c.removed_at.is_(None))) is not None
 
     def require_device(self, name: str) -> None:
@@ -635,7 +643,7 @@ class Store:
             query = query.limit(limit)
         found: list[StoredWindow] = []
         skipped = 0
-        with self._reading() as conn:
+        with self.reading() as conn:
             for row in conn.execute(query):
                 try:
                     found.append(StoredWindow.from_row(row))
@@ -647,7 +655,7 @@ class Store:
         query = sa.select(sa.func.count()).select_from(windows)
         if device is not None:
             query = query.where(windows.c.device_id == device)
-        with self._reading() as conn:
+        with self.reading() as conn:
             return int(conn.scalar(query) or 0)
 
     def references(self, digests: Iterable[str] | None = None) -> dict[str, DriftReference]:
@@ -660,7 +668,7 @@ class Store:
         if digests is not None:
             query = query.where(drift_references.c.sha256.in_(list(digests)))
         found = {}
-        with self._reading() as conn:
+        with self.reading() as conn:
             for row in conn.execute(query):
                 try:
                     found[row.sha256] = DriftReference.model_validate_json(row.document)
@@ -673,7 +681,7 @@ class Store:
         query = sa.select(samples.c.document).where(samples.c.device_id == device).order_by(samples.c.sequence, samples.c.position)
         found: list[CapturedSample] = []
         skipped = 0
-        with self._reading() as conn:
+        with self.reading() as conn:
             for row in conn.execute(query):
                 try:
                     found.append(CapturedSample.model_validate_json(row.document))

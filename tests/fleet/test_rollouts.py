@@ -270,3 +270,38 @@ def test_a_device_already_serving_the_version_counts_as_installed_from_when_it_b
     report(T0 + 71)
     assert advance_rollouts(store, now=T0 + 71) == 1
     assert show_rollout(store, rollout).state == "completed"
+
+
+def test_a_rebuilt_bundle_under_a_stored_version_is_refused(store, bundle_files, tmp_path):
+    _fleet(store)
+    deploy(store, bundle_files["2.0.0"], Selection(devices=("dev-a",)), now=T0)
+    rebuilt = tmp_path / "rebuilt.ekb"
+    write_tiny_bundle(rebuilt, Ed25519PrivateKey.generate(), "2.0.0")  # another key: other bytes, same version
+    with pytest.raises(FleetError, match=f"{MODEL} 2.0.0 is already stored as another bundle .* set a new model.version"):
+        deploy(store, rebuilt, Selection(devices=("dev-b",)), now=T0)
+
+
+def test_a_device_flashed_by_hand_goes_back_to_what_it_served(store, bundle_files):
+    _fleet(store, names=("dev-a", "dev-b"))
+    deploy(store, bundle_files["1.0.0"], Selection(devices=("dev-b",)), waves="100%", now=T0)  # the collector holds 1.0.0
+    record_report(store, DeviceReport(device_id="dev-a", serving={MODEL: "1.0.0"}), now=T0 + 1)  # flashed, never told
+    rollout = deploy(store, bundle_files["2.0.0"], Selection(devices=("dev-a",)), waves="100%", now=T0 + 10)
+    view = abort_rollout(store, rollout, now=T0 + 20)
+    assert [d.previous_version for d in view.devices] == ["1.0.0"]
+    assert _desired_versions(store, ("dev-a",)) == {"dev-a": ["1.0.0"]}
+
+
+def test_clocks_of_devices_do_not_move_the_soak(store, bundle_files):
+    # A device whose clock runs an hour ahead: its outcome and window times say T0+3600..., the collector received them
+    # at T0+110 and T0+120; the soak counts on the collector's clock.
+    _fleet(store, names=("dev-a",))
+    rollout = deploy(store, bundle_files["2.0.0"], Selection(all=True), waves="100%", soak_s=60, now=T0 + 100)
+    info = read_bundle_file(bundle_files["2.0.0"])
+    record_report(store, DeviceReport(device_id="dev-a", serving={MODEL: "2.0.0"}, outcomes=[InstallOutcome(
+        model=MODEL, version="2.0.0", sha256=info.sha256, outcome="installed", at=T0 + 3710)]), now=T0 + 110)
+    batch = make_batch("dev-a", [1], model={"name": MODEL, "version": "2.0.0"})
+    window = batch.windows[0].model_copy(update={"started_at": T0 + 3690, "ended_at": T0 + 3720})
+    store.ingest(batch.model_copy(update={"windows": [window]}), received_at=T0 + 120)
+    assert advance_rollouts(store, now=T0 + 169) == 0
+    assert advance_rollouts(store, now=T0 + 171) == 1
+    assert show_rollout(store, rollout).state == "completed"
