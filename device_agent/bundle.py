@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import io
 import json
@@ -50,6 +51,9 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 _CHUNK = 1 << 20
+# A table's columns, and the categories one column keeps (the build refuses more, naming the column).
+MAX_TABLE_COLUMNS = 1024
+MAX_TABLE_CATEGORIES = 1000
 
 
 class Check(str, Enum):
@@ -85,6 +89,16 @@ class BundleError(UserError):
 
 
 # --------------------------------------------------------------------------- manifest schema
+
+
+class UnpackFailed(UserError):
+    """The bundle could not be unpacked for a reason of this device's (a full disk), not of the bundle's."""
+
+    status_code = 507
+
+
+# Errors writing the unpacked files that say nothing about the bundle.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 class _Strict(BaseModel):
@@ -146,7 +160,7 @@ class TensorSpec(_Strict):
 
 
 class TaskInfo(_Strict):
-    kind: Literal["text-classification", "image-classification", "tensor"]
+    kind: Literal["text-classification", "image-classification", "tabular-classification", "tensor"]
     labels: list[str] = []
 
 
@@ -171,8 +185,52 @@ class ImagePreprocessing(_Strict):
     std: list[float] = []
 
 
+class TableColumn(_Strict):
+    """One column of a raw table row and how it becomes model features (``device_agent.preprocess.TableEncoder``)."""
+
+    name: str = Field(min_length=1, max_length=256)
+    kind: Literal["numeric", "categorical"]
+    fill: float | None = Field(None, description="numeric: the value a missing (null or absent) one takes: the training median")
+    categories: list[Annotated[str, Field(max_length=256)]] | None = Field(
+        None, max_length=MAX_TABLE_CATEGORIES,
+        description="categorical: the training categories, one feature each; any other value or a missing one "
+                    "sets one more feature, 'other'")
+
+    @model_validator(mode="after")
+    def _kind_agrees(self) -> "TableColumn":
+        if self.kind == "numeric" and (self.fill is None or self.categories is not None):
+            raise ValueError(f"numeric column {self.name!r} needs fill and no categories")
+        if self.kind == "categorical" and (not self.categories or self.fill is not None):
+            raise ValueError(f"categorical column {self.name!r} needs categories and no fill")
+        return self
+
+    @property
+    def width(self) -> int:
+        """Features this column takes in the model's input: one, or one per category plus 'other'."""
+        return 1 if self.kind == "numeric" else len(self.categories or ()) + 1
+
+
+class TablePreprocessing(_Strict):
+    """Raw rows (JSON objects, column name → value) become one FP32 feature row each, columns in this order."""
+
+    kind: Literal["table"] = "table"
+    columns: list[TableColumn] = Field(min_length=1, max_length=MAX_TABLE_COLUMNS)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "TablePreprocessing":
+        names = [column.name for column in self.columns]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"columns {duplicates} appear more than once")
+        return self
+
+    @property
+    def width(self) -> int:
+        return sum(column.width for column in self.columns)
+
+
 Preprocessing = Annotated[
-    Union[NoPreprocessing, TokenizerPreprocessing, ImagePreprocessing], Field(discriminator="kind")
+    Union[NoPreprocessing, TokenizerPreprocessing, ImagePreprocessing, TablePreprocessing], Field(discriminator="kind")
 ]
 
 
@@ -226,6 +284,16 @@ class Manifest(_Strict):
         reserved = sorted(RESERVED_NAMES.intersection(paths))
         if reserved:
             raise ValueError(f"files must not list {reserved}: they are the manifest and its signature")
+        return self
+
+    @model_validator(mode="after")
+    def _table_input_fits(self) -> "Manifest":
+        if isinstance(self.preprocessing, TablePreprocessing):
+            spec = self.inputs[0]
+            width = self.preprocessing.width
+            if len(self.inputs) != 1 or spec.datatype != "FP32" or len(spec.shape) != 2 or spec.shape[1] not in (width, -1):
+                raise ValueError(f"a table bundle's model takes one FP32 input [batch, {width}] (its columns' features); "
+                                 f"this one takes {[f'{i.name} {i.datatype} {i.shape}' for i in self.inputs]}")
         return self
 
     def referenced_files(self) -> dict[str, str]:
@@ -423,7 +491,12 @@ def _scan_archive(bundle_path: Path, limits: BundleLimits, take_entry: Callable[
                 take_entry(name, reader, member.size)
     except BundleError:
         raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno in _STORAGE_ERRNOS:  # this device's disk, not the bundle: the same bundle may install later
+            raise UnpackFailed(f"cannot unpack {bundle_path.name} on this device: {exc.strerror}; free space (or fix the "
+                               "disk) under the agent's state folder, then install again") from None
+        raise BundleError(Check.ARCHIVE, f"{bundle_path} is not a readable bundle archive (truncated or corrupt: {exc})") from None
+    except (tarfile.TarError, EOFError, ValueError) as exc:
         raise BundleError(Check.ARCHIVE, f"{bundle_path} is not a readable bundle archive (truncated or corrupt: {exc})") from None
 
 

@@ -11,15 +11,28 @@ and, per model:
 - otherwise downloads the bundle into ``<state_dir>/downloads/<sha256>.part``
   (a folder the repository's start does not empty, so a cut download resumes
   with ``Range`` even after a restart), streamed to disk and bounded by the
-  announced size, checks its sha256 against the desired state and installs it
-  through :meth:`Repository.install`: signature, target, golden check and
-  anti-rollback stay the repository's business.
+  announced size, checks its sha256 against the desired state, asks the
+  collector once more whether the model still names that sha256 (a rollout may
+  have moved on during a long download: then it is not installed, and neither
+  when the collector cannot say) and installs it through
+  :meth:`Repository.install`: signature, target, golden check and anti-rollback
+  stay the repository's business. The part is deleted once installed or refused
+  for good; after a failure that may pass (disk, a load error) the verified file
+  stays, and the next try installs it without downloading it again.
 
-Then it POSTs a report: what serves now, and every outcome the collector has not
-acknowledged yet. Outcomes and the bundles refused for good are kept in
-``<state_dir>/desired/state.json`` (written atomically), so a restart neither
-loses an outcome nor downloads a refused bundle again. A collector that is down
-or refuses the token is logged and retried with backoff; the agent keeps serving.
+A bundle that failed is tried again with backoff (``poll_seconds`` doubling per
+failure in a row, at most ``backoff_max_s``); a ``failed`` outcome is recorded
+only when its reason differs from the last one recorded for that sha256, not at
+every try. This is kept in memory only: after a restart the next failure is
+recorded once more. A success, a refusal or a new desired sha256 starts afresh.
+
+Then it POSTs a report: what serves now, and the outcomes the collector has not
+acknowledged yet, oldest first, as many as keep the body under
+``MAX_REPORT_BODY_BYTES``; the rest go in the next poll's report. Outcomes and
+the bundles refused for good are kept in ``<state_dir>/desired/state.json``
+(written atomically), so a restart neither loses an outcome nor downloads a
+refused bundle again. A collector that is down or refuses the token is logged
+and retried with backoff; the agent keeps serving.
 """
 
 from __future__ import annotations
@@ -63,12 +76,17 @@ log = logging.getLogger("edgekit.agent.desired")
 
 OUTCOMES: tuple[Outcome, ...] = ("installed", "refused", "rolled_back", "failed")
 DOWNLOAD_CHUNK = 1 << 20
-# A download cut this many times within one poll waits for the next poll (the part is kept).
+# A download cut this many times within one poll waits for the next try (the part is kept).
 DOWNLOAD_ATTEMPTS = 3
 _MAX_CHECK_CHARS = 64
 _MAX_ERROR_BODY = 2048
 _MAX_DESIRED_BYTES = 4 << 20
 _MAX_ACK_BYTES = 64 << 10
+# The collector answers 413 to a report over its MAX_REPORT_BYTES (256 KiB, edgekit/fleet/collector.py), and would
+# at every poll. device_agent cannot import edgekit, so the limit is repeated here with a margin: a collector built
+# with a somewhat lower limit, or a proxy in front of it, still takes the report. One outcome (a reason of at most
+# MAX_REASON_CHARS, under 12 KiB escaped) and what serves always fit, so a report always makes progress.
+MAX_REPORT_BODY_BYTES = 192 << 10
 
 
 class CollectorError(Exception):
@@ -80,11 +98,15 @@ class CollectorError(Exception):
 
 
 class DownloadFailed(Exception):
-    """A bundle could not be fetched or did not match the desired state; the next poll tries again."""
+    """A bundle could not be fetched or did not match the desired state; tried again with backoff."""
 
 
 class _Stopping(Exception):
     """The agent is stopping: leave the download where it is (the part resumes at the next start)."""
+
+
+class _NotNow(Exception):
+    """Not installed now, and no fault of the bundle (no longer desired, or the collector cannot confirm it): no outcome."""
 
 
 # --------------------------------------------------------------------------- what survives a restart
@@ -180,6 +202,15 @@ class PullerStats:
 
 
 @dataclass(frozen=True)
+class _Retry:
+    """A desired bundle that failed ``failures`` times in a row: the reason last reported, and when to try again."""
+
+    failures: int
+    reason: str
+    not_before: float
+
+
+@dataclass(frozen=True)
 class PollResult:
     """What one poll did: the outcomes it produced and how many pending outcomes the collector acknowledged."""
 
@@ -222,6 +253,7 @@ class DesiredStatePuller:
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         self.memory = PullerMemory(repository.state_dir / "desired" / "state.json", list(repository.keyring.keys))
         self.stats = PullerStats()
+        self._retries: dict[str, _Retry] = {}  # by sha256; only for bundles still desired
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -282,6 +314,7 @@ class DesiredStatePuller:
         wanted = {model.sha256 for model in desired.models}
         self.memory.keep_refusals_of(wanted)
         self._drop_stale_downloads(wanted)
+        self._retries = {sha: retry for sha, retry in self._retries.items() if sha in wanted}
         outcomes = []
         for model in desired.models:
             if self._stopping.is_set():
@@ -313,23 +346,40 @@ class DesiredStatePuller:
         if model.sha256 in self.memory.refused:
             log.debug("%s %s (sha256 %s) was refused before; not trying again", model.name, model.version, model.sha256)
             return None
+        retry = self._retries.get(model.sha256)
+        if retry is not None and self.clock() < retry.not_before:
+            return None
         try:
             outcome = self._activate(model, serving) if self._holds(model) else self._download_and_install(model)
-        except _Stopping:
+        except (_Stopping, _NotNow):
             return None
         except InstallRefused as refusal:
             log.warning("desired %s %s refused: %s", model.name, model.version, refusal, extra={"sha256": model.sha256})
+            self._retries.pop(model.sha256, None)
             self.memory.refuse(model.sha256, f"{model.name} {model.version}: {refusal}")
             return self._outcome(model, "refused", str(refusal), check=refusal.check)
         except (DownloadFailed, UserError, OSError) as error:
-            log.warning("desired %s %s not installed (%s); trying again at the next poll", model.name, model.version,
-                        error, extra={"sha256": model.sha256})
-            return self._outcome(model, "failed", str(error))
+            return self._install_failed(model, str(error))
         except Exception as error:  # noqa: BLE001 - a bug in one model's install must not block the others
             log.exception("installing desired %s %s failed", model.name, model.version)
-            return self._outcome(model, "failed", f"internal error ({type(error).__name__}: {error}); see the agent's log")
+            return self._install_failed(model, f"internal error ({type(error).__name__}: {error}); see the agent's log")
+        self._retries.pop(model.sha256, None)
         self._changed(model.name)
         return self._outcome(model, outcome)
+
+    def _install_failed(self, model: DesiredModel, reason: str) -> InstallOutcome | None:
+        """Back off from ``model``'s bundle; its ``failed`` outcome, or None when it failed as it did last time.
+
+        A failure that persists would otherwise add an outcome, a row at the collector, at every poll.
+        """
+        previous = self._retries.get(model.sha256)
+        failures = previous.failures + 1 if previous is not None else 1
+        delay = min(self.backoff_max_s, self.poll_seconds * 2 ** min(failures - 1, 30))
+        self._retries[model.sha256] = _Retry(failures, reason, self.clock() + delay)
+        repeated = previous is not None and previous.reason == reason
+        log.warning("desired %s %s not installed (%s); trying again in %.3g s%s", model.name, model.version, reason, delay,
+                    " (failed as last time: not reported again)" if repeated else "", extra={"sha256": model.sha256})
+        return None if repeated else self._outcome(model, "failed", reason)
 
     def _activate(self, model: DesiredModel, serving: str | None) -> Outcome:
         """Serve a version the device still holds: no download, the repository loads and golden-checks it again."""
@@ -340,16 +390,40 @@ class DesiredStatePuller:
 
     def _download_and_install(self, model: DesiredModel) -> Outcome:
         bundle = self._download(model)
+        self._confirm_still_desired(model)
         try:
             identity = _bundle_identity(bundle)
             if identity is not None and identity != (model.name, model.version):
                 raise InstallRefused("desired-state", f"bundle {model.sha256} holds {identity[0]} {identity[1]}, but the "
                                      f"desired state names it {model.name} {model.version}; correct the collector's record")
             self.repository.install(bundle)
-        finally:
-            bundle.unlink(missing_ok=True)
+        except InstallRefused:
+            bundle.unlink(missing_ok=True)  # refused for good: never tried again
+            raise
+        # Only now: after any other failure (disk, a load error that may pass) the complete, verified file stays, and
+        # the next try installs it without downloading it again (_download re-checks its sha256).
+        bundle.unlink(missing_ok=True)
         log.info("desired state: installed %s %s", model.name, model.version, extra={"sha256": model.sha256})
         return "installed"
+
+    def _confirm_still_desired(self, model: DesiredModel) -> None:
+        """Return when the collector still names ``model``'s bundle; raise _NotNow otherwise, or when it cannot say.
+
+        A download can take long, and a rollout move on (paused, rolled back) meanwhile: installing what stopped being
+        desired would serve it until the next poll undoes it.
+        """
+        try:
+            desired = self._fetch_desired()
+        except CollectorError as error:
+            log.info("cannot confirm that %s %s is still desired (%s); the verified bundle is kept and installed at the "
+                     "next poll", model.name, model.version, error, extra={"sha256": model.sha256})
+            raise _NotNow() from None
+        if any(other.name == model.name and other.sha256 == model.sha256 for other in desired.models):
+            return
+        self._drop_stale_downloads({other.sha256 for other in desired.models})
+        log.info("%s %s stopped being desired during its download; not installed", model.name, model.version,
+                 extra={"sha256": model.sha256})
+        raise _NotNow()
 
     def _outcome(self, model: DesiredModel, outcome: Outcome, reason: str = "", check: str | None = None) -> InstallOutcome:
         recorded = InstallOutcome(model=model.name, version=model.version, sha256=model.sha256, outcome=outcome,
@@ -394,10 +468,11 @@ class DesiredStatePuller:
     # ----------------------------------------------------------------- the report
 
     def _report(self) -> int:
-        """POST what serves and the pending outcomes; any 2xx acknowledges all that was sent. How many that was."""
-        sent = list(self.memory.pending)
-        report = DeviceReport(device_id=self.device_id, serving=self.serving(), outcomes=sent)
-        status, answer = self._call("POST", f"/v1/devices/{self.device_id}/reports", body=report.model_dump_json().encode(),
+        """POST what serves and the oldest pending outcomes that fit; a 2xx acknowledges all that was sent. How many."""
+        pending = list(self.memory.pending)
+        body, count = self._report_body(pending)
+        sent = pending[:count]
+        status, answer = self._call("POST", f"/v1/devices/{self.device_id}/reports", body=body,
                                     headers={"Content-Type": "application/json"}, limit=_MAX_ACK_BYTES)
         try:
             ReportAck.model_validate_json(answer)
@@ -405,6 +480,27 @@ class DesiredStatePuller:
             log.warning("the collector answered the report with %d but not a ReportAck; taking it as acknowledged", status)
         self.memory.acknowledge(sent)
         return len(sent)
+
+    def _report_body(self, pending: list[InstallOutcome]) -> tuple[bytes, int]:
+        """The report with the most of the oldest ``pending`` outcomes under MAX_REPORT_BODY_BYTES, and how many."""
+        serving = self.serving()
+
+        def body(count: int) -> bytes:
+            return DeviceReport(device_id=self.device_id, serving=serving, outcomes=pending[:count]).model_dump_json().encode()
+
+        whole = body(len(pending))
+        if len(whole) <= MAX_REPORT_BODY_BYTES:
+            return whole, len(pending)
+        fits, too_many = 1, len(pending)  # one outcome always fits (see MAX_REPORT_BODY_BYTES)
+        while too_many - fits > 1:
+            middle = (fits + too_many) // 2
+            if len(body(middle)) <= MAX_REPORT_BODY_BYTES:
+                fits = middle
+            else:
+                too_many = middle
+        log.info("the report carries the oldest %d of %d pending outcomes (at most %d bytes); the rest go in the next "
+                 "poll's report", fits, len(pending), MAX_REPORT_BODY_BYTES)
+        return body(fits), fits
 
     # ----------------------------------------------------------------- HTTP
 
@@ -443,7 +539,7 @@ class DesiredStatePuller:
             if have == model.size or not self._receive(model, part, have):
                 return _verified(part, model)
         raise DownloadFailed(f"the download of {model.sha256} was cut {DOWNLOAD_ATTEMPTS} times "
-                             f"({part.stat().st_size} of {model.size} bytes kept); it resumes at the next poll")
+                             f"({part.stat().st_size} of {model.size} bytes kept); it resumes at the next try")
 
     def _receive(self, model: DesiredModel, part: Path, have: int) -> bool:
         """Append the bundle's bytes from ``have`` on to ``part``; whether bytes are still missing (a cut connection)."""
@@ -520,7 +616,7 @@ def _start_of(response: http.client.HTTPResponse, have: int) -> int:
     content_range = response.headers.get("Content-Range", "")
     if not content_range.startswith(f"bytes {have}-"):
         raise DownloadFailed(f"asked for bytes {have}- the collector answered Content-Range {content_range!r}; "
-                             "trying again at the next poll")
+                             "trying again later")
     return have
 
 
@@ -535,7 +631,7 @@ def _verified(part: Path, model: DesiredModel) -> Path:
         return part
     part.unlink(missing_ok=True)
     raise DownloadFailed(f"the downloaded bundle ({size} bytes, sha256 {digest.hexdigest()}) does not match the desired "
-                         f"state ({model.size} bytes, sha256 {model.sha256}); deleted, fetched again at the next poll")
+                         f"state ({model.size} bytes, sha256 {model.sha256}); deleted, fetched again at the next try")
 
 
 def _bundle_identity(bundle: Path) -> tuple[str, str] | None:

@@ -11,15 +11,44 @@ exactly what the model saw: ``input.token_count`` (real tokens, special tokens
 included, after truncation), ``input.unknown_rate`` (share of them that are the
 unknown token) and ``input.truncated`` (1 when the text filled ``max_length``:
 a text of exactly ``max_length`` tokens counts as truncated, on both sides).
+
+Table features are computed from the encoded feature row (``TableEncoder``), so
+raw rows and a raw ``features`` tensor give the same values: per numeric column
+its value after fill (``input.column.<name>``, numeric), per categorical column
+the index of its category, ``len(categories)`` for "other"
+(``input.category.<name>``, categorical). Column names are made into feature
+names by :func:`table_layout`, the one place that does it. A table keeps at most
+``MAX_TABLE_FEATURES`` columns (the contract's ``MAX_FEATURES`` less the output
+features); the columns past it, the last ones, have no drift feature.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from device_agent.telemetry_schema import MAX_FEATURES, escape_unprintable
+
+if TYPE_CHECKING:
+    from device_agent.bundle import TableColumn, TablePreprocessing
+
+log = logging.getLogger("edgekit.agent.features")
+
 CATEGORICAL = frozenset({"output.predicted_class"})
+OUTPUT_FEATURES = ("output.predicted_class", "output.top_probability", "output.entropy")
+TABLE_NUMERIC_PREFIX = "input.column."
+TABLE_CATEGORY_PREFIX = "input.category."
+MAX_TABLE_FEATURES = MAX_FEATURES - len(OUTPUT_FEATURES)
+OTHER_CATEGORY = "other"
+# telemetry_schema.FeatureName: ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$ (every table feature name starts with "input.").
+_FEATURE_NAME_CHARS = 128
+_NOT_IN_FEATURE_NAMES = re.compile(r"[^A-Za-z0-9._:-]")
+_CATEGORY_NAME_CHARS = 256  # telemetry_schema.FeatureReference.categories
 # Larger images are sampled on a regular grid of about this many pixels: the
 # statistics barely move and the cost per request stays flat.
 _IMAGE_SAMPLE_PIXELS = 4096
@@ -30,7 +59,8 @@ Features = dict[str, np.ndarray]
 
 
 def is_categorical(name: str) -> bool:
-    return name in CATEGORICAL
+    """Whether a feature's values are category indices: the predicted class, a table's categorical columns."""
+    return name in CATEGORICAL or name.startswith(TABLE_CATEGORY_PREFIX)
 
 
 def text_features(input_ids: np.ndarray, attention_mask: np.ndarray, unknown_id: int | None, max_length: int) -> Features:
@@ -121,3 +151,96 @@ def output_features(logits: np.ndarray) -> Features:
         "output.top_probability": 1.0 / total,
         "output.entropy": np.log(total) - np.einsum("ij,ij->i", exponentials, shifted) / total,
     }
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """A table's drift features: per kept column its feature name and where its values start in an encoded row.
+
+    ``categories`` maps each categorical feature to its reference category names (the training categories, printable
+    and at most 256 characters, then the "other" bin); ``dropped`` names the columns past ``MAX_TABLE_FEATURES``.
+    """
+
+    spec: TablePreprocessing
+    names: tuple[str, ...]
+    offsets: tuple[int, ...]
+    categories: Mapping[str, list[str]]
+    dropped: tuple[str, ...]
+
+
+def table_layout(spec: TablePreprocessing) -> TableLayout:
+    """The drift features of a ``TablePreprocessing``; make it once per model (it logs the columns it leaves out)."""
+    columns = list(spec.columns)
+    kept, dropped = columns[:MAX_TABLE_FEATURES], tuple(column.name for column in columns[MAX_TABLE_FEATURES:])
+    if dropped:
+        log.warning("a table of %d columns: drift is watched on the first %d; %d columns have no drift feature",
+                    len(columns), MAX_TABLE_FEATURES, len(dropped), extra={"dropped": list(dropped[:20])})
+    names = table_feature_names(kept)
+    offsets, offset = [], 0
+    for column in kept:
+        offsets.append(offset)
+        offset += column.width
+    categories = {name: reference_categories(column.categories) for name, column in zip(names, kept)
+                  if column.kind == "categorical"}
+    return TableLayout(spec, tuple(names), tuple(offsets), categories, dropped)
+
+
+def table_feature_names(columns: Sequence[TableColumn]) -> list[str]:
+    """Each column's feature name: ``input.column.<name>`` (numeric) or ``input.category.<name>`` (categorical), the name
+    with every character a feature name may not hold made ``_`` and cut to fit 128 characters; a name an earlier column
+    already took gets ``:2``, ``:3``, ... (so the same columns in the same order always get the same names)."""
+    taken: set[str] = set()
+    names = []
+    for column in columns:
+        prefix = TABLE_NUMERIC_PREFIX if column.kind == "numeric" else TABLE_CATEGORY_PREFIX
+        base = prefix + _NOT_IN_FEATURE_NAMES.sub("_", column.name)
+        name, number = base[:_FEATURE_NAME_CHARS], 1
+        while name in taken:
+            number += 1
+            suffix = f":{number}"
+            name = base[:_FEATURE_NAME_CHARS - len(suffix)] + suffix
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def reference_categories(categories: Sequence[str]) -> list[str]:
+    """A categorical column's bins in the drift reference: its categories, shown safely (unprintable characters escaped,
+    cut to 256), then "other" (``(other)`` and so on when a category already has that name)."""
+    shown = [escape_unprintable(category)[:_CATEGORY_NAME_CHARS] for category in categories]
+    other = OTHER_CATEGORY
+    while other in shown:
+        other = f"({other})"
+    return [*shown, other]
+
+
+def table_features(rows_or_features: Sequence[Mapping[str, Any]] | np.ndarray, table: TablePreprocessing | TableLayout) -> Features:
+    """Drift features of a batch of table rows: raw rows (column → value objects) or their encoded FP32 rows
+    ``[batch, width]``; ``table`` is the ``TablePreprocessing`` or, on a hot path, its ``table_layout``.
+
+    A categorical column reads its one-hot block: the index of its largest value, or "other" when no value in the block
+    is positive (an encoded row sent as a tensor need not be one-hot).
+    """
+    layout = table if isinstance(table, TableLayout) else table_layout(table)
+    if isinstance(rows_or_features, np.ndarray) and rows_or_features.dtype != object:
+        encoded = rows_or_features
+    else:  # rows: a list, or an object array of dicts (edgekit.data.Split's table rows)
+        from device_agent.preprocess import TableEncoder
+
+        encoded = TableEncoder(layout.spec)(rows_or_features)
+    if encoded.ndim != 2 or encoded.shape[1] != layout.spec.width:
+        raise ValueError(f"encoded table rows must be [batch, {layout.spec.width}], got shape {list(encoded.shape)}")
+    features: Features = {}
+    for name, offset in zip(layout.names, layout.offsets):
+        bins = layout.categories.get(name)
+        if bins is None:
+            features[name] = encoded[:, offset].astype(np.float64)
+            continue
+        block = encoded[:, offset:offset + len(bins)]
+        index = block.argmax(axis=1)
+        index[~(block.max(axis=1) > 0)] = len(bins) - 1
+        features[name] = index
+    return features

@@ -5,12 +5,19 @@ transformers) padded to the batch's longest row and truncated to max_length,
 giving the int64 ``input_ids``, ``attention_mask`` and ``token_type_ids`` a BERT
 encoder takes. The build computes golden vectors and calibration inputs with
 this class, so a device tokenizes exactly as the build did.
+
+Images: ``ImagePreprocessor`` (resize, centre crop, scale, normalise, layout).
+Tables: ``TableEncoder`` (raw rows as column → value objects; missing numbers
+filled, categories one-hot with an "other" slot), and ``category_key``, the one
+way a categorical value is named on both sides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,3 +119,83 @@ def _centre_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
         raise UserError(f"images of {have_height}x{have_width} are smaller than the model's {height}x{width} crop; send larger images")
     top, left = (have_height - height) // 2, (have_width - width) // 2
     return pixels[:, top:top + height, left:left + width]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def category_key(value: Any) -> str | None:
+    """The name a raw categorical value is known by, the same for a CSV cell and a JSON value; None when missing.
+
+    Integral numbers lose their ``.0`` (a CSV column of codes read as floats because one cell is empty says ``3.0``,
+    a JSON client sends ``3``); booleans are ``true``/``false`` as in JSON.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    return str(value)
+
+
+class TableEncoder:
+    """Raw table rows → the model's FP32 feature rows, as a bundle's ``TablePreprocessing`` says.
+
+    A numeric column gives its value, or its ``fill`` (the training median) when the value is missing (null, absent,
+    NaN); a categorical column gives one-hot features over its training categories plus one for any other or missing
+    value. Normalisation is inside the model. A column the bundle does not know, a numeric value that is not a finite
+    number, or a row that is not an object is a UserError naming the row and the column.
+    """
+
+    def __init__(self, spec) -> None:  # spec: device_agent.bundle.TablePreprocessing
+        self.columns = list(spec.columns)
+        self.width = spec.width
+        self._known = {column.name for column in self.columns}
+        self._slots: list[tuple[str, int, dict[str, int] | None, float | None]] = []
+        offset = 0
+        for column in self.columns:
+            index = {name: i for i, name in enumerate(column.categories)} if column.kind == "categorical" else None
+            self._slots.append((column.name, offset, index, column.fill))
+            offset += column.width
+
+    def __call__(self, rows: Sequence[Any]) -> np.ndarray:
+        features = np.zeros((len(rows), self.width), dtype=np.float32)
+        for number, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise UserError(f"row {number} is {type(row).__name__}, not an object of column name → value")
+            unknown = [name for name in row if name not in self._known]
+            if unknown:
+                raise UserError(f"row {number}: unknown column(s) {', '.join(map(repr, unknown[:5]))}; "
+                                f"the model's columns: {', '.join(c.name for c in self.columns[:20])}"
+                                f"{' …' if len(self.columns) > 20 else ''}")
+            for name, offset, index, fill in self._slots:
+                value = row.get(name)
+                if index is None:
+                    features[number, offset] = _numeric(value, fill, number, name)
+                else:
+                    if isinstance(value, (Mapping, list, tuple)):
+                        raise UserError(f"row {number}, column {name!r}: a category is a string, number or boolean, "
+                                        f"not {type(value).__name__}")
+                    key = category_key(value)
+                    features[number, offset + index.get(key, len(index)) if key is not None else offset + len(index)] = 1.0
+        return features
+
+
+def _numeric(value: Any, fill: float | None, row: int, column: str) -> float:
+    if value is None:
+        return float(fill or 0.0)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UserError(f"row {row}, column {column!r}: {str(value)[:40]!r} is not a number (send a number, or null "
+                        "when it is missing)")
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer past a double's range
+        raise UserError(f"row {row}, column {column!r}: {str(value)[:40]}… is too large for a number") from None
+    if math.isnan(number):
+        return float(fill or 0.0)
+    if not math.isfinite(number):
+        raise UserError(f"row {row}, column {column!r}: {number} is not a finite number")
+    return number

@@ -49,7 +49,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from device_agent import features as drift_features
 from device_agent.batching import DynamicBatcher
-from device_agent.bundle import ImagePreprocessing, Manifest, ModelInfo, TensorSpec, TokenizerPreprocessing
+from device_agent.bundle import (
+    ImagePreprocessing, Manifest, ModelInfo, TablePreprocessing, TensorSpec, TokenizerPreprocessing,
+)
 from device_agent.config import AgentSettings
 from device_agent.desired_state import DesiredStatePuller
 from device_agent.errors import UserError
@@ -71,7 +73,7 @@ from device_agent.protocol import (
     parse_json_model,
 )
 from device_agent.repository import ModelNotFound, Repository, ServedModel, VersionInfo
-from device_agent.preprocess import ImagePreprocessor, TextTokenizer
+from device_agent.preprocess import ImagePreprocessor, TableEncoder, TextTokenizer
 from device_agent.runtime import Session
 from device_agent.telemetry import Telemetry
 
@@ -146,6 +148,7 @@ class Agent:
         self._start_ended = asyncio.Event()
         self._batchers: dict[str, tuple[Session, DynamicBatcher]] = {}
         self._tokenizers: dict[tuple[str, str], TextTokenizer] = {}
+        self._tables: dict[tuple[str, str], ServedTable] = {}
         self.telemetry = _make_telemetry(settings)
         # Pulls rollouts from the collector (telemetry_url set); made once the repository has started.
         self.desired: DesiredStatePuller | None = None
@@ -201,6 +204,15 @@ class Agent:
             self._tokenizers[key] = TextTokenizer(served.slot_dir / spec.tokenizer_file, spec.max_length)
         return self._tokenizers[key]
 
+    def table_for(self, served: ServedModel) -> ServedTable:
+        """The table model's encoder (and drift feature layout), built once per served version."""
+        key = (served.name, served.version)
+        if key not in self._tables:
+            spec = served.manifest.preprocessing
+            assert isinstance(spec, TablePreprocessing)
+            self._tables[key] = ServedTable(spec)
+        return self._tables[key]
+
     async def off_loop(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in the preprocessing pool: CPU work that must not stall the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.preprocess_pool, functools.partial(function, *args))
@@ -219,6 +231,18 @@ class Agent:
             for info in infos
             if info.active and info.state != "READY"
         ]
+
+
+class ServedTable:
+    """What a table model's requests need, made once: the row encoder, and the drift features' layout when asked for."""
+
+    def __init__(self, spec: TablePreprocessing) -> None:
+        self.spec = spec
+        self.encoder = TableEncoder(spec)
+
+    @functools.cached_property
+    def layout(self) -> drift_features.TableLayout:
+        return drift_features.table_layout(self.spec)
 
 
 def _make_telemetry(settings: AgentSettings) -> Telemetry | None:
@@ -280,6 +304,9 @@ def _observe(agent: Agent, served: ServedModel, feeds: dict[str, np.ndarray], ra
         found = drift_features.image_features(raw["images"])
     elif isinstance(spec, TokenizerPreprocessing) and "input_ids" in feeds and "attention_mask" in feeds:
         found = drift_features.text_features(feeds["input_ids"], feeds["attention_mask"], agent.tokenizer_for(served).unknown_id, spec.max_length)
+    elif _is_table_row_batch(spec, feeds, served.manifest):
+        # From the encoded rows, whether the client sent raw rows or the features tensor: the same values either way.
+        found = drift_features.table_features(feeds[served.manifest.inputs[0].name], agent.table_for(served).layout)
     else:
         found = drift_features.tensor_features(feeds)
     logits = outputs.get(served.manifest.outputs[0].name)
@@ -297,6 +324,13 @@ def _observe(agent: Agent, served: ServedModel, feeds: dict[str, np.ndarray], ra
         elif "images" in raw:
             sample = {"image": raw["images"][0], "predicted": predicted}
     return _Observed(found, rows, sample)
+
+
+def _is_table_row_batch(spec, feeds: dict[str, np.ndarray], manifest: Manifest) -> bool:
+    if not isinstance(spec, TablePreprocessing) or len(manifest.inputs) != 1:
+        return False
+    encoded = feeds.get(manifest.inputs[0].name)
+    return encoded is not None and encoded.ndim == 2 and encoded.shape[1] == spec.width
 
 
 def _read_admin_token(path: Path | None) -> bytes | None:
@@ -476,9 +510,18 @@ def _model_metadata(served: ServedModel) -> dict:
         "name": served.name,
         "versions": [served.version],
         "platform": "onnxruntime_onnx",
-        "inputs": [_tensor_metadata(spec) for spec in public_inputs(manifest)],
+        "inputs": [_input_metadata(spec, manifest) for spec in public_inputs(manifest)],
         "outputs": [_tensor_metadata(spec) for spec in manifest.outputs],
     }
+
+
+def _input_metadata(spec: TensorSpec, manifest: Manifest) -> dict:
+    """An input's metadata; the raw ``rows`` input also names the columns a row may hold, in ``parameters``."""
+    entry = _tensor_metadata(spec)
+    table = manifest.preprocessing
+    if spec is ROWS_INPUT and isinstance(table, TablePreprocessing):
+        entry["parameters"] = {"columns": [{"name": column.name, "kind": column.kind} for column in table.columns]}
+    return entry
 
 
 @oip.get("/v2/models/{name}", summary="Model metadata")
@@ -604,6 +647,7 @@ def _decode(agent: Agent, served: ServedModel, body: bytes, encoding: str | None
     feeds = (
         _text_feeds(agent, served, infer_request, binary, raw)
         or _image_feeds(served, infer_request, binary, raw)
+        or _table_feeds(agent, served, infer_request, binary)
         or decode_inputs(infer_request, binary, served.manifest)
     )
     tokenizer = agent.tokenizer_for(served) if isinstance(served.manifest.preprocessing, TokenizerPreprocessing) else None
@@ -611,16 +655,18 @@ def _decode(agent: Agent, served: ServedModel, body: bytes, encoding: str | None
     return _Decoded(infer_request, feeds, choose_outputs(infer_request, served.manifest), raw)
 
 
-# What text and image models take from clients besides their tensors: raw strings, tokenized here with
-# the bundle's tokenizer; raw uint8 images, preprocessed here as the bundle's spec says.
+# What text, image and table models take from clients besides their tensors: raw strings, tokenized here with
+# the bundle's tokenizer; raw uint8 images, preprocessed here as the bundle's spec says; raw table rows, each a JSON
+# object of column name → value, encoded here as the bundle's columns say.
 TEXT_INPUT = TensorSpec(name="text", datatype="BYTES", shape=["batch"])
 IMAGE_INPUT = TensorSpec(name="image", datatype="UINT8", shape=["batch", "height", "width", "channels"])
+ROWS_INPUT = TensorSpec(name="rows", datatype="BYTES", shape=["batch"])
 
 
 def public_inputs(manifest: Manifest) -> list[TensorSpec]:
-    """The inputs a client may send: the model's tensors, and raw text or images where the bundle preprocesses."""
-    raw = {TokenizerPreprocessing: [TEXT_INPUT], ImagePreprocessing: [IMAGE_INPUT]}.get(type(manifest.preprocessing), [])
-    return raw + list(manifest.inputs)
+    """The inputs a client may send: the model's tensors, and raw text, images or rows where the bundle preprocesses."""
+    raw = {TokenizerPreprocessing: [TEXT_INPUT], ImagePreprocessing: [IMAGE_INPUT], TablePreprocessing: [ROWS_INPUT]}
+    return raw.get(type(manifest.preprocessing), []) + list(manifest.inputs)
 
 
 def _image_feeds(served: ServedModel, request: InferRequest, binary: bytes, raw: dict) -> dict[str, np.ndarray] | None:
@@ -633,6 +679,66 @@ def _image_feeds(served: ServedModel, request: InferRequest, binary: bytes, raw:
     images = decode_inputs(request, binary, served.manifest.model_copy(update={"inputs": [IMAGE_INPUT]}))[IMAGE_INPUT.name]
     raw["images"] = images
     return {served.manifest.inputs[0].name: ImagePreprocessor(spec)(images)}
+
+
+def _table_feeds(agent: Agent, served: ServedModel, request: InferRequest, binary: bytes) -> dict[str, np.ndarray] | None:
+    """The model's ``features`` for a table model's ``rows`` input, or None when the request sends tensors."""
+    if not isinstance(served.manifest.preprocessing, TablePreprocessing) or not any(t.name == ROWS_INPUT.name for t in request.inputs):
+        return None
+    if len(served.manifest.inputs) != 1:
+        raise ProtocolError(f"raw rows feed models with one input; this one takes {[i.name for i in served.manifest.inputs]}")
+    rows = table_rows(request, binary, served.manifest, agent.settings.max_json_bytes)
+    return {served.manifest.inputs[0].name: agent.table_for(served).encoder(rows)}
+
+
+def table_rows(request: InferRequest, binary: bytes, manifest: Manifest, max_json_bytes: int) -> list[Any]:
+    """The ``rows`` input's rows: JSON objects in the request's JSON ``data`` as they are, and JSON texts (strings in
+    ``data``, BYTES elements of the binary extension) parsed; every other check is ``decode_inputs``'s.
+
+    The texts count against ``max_json_bytes`` as the request's JSON does: parsing them costs the same.
+    """
+    objects: dict[int, Any] = {}
+    inputs = []
+    for tensor in request.inputs:
+        if tensor.name == ROWS_INPUT.name and tensor.data is not None:
+            flat = _flat_json(tensor.data)
+            objects = {index: item for index, item in enumerate(flat) if not isinstance(item, str)}
+            # decode_inputs takes strings only: the objects stand in as empty texts, and come back below.
+            tensor = tensor.model_copy(update={"data": ["" if index in objects else item for index, item in enumerate(flat)]})
+        inputs.append(tensor)
+    only_rows = manifest.model_copy(update={"inputs": [ROWS_INPUT]})
+    texts = decode_inputs(request.model_copy(update={"inputs": inputs}), binary, only_rows)[ROWS_INPUT.name].ravel()
+    size = sum(len(text) for index, text in enumerate(texts) if index not in objects)
+    if size > max_json_bytes:
+        raise ProtocolError(f"the rows' JSON texts are {size} bytes, over the {max_json_bytes}-byte limit (max_json_bytes): "
+                            "split them into several requests", 413)
+    return [objects[index] if index in objects else _json_row(text, index) for index, text in enumerate(texts)]
+
+
+def _flat_json(data: list) -> list:
+    """JSON ``data``, flat or nested lists, as one flat list (objects and strings stay whole)."""
+    flat, stack = [], [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _json_row(text: bytes, index: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        reason = error.msg
+    except ValueError:  # not UTF-8, or an integer of more digits than Python converts
+        reason = "not UTF-8, or a number too long"
+    except RecursionError:
+        reason = "nested too deeply"
+    raise ProtocolError(f"row {index} is not a JSON object text ({reason}); send each row as {{\"column\": value, ...}}")
 
 
 def _text_feeds(agent: Agent, served: ServedModel, request: InferRequest, binary: bytes, raw: dict) -> dict[str, np.ndarray] | None:

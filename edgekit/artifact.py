@@ -21,7 +21,7 @@ from edgekit.results import Gate, PassResults
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from device_agent.bundle import ImagePreprocessing
+    from device_agent.bundle import ImagePreprocessing, TablePreprocessing
     from edgekit.config import BuildConfig
     from edgekit.targets import TargetProfile
     from edgekit.data import TaskData
@@ -50,6 +50,8 @@ class TaskSpec:
     output_name: str = "logits"
     # Images: how raw uint8 images become the model's input, exactly as the bundle records it for the device.
     image: "ImagePreprocessing | None" = None
+    # Tables: how raw rows become the model's input (columns, fills, categories), as the bundle records it.
+    table: "TablePreprocessing | None" = None
 
 
 @dataclass(frozen=True)

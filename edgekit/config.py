@@ -75,12 +75,24 @@ class WindowSection(_Strict):
                                          "windows never span two recordings (default: the file is one recording)")
 
 
+class TableSection(_Strict):
+    """Tables: which columns are what. Column kinds are inferred from the training rows unless named here."""
+
+    categorical: list[str] = Field([], description="columns to treat as categories even when they hold numbers (codes)")
+    ignore: list[str] = Field([], description="columns left out of the model (ids, timestamps, leaks of the label)")
+    max_categories: int = Field(100, ge=2, le=1000, description=(
+        "most distinct values a categorical column may have in train; a column with more is an error naming it "
+        "(ignore it, or treat it as a number if it is one)"))
+
+
 class TaskSection(_Strict):
     kind: str = Field("text-classification", description=(
-        "the task: text-classification, image-classification or timeseries-classification (edgekit.tasks.TASKS)"))
+        "the task: text-classification, image-classification, timeseries-classification or tabular-classification "
+        "(edgekit.tasks.TASKS)"))
     max_length: int = Field(128, ge=8, le=512, description="text: tokens per input; longer texts are truncated")
     image: ImageSection = ImageSection()
     window: WindowSection | None = Field(None, description="time series: cut windows from a continuous CSV recording")
+    table: TableSection = TableSection()
 
     @field_validator("kind")
     @classmethod
@@ -105,13 +117,14 @@ class IdxFiles(_Strict):
 class DataSection(_Strict):
     path: Path = Field(DEMO_DATA, description=(
         "text: CSV/TSV, JSONL, Parquet or a datasets save_to_disk folder with text, label and (optional) split columns; "
-        "images: a folder of class folders; time series: a .ts or .npz file (sktime:<set>/<file> for the sktime wheel's)"))
+        "images: a folder of class folders; time series: a .ts or .npz file (sktime:<set>/<file> for the sktime wheel's); "
+        "tables: a CSV or Parquet file with a header and data.label_column"))
     calibration_path: Path | None = Field(DEMO_CALIBRATION, description="JSONL rows for quantization calibration; default: from train")
     text_column: str = "text"
     label_column: str = "label"
     split_column: str = "split"
-    test_path: Path | None = Field(None, description="time series: a held-out test file (.ts or .npz), as the UCR/UEA archive splits "
-                                   "its sets; without it a stratified fifth of data.path is held out")
+    test_path: Path | None = Field(None, description="time series and tables: a held-out test file (.ts or .npz; CSV or Parquet), "
+                                   "as the UCR/UEA archive splits its sets; without it a stratified fifth of data.path is held out")
     idx: IdxFiles | None = Field(None, description="images: IDX files (MNIST, Fashion-MNIST) instead of data.path")
     label_names: list[str] | None = Field(None, description="images: class names for integer labels (IDX), in label order")
 

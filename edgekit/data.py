@@ -33,7 +33,8 @@ class DataError(EdgekitError):
 
 @dataclass(frozen=True)
 class Split:
-    """Raw model inputs with their labels: texts (a tuple of str) or images (uint8 ``[n, height, width, channels]``)."""
+    """Raw model inputs with their labels: texts (a tuple of str), images (uint8 ``[n, height, width, channels]``),
+    series (float32 ``[n, channels, steps]``) or table rows (an object array of dicts, column → value)."""
 
     inputs: "tuple[str, ...] | np.ndarray"
     labels: np.ndarray  # int64 class indices into TaskData.labels
@@ -156,6 +157,16 @@ def checked_labels(parts: dict[str, tuple[object, list[str]]], declared: list[st
     return labels
 
 
+def _content_bytes(inputs: np.ndarray) -> bytes:
+    """The rows' content as bytes: an array's buffer, or for objects (table rows: dicts) their canonical JSON, since an
+    object array's buffer holds addresses."""
+    if inputs.dtype == object:
+        import json
+
+        return json.dumps(inputs.tolist(), sort_keys=True, default=str).encode()
+    return np.ascontiguousarray(inputs).tobytes()
+
+
 def task_data_from(labels: tuple[str, ...], parts: dict[str, tuple[np.ndarray, list[str]]], calibration_rows: int,
                    identity: bytes, summary: dict) -> TaskData:
     """Raw inputs and label names per split (train, val, test) → TaskData: classes interleaved (any prefix is roughly
@@ -172,7 +183,7 @@ def task_data_from(labels: tuple[str, ...], parts: dict[str, tuple[np.ndarray, l
     digest = hashlib.sha256(identity)
     for name, split in (*splits.items(), ("calibration", calibration)):
         digest.update(name.encode())
-        digest.update(np.ascontiguousarray(split.inputs).tobytes())
+        digest.update(_content_bytes(split.inputs))
         digest.update(split.labels.tobytes())
     balance = {name: {label: int(np.sum(splits[name].labels == i)) for i, label in enumerate(labels)} for name in SPLITS}
     return TaskData(labels, splits["train"], splits["val"], splits["test"], calibration, digest.hexdigest(),

@@ -7,8 +7,10 @@ same code) on reference rows run through the float model. Then, per feature:
   20 from 2,000 rows) plus an underflow and an overflow bin; features with few
   distinct values (truncation, token counts of short texts) get edges halfway
   between their values instead, so every value has its own bin and a value the
-  reference never showed lands in a bin of its own. Categorical features (the
-  predicted class) get one bin per label.
+  reference never showed lands in a bin of its own. Categorical features get
+  one bin per category: the predicted class one per label, a table's
+  categorical column one per training category plus "other"
+  (``device_agent.features.table_layout``).
 - proportions: the reference rows' share of each bin, except that the two
   overflow bins of quantile-binned features get ``1 / (N + 1)`` each (N
   reference rows): that is the expected share of new values beyond the largest
@@ -40,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from device_agent import features as drift_features
+from device_agent.bundle import TablePreprocessing
 from device_agent.drift import bin_index, js_distance, psi
 from device_agent.telemetry_schema import DriftReference, FeatureReference, Thresholds
 
@@ -101,8 +104,13 @@ def build_reference(
     target_false_alarm: float = 0.01,
     bootstrap_windows: int = 1000,
     seed: int = 0,
+    categories: Mapping[str, Sequence[str]] | None = None,
 ) -> DriftReference:
-    """The reference for ``features`` (name → one value per reference row, from ``device_agent.features``)."""
+    """The reference for ``features`` (name → one value per reference row, from ``device_agent.features``).
+
+    A categorical feature's bins are ``categories[name]`` when given (a table's columns: ``TableLayout.categories``),
+    else ``labels`` for the predicted class, else one per index up to the largest seen.
+    """
     rows = {len(v) for v in features.values()}
     if len(rows) != 1 or 0 in rows:
         raise ValueError(f"every feature needs one value per reference row; got row counts {sorted(rows)}")
@@ -113,9 +121,9 @@ def build_reference(
     for name, values in sorted(features.items()):
         source = "output" if name.startswith("output.") else "input"
         if drift_features.is_categorical(name):
-            categories = list(labels) or [str(i) for i in range(int(np.max(values)) + 1)]
-            bins: dict = {"kind": "categorical", "categories": categories}
-            count = len(categories)
+            names = _category_names(name, values, labels, categories or {})
+            bins: dict = {"kind": "categorical", "categories": names}
+            count = len(names)
         else:
             edges, quantile_bins = _binning(values, row_count)
             bins = {"kind": "numeric", "edges": edges}
@@ -141,6 +149,14 @@ def build_reference(
         min_window_size=min(min_window_size, window_size),
         consecutive_for_alert=consecutive_for_alert,
     )
+
+
+def _category_names(name: str, values: np.ndarray, labels: Sequence[str], categories: Mapping[str, Sequence[str]]) -> list[str]:
+    if name in categories:
+        return list(categories[name])
+    if name in drift_features.CATEGORICAL and labels:
+        return list(labels)
+    return [str(i) for i in range(int(np.max(values)) + 1)]
 
 
 def calibrate_thresholds(
@@ -200,16 +216,17 @@ def calibrate_thresholds(
 
 def model_features(
     model_path: Path,
-    inputs: Sequence[str] | np.ndarray,
+    inputs: Sequence[str] | Sequence[Mapping] | np.ndarray,
     *,
     tokenizer_file: Path | None = None,
     max_length: int | None = None,
     image_preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     tensor_input: str | None = None,
+    table: TablePreprocessing | None = None,
     output_name: str | None = None,
     batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
-    """Input and output drift features of ``inputs`` (texts, or raw uint8 images) through an ONNX classifier.
+    """Input and output drift features of ``inputs`` (texts, raw uint8 images, tensors or table rows) through an ONNX classifier.
 
     Texts are tokenized with the bundle's tokenizer (``tokenizer_file``,
     ``max_length``); images are fed through ``image_preprocess`` (the bundle's
@@ -217,6 +234,8 @@ def model_features(
     from the raw pixels, as the device does. Raw float tensors (sensor
     windows) feed the input ``tensor_input`` as they are, and give
     ``tensor_features``, as the device computes them for a plain tensor model.
+    Table rows (column name → value) are encoded as the bundle's ``table``
+    says and give ``table_features``.
     """
     import onnxruntime
 
@@ -224,35 +243,55 @@ def model_features(
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
     wanted_output = output_name if output_name in output_names else output_names[0]
-    is_text = not isinstance(inputs, np.ndarray)
-    tokenizer = None
-    if is_text:
+    featurize = _featurizer(inputs, input_names, tokenizer_file=tokenizer_file, max_length=max_length,
+                            image_preprocess=image_preprocess, tensor_input=tensor_input, table=table)
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(inputs), batch_size):
+        feeds, found = featurize(inputs[start:start + batch_size])
+        (logits,) = session.run([wanted_output], feeds)
+        found.update(drift_features.output_features(logits))
+        parts.append(found)
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+Featurize = Callable[[Sequence], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
+
+
+def _featurizer(inputs, input_names: list[str], *, tokenizer_file, max_length, image_preprocess, tensor_input, table) -> Featurize:
+    """A chunk of reference rows → the model's feeds and the input drift features, as the device computes them."""
+    if table is not None:
+        from device_agent.preprocess import TableEncoder
+
+        encoder, layout = TableEncoder(table), drift_features.table_layout(table)
+
+        def table_rows(chunk):
+            encoded = encoder(list(chunk))
+            return {input_names[0]: encoded}, drift_features.table_features(encoded, layout)
+        return table_rows
+    if tensor_input is not None:
+        def tensors(chunk):
+            feeds = {tensor_input: np.ascontiguousarray(chunk, dtype=np.float32)}
+            return feeds, drift_features.tensor_features(feeds)
+        return tensors
+    if not isinstance(inputs, np.ndarray):
         from device_agent.preprocess import TextTokenizer
 
         if tokenizer_file is None or max_length is None:
             raise ValueError("text reference rows need the tokenizer file and max_length")
         tokenizer = TextTokenizer(tokenizer_file, max_length)
-    elif image_preprocess is None and tensor_input is None:
+
+        def texts(chunk):
+            encoded = tokenizer.encode(list(chunk))
+            found = drift_features.text_features(encoded["input_ids"], encoded["attention_mask"], tokenizer.unknown_id, max_length)
+            return {name: encoded[name] for name in input_names if name in encoded}, found
+        return texts
+    if image_preprocess is None:
         raise ValueError("image reference rows need the bundle's image preprocessing")
 
-    parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
-        if tokenizer is not None:
-            encoded = tokenizer.encode(list(chunk))
-            feeds = {name: encoded[name] for name in input_names if name in encoded}
-            found = drift_features.text_features(encoded["input_ids"], encoded["attention_mask"], tokenizer.unknown_id, max_length)
-        elif tensor_input is not None:
-            feeds = {tensor_input: np.ascontiguousarray(chunk, dtype=np.float32)}
-            found = drift_features.tensor_features(feeds)
-        else:
-            images = np.asarray(chunk)
-            feeds = {input_names[0]: image_preprocess(images if images.ndim == 4 else images[..., None])}
-            found = drift_features.image_features(images)
-        (logits,) = session.run([wanted_output], feeds)
-        found.update(drift_features.output_features(logits))
-        parts.append(found)
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    def images(chunk):
+        pixels = np.asarray(chunk)
+        return {input_names[0]: image_preprocess(pixels if pixels.ndim == 4 else pixels[..., None])}, drift_features.image_features(pixels)
+    return images
 
 
 def reference_from_splits(
@@ -262,15 +301,20 @@ def reference_from_splits(
     *,
     image_preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     tensor_input: str | None = None,
+    table: TablePreprocessing | None = None,
     max_rows: int = 20_000,
     window_size: int = 500,
 ) -> DriftReference:
-    """The bundle's reference from data the model never trained on (validation and test splits), through the final model."""
+    """The bundle's reference from data the model never trained on (validation and test splits), through the final model.
+
+    A tabular task passes its bundle's ``table`` (``TablePreprocessing``); its splits' inputs are then sequences of raw
+    rows (column name → value), and each categorical column's bins are its categories and "other".
+    """
     parts = [split.inputs for split in splits if len(split)]
     if not parts:
         raise ValueError("no reference rows: the validation and test splits are empty")
-    if isinstance(parts[0], np.ndarray):
-        inputs: Sequence[str] | np.ndarray = np.concatenate(parts)[:max_rows]
+    if table is None and isinstance(parts[0], np.ndarray):
+        inputs: Sequence = np.concatenate(parts)[:max_rows]
         if image_preprocess is None and tensor_input is None:
             # TaskSpec.image is the bundle's ImagePreprocessing spec (image-classification tasks).
             spec = getattr(task, "image_preprocessing", None) or getattr(task, "image", None)
@@ -280,13 +324,14 @@ def reference_from_splits(
 
             image_preprocess = ImagePreprocessor(spec)
     else:
-        inputs = [text for part in parts for text in part][:max_rows]
+        inputs = [row for part in parts for row in part][:max_rows]
     found = model_features(
         model_path, inputs, tokenizer_file=getattr(task, "tokenizer_file", None), max_length=getattr(task, "max_length", None),
-        image_preprocess=image_preprocess, tensor_input=tensor_input, output_name=getattr(task, "output_name", None),
+        image_preprocess=image_preprocess, tensor_input=tensor_input, table=table, output_name=getattr(task, "output_name", None),
     )
     # A small data set (a UCR/UEA archive set: tens of rows) cannot stand for windows far larger than itself: the windows
     # it is calibrated for are then no larger than the reference.
     window_size = min(window_size, len(inputs))
+    categories = drift_features.table_layout(table).categories if table is not None else None
     return build_reference(found, task=task.kind, labels=list(task.labels), window_size=window_size,
-                           min_window_size=max(1, window_size // 5))
+                           min_window_size=max(1, window_size // 5), categories=categories)

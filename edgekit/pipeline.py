@@ -125,7 +125,8 @@ def _encode(artifact: Artifact, entry: Path, work_dir: Path) -> dict:
         task={**{f.name: getattr(artifact.task, f.name) for f in fields(artifact.task)},
               "tokenizer_file": path(artifact.task.tokenizer_file), "labels": list(artifact.task.labels),
               "input_names": list(artifact.task.input_names),
-              "image": artifact.task.image.model_dump(mode="json") if artifact.task.image else None},
+              "image": artifact.task.image.model_dump(mode="json") if artifact.task.image else None,
+              "table": artifact.task.table.model_dump(mode="json") if artifact.task.table else None},
     )
     return document
 
@@ -136,17 +137,16 @@ def _decode(document: dict, entry: Path) -> Artifact:
             return None
         return entry / value[2:] if value.startswith("@/") else Path(value)
 
-    task = document["task"]
-    image = None
-    if task.get("image"):
-        from device_agent.bundle import ImagePreprocessing
+    from device_agent.bundle import ImagePreprocessing, TablePreprocessing
 
-        image = ImagePreprocessing.model_validate(task["image"])
+    task = document["task"]
+    image = ImagePreprocessing.model_validate(task["image"]) if task.get("image") else None
+    table = TablePreprocessing.model_validate(task["table"]) if task.get("table") else None
     return Artifact(
         stage=Stage(document["stage"]), directory=path(document["directory"]), model_file=document["model_file"],
         digest=document["digest"],
         task=TaskSpec(task["kind"], tuple(task["labels"]), task["max_length"], path(task["tokenizer_file"]),
-                      tuple(task["input_names"]), task["output_name"], image),
+                      tuple(task["input_names"]), task["output_name"], image, table),
         precision=document["precision"], float_model=path(document["float_model"]),
         trained_model=path(document.get("trained_model")),
         kept_in_float=tuple(document["kept_in_float"]), engine_build=document["engine_build"],

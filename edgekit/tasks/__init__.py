@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.tasks import image_classification, text_classification, timeseries_classification
+from edgekit.tasks import image_classification, tabular_classification, text_classification, timeseries_classification
 
 if TYPE_CHECKING:
     import torch
@@ -91,6 +91,7 @@ TASKS: dict[str, Task] = {
     text_classification.KIND: text_classification.TASK,
     image_classification.KIND: image_classification.TASK,
     timeseries_classification.KIND: timeseries_classification.TASK,
+    tabular_classification.KIND: tabular_classification.TASK,
 }
 
 

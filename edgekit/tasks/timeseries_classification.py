@@ -31,6 +31,7 @@ from edgekit.config import BuildConfig, FinetuneSection, PruneSection, SearchRan
 from edgekit.data import Split, TaskData
 from edgekit.search_space import Dimension
 from edgekit.errors import EdgekitError
+from edgekit.tasks.scratch_training import PREDICT_BATCH, train_classifier
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +45,6 @@ RECORD_FILE = "series_model.json"
 WEIGHTS_FILE = "model.pt"
 DEFAULT_WIDTHS = [32, 64, 64]
 KERNELS = [7, 5, 3]  # per stage; later stages reuse the last
-PREDICT_BATCH = 256
 
 
 # What a search may tune for models trained here from scratch (the train section), and pruning on request.
@@ -176,7 +176,8 @@ class TimeSeriesClassification:
         torch.manual_seed(settings.train.seed)
         model = build_model(record)
         spec = self.spec(ctx.data.labels)
-        metrics = _train(model, ctx, spec, settings.train, "train", keep_initial=False)
+        metrics = train_classifier(model, ctx, settings.train, "train", keep_initial=False, input_name=INPUT_NAME,
+                                   train_x=ctx.data.train.inputs, val_x=ctx.data.val.inputs)
         save_model(model, record, ctx.work_dir)
         parameters = sum(p.numel() for p in model.parameters())
         ctx.say(f"trained {source} ({parameters / 1e3:.1f} k parameters): validation accuracy {metrics['val_accuracy']:.4f}")
@@ -193,7 +194,8 @@ class TimeSeriesClassification:
                              weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
                              early_stopping_patience=settings.early_stopping_patience, max_train_rows=settings.max_train_rows,
                              seed=settings.seed)
-        metrics = _train(model, ctx, artifact.task, train, "finetune", keep_initial=True)
+        metrics = train_classifier(model, ctx, train, "finetune", keep_initial=True, input_name=INPUT_NAME,
+                                   train_x=ctx.data.train.inputs, val_x=ctx.data.val.inputs)
         save_model(model, record, ctx.work_dir)
         return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, artifact.task,
                         results=artifact.recording(finetune=FinetuneResult(method="full", **metrics)))
@@ -256,44 +258,3 @@ class TimeSeriesClassification:
 
 
 TASK = TimeSeriesClassification()
-
-
-def _train(model, ctx: PassContext, spec: TaskSpec, settings: TrainSection, what: str, keep_initial: bool) -> dict:
-    """Train in the one loop (AdamW, warm-up then cosine decay, early stopping on validation accuracy); the run's numbers."""
-    import math
-
-    import torch
-
-    from edgekit import training
-    from edgekit.checkpoints import Checkpoints
-    from edgekit.measure import classification_metrics
-
-    data = ctx.data
-    train = data.train.head(settings.max_train_rows) if settings.max_train_rows else data.train
-
-    def batch(rows: np.ndarray, _epoch: int) -> training.Batch:
-        return training.Batch({INPUT_NAME: torch.from_numpy(train.inputs[rows])}, torch.from_numpy(train.labels[rows]))
-
-    def accuracy(module) -> float:
-        logits = training.predict(module, TASK.torch_batches(spec, data.val), TASK.forward)
-        return classification_metrics(data.val.labels, logits.argmax(-1), data.labels).accuracy
-
-    def negative_loss(module) -> float:
-        # Archive sets are small (BasicMotions: 4 validation series): accuracy ties at 100% within a few epochs, while the
-        # validation loss keeps telling better weights from worse, so the loop keeps the epoch with the lowest loss.
-        logits = torch.from_numpy(training.predict(module, TASK.torch_batches(spec, data.val), TASK.forward))
-        return -float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(data.val.labels)))
-
-    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
-    fit_settings = training.FitSettings(settings.epochs, settings.learning_rate, settings.weight_decay, "cosine",
-                                        int(settings.warmup_ratio * steps_per_epoch * settings.epochs),
-                                        settings.early_stopping_patience, label=what)
-    result = training.fit(model, training.Shuffled(len(train), settings.batch_size, settings.seed, batch),
-                          training.cross_entropy(TASK.forward), fit_settings, progress=ctx.progress, say=ctx.say,
-                          validate=negative_loss, initial=(lambda m: (negative_loss(m), {"accuracy": accuracy(m)})) if keep_initial else None,
-                          checkpoints=Checkpoints(ctx.checkpoint_dir), on_epoch=ctx.on_epoch)
-    return {"device": result.device, "val_accuracy": accuracy(model), "val_accuracy_before": result.extra.get("accuracy"),
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": round(result.seconds, 2),
-            "samples_per_second": round(result.samples_per_second, 1) if result.samples_per_second else None,
-            "loss_curve": result.loss_curve(steps_per_epoch),
-            "kept": "trained" if result.improved else "the starting weights (no epoch beat them on validation)"}

@@ -139,3 +139,20 @@ def test_manifest_refuses_unknown_fields_and_naive_timestamps():
         Manifest.model_validate({**document, "surprise": 1})
     with pytest.raises(ValueError, match="time zone"):
         Manifest.model_validate({**document, "created_at": "2026-01-01T00:00:00"})
+
+
+def test_a_full_disk_while_unpacking_is_the_devices_problem_not_a_corrupt_bundle(tmp_path, signing_key, keyring, monkeypatch):
+    import errno
+
+    from device_agent import bundle as bundle_module
+
+    path = tmp_path / "b.ekb"
+    write_tiny_bundle(path, signing_key)
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle_module, "_write_entry", no_space)
+    with pytest.raises(bundle_module.UnpackFailed, match="No space left on device; free space") as caught:
+        bundle_module.open_bundle(path, keyring, scratch_dir=tmp_path)
+    assert not isinstance(caught.value, bundle_module.BundleError) and caught.value.status_code == 507

@@ -8,6 +8,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,8 +17,9 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device_agent.desired_schema import MAX_OUTCOMES, DeviceReport, InstallOutcome
-from device_agent.desired_state import CollectorError, DesiredStatePuller, PullerMemory
+from device_agent.desired_schema import MAX_OUTCOMES, MAX_REASON_CHARS, DeviceReport, InstallOutcome
+from device_agent.desired_state import MAX_REPORT_BODY_BYTES, CollectorError, DesiredStatePuller, PullerMemory
+from device_agent.errors import UserError
 from device_agent.host import probe_host
 from device_agent.repository import Repository
 from tests.support.bundles import write_tiny_bundle
@@ -55,8 +57,11 @@ class Collector:
     ignore_range: bool = False  # answer a Range request with the whole bundle (200)
     status: int | None = None  # answer every request with this status instead
     report_status: list[int] = field(default_factory=list)  # the next reports' statuses, then 200
+    max_report_bytes: int | None = None  # answer a longer report with 413, as the real collector does
+    before_first_bundle: Callable[[], None] | None = None  # called once, before the first bundle's bytes are sent
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     reports: list[DeviceReport] = field(default_factory=list)
+    report_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
@@ -89,11 +94,15 @@ def _handler(collector: Collector) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             if self._refused():
                 return
-            report = DeviceReport.model_validate_json(self.rfile.read(int(self.headers["Content-Length"])))
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if collector.max_report_bytes is not None and len(body) > collector.max_report_bytes:
+                return self._json(413, {"error": "MAX_REPORT_BYTES: send fewer outcomes"})
+            report = DeviceReport.model_validate_json(body)
             status = collector.report_status.pop(0) if collector.report_status else 200
             if status != 200:
                 return self._json(status, {"error": "try later"})
             collector.reports.append(report)
+            collector.report_sizes.append(len(body))
             self._json(200, {"recorded": len(report.outcomes)})
 
         def _refused(self) -> bool:
@@ -107,6 +116,9 @@ def _handler(collector: Collector) -> type[BaseHTTPRequestHandler]:
             return False
 
         def _bundle(self, data: bytes) -> None:
+            hook, collector.before_first_bundle = collector.before_first_bundle, None
+            if hook is not None:
+                hook()
             match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
             start = int(match.group(1)) if match and not collector.ignore_range else 0
             if start >= len(data):
@@ -176,6 +188,19 @@ def _offer(collector: Collector, bundle: Bundle, version: str, **desired: object
     collector.desired = [model]
     collector.bundles[model["sha256"]] = bundle.data
     return model
+
+
+class _Clock:
+    """A clock the test moves by hand: the puller's per-bundle backoff reads it."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def _serving(repository: Repository) -> str:
@@ -263,7 +288,8 @@ def test_a_complete_part_is_checked_without_a_download(repository, collector, bu
 def test_a_bundle_that_does_not_match_its_sha256_fails_and_is_not_installed(repository, collector, bundle):
     one = bundle("1.0.0")
     _offer(collector, one, "1.0.0", sha256="ab" * 32)  # the collector serves the bundle under a sha it does not have
-    puller, changed = _puller(repository, collector)
+    clock = _Clock()
+    puller, changed = _puller(repository, collector, clock=clock)
 
     (outcome,) = puller.poll_once().outcomes
 
@@ -271,8 +297,102 @@ def test_a_bundle_that_does_not_match_its_sha256_fails_and_is_not_installed(repo
     assert repository.model_names() == [] and changed == []
     assert list(puller.downloads_dir.iterdir()) == [], "the mismatching file is deleted"
     assert collector.reports[0].outcomes == [outcome]
-    puller.poll_once()  # a failure may pass: the next poll tries again
+    clock.advance(puller.poll_seconds)
+    puller.poll_once()  # a failure may pass: the next try, after the first backoff of one poll, downloads again
     assert len(collector.bundle_requests()) == 2
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   UserError("the runtime could not load the model")], ids=["disk-full", "user-error"])
+def test_a_failed_install_keeps_the_verified_bundle_and_installs_it_next_time_without_a_download(
+        repository, collector, bundle, monkeypatch, error):
+    one = bundle("1.0.0")
+    _offer(collector, one, "1.0.0")
+    install, failures = repository.install, [error]
+
+    def install_failing_once(path: Path, **options: object):
+        if failures:
+            raise failures.pop()
+        return install(path, **options)
+
+    monkeypatch.setattr(repository, "install", install_failing_once)
+    clock = _Clock()
+    puller, _ = _puller(repository, collector, clock=clock)
+    part = puller.downloads_dir / f"{one.sha256}.part"
+
+    (outcome,) = puller.poll_once().outcomes
+
+    assert outcome.outcome == "failed" and str(error) in outcome.reason and repository.model_names() == []
+    assert part.read_bytes() == one.data, "the complete, verified bundle is kept"
+    clock.advance(puller.poll_seconds)
+    assert [o.outcome for o in puller.poll_once().outcomes] == ["installed"] and _serving(repository) == "1.0.0"
+    assert len(collector.bundle_requests()) == 1, "installed from the kept file, not downloaded again"
+    assert not part.exists(), "deleted once installed"
+
+
+def test_a_persistent_failure_is_reported_once_per_reason_and_tried_again_with_backoff(repository, collector, bundle):
+    one = bundle("1.0.0")
+    _offer(collector, one, "1.0.0", sha256="ab" * 32)  # the same mismatch at every try
+    clock = _Clock()
+    puller, _ = _puller(repository, collector, clock=clock, poll_seconds=10.0, backoff_max_s=25.0)
+
+    tries, start = [], clock.now
+    # Tries at 0, 10 (+10), 30 (+20), 55 (+min(25, 40)); the polls before each find it backing off.
+    for at in (0, 5, 9, 10, 29, 30, 54, 55):
+        clock.now = start + at
+        puller.poll_once()
+        tries.append(len(collector.bundle_requests()))
+    assert tries == [1, 1, 1, 2, 2, 3, 3, 4]
+    reported = [outcome for report in collector.reports for outcome in report.outcomes]
+    assert [outcome.outcome for outcome in reported] == ["failed"], "the same failure is reported once"
+    assert puller.memory.pending == [] and 'edgekit_desired_installs_total{outcome="failed"} 1' in puller.metric_lines()
+
+    del collector.bundles["ab" * 32]  # now it fails otherwise: that is news
+    clock.advance(25)
+    (outcome,) = puller.poll_once().outcomes
+    assert outcome.outcome == "failed" and "HTTP 404" in outcome.reason and len(collector.bundle_requests()) == 5
+
+    # Another desired sha256 is tried at once; back to the first one, its backoff and last reason are forgotten.
+    first = collector.desired
+    _offer(collector, one, "1.0.0", sha256="cd" * 32)
+    assert [o.outcome for o in puller.poll_once().outcomes] == ["failed"] and len(collector.bundle_requests()) == 6
+    collector.desired = first
+    (again,) = puller.poll_once().outcomes
+    assert again.reason == outcome.reason and len(collector.bundle_requests()) == 7
+
+
+@pytest.mark.parametrize("moved_on", ["to-another-version", "to-nothing"])
+def test_a_bundle_no_longer_desired_when_its_download_ends_is_not_installed(repository, collector, bundle, moved_on):
+    one, two = bundle("1.0.0"), bundle("2.0.0")
+    _offer(collector, one, "1.0.0")
+    later = [two.desired("2.0.0")] if moved_on == "to-another-version" else []
+    collector.bundles[two.sha256] = two.data
+    collector.before_first_bundle = lambda: setattr(collector, "desired", later)  # the rollout moves on meanwhile
+    puller, changed = _puller(repository, collector)
+
+    result = puller.poll_once()
+
+    assert result.outcomes == [] and collector.reports[0].outcomes == []
+    assert repository.model_names() == [] and changed == []
+    assert list(puller.downloads_dir.iterdir()) == [], "the part of a bundle no longer desired is dropped"
+    outcomes = puller.poll_once().outcomes
+    assert [(o.version, o.outcome) for o in outcomes] == ([("2.0.0", "installed")] if later else [])
+
+
+def test_a_downloaded_bundle_waits_while_the_collector_cannot_confirm_it_is_still_desired(repository, collector, bundle):
+    one = bundle("1.0.0")
+    _offer(collector, one, "1.0.0")
+    collector.before_first_bundle = lambda: setattr(collector, "status", 503)  # down once the bytes are on their way
+    puller, changed = _puller(repository, collector)
+
+    with pytest.raises(CollectorError, match="503"):
+        puller.poll_once()  # the report cannot go either
+
+    assert repository.model_names() == [] and changed == [] and puller.memory.pending == []
+    assert (puller.downloads_dir / f"{one.sha256}.part").read_bytes() == one.data, "the verified bundle is kept"
+    collector.status = None
+    assert [o.outcome for o in puller.poll_once().outcomes] == ["installed"] and _serving(repository) == "1.0.0"
+    assert len(collector.bundle_requests()) == 1
 
 
 def test_more_bytes_than_the_desired_state_announces_are_discarded(repository, collector, bundle):
@@ -371,6 +491,27 @@ def test_a_refused_token_is_logged_with_the_fix_and_the_puller_keeps_going(repos
         finally:
             puller.stop()
     assert any("edgekit fleet devices add jetson-01" in record.getMessage() for record in caplog.records)
+
+
+def test_a_report_over_the_collectors_limit_sends_the_oldest_outcomes_that_fit_and_the_rest_next_time(repository, collector):
+    from edgekit.fleet.collector import MAX_REPORT_BYTES
+
+    assert MAX_REPORT_BODY_BYTES < MAX_REPORT_BYTES
+    collector.max_report_bytes = MAX_REPORT_BYTES
+    puller, _ = _puller(repository, collector)
+    outcomes = [InstallOutcome(model=MODEL, version="1.0.0", sha256=f"{at:064x}", outcome="failed",
+                               reason="\U0001d11e" * MAX_REASON_CHARS, at=float(at))  # 4 bytes a character
+                for at in range(1, MAX_OUTCOMES + 1)]
+    for outcome in outcomes:
+        puller.memory.record(outcome)
+
+    acknowledged = [puller.poll_once().acknowledged for _ in range(3)]
+
+    assert sum(acknowledged) == MAX_OUTCOMES and puller.memory.pending == []
+    assert acknowledged[0] == acknowledged[1] > 1 and all(size <= MAX_REPORT_BODY_BYTES for size in collector.report_sizes)
+    assert [outcome for report in collector.reports for outcome in report.outcomes] == outcomes, "oldest first"
+    one_more = DeviceReport(device_id=DEVICE, outcomes=outcomes[:acknowledged[0] + 1]).model_dump_json().encode()
+    assert len(one_more) > MAX_REPORT_BODY_BYTES, "each report carries as many as fit"
 
 
 def test_pending_outcomes_are_bounded_and_the_oldest_go(tmp_path, caplog):

@@ -269,3 +269,33 @@ def test_reference_round_trips_through_the_manifest_slot():
     again = DriftReference.model_validate(json.loads(reference.model_dump_json()))
     assert again == reference
     assert reference.features["output.predicted_class"].categories == list("abcde")
+
+
+def _table_rows(rng, n, x_shift=0.0, colours=(0.5, 0.3, 0.2)):
+    palette = np.array(["red", "green", "blue"])
+    return [{"x": float(x), "colour": str(c)} for x, c in zip(rng.normal(x_shift, 1, n), rng.choice(palette, n, p=colours))]
+
+
+def test_monitor_flags_drift_of_a_table_column():
+    from device_agent.bundle import TableColumn, TablePreprocessing
+
+    spec = TablePreprocessing(columns=[TableColumn(name="x", kind="numeric", fill=0.0),
+                                       TableColumn(name="colour", kind="categorical", categories=["red", "green"])])
+    layout = drift_features.table_layout(spec)
+    rng = np.random.default_rng(12)
+    reference = build_reference(drift_features.table_features(_table_rows(rng, 2000), layout), task="tabular-classification",
+                                labels=[], window_size=200, min_window_size=50, bootstrap_windows=200, categories=layout.categories)
+    assert reference.features["input.category.colour"].categories == ["red", "green", "other"]
+    assert reference.features["input.category.colour"].proportions == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
+    monitor = DriftMonitor(reference, None, clock=FakeClock())
+
+    def windows(rows):
+        return _windows(monitor, drift_features.table_features(rows, layout))
+
+    assert not any(w["drifting"] for w in windows(_table_rows(rng, 400)))
+    shifted = windows(_table_rows(rng, 400, x_shift=1.5))
+    assert all(w["drifting"] for w in shifted) and shifted[0]["top_features"] == ["input.column.x"]
+    unseen = windows(_table_rows(rng, 400, colours=(0.2, 0.2, 0.6)))  # blue: never a training category, so "other"
+    assert all(w["drifting"] for w in unseen) and unseen[0]["top_features"] == ["input.category.colour"]
+    summary = WindowSummary(**unseen[1], sequence=0)
+    assert summary.histograms["input.category.colour"][2] > summary.histograms["input.category.colour"][0]

@@ -71,3 +71,74 @@ def test_output_features_with_an_impossible_class():
     found = F.output_features(np.array([[0.0, 0.0, -np.inf]]))
     assert found["output.top_probability"][0] == pytest.approx(0.5)
     assert found["output.entropy"][0] == pytest.approx(np.log(2))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _table(*columns):
+    from device_agent.bundle import TableColumn, TablePreprocessing
+
+    return TablePreprocessing(columns=[TableColumn(**column) for column in columns])
+
+
+AGE = {"name": "age", "kind": "numeric", "fill": 40.0}
+JOB = {"name": "job", "kind": "categorical", "categories": ["clerk", "manager"]}
+
+
+def test_table_features_fill_numbers_and_index_categories_with_other_last():
+    spec = _table(AGE, JOB)
+    rows = [{"age": 31.5, "job": "manager"}, {"job": "clerk"}, {"age": None, "job": "pilot"}, {"age": 7}]
+    found = F.table_features(rows, spec)
+    assert set(found) == {"input.column.age", "input.category.job"}
+    assert found["input.column.age"].tolist() == [31.5, 40.0, 40.0, 7.0]
+    assert found["input.category.job"].tolist() == [1, 0, 2, 2]  # 2: "other" (unseen or missing)
+    assert F.is_categorical("input.category.job") and not F.is_categorical("input.column.age")
+    layout = F.table_layout(spec)
+    assert layout.categories == {"input.category.job": ["clerk", "manager", "other"]}
+    # The encoded rows (a client's features tensor) give the same values; a block with nothing set is "other".
+    from device_agent.preprocess import TableEncoder
+
+    encoded = TableEncoder(spec)(rows)
+    assert all(np.array_equal(F.table_features(encoded, layout)[name], found[name]) for name in found)
+    assert F.table_features(np.zeros((1, 4), np.float32), layout)["input.category.job"].tolist() == [2]
+    as_objects = F.table_features(np.array(rows, dtype=object), layout)  # edgekit.data.Split's table rows
+    assert all(np.array_equal(as_objects[name], found[name]) for name in found)
+    with pytest.raises(ValueError, match=r"must be \[batch, 4\]"):
+        F.table_features(np.zeros((1, 5), np.float32), layout)
+
+
+def test_table_feature_names_fit_the_contract_and_stay_unique():
+    from pydantic import TypeAdapter
+
+    from device_agent.telemetry_schema import FeatureName
+
+    long = "x" * 200
+    spec = _table({**AGE, "name": "hours per week"}, {**AGE, "name": "hours_per_week"}, {**AGE, "name": "hours_per_week:2"},
+                  {**AGE, "name": "âge"}, {**AGE, "name": long}, {**AGE, "name": long + "y"}, {**JOB, "name": "hours/per/week"})
+    names = F.table_layout(spec).names
+    assert names == (
+        "input.column.hours_per_week", "input.column.hours_per_week:2", "input.column.hours_per_week:2:2", "input.column._ge",
+        "input.column." + "x" * 115, "input.column." + "x" * 113 + ":2", "input.category.hours_per_week",
+    )
+    assert len(set(names)) == len(names) and F.table_layout(spec).names == names  # the same columns, the same names
+    assert all(TypeAdapter(FeatureName).validate_python(name) for name in names)
+
+
+def test_reference_categories_are_printable_and_other_never_collides():
+    assert F.reference_categories(["a\x1b[31m", "other", "(other)", "b" * 300]) == [
+        "a\\u001b[31m", "other", "(other)", "b" * 256, "((other))"]
+
+
+def test_a_wide_table_keeps_its_first_columns_within_the_contract(caplog):
+    spec = _table(*({**AGE, "name": f"c{i}"} for i in range(F.MAX_TABLE_FEATURES + 5)))
+    with caplog.at_level("WARNING", logger="edgekit.agent.features"):
+        layout = F.table_layout(spec)
+    assert len(layout.names) == F.MAX_TABLE_FEATURES and layout.names[-1] == f"input.column.c{F.MAX_TABLE_FEATURES - 1}"
+    assert layout.dropped == tuple(f"c{i}" for i in range(F.MAX_TABLE_FEATURES, F.MAX_TABLE_FEATURES + 5))
+    assert "drift is watched on the first" in caplog.text
+    found = F.table_features(np.ones((2, spec.width), np.float32), layout)
+    found.update(F.output_features(np.zeros((2, 3))))
+    from device_agent.telemetry_schema import MAX_FEATURES
+
+    assert len(found) == MAX_FEATURES and set(F.OUTPUT_FEATURES) <= set(found)

@@ -278,3 +278,78 @@ def write_tiny_text_bundle(out: Path, key: Ed25519PrivateKey, version: str = "1.
     })
     payload = {"model.onnx": model_path, "golden.npz": golden, "tokenizer.json": minilm_tokenizer_file()}
     return write_bundle(out, manifest, payload, key)
+
+
+# --------------------------------------------------------------------------- a table bundle
+
+TABLE_LABELS = ["low", "medium", "high"]
+
+
+def tiny_table_spec():
+    """Two numeric columns (training medians as fills) and one categorical: features [age, hours, job one-hot + other]."""
+    from device_agent.bundle import TableColumn, TablePreprocessing
+
+    return TablePreprocessing(columns=[
+        TableColumn(name="age", kind="numeric", fill=40.0),
+        TableColumn(name="hours per week", kind="numeric", fill=38.0),
+        TableColumn(name="job", kind="categorical", categories=["technician", "clerk", "manager"]),
+    ])
+
+
+def tiny_table_rows(count: int, seed: int = 0, age_shift: float = 0.0) -> list[dict]:
+    """Raw rows for the tiny table model: ages around 40 (+ ``age_shift``), hours around 38, mostly known jobs."""
+    rng = np.random.default_rng(seed)
+    jobs = ["technician", "clerk", "manager", "artist"]
+    return [{"age": float(round(rng.normal(40 + age_shift, 10), 1)), "hours per week": float(round(rng.normal(38, 6), 1)),
+             "job": jobs[int(rng.choice(4, p=[0.4, 0.3, 0.25, 0.05]))]} for _ in range(count)]
+
+
+def write_table_classifier(path: Path, width: int, seed: int = 0) -> Path:
+    """A real ONNX model over encoded table rows: logits = features @ W + b (normalisation folded into W), three classes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(width, len(TABLE_LABELS))).astype(np.float32) * 0.1
+    weight[0] = [-0.2, 0.0, 0.2]  # age: older rows lean "high"
+    bias = numpy_helper.from_array(np.array([8.0, 0.0, -8.0], np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"])],
+        "tiny-table",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(TABLE_LABELS)])],
+        initializer=[numpy_helper.from_array(weight, "W"), bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def write_tiny_table_bundle(out: Path, key: Ed25519PrivateKey, version: str = "1.0.0", *,
+                            drift_reference: dict | None = None) -> Manifest:
+    """A signed tabular-classification bundle ("tiny-table"): ``tiny_table_spec`` columns, one MatMul+Add model over the
+    ``features`` input, golden vectors from ONNX Runtime on rows encoded by ``TableEncoder``. Its model file is
+    ``<out.parent>/<out.stem>-payload/model.onnx``."""
+    import onnxruntime
+
+    from device_agent.preprocess import TableEncoder
+
+    spec = tiny_table_spec()
+    payload_dir = out.parent / f"{out.stem}-payload"
+    payload_dir.mkdir(parents=True, exist_ok=True)
+    model_path = write_table_classifier(payload_dir / "model.onnx", spec.width)
+    features = TableEncoder(spec)(tiny_table_rows(4, seed=1) + [{"age": None, "job": "pilot"}])
+    (logits,) = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, {"features": features})
+    golden = payload_dir / "golden.npz"
+    np.savez(golden, **{"input:features": features, "output:logits": logits})
+    manifest = tiny_manifest(version).model_copy(update={
+        "model": ModelInfo(name="tiny-table", version=version),
+        "inputs": [TensorSpec(name="features", datatype="FP32", shape=["batch", spec.width])],
+        "outputs": [TensorSpec(name="logits", datatype="FP32", shape=["batch", len(TABLE_LABELS)])],
+        "task": TaskInfo(kind="tabular-classification", labels=TABLE_LABELS),
+        "preprocessing": spec,
+        "drift_reference": drift_reference,
+    })
+    return write_bundle(out, manifest, {"model.onnx": model_path, "golden.npz": golden}, key)
