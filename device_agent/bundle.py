@@ -160,7 +160,7 @@ class TensorSpec(_Strict):
 
 
 class TaskInfo(_Strict):
-    kind: Literal["text-classification", "image-classification", "tabular-classification", "tensor"]
+    kind: Literal["text-classification", "image-classification", "tabular-classification", "anomaly-detection", "tensor"]
     labels: list[str] = []
 
 

@@ -85,14 +85,26 @@ class TableSection(_Strict):
         "(ignore it, or treat it as a number if it is one)"))
 
 
+class AnomalySection(_Strict):
+    """Anomaly detection: which rows are normal, and where the alarm threshold sits."""
+
+    normal_label: str = Field("normal", min_length=1, description=(
+        "with data.label_column in the table: rows of this label are normal (the model learns them); any other label "
+        "is an anomaly, used only to evaluate. Without the column every row is normal"))
+    threshold_quantile: float = Field(0.99, ge=0.5, lt=1.0, description=(
+        "the threshold is this quantile of the anomaly scores of held-out normal rows: about 1 - q of normal rows raise "
+        "a false alarm"))
+
+
 class TaskSection(_Strict):
     kind: str = Field("text-classification", description=(
-        "the task: text-classification, image-classification, timeseries-classification or tabular-classification "
-        "(edgekit.tasks.TASKS)"))
+        "the task: text-classification, image-classification, timeseries-classification, tabular-classification or "
+        "anomaly-detection (edgekit.tasks.TASKS)"))
     max_length: int = Field(128, ge=8, le=512, description="text: tokens per input; longer texts are truncated")
     image: ImageSection = ImageSection()
     window: WindowSection | None = Field(None, description="time series: cut windows from a continuous CSV recording")
     table: TableSection = TableSection()
+    anomaly: AnomalySection = AnomalySection()
 
     @field_validator("kind")
     @classmethod

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.tasks import image_classification, tabular_classification, text_classification, timeseries_classification
+from edgekit.tasks import (
+    anomaly_detection,
+    image_classification,
+    tabular_classification,
+    text_classification,
+    timeseries_classification,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -92,6 +98,7 @@ TASKS: dict[str, Task] = {
     image_classification.KIND: image_classification.TASK,
     timeseries_classification.KIND: timeseries_classification.TASK,
     tabular_classification.KIND: tabular_classification.TASK,
+    anomaly_detection.KIND: anomaly_detection.TASK,
 }
 
 

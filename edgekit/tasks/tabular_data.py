@@ -73,7 +73,7 @@ def _label_names(rows: list[dict[str, Any]], label_column: str, path: Path) -> t
     return kept, names, len(rows) - len(kept)
 
 
-def _feature_columns(columns: list[str], label_column: str, table: TableSection, path: Path) -> list[str]:
+def feature_columns(columns: list[str], label_column: str, table: TableSection, path: Path) -> list[str]:
     if label_column not in columns:
         raise DataError(f"table {path} has no label column {label_column!r}; its columns: {', '.join(columns[:30])}"
                         f"{' …' if len(columns) > 30 else ''}; set data.label_column")
@@ -92,7 +92,7 @@ def _feature_columns(columns: list[str], label_column: str, table: TableSection,
 
 def _read_split_source(path: Path, label_column: str, table: TableSection, expected: list[str] | None = None):
     columns, rows = read_rows(path)
-    features = _feature_columns(columns, label_column, table, path)
+    features = feature_columns(columns, label_column, table, path)
     if expected is not None and features != expected:
         missing = [c for c in expected if c not in features]
         raise DataError(f"test table {path} does not have the training table's columns: "

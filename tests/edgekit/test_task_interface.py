@@ -44,7 +44,8 @@ def test_the_registry_lists_what_the_config_accepts():
     from edgekit.errors import EdgekitError
     from edgekit.tasks import TASKS, task_for
 
-    assert set(TASKS) == {"text-classification", "image-classification", "timeseries-classification", "tabular-classification"}
+    assert set(TASKS) == {"text-classification", "image-classification", "timeseries-classification", "tabular-classification",
+                          "anomaly-detection"}
     with pytest.raises(ValueError, match="unknown task 'toy-vectors'; known: text-classification, image-classification, timeseries-classification"):
         BuildConfig(task={"kind": "toy-vectors"})
     with pytest.raises(EdgekitError, match="unknown task 'toy-vectors'"):
