@@ -21,6 +21,7 @@ DEMO_DIR = Path(str(resources.files("edgekit.demo_data")))
 DEMO_DATA = DEMO_DIR / "data.jsonl"
 DEMO_CALIBRATION = DEMO_DIR / "calibration.jsonl"
 EMBEDDED_MODEL = "embedded:all-minilm-l6-v2"
+AUTO_MODEL = "auto"  # model.source: the search picks among the task's built-in models
 BUILT_HERE_PREFIXES = ("builtin:", "config:")  # models defined in edgekit and trained from scratch (each task lists its own)
 MIN_SEARCH_MINUTES = 1.0  # below this not even the cheapest trial (the config as written) finishes on the demo
 PACKAGED_DATA_PREFIX = "sktime:"  # data files shipped inside the sktime wheel, e.g. sktime:BasicMotions/BasicMotions_TRAIN.ts
@@ -33,7 +34,9 @@ class _Strict(BaseModel):
 class ModelSection(_Strict):
     source: str = Field(EMBEDDED_MODEL, description=(
         "text: embedded:all-minilm-l6-v2, a Hugging Face model folder, or a .onnx file; images: builtin:small-cnn, "
-        "config:resnet, config:mobilenet_v2, or a Hugging Face image model folder (config.json is enough: random init)"))
+        "config:resnet, config:mobilenet_v2, or a Hugging Face image model folder (config.json is enough: random init); "
+        "time series: builtin:cnn1d; tables: builtin:mlp; anomalies: builtin:autoencoder; "
+        "auto: the search chooses among the task's built-in models"))
     widths: list[int] | None = Field(None, min_length=1, max_length=6, description=(
         "image models built here: output channels per stage (builtin:small-cnn default [16, 32, 64, 128]; config:* default per family)"))
     name: str = Field("wordnet-supersense", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -103,6 +106,14 @@ class TaskSection(_Strict):
     max_length: int = Field(128, ge=8, le=512, description="text: tokens per input; longer texts are truncated")
     image: ImageSection = ImageSection()
     window: WindowSection | None = Field(None, description="time series: cut windows from a continuous CSV recording")
+    series_length: int | None = Field(None, ge=2, description=(
+        "time series read whole (.ts, .npz, CSV): the steps the model takes; every series is padded at its end with its "
+        "last value, or truncated, to this length (default: the longest training series, for a .ts file with "
+        "@equalLength false; series of differing lengths elsewhere need it set)"))
+    series_format: Literal["wide", "long"] | None = Field(None, description=(
+        "time series in a .csv data.path (without task.window): wide = one row per sample, data.label_column and "
+        "columns <channel>_<step> (ax_0 … ax_99, ay_0 …) or 0 … T-1 for one channel; long = one row per time step, "
+        "columns id, time, data.label_column and one per channel. Default: long when the header has id and time, else wide"))
     table: TableSection = TableSection()
     anomaly: AnomalySection = AnomalySection()
 
@@ -114,6 +125,15 @@ class TaskSection(_Strict):
         if kind not in TASKS:
             raise ValueError(f"unknown task {kind!r}; known: {', '.join(TASKS)}")
         return kind
+
+    @model_validator(mode="after")
+    def _whole_series_or_windows(self) -> "TaskSection":
+        if self.window is not None:
+            given = [f"task.{name}" for name in ("series_length", "series_format") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} describe series read whole; task.window cuts windows of "
+                                 "task.window.length steps from a recording: set one or the other")
+        return self
 
 
 class IdxFiles(_Strict):
@@ -312,6 +332,28 @@ class BuildConfig(_Strict):
     qat: QatSection = QatSection()
     evaluation: EvaluationSection = EvaluationSection()
     targets: list[str] = Field(["x86-64-cpu"], min_length=1, description="built-in target names or YAML paths")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_model(cls, document: object) -> object:
+        """``model.source: auto``: the task's first built-in model, the others for the search to choose among."""
+        if not isinstance(document, dict) or not isinstance(document.get("model"), dict) or document["model"].get("source") != AUTO_MODEL:
+            return document
+        from edgekit.tasks import TASKS
+
+        task = document.get("task") if isinstance(document.get("task"), dict) else {}
+        kind = task.get("kind", TaskSection.model_fields["kind"].default)
+        sources = TASKS[kind].builtin_sources if kind in TASKS else ()
+        if not sources:
+            raise ValueError(f"model.source auto lets the search choose among a task's built-in models; {kind} has none: "
+                             "name a model (a folder, a .onnx file or embedded:all-minilm-l6-v2)")
+        search = dict(document.get("search") or {})
+        if search.get("enabled") is False:
+            raise ValueError("model.source auto needs the search to choose the model; remove search.enabled: false "
+                             f"or name one of {', '.join(sources)}")
+        search["enabled"] = True
+        search["models"] = list(dict.fromkeys([*sources[1:], *search.get("models", [])]))
+        return {**document, "model": {**document["model"], "source": sources[0]}, "search": search}
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> "BuildConfig":

@@ -330,3 +330,19 @@ def test_the_fine_tuning_schedule_is_searched_and_reaches_the_training_loop(monk
     ctx = PassContext(tmp_path / "work", data, Progress(disable=True), tmp_path / "k", print)
     finetune.run(artifact, finetune.options_for(config, None), ctx)
     assert seen == ["constant"]
+
+
+def test_model_source_auto_searches_among_the_tasks_built_in_models():
+    from edgekit.config import BuildConfig
+    from edgekit.tasks import task_for
+
+    config = BuildConfig.model_validate({"task": {"kind": "image-classification"}, "model": {"source": "auto"},
+                                         "search": {"models": ["config:resnet"]}})
+    sources = task_for("image-classification").builtin_sources
+    assert config.model.source == sources[0] and config.search.enabled is True
+    assert set(config.search.models) == set(sources[1:]) and len(config.search.models) == len(sources) - 1
+    with pytest.raises(ValueError, match="text-classification has none: name a model"):
+        BuildConfig.model_validate({"model": {"source": "auto"}})
+    with pytest.raises(ValueError, match="model.source auto needs the search"):
+        BuildConfig.model_validate({"task": {"kind": "image-classification"}, "model": {"source": "auto"},
+                                    "search": {"enabled": False}})
