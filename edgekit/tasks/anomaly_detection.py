@@ -1,14 +1,19 @@
-"""Anomaly detection on table rows: learn normal rows, score how far a row is from them, raise a flag past a threshold.
+"""Anomaly detection on table rows or sensor windows: learn normal ones, score how far one is from them, flag it past a
+threshold.
 
-Data: a CSV or Parquet table (``edgekit.tasks.tabular_data.read_rows``). Without
-``data.label_column`` in it every row is normal; with it, rows labelled
-``task.anomaly.normal_label`` are normal and any other label is an anomaly,
-kept for evaluation only (a third in validation, the rest in test): the model
-never sees one. Normal rows are split 70/10/20 (train/val/test, seeded).
+Data, either
+- a CSV or Parquet table (``edgekit.tasks.tabular_data.read_rows``): without ``data.label_column`` in it every row
+  is normal; or
+- labelled series (``.ts``, ``.npz``, or a CSV with ``task.series_format`` set: ``edgekit.tasks.timeseries_data``),
+  brought to one length as the time-series task does.
+Rows (or windows) labelled ``task.anomaly.normal_label`` are normal and any other label is an anomaly, kept for
+evaluation only (a third in validation, the rest in test): the model never sees one. Normal ones are split 70/10/20
+(train/val/test, seeded).
 
-Model: ``builtin:autoencoder``, an MLP autoencoder over the row's features (the
-table encoding of the tabular task, standardised inside the model), trained in
-the one training loop to reconstruct normal rows. A row's anomaly score is its
+Model: ``builtin:autoencoder``, an MLP autoencoder over a row's features (the
+table encoding of the tabular task) or a window's values (flattened), standardised
+inside the model (per feature; per channel for windows), trained in
+the one training loop to reconstruct normal ones. A row's anomaly score is its
 mean squared reconstruction error. The threshold is the
 ``task.anomaly.threshold_quantile`` (0.99) quantile of the scores of the
 validation split's normal rows, so about 1% of normal rows raise a false alarm.
@@ -18,7 +23,8 @@ int8 keep it to a few decimals), so every classification
 tool of edgekit (agreement gates, accuracy, PR-AUC of the anomaly class, the
 agent's top-1 label) reads the flag; and ``score`` ``[batch]``. The agent takes
 raw rows like the tabular task's bundles and returns both: the label is the
-flag, the score how far past (or short of) the threshold the row is.
+flag, the score how far past (or short of) the threshold the row is. A series bundle takes raw FP32 windows
+``series`` ``[batch, channels, steps]`` like the time-series task's.
 """
 
 from __future__ import annotations
@@ -33,11 +39,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from edgekit.config import AnomalySection, BuildConfig, FinetuneSection, PruneSection, SearchRange, TableSection, TrainSection
+from edgekit.config import (
+    PACKAGED_DATA_PREFIX,
+    AnomalySection,
+    BuildConfig,
+    FinetuneSection,
+    PruneSection,
+    SearchRange,
+    TableSection,
+    TrainSection,
+)
 from edgekit.data import DataError, Split, TaskData, carve_stratified, task_data_from
 from edgekit.errors import EdgekitError
 from edgekit.search_space import Dimension
 from edgekit.tasks.tabular_classification import INPUT_NAME, encode, feature_statistics
+from edgekit.tasks.timeseries_classification import INPUT_NAME as SERIES_INPUT
 
 if TYPE_CHECKING:
     import torch
@@ -75,15 +91,16 @@ class AnomalySettings(BaseModel):
 class AnomalyModelRecord:
     source: str
     widths: list[int]
-    mean: list[float]
+    mean: list[float]  # per feature (tables) or per channel (windows), over the normal training data
     std: list[float]
-    table: dict  # the TablePreprocessing, as JSON
+    table: dict | None  # the TablePreprocessing, as JSON; None for windows
+    shape: list[int]  # one input row: [width] for tables, [channels, steps] for windows
     threshold: float = 1.0  # set after training, from the validation split's normal rows
 
-    def preprocessing(self) -> TablePreprocessing:
+    def preprocessing(self) -> TablePreprocessing | None:
         from device_agent.bundle import TablePreprocessing
 
-        return TablePreprocessing.model_validate(self.table)
+        return TablePreprocessing.model_validate(self.table) if self.table is not None else None
 
 
 def build_model(record: AnomalyModelRecord) -> torch.nn.Module:
@@ -99,26 +116,27 @@ def build_model(record: AnomalyModelRecord) -> torch.nn.Module:
                 layers.append(nn.ReLU())
         return nn.Sequential(*layers)
 
-    width = len(record.mean)
+    width = math.prod(record.shape)
+    statistics_shape = (1, -1) if len(record.shape) == 1 else (1, -1, 1)  # per feature, or per channel of a window
 
-    class TableAutoencoder(nn.Module):
+    class Autoencoder(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.register_buffer("mean", torch.tensor(record.mean, dtype=torch.float32).view(1, -1))
-            self.register_buffer("std", torch.tensor(record.std, dtype=torch.float32).view(1, -1))
+            self.register_buffer("mean", torch.tensor(record.mean, dtype=torch.float32).view(*statistics_shape))
+            self.register_buffer("std", torch.tensor(record.std, dtype=torch.float32).view(*statistics_shape))
             self.register_buffer("threshold", torch.tensor(record.threshold, dtype=torch.float32))
             self.encoder = stages([width, *record.widths], last_activation=True)
             self.decoder = stages([*reversed(record.widths), width], last_activation=False)
 
         def score(self, features: torch.Tensor) -> torch.Tensor:
-            standard = (features - self.mean) / self.std
+            standard = ((features - self.mean) / self.std).flatten(1)
             return ((self.decoder(self.encoder(standard)) - standard) ** 2).mean(dim=-1)
 
         def forward(self, features: torch.Tensor) -> torch.Tensor:
             margin = torch.log((self.score(features) + _EPSILON) / (self.threshold + _EPSILON))
             return torch.stack([-margin, margin], dim=-1)
 
-    return TableAutoencoder()
+    return Autoencoder()
 
 
 def save_model(model: torch.nn.Module, record: AnomalyModelRecord, folder: Path) -> None:
@@ -141,11 +159,48 @@ def load_model(folder: Path) -> tuple[torch.nn.Module, AnomalyModelRecord]:
 # --------------------------------------------------------------------------- data
 
 
-def load_task_data(path: Path, label_column: str, table: TableSection, anomaly: AnomalySection, seed: int = 0) -> TaskData:
-    """Normal rows split 70/10/20; labelled anomalies, if any, a third to validation and the rest to test."""
+def is_series_data(config: BuildConfig) -> bool:
+    """Windows (.ts, .npz, sktime:…, or a CSV laid out as task.series_format says), else a table."""
+    path = str(config.data.path)
+    return path.startswith(PACKAGED_DATA_PREFIX) or Path(path).suffix in (".ts", ".npz") or config.task.series_format is not None
+
+
+def load_task_data(config: BuildConfig, seed: int = 0) -> TaskData:
+    """Normal rows (or windows) split 70/10/20; labelled anomalies, if any, a third to validation and the rest to test."""
+    path, anomaly = config.data.path, config.task.anomaly
+    if is_series_data(config):
+        from edgekit.tasks.timeseries_data import read_series
+
+        windows, names, _declared = read_series(path, config.data.label_column, config.task.series_format,
+                                                config.task.series_length)
+        normal_at = [i for i, name in enumerate(names) if name == anomaly.normal_label]
+        normal, anomalies = windows[normal_at], np.delete(windows, normal_at, axis=0)
+        labelled, described = True, {"series": {"channels": int(windows.shape[1]), "steps": int(windows.shape[2])}}
+        if not normal_at:
+            raise DataError(f"{path}: no series is labelled {anomaly.normal_label!r} (task.anomaly.normal_label); its labels: "
+                            f"{', '.join(sorted(set(names))[:20])}")
+    else:
+        normal, anomalies, labelled, described = _table_rows(config)
+    noun = "windows" if is_series_data(config) else "rows"
+    if len(normal) < 20:
+        raise DataError(f"{path} has {len(normal)} normal {noun} (label {anomaly.normal_label!r}"
+                        f"{'' if labelled else ', every row when there is no ' + repr(config.data.label_column) + ' column'}); "
+                        "an anomaly detector needs at least 20 to learn what normal looks like")
+    parts, counts = _split(normal, anomalies, seed)
+    summary = {"source": str(path), "rows_read": len(normal) + len(anomalies), "rows_kept": len(normal) + len(anomalies),
+               "dropped": {}, "warnings": [], **described, "anomalies": counts}
+    if not len(anomalies):
+        summary["warnings"].append(f"no labelled anomalies: the test split measures false alarms on normal {noun} only")
+    identity = repr((LABELS, sorted(described.items()), config.task.table.model_dump(), anomaly.model_dump(), labelled)).encode()
+    return task_data_from(LABELS, parts, CALIBRATION_ROWS, identity, summary)
+
+
+def _table_rows(config: BuildConfig) -> tuple[np.ndarray, np.ndarray, bool, dict]:
+    """A table's normal and anomalous rows (object arrays of dicts), whether it has labels, and its columns' kinds."""
     from device_agent.preprocess import category_key
     from edgekit.tasks.tabular_data import read_rows, table_spec
 
+    path, table, label_column = config.data.path, config.task.table, config.data.label_column
     columns, rows = read_rows(path)
     unknown = sorted((set(table.ignore) | set(table.categorical)) - set(columns))
     if unknown:
@@ -157,33 +212,25 @@ def load_task_data(path: Path, label_column: str, table: TableSection, anomaly: 
     normal, anomalies = [], []
     for row in rows:
         kept = {column: row[column] for column in features}
-        (anomalies if labelled and category_key(row[label_column]) != anomaly.normal_label else normal).append(kept)
-    if len(normal) < 20:
-        raise DataError(f"table {path} has {len(normal)} normal rows (label {anomaly.normal_label!r}"
-                        f"{'' if labelled else ', every row when there is no ' + repr(label_column) + ' column'}); "
-                        "an anomaly detector needs at least 20 to learn what normal looks like")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(normal))
+        (anomalies if labelled and category_key(row[label_column]) != config.task.anomaly.normal_label else normal).append(kept)
+    spec = table_spec(normal, features, table)  # refuses what cannot be encoded, before any training
+    return _objects(normal), _objects(anomalies), labelled, {"columns": {c.name: c.kind for c in spec.columns}}
+
+
+def _split(normal: np.ndarray, anomalies: np.ndarray, seed: int) -> tuple[dict, dict]:
+    """Normal ones 70/10/20 by a seeded permutation; anomalies a third to val, the rest to test."""
+    order = np.random.default_rng(seed).permutation(len(normal))
     test_n, val_n = math.ceil(0.2 * len(normal)), math.ceil(0.1 * len(normal))
-    test_normal = [normal[i] for i in order[:test_n]]
-    val_normal = [normal[i] for i in order[test_n:test_n + val_n]]
-    train_normal = [normal[i] for i in order[test_n + val_n:]]
-    to_val = carve_stratified(np.zeros(len(anomalies), dtype=np.int64), 1 / 3, seed) if anomalies else np.zeros(0, bool)
-    val_anomalies = [row for row, v in zip(anomalies, to_val, strict=True) if v]
-    test_anomalies = [row for row, v in zip(anomalies, to_val, strict=True) if not v]
-    spec = table_spec(train_normal, features, table)  # refuses what cannot be encoded, before any training
-    parts = {
-        "train": (_objects(train_normal), ["normal"] * len(train_normal)),
-        "val": (_objects(val_normal + val_anomalies), ["normal"] * len(val_normal) + ["anomaly"] * len(val_anomalies)),
-        "test": (_objects(test_normal + test_anomalies), ["normal"] * len(test_normal) + ["anomaly"] * len(test_anomalies)),
-    }
-    summary = {"source": str(path), "rows_read": len(rows), "rows_kept": len(rows), "dropped": {}, "warnings": [],
-               "columns": {column.name: column.kind for column in spec.columns},
-               "anomalies": {"labelled": len(anomalies), "in_val": len(val_anomalies), "in_test": len(test_anomalies)}}
-    if not anomalies:
-        summary["warnings"].append("no labelled anomalies: the test split measures false alarms on normal rows only")
-    identity = repr((LABELS, features, table.model_dump(), anomaly.model_dump(), labelled)).encode()
-    return task_data_from(LABELS, parts, CALIBRATION_ROWS, identity, summary)
+    test_normal, val_normal, train_normal = order[:test_n], order[test_n:test_n + val_n], order[test_n + val_n:]
+    to_val = carve_stratified(np.zeros(len(anomalies), dtype=np.int64), 1 / 3, seed) if len(anomalies) else np.zeros(0, bool)
+
+    def joined(normal_at: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        return np.concatenate([normal[normal_at], anomalies[anomalous]]), ["normal"] * len(normal_at) + ["anomaly"] * int(
+            np.size(anomalies[anomalous], 0))
+
+    parts = {"train": (normal[train_normal], ["normal"] * len(train_normal)),
+             "val": joined(val_normal, to_val), "test": joined(test_normal, ~to_val)}
+    return parts, {"labelled": len(anomalies), "in_val": int(to_val.sum()), "in_test": int((~to_val).sum())}
 
 
 def _objects(rows: list[dict]) -> np.ndarray:
@@ -226,46 +273,42 @@ class AnomalyDetection:
         if config.data.test_path is not None:
             raise EdgekitError(f"{KIND} reads one table (data.path) and holds out its own test split; remove data.test_path "
                                "and put the labelled anomalies in data.path with data.label_column")
-        return load_task_data(config.data.path, config.data.label_column, config.task.table, config.task.anomaly)
+        return load_task_data(config)
 
-    def spec(self, table: TablePreprocessing) -> TaskSpec:
+    def spec(self, table: TablePreprocessing | None) -> TaskSpec:
         from edgekit.artifact import TaskSpec
 
-        return TaskSpec(KIND, LABELS, 0, None, (INPUT_NAME,), "logits", None, table)
+        return TaskSpec(KIND, LABELS, 0, None, (INPUT_NAME if table is not None else SERIES_INPUT,), "logits", None, table)
 
     def load(self, source: str, digest: str, settings: AnomalySettings, ctx: PassContext) -> Artifact:
-        """Describe the table from the normal training rows, train the autoencoder on them, set the threshold on val."""
+        """Describe the inputs from the normal training data, train the autoencoder on it, set the threshold on val."""
         import torch
 
         from edgekit.artifact import Artifact, Stage
         from edgekit.results import LoadResult, PassResults
-        from edgekit.tasks.tabular_data import table_spec
 
         if source != AUTOENCODER:
             raise EdgekitError(f"model.source {source!r} is not an anomaly detector; {KIND} takes {AUTOENCODER}")
-        train_rows = list(ctx.data.train.inputs)
-        table = table_spec(train_rows, list(train_rows[0]), settings.table)
-        train_x = encode(table, train_rows)
-        mean, std = feature_statistics(table, train_x)
-        record = AnomalyModelRecord(source, list(settings.widths or DEFAULT_WIDTHS), mean, std, table.model_dump(mode="json"))
+        record, train_x = _describe(source, settings, ctx.data.train.inputs)
+        spec = self.spec(record.preprocessing())
         torch.manual_seed(settings.train.seed)
         model = build_model(record)
-        val_normal = encode(table, ctx.data.val.inputs[ctx.data.val.labels == 0])
+        val_normal = _model_input(spec, ctx.data.val.inputs[ctx.data.val.labels == 0])
         metrics = _train(model, ctx, settings.train, train_x, val_normal)
         with torch.no_grad():
             scores = model.score(torch.from_numpy(val_normal)).numpy()
         threshold = float(np.quantile(scores, settings.anomaly.threshold_quantile))
         record = AnomalyModelRecord(**{**asdict(record), "threshold": threshold})
         model.threshold.fill_(threshold)
-        with torch.no_grad():  # the flags on validation: its normal rows, and its anomalies when the table labels some
-            flags = model(torch.from_numpy(encode(table, ctx.data.val.inputs))).argmax(-1).numpy()
+        with torch.no_grad():  # the flags on validation: its normal ones, and its anomalies when the data labels some
+            flags = model(torch.from_numpy(_model_input(spec, ctx.data.val.inputs))).argmax(-1).numpy()
         metrics["val_accuracy"] = float(np.mean(flags == ctx.data.val.labels))
         save_model(model, record, ctx.work_dir)
         parameters = sum(p.numel() for p in model.parameters())
-        ctx.say(f"trained {source} on {len(train_rows)} normal rows ({table.width} features, {parameters / 1e3:.1f} k "
-                f"parameters); threshold {threshold:.4g} = the {settings.anomaly.threshold_quantile:g} quantile of "
-                f"{len(val_normal)} held-out normal rows' scores")
-        return Artifact(Stage.TORCH, ctx.work_dir, ".", digest, self.spec(table),
+        ctx.say(f"trained {source} on {len(train_x)} normal inputs ({math.prod(record.shape)} values each, "
+                f"{parameters / 1e3:.1f} k parameters); threshold {threshold:.4g} = the "
+                f"{settings.anomaly.threshold_quantile:g} quantile of {len(val_normal)} held-out normal inputs' scores")
+        return Artifact(Stage.TORCH, ctx.work_dir, ".", digest, spec,
                         results=PassResults(load=LoadResult(model=source, parameters=parameters, widths=record.widths, **metrics)))
 
     def finetune(self, artifact: Artifact, settings: FinetuneSection, task_settings: AnomalySettings, ctx: PassContext) -> Artifact:
@@ -282,13 +325,13 @@ class AnomalyDetection:
 
     @staticmethod
     def forward(model: torch.nn.Module, inputs) -> torch.Tensor:
-        return model(inputs[INPUT_NAME])
+        return model(next(iter(inputs.values())))
 
     def torch_batches(self, spec: TaskSpec, split: Split, batch_size: int = PREDICT_BATCH) -> Iterator[dict[str, torch.Tensor]]:
         import torch
 
         for start in range(0, len(split), batch_size):
-            yield {INPUT_NAME: torch.from_numpy(encode(spec.table, split.inputs[start:start + batch_size]))}
+            yield {spec.input_names[0]: torch.from_numpy(_model_input(spec, split.inputs[start:start + batch_size]))}
 
     def export_onnx(self, folder: Path, output: Path, opset: int, say) -> None:
         """torch.onnx with two outputs: ``logits`` over (normal, anomaly) and ``score``."""
@@ -304,25 +347,26 @@ class AnomalyDetection:
                 super().__init__()
                 self.model = model
 
-            def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return self.model(features), self.model.score(features)
+            def forward(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return self.model(values), self.model.score(values)
 
+        name = INPUT_NAME if record.table is not None else SERIES_INPUT
         say(f"exporting to ONNX (opset {opset}) with torch.onnx")
-        example = torch.zeros(1, len(record.mean))
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice says nothing about this model
-            torch.onnx.export(Scored().eval(), (example,), str(output), input_names=[INPUT_NAME], output_names=["logits", "score"],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}, "score": {0: "batch"}},
-                              opset_version=opset, dynamo=False)
+            torch.onnx.export(Scored().eval(), (torch.zeros(1, *record.shape),), str(output), input_names=[name],
+                              output_names=["logits", "score"], opset_version=opset, dynamo=False,
+                              dynamic_axes={name: {0: "batch"}, "logits": {0: "batch"}, "score": {0: "batch"}})
         onnx.checker.check_model(str(output))
 
     def feeds(self, spec: TaskSpec, inputs, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
-        if isinstance(inputs, np.ndarray) and inputs.dtype != object:
-            return {INPUT_NAME: np.ascontiguousarray(inputs, dtype=np.float32)}
-        return {INPUT_NAME: encode(spec.table, inputs)}
+        """Raw rows (dicts) or windows → the model's input, as the device makes it."""
+        return {spec.input_names[0]: _model_input(spec, inputs)}
 
     def bundle_preprocessing(self, spec: TaskSpec):
-        return spec.table
+        from device_agent.bundle import NoPreprocessing
+
+        return spec.table if spec.table is not None else NoPreprocessing()
 
     def bundle_files(self, spec: TaskSpec) -> dict[str, Path]:
         return {}
@@ -331,12 +375,41 @@ class AnomalyDetection:
         return {}
 
     def drift_reference(self, model_path: Path, spec: TaskSpec, splits: Sequence[Split]):
+        """Per column (tables) or per channel's mean and std (windows), and the output features: what the device computes."""
         from edgekit.drift_reference import reference_from_splits
 
-        return reference_from_splits(model_path, spec, splits, table=spec.table)
+        if spec.table is not None:
+            return reference_from_splits(model_path, spec, splits, table=spec.table)
+        return reference_from_splits(model_path, spec, splits, tensor_input=SERIES_INPUT)
 
 
 TASK = AnomalyDetection()
+
+
+def _model_input(spec: TaskSpec, inputs) -> np.ndarray:
+    """Raw rows (encoded as the device encodes them) or windows, as the model's FP32 input."""
+    if spec.table is not None and not (isinstance(inputs, np.ndarray) and inputs.dtype != object):
+        return encode(spec.table, inputs)
+    return np.ascontiguousarray(inputs, dtype=np.float32)
+
+
+def _describe(source: str, settings: AnomalySettings, train_inputs: np.ndarray) -> tuple[AnomalyModelRecord, np.ndarray]:
+    """The model's record from the normal training inputs (the table's columns, or the windows' channel statistics)
+    and those inputs as the model takes them."""
+    widths = list(settings.widths or DEFAULT_WIDTHS)
+    if train_inputs.dtype == object:  # table rows
+        from edgekit.tasks.tabular_data import table_spec
+
+        rows = list(train_inputs)
+        table = table_spec(rows, list(rows[0]), settings.table)
+        train_x = encode(table, rows)
+        mean, std = feature_statistics(table, train_x)
+        return AnomalyModelRecord(AUTOENCODER, widths, mean, std, table.model_dump(mode="json"), [table.width]), train_x
+    from edgekit.tasks.timeseries_data import channel_statistics
+
+    train_x = np.ascontiguousarray(train_inputs, dtype=np.float32)
+    mean, std = channel_statistics(train_x)
+    return AnomalyModelRecord(AUTOENCODER, widths, mean, std, None, list(train_x.shape[1:])), train_x
 
 
 def _train(model, ctx: PassContext, settings: TrainSection, train_x: np.ndarray, val_x: np.ndarray) -> dict:
@@ -349,10 +422,10 @@ def _train(model, ctx: PassContext, settings: TrainSection, train_x: np.ndarray,
     rows = min(len(train_x), settings.max_train_rows or len(train_x))
 
     def batch(indices: np.ndarray, _epoch: int) -> training.Batch:
-        return training.Batch({INPUT_NAME: torch.from_numpy(train_x[indices])}, torch.zeros(len(indices), dtype=torch.int64))
+        return training.Batch({"values": torch.from_numpy(train_x[indices])}, torch.zeros(len(indices), dtype=torch.int64))
 
     def reconstruction(module, batch_: training.Batch) -> torch.Tensor:
-        return module.score(batch_.inputs[INPUT_NAME]).mean()
+        return module.score(batch_.inputs["values"]).mean()
 
     def negative_error(module) -> float:
         with torch.no_grad():

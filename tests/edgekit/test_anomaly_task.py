@@ -11,9 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekit.config import AnomalySection, BuildConfig, TableSection
+from edgekit.config import BuildConfig
 from edgekit.data import DataError
 from edgekit.tasks.anomaly_detection import load_task_data
+
+
+def _config(path: Path, **data) -> BuildConfig:
+    return BuildConfig.model_validate({"task": {"kind": "anomaly-detection"}, "model": {"source": "builtin:autoencoder"},
+                                       "data": {"path": str(path), "label_column": "state", **data}})
 
 
 def write_machine_table(path: Path, rows: int = 2000, seed: int = 1, labelled: bool = True) -> Path:
@@ -37,7 +42,7 @@ def write_machine_table(path: Path, rows: int = 2000, seed: int = 1, labelled: b
 
 
 def test_the_model_learns_normal_rows_only_and_anomalies_wait_in_val_and_test(tmp_path):
-    data = load_task_data(write_machine_table(tmp_path / "m.csv"), "state", TableSection(), AnomalySection())
+    data = load_task_data(_config(write_machine_table(tmp_path / "m.csv")))
     assert data.labels == ("normal", "anomaly")
     assert set(np.unique(data.train.labels)) == {0}, "no anomaly is trained on"
     anomalies = data.summary["anomalies"]
@@ -47,7 +52,7 @@ def test_the_model_learns_normal_rows_only_and_anomalies_wait_in_val_and_test(tm
 
 
 def test_without_a_label_column_every_row_is_normal(tmp_path):
-    data = load_task_data(write_machine_table(tmp_path / "m.csv", labelled=False), "state", TableSection(), AnomalySection())
+    data = load_task_data(_config(write_machine_table(tmp_path / "m.csv", labelled=False)))
     assert len(data.train) + len(data.val) + len(data.test) == 2000
     assert not np.any(data.test.labels) and data.summary["warnings"]
 
@@ -56,7 +61,7 @@ def test_too_few_normal_rows_and_a_separate_test_file_are_refused(tmp_path):
     path = tmp_path / "few.csv"
     path.write_text("x,state\n" + "".join(f"{i},normal\n" for i in range(5)) + "99,broken\n")
     with pytest.raises(DataError, match="has 5 normal rows .* needs at least 20"):
-        load_task_data(path, "state", TableSection(), AnomalySection())
+        load_task_data(_config(path))
     config = BuildConfig.model_validate({"task": {"kind": "anomaly-detection"}, "model": {"source": "builtin:autoencoder"},
                                          "data": {"path": str(path), "test_path": str(path)}})
     from edgekit.tasks import task_for
@@ -118,3 +123,54 @@ def test_a_machine_table_builds_a_detector_the_agent_runs_on_raw_rows(tmp_path):
         assert outputs["score"][1] > 10 * outputs["score"][0]
     finally:
         agent.stop()
+
+
+def write_motor_windows(path: Path, count: int = 400, seed: int = 0) -> Path:
+    """Two-channel motor current windows of 64 steps: a steady hum; 5% carry a fault (a burst of spikes)."""
+    rng = np.random.default_rng(seed)
+    time = np.arange(64) / 64
+    windows, labels = [], []
+    for _ in range(count):
+        phase = rng.uniform(0, 2 * np.pi)
+        window = np.stack([np.sin(2 * np.pi * 4 * time + phase), np.cos(2 * np.pi * 4 * time + phase)])
+        window += rng.normal(0, 0.05, window.shape)
+        fault = rng.random() < 0.05
+        if fault:
+            at = rng.integers(8, 56)
+            window[:, at:at + 4] += rng.choice([-1, 1]) * 2.5
+        windows.append(window.astype(np.float32))
+        labels.append("fault" if fault else "normal")
+    np.savez(path, X=np.stack(windows), y=np.asarray(labels))
+    return path
+
+
+def test_sensor_windows_are_read_as_series_and_split_by_label(tmp_path):
+    data = load_task_data(_config(write_motor_windows(tmp_path / "w.npz")))
+    assert data.train.inputs.shape[1:] == (2, 64) and not np.any(data.train.labels)
+    assert data.summary["series"] == {"channels": 2, "steps": 64} and data.summary["anomalies"]["labelled"] > 0
+    with pytest.raises(DataError, match="no series is labelled 'healthy'"):
+        load_task_data(BuildConfig.model_validate({
+            "task": {"kind": "anomaly-detection", "anomaly": {"normal_label": "healthy"}},
+            "model": {"source": "builtin:autoencoder"}, "data": {"path": str(tmp_path / "w.npz")}}))
+
+
+@pytest.mark.slow
+def test_a_window_detector_flags_a_fault_burst_in_raw_windows(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+
+    write_motor_windows(tmp_path / "w.npz", count=600)
+    config = tmp_path / "motor.yaml"
+    config.write_text(json.dumps({
+        "model": {"source": "builtin:autoencoder", "name": "motor", "version": "1.0.0", "widths": [64, 16]},
+        "task": {"kind": "anomaly-detection"},
+        "data": {"path": str(tmp_path / "w.npz"), "calibration_path": None},
+        "train": {"epochs": 60, "batch_size": 32, "learning_rate": 0.003, "early_stopping_patience": 10},
+        "targets": ["x86-64-cpu"],
+    }))
+    result = CliRunner().invoke(app, ["build", str(config), "--out", str(tmp_path / "out"), "--no-search"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "x86-64-cpu" / "report.json").read_text())
+    assert report["passed"] and report["metrics"]["per_class"]["anomaly"]["recall"] >= 0.8, report["metrics"]["per_class"]
+    assert report["metrics"]["per_class"]["normal"]["recall"] >= 0.95

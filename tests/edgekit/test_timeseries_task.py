@@ -36,11 +36,12 @@ def test_a_multivariate_ts_file_reads_as_samples_channels_steps(tmp_path):
     ("body", "header", "message"),
     [
         ("1,2,3:4,5,6:up\n1,2:4,5:down\n", HEADER, r"a\.ts:10: 2 channel\(s\) of lengths \[2\]; the first sample has 2 x 3"),
-        ("1,2,3:4,?,6:up\n", HEADER, r"a\.ts:9: a value is not a number .*missing values \('\?'\) are not supported yet"),
-        ("1,2,3:4,nan,6:up\n", HEADER, r"a\.ts:9: NaN or infinite values"),
+        ("1,2,3:4,x,6:up\n", HEADER, r"a\.ts:9: a value is not a number .*a missing value is written '\?'"),
+        ("1,2,3:4,inf,6:up\n", HEADER, r"a\.ts:9: infinite values; a missing value is written '\?'"),
+        ("1,2,3:?,?,?:up\n", HEADER, r"a\.ts:9: channel 1 \(counting from 0\) has no observed value \(all 3 missing\)"),
         ("1,2,3:4,5,6:up\n", HEADER.replace("@dimensions 2", "@dimensions 3"), r"@dimensions 3 but the samples have 2"),
         ("1,2,3:up\n", HEADER.replace("@classLabel true up down", "@classLabel false"), r"no '@classLabel true <labels>'"),
-        ("1,2,3:up\n", HEADER.replace("@equalLength true", "@equalLength false"), r"unequal length .* not supported yet"),
+        ("1,2,3:4,5:up\n", HEADER.replace("@equalLength true", "@equalLength false"), r"a\.ts:9: 2 channel\(s\) of lengths \[2, 3\]: .* the channels of one sample one length"),
         ("1,2,3:up\n", "@problemName Toy\n1,2\n@data\n", r"a\.ts:2: data before @data"),
     ],
 )
@@ -219,3 +220,114 @@ def test_a_continuous_recording_builds_a_window_classifier(tmp_path):
     report = json.loads((tmp_path / "out" / "x86-64-cpu-test" / "report.json").read_text())
     assert report["passed"] and report["metrics"]["final"]["accuracy"] > 0.9, report["metrics"]["final"]
     assert report["data"]["series"] == {"channels": 3, "steps": 50}
+
+
+# ---------------------------------------------------------------- missing values, unequal lengths, CSV series
+
+
+def test_missing_values_are_interpolated_over_time_and_counted(tmp_path):
+    series, _, _ = read_series(_ts(tmp_path / "a.ts", "1,?,3:?,5,?:up\n?,?,9:1,?,nan:down\n"))
+    assert series.tolist() == [[[1, 2, 3], [5, 5, 5]], [[9, 9, 9], [1, 1, 1]]]  # between: linear; beyond the ends: nearest
+    x = np.tile(np.arange(6, dtype=np.float32), (30, 2, 1))
+    x[::2, 1, 1:5] = np.nan  # 0 . . . . 5 → 0 1 2 3 4 5
+    x[1::2, 0, :2] = np.nan  # . . 2 3 4 5 → 2 2 2 3 4 5
+    np.savez(tmp_path / "s.npz", X=x, y=np.repeat(["a", "b"], 15))
+    data = load_task_data(tmp_path / "s.npz", None)
+    filled = np.concatenate([data.train.inputs, data.val.inputs, data.test.inputs])
+    assert {tuple(row) for row in filled[:, 0].tolist()} == {(0, 1, 2, 3, 4, 5), (2, 2, 2, 3, 4, 5)}
+    assert (filled[:, 1] == np.arange(6)).all() and data.summary["imputed_values"] == 15 * 4 + 15 * 2
+    assert "lengths" not in data.summary, "equal lengths: nothing padded, nothing said"
+
+
+def _ragged_ts(path: Path, lengths: list[int]) -> Path:
+    """Univariate series of the given lengths, values step + 10 * sample, labels alternating up / down."""
+    body = "".join(",".join(str(step + 10 * i) for step in range(n)) + (":up\n" if i % 2 else ":down\n")
+                   for i, n in enumerate(lengths))
+    return _ts(path, body, HEADER.replace("@dimensions 2", "@dimensions 1").replace("@equalLength true", "@equalLength false"))
+
+
+def test_unequal_lengths_are_padded_with_the_last_value_or_cut_to_task_series_length(tmp_path):
+    series, _, _ = read_series(_ts(tmp_path / "a.ts", "1,2,3:4,5,6:up\n7,8:1,2:down\n",
+                                   HEADER.replace("@equalLength true", "@equalLength false")))
+    assert series.shape == (2, 2, 3) and series[1].tolist() == [[7, 8, 8], [1, 2, 2]]
+    path = _ragged_ts(tmp_path / "r.ts", [3 + i % 4 for i in range(40)])  # lengths 3..6
+    data = load_task_data(path, None)
+    assert data.train.inputs.shape[1:] == (1, 6)
+    assert data.summary["lengths"] == {"steps": 6, "from": "the longest training series", "shortest": 3, "longest": 6,
+                                       "padded": 30, "truncated": 0}
+    short = load_task_data(path, None, series_length=4)
+    assert short.train.inputs.shape[1:] == (1, 4) and short.summary["lengths"]["truncated"] == 20
+    assert short.summary["lengths"]["padded"] == 10 and short.summary["lengths"]["from"] == "task.series_length"
+    rows = short.train.inputs[:, 0]  # step + 10 * sample: the first 3 steps kept, the 4th the series' own or its last
+    assert (rows[:, :3] == rows[:, :1] + [0, 1, 2]).all() and set((rows[:, 3] - rows[:, 0]).tolist()) == {2, 3}
+
+
+def _wide_and_long(tmp_path: Path, x: np.ndarray, y: np.ndarray) -> tuple[Path, Path]:
+    """The same series as a wide CSV (steps shuffled) and a long one (rows shuffled), channels ax and ay."""
+    rng = np.random.default_rng(1)
+    order = ["state", *(f"{c}_{t}" for c in ("ax", "ay") for t in rng.permutation(x.shape[2]))]  # channels: first seen first
+    rows = [{"state": label, **{f"{c}_{t}": repr(float(x[i, k, t])) for k, c in enumerate(("ax", "ay"))
+                                for t in range(x.shape[2])}} for i, label in enumerate(y)]
+    (tmp_path / "w.csv").write_text("\n".join([",".join(order)] + [",".join(row[c] for c in order) for row in rows]) + "\n")
+    long = [f"s{i},{t * 0.5},{float(x[i, 0, t])!r},{label},{float(x[i, 1, t])!r}"
+            for i, label in enumerate(y) for t in rng.permutation(x.shape[2])]
+    (tmp_path / "l.csv").write_text("id,time,ax,state,ay\n" + "\n".join(long) + "\n")
+    return tmp_path / "w.csv", tmp_path / "l.csv"
+
+
+def test_a_wide_and_a_long_csv_read_to_the_same_series_as_an_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 2, 7)).astype(np.float32), np.repeat(["idle", "walk", "run"], 10)
+    x[3, 1, 2] = np.nan
+    np.savez(tmp_path / "s.npz", X=x, y=y)
+    wide, long = _wide_and_long(tmp_path, x, y)
+    text = wide.read_text().splitlines()
+    wide.write_text("\n".join([text[0]] + [line.replace("nan", "") for line in text[1:]]) + "\n")  # missing: an empty cell
+    loaded = {path.name: load_task_data(path, None, label_column="state") for path in (tmp_path / "s.npz", wide, long)}
+    assert len({data.digest for data in loaded.values()}) == 1, "same rows, same splits, same order"
+    assert all(data.summary["imputed_values"] == 1 for data in loaded.values())
+    assert loaded["w.csv"].summary["channel_names"] == loaded["l.csv"].summary["channel_names"] == ["ax", "ay"]
+    assert np.array_equal(read_series(wide, "state")[0], read_series(tmp_path / "s.npz")[0])
+    (tmp_path / "u.csv").write_text("2,0,1,label\n3,1,2,a\n4,2,?,b\n")  # one channel: columns numbered by step
+    assert read_series(tmp_path / "u.csv")[0].tolist() == [[[1, 2, 3]], [[2, 3, 4]]]
+
+
+LONG = "id,time,x,label\na,0,1,up\na,1,2,up\na,2,3,up\nb,0,4,down\nb,1,5,down\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "options", "message"),
+    [
+        ("x_0,x_1,state\n1,2,a\n", {}, r"w\.csv: no label column 'label'; the columns are \['x_0', 'x_1', 'state'\] \(set data\.label_column\)"),
+        ("x_0,x_1,id,label\n1,2,7,a\n", {}, r"column\(s\) \['id'\] are neither the label .* <channel>_<step>"),
+        ("x_0,x_2,label\n1,2,a\n", {}, r"channel 'x' lacks column\(s\) \['x_1'\]"),
+        ("x_0,x_1,y_0,y_1,label\n1,2,3,4,a\n1,2,,?,b\n", {}, r"w\.csv:3: channel 'y' has no observed value \(all 2 missing\)"),
+        (LONG, {}, r"w\.csv id 'b' has 2 time steps but id 'a' has 3; .* unless task\.series_length is set"),
+        (LONG.replace("time", "t"), {"series_format": "long"}, r"a long CSV needs columns id, time and 'label' .* lacks \['time'\]"),
+        (LONG.replace("b,1,5", "b,0,5"), {"series_length": 3}, r"w\.csv:6: id 'b' has time '0' twice \(also on line 5\)"),
+        (LONG.replace("b,1,5,down", "b,1,5,up"), {}, r"id 'b' has labels \['down', 'up'\]; the rows of one id"),
+        (LONG.replace("a,1,2", "a,1,inf"), {}, r"w\.csv:3: column 'x' holds 'inf', an infinite value"),
+    ],
+)
+def test_a_bad_csv_of_series_is_named_with_its_column_id_or_line(tmp_path, text, options, message):
+    (tmp_path / "w.csv").write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_series(tmp_path / "w.csv", "label", options.get("series_format"), options.get("series_length"))
+
+
+def test_a_long_csv_of_ragged_lengths_is_padded_once_task_series_length_is_set(tmp_path):
+    (tmp_path / "l.csv").write_text(LONG)
+    series, labels, _ = read_series(tmp_path / "l.csv", length=3)
+    assert series.tolist() == [[[1, 2, 3]], [[4, 5, 5]]] and labels == ["up", "down"]
+
+
+def test_task_series_knobs_are_validated_against_windows():
+    with pytest.raises(ValueError, match=r"task\.series_length: for series read whole, but task\.window cuts windows"):
+        BuildConfig.model_validate({"model": {"source": "builtin:cnn1d"}, "task": {
+            "kind": "timeseries-classification", "series_length": 50, "window": {"length": 50, "step": 25}}})
+    with pytest.raises(ValueError, match=r"series_format"):
+        BuildConfig.model_validate({"model": {"source": "builtin:cnn1d"}, "task": {"kind": "timeseries-classification",
+                                                                                   "series_format": "tall"}})
+    config = BuildConfig.model_validate({"model": {"source": "builtin:cnn1d"}, "task": {
+        "kind": "timeseries-classification", "series_length": 50, "series_format": "long"}})
+    assert config.task.series_length == 50
