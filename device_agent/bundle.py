@@ -51,6 +51,11 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 _CHUNK = 1 << 20
+# The model input of table and spectral bundles, which the device computes from the raw input it also takes.
+FEATURES_INPUT = "features"
+SPECTRAL_INPUT = "series"  # a spectral bundle's raw windows
+# Per channel, the statistics before the band energies in a spectral feature row: mean, std, RMS, skewness, kurtosis.
+SPECTRAL_STATISTICS = 5
 # A table's columns, and the categories one column keeps (the build refuses more, naming the column).
 MAX_TABLE_COLUMNS = 1024
 MAX_TABLE_CATEGORIES = 1000
@@ -229,8 +234,29 @@ class TablePreprocessing(_Strict):
         return sum(column.width for column in self.columns)
 
 
+class SpectralPreprocessing(_Strict):
+    """Raw FP32 windows ``[batch, channels, steps]`` become per-channel statistics and spectral band energies
+    (``device_agent.preprocess.spectral_features``), the model's FP32 ``features`` input."""
+
+    kind: Literal["spectral"] = "spectral"
+    channels: int = Field(ge=1, le=1024)
+    steps: int = Field(ge=4, le=1 << 20)
+    bands: int = Field(ge=1, le=256, description="equal-width frequency bands between DC (excluded) and Nyquist")
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> "SpectralPreprocessing":
+        if self.bands > self.steps // 2:
+            raise ValueError(f"{self.bands} bands need windows of at least {2 * self.bands} steps; these have {self.steps}")
+        return self
+
+    @property
+    def width(self) -> int:
+        return self.channels * (SPECTRAL_STATISTICS + self.bands)
+
+
 Preprocessing = Annotated[
-    Union[NoPreprocessing, TokenizerPreprocessing, ImagePreprocessing, TablePreprocessing], Field(discriminator="kind")
+    Union[NoPreprocessing, TokenizerPreprocessing, ImagePreprocessing, TablePreprocessing, SpectralPreprocessing],
+    Field(discriminator="kind"),
 ]
 
 
@@ -288,11 +314,13 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _table_input_fits(self) -> "Manifest":
-        if isinstance(self.preprocessing, TablePreprocessing):
+        if isinstance(self.preprocessing, (TablePreprocessing, SpectralPreprocessing)):
             spec = self.inputs[0]
             width = self.preprocessing.width
-            if len(self.inputs) != 1 or spec.datatype != "FP32" or len(spec.shape) != 2 or spec.shape[1] not in (width, -1):
-                raise ValueError(f"a table bundle's model takes one FP32 input [batch, {width}] (its columns' features); "
+            if (len(self.inputs) != 1 or spec.name != FEATURES_INPUT or spec.datatype != "FP32" or len(spec.shape) != 2
+                    or spec.shape[1] != width):
+                raise ValueError(f"a {self.preprocessing.kind} bundle's model takes one FP32 input {FEATURES_INPUT!r} "
+                                 f"[batch, {width}] (its features); "
                                  f"this one takes {[f'{i.name} {i.datatype} {i.shape}' for i in self.inputs]}")
         return self
 

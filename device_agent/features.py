@@ -20,6 +20,10 @@ the index of its category, ``len(categories)`` for "other"
 names by :func:`table_layout`, the one place that does it. A table keeps at most
 ``MAX_TABLE_FEATURES`` columns (the contract's ``MAX_FEATURES`` less the output
 features); the columns past it, the last ones, have no drift feature.
+
+A spectral bundle's input features are ``tensor_features`` of its raw windows (the ``series`` input, per channel mean
+and std, as for a plain time-series bundle), not of the spectral features the model takes: a request that sends the
+``features`` tensor itself gives output features only.
 """
 
 from __future__ import annotations

@@ -199,3 +199,30 @@ def _numeric(value: Any, fill: float | None, row: int, column: str) -> float:
     if not math.isfinite(number):
         raise UserError(f"row {row}, column {column!r}: {number} is not a finite number")
     return number
+
+
+# --------------------------------------------------------------------------- spectral features of windows
+
+
+def spectral_features(series: np.ndarray, bands: int) -> np.ndarray:
+    """Per channel of each window ``[n, channels, steps]``: mean, std, RMS, skewness, kurtosis (excess), then the
+    log energy of ``bands`` equal-width frequency bands of its spectrum (DC excluded), as FP32 ``[n, channels * (5 +
+    bands)]``, channel by channel. A constant channel has skewness and kurtosis 0."""
+    values = np.asarray(series, dtype=np.float64)
+    if values.ndim != 3:
+        raise UserError(f"windows must be [batch, channels, steps]; got {list(values.shape)}")
+    if not np.all(np.isfinite(values)):
+        raise UserError("windows hold NaN or infinite values; send finite numbers (fill gaps before sending)")
+    mean = values.mean(axis=-1)
+    centred = values - mean[..., None]
+    variance = (centred ** 2).mean(axis=-1)
+    std = np.sqrt(variance)
+    safe = np.where(std > 1e-12, std, 1.0)
+    skewness = np.where(std > 1e-12, (centred ** 3).mean(axis=-1) / safe ** 3, 0.0)
+    kurtosis = np.where(std > 1e-12, (centred ** 4).mean(axis=-1) / safe ** 4 - 3.0, 0.0)
+    rms = np.sqrt((values ** 2).mean(axis=-1))
+    power = np.abs(np.fft.rfft(centred, axis=-1)[..., 1:]) ** 2 / values.shape[-1]
+    edges = np.linspace(0, power.shape[-1], bands + 1).round().astype(int)
+    energy = np.stack([power[..., a:b].sum(axis=-1) for a, b in zip(edges, edges[1:])], axis=-1)
+    per_channel = np.concatenate([np.stack([mean, std, rms, skewness, kurtosis], axis=-1), np.log1p(energy)], axis=-1)
+    return per_channel.reshape(len(values), -1).astype(np.float32)

@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from device_agent import features as drift_features
 from device_agent.batching import DynamicBatcher
 from device_agent.bundle import (
-    ImagePreprocessing, Manifest, ModelInfo, TablePreprocessing, TensorSpec, TokenizerPreprocessing,
+    SPECTRAL_INPUT, ImagePreprocessing, Manifest, ModelInfo, SpectralPreprocessing, TablePreprocessing, TensorSpec, TokenizerPreprocessing,
 )
 from device_agent.config import AgentSettings
 from device_agent.desired_state import DesiredStatePuller
@@ -73,7 +73,7 @@ from device_agent.protocol import (
     parse_json_model,
 )
 from device_agent.repository import ModelNotFound, Repository, ServedModel, VersionInfo
-from device_agent.preprocess import ImagePreprocessor, TableEncoder, TextTokenizer
+from device_agent.preprocess import ImagePreprocessor, TableEncoder, TextTokenizer, spectral_features
 from device_agent.runtime import Session
 from device_agent.telemetry import Telemetry
 
@@ -307,6 +307,10 @@ def _observe(agent: Agent, served: ServedModel, feeds: dict[str, np.ndarray], ra
     elif _is_table_row_batch(spec, feeds, served.manifest):
         # From the encoded rows, whether the client sent raw rows or the features tensor: the same values either way.
         found = drift_features.table_features(feeds[served.manifest.inputs[0].name], agent.table_for(served).layout)
+    elif isinstance(spec, SpectralPreprocessing):
+        # From the raw windows, as the reference was made; the spectral features cannot give them back.
+        series = raw.get(SPECTRAL_INPUT)
+        found = drift_features.tensor_features({SPECTRAL_INPUT: series}) if series is not None else {}
     else:
         found = drift_features.tensor_features(feeds)
     logits = outputs.get(served.manifest.outputs[0].name)
@@ -516,11 +520,14 @@ def _model_metadata(served: ServedModel) -> dict:
 
 
 def _input_metadata(spec: TensorSpec, manifest: Manifest) -> dict:
-    """An input's metadata; the raw ``rows`` input also names the columns a row may hold, in ``parameters``."""
+    """An input's metadata; the raw ``rows`` input also names the columns a row may hold, and the raw ``series`` input
+    the spectral bands its windows become, in ``parameters``."""
     entry = _tensor_metadata(spec)
-    table = manifest.preprocessing
-    if spec is ROWS_INPUT and isinstance(table, TablePreprocessing):
-        entry["parameters"] = {"columns": [{"name": column.name, "kind": column.kind} for column in table.columns]}
+    preprocessing = manifest.preprocessing
+    if spec is ROWS_INPUT and isinstance(preprocessing, TablePreprocessing):
+        entry["parameters"] = {"columns": [{"name": column.name, "kind": column.kind} for column in preprocessing.columns]}
+    if isinstance(preprocessing, SpectralPreprocessing) and spec == series_input(preprocessing):
+        entry["parameters"] = {"bands": preprocessing.bands}
     return entry
 
 
@@ -648,6 +655,7 @@ def _decode(agent: Agent, served: ServedModel, body: bytes, encoding: str | None
         _text_feeds(agent, served, infer_request, binary, raw)
         or _image_feeds(served, infer_request, binary, raw)
         or _table_feeds(agent, served, infer_request, binary)
+        or _spectral_feeds(served, infer_request, binary, raw)
         or decode_inputs(infer_request, binary, served.manifest)
     )
     tokenizer = agent.tokenizer_for(served) if isinstance(served.manifest.preprocessing, TokenizerPreprocessing) else None
@@ -655,18 +663,28 @@ def _decode(agent: Agent, served: ServedModel, body: bytes, encoding: str | None
     return _Decoded(infer_request, feeds, choose_outputs(infer_request, served.manifest), raw)
 
 
-# What text, image and table models take from clients besides their tensors: raw strings, tokenized here with
-# the bundle's tokenizer; raw uint8 images, preprocessed here as the bundle's spec says; raw table rows, each a JSON
-# object of column name → value, encoded here as the bundle's columns say.
+# What text, image, table and spectral models take from clients besides their tensors: raw strings, tokenized here
+# with the bundle's tokenizer; raw uint8 images, preprocessed here as the bundle's spec says; raw table rows, each a
+# JSON object of column name → value, encoded here as the bundle's columns say; raw FP32 windows (``series_input``),
+# made into spectral features here.
 TEXT_INPUT = TensorSpec(name="text", datatype="BYTES", shape=["batch"])
 IMAGE_INPUT = TensorSpec(name="image", datatype="UINT8", shape=["batch", "height", "width", "channels"])
 ROWS_INPUT = TensorSpec(name="rows", datatype="BYTES", shape=["batch"])
 
 
+def series_input(spec: SpectralPreprocessing) -> TensorSpec:
+    """A spectral bundle's raw windows: FP32 ``[batch, channels, steps]``, exactly the bundle's channels and steps."""
+    return TensorSpec(name=SPECTRAL_INPUT, datatype="FP32", shape=["batch", spec.channels, spec.steps])
+
+
 def public_inputs(manifest: Manifest) -> list[TensorSpec]:
-    """The inputs a client may send: the model's tensors, and raw text, images or rows where the bundle preprocesses."""
+    """The inputs a client may send: the model's tensors, and raw text, images, rows or windows where the bundle
+    preprocesses."""
+    spec = manifest.preprocessing
+    if isinstance(spec, SpectralPreprocessing):
+        return [series_input(spec), *manifest.inputs]
     raw = {TokenizerPreprocessing: [TEXT_INPUT], ImagePreprocessing: [IMAGE_INPUT], TablePreprocessing: [ROWS_INPUT]}
-    return raw.get(type(manifest.preprocessing), []) + list(manifest.inputs)
+    return raw.get(type(spec), []) + list(manifest.inputs)
 
 
 def _image_feeds(served: ServedModel, request: InferRequest, binary: bytes, raw: dict) -> dict[str, np.ndarray] | None:
@@ -689,6 +707,20 @@ def _table_feeds(agent: Agent, served: ServedModel, request: InferRequest, binar
         raise ProtocolError(f"raw rows feed models with one input; this one takes {[i.name for i in served.manifest.inputs]}")
     rows = table_rows(request, binary, served.manifest, agent.settings.max_json_bytes)
     return {served.manifest.inputs[0].name: agent.table_for(served).encoder(rows)}
+
+
+def _spectral_feeds(served: ServedModel, request: InferRequest, binary: bytes, raw: dict) -> dict[str, np.ndarray] | None:
+    """The model's ``features`` for a spectral model's raw ``series`` windows, or None when the request sends tensors.
+
+    A window of another shape than the bundle's is refused naming both (``decode_inputs``); one holding NaN or an
+    infinity is refused by ``spectral_features``."""
+    spec = served.manifest.preprocessing
+    if not isinstance(spec, SpectralPreprocessing) or not any(t.name == SPECTRAL_INPUT for t in request.inputs):
+        return None
+    windows_spec = series_input(spec)
+    windows = decode_inputs(request, binary, served.manifest.model_copy(update={"inputs": [windows_spec]}))[windows_spec.name]
+    raw[windows_spec.name] = windows
+    return {served.manifest.inputs[0].name: spectral_features(windows, spec.bands)}
 
 
 def table_rows(request: InferRequest, binary: bytes, manifest: Manifest, max_json_bytes: int) -> list[Any]:

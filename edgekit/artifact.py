@@ -21,7 +21,7 @@ from edgekit.results import Gate, PassResults
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from device_agent.bundle import ImagePreprocessing, TablePreprocessing
+    from device_agent.bundle import ImagePreprocessing, SpectralPreprocessing, TablePreprocessing
     from edgekit.config import BuildConfig
     from edgekit.targets import TargetProfile
     from edgekit.data import TaskData
@@ -52,6 +52,8 @@ class TaskSpec:
     image: "ImagePreprocessing | None" = None
     # Tables: how raw rows become the model's input (columns, fills, categories), as the bundle records it.
     table: "TablePreprocessing | None" = None
+    # Series models of spectral features: how raw windows become the model's input, as the bundle records it.
+    spectral: "SpectralPreprocessing | None" = None
 
 
 @dataclass(frozen=True)

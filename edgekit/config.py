@@ -31,14 +31,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TreesSection(_Strict):
+    """builtin:gbt (tables): scikit-learn's gradient boosting on the encoded features, trained in the load pass.
+
+    Its own section because the train section's numbers mean something else for a network: a boosting shrinkage of
+    0.002 (an Adam step size) would need thousands of rounds. ``train.seed`` and ``train.max_train_rows`` apply as
+    written; the other train settings do not.
+    """
+
+    max_trees: int = Field(300, ge=1, le=5000, description=(
+        "boosting rounds at most (n_estimators); early stopping on the validation split usually keeps fewer"))
+    learning_rate: float = Field(0.1, gt=0, le=1, description="shrinkage of each round's trees")
+    max_depth: int = Field(3, ge=1, le=12, description="depth of each tree")
+    min_samples_leaf: int = Field(1, ge=1, description="fewest training rows in a leaf")
+    subsample: float = Field(1.0, gt=0, le=1, description="share of the training rows each round sees (below 1: stochastic boosting)")
+    patience: int = Field(20, ge=1, description=(
+        "rounds that lower the validation log-loss by less than 1e-4 before boosting stops (the best round is kept)"))
+
+
 class ModelSection(_Strict):
     source: str = Field(EMBEDDED_MODEL, description=(
         "text: embedded:all-minilm-l6-v2, a Hugging Face model folder, or a .onnx file; images: builtin:small-cnn, "
         "config:resnet, config:mobilenet_v2, or a Hugging Face image model folder (config.json is enough: random init); "
-        "time series: builtin:cnn1d; tables: builtin:mlp; anomalies: builtin:autoencoder; "
+        "time series: builtin:cnn1d or builtin:minirocket (random-kernel features, a linear head); "
+        "tables: builtin:mlp or builtin:gbt (gradient-boosted trees); anomalies: builtin:autoencoder; "
         "auto: the search chooses among the task's built-in models"))
     widths: list[int] | None = Field(None, min_length=1, max_length=6, description=(
-        "image models built here: output channels per stage (builtin:small-cnn default [16, 32, 64, 128]; config:* default per family)"))
+        "models built here: output channels per stage (builtin:small-cnn default [16, 32, 64, 128]; config:* default per family; "
+        "builtin:cnn1d default [32, 64, 64]); builtin:minirocket: [number of features] (default [10000])"))
+    trees: TreesSection = Field(TreesSection(), description="builtin:gbt's boosting settings")
     name: str = Field("wordnet-supersense", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     version: str = Field("1.0.0", pattern=r"^[0-9]+(\.[0-9]+){0,3}$")
 
@@ -131,8 +152,8 @@ class TaskSection(_Strict):
         if self.window is not None:
             given = [f"task.{name}" for name in ("series_length", "series_format") if getattr(self, name) is not None]
             if given:
-                raise ValueError(f"{' and '.join(given)} describe series read whole; task.window cuts windows of "
-                                 "task.window.length steps from a recording: set one or the other")
+                raise ValueError(f"{' and '.join(given)}: for series read whole, but task.window cuts windows of "
+                                 "task.window.length steps from a recording; set one or the other")
         return self
 
 
@@ -162,7 +183,8 @@ class DataSection(_Strict):
 
 
 class TrainSection(_Strict):
-    """Image and time-series models built here (builtin:, config:) are trained from scratch in the load pass with these."""
+    """Image, time-series and table models built here (builtin:, config:) are trained from scratch in the load pass with
+    these; builtin:gbt reads only seed and max_train_rows (its boosting settings are model.trees)."""
 
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -296,7 +318,7 @@ class SearchSection(_Strict):
 
     enabled: Literal["auto"] | bool = Field("auto", description=(
         "auto: search when the build reads your own data (not the embedded demo set) and the config says nothing about "
-        "head, finetune or train; true/false: always/never"))
+        "head, finetune, train or model.trees; true/false: always/never"))
     budget_minutes: float = Field(10.0, ge=MIN_SEARCH_MINUTES, description=(
         "trial time summed over the study's trials (every host sharing it): a rerun of a finished search trains nothing"))
     max_trials: int | None = Field(None, ge=1, description="stop after this many finished trials (counted over every host)")

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from device_agent import features as drift_features
-from device_agent.bundle import TablePreprocessing
+from device_agent.bundle import SPECTRAL_INPUT, SpectralPreprocessing, TablePreprocessing
 from device_agent.drift import bin_index, js_distance, psi
 from device_agent.telemetry_schema import DriftReference, FeatureReference, Thresholds
 
@@ -223,6 +223,7 @@ def model_features(
     image_preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     tensor_input: str | None = None,
     table: TablePreprocessing | None = None,
+    spectral: SpectralPreprocessing | None = None,
     output_name: str | None = None,
     batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
@@ -235,7 +236,10 @@ def model_features(
     windows) feed the input ``tensor_input`` as they are, and give
     ``tensor_features``, as the device computes them for a plain tensor model.
     Table rows (column name → value) are encoded as the bundle's ``table``
-    says and give ``table_features``.
+    says and give ``table_features``. Raw float windows of a ``spectral``
+    bundle feed the model their ``spectral_features`` and give
+    ``tensor_features`` of the windows as the input ``series``, as the device
+    computes them from the raw windows a client sends.
     """
     import onnxruntime
 
@@ -244,7 +248,7 @@ def model_features(
     output_names = [o.name for o in session.get_outputs()]
     wanted_output = output_name if output_name in output_names else output_names[0]
     featurize = _featurizer(inputs, input_names, tokenizer_file=tokenizer_file, max_length=max_length,
-                            image_preprocess=image_preprocess, tensor_input=tensor_input, table=table)
+                            image_preprocess=image_preprocess, tensor_input=tensor_input, table=table, spectral=spectral)
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, len(inputs), batch_size):
         feeds, found = featurize(inputs[start:start + batch_size])
@@ -257,8 +261,11 @@ def model_features(
 Featurize = Callable[[Sequence], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
 
 
-def _featurizer(inputs, input_names: list[str], *, tokenizer_file, max_length, image_preprocess, tensor_input, table) -> Featurize:
+def _featurizer(inputs, input_names: list[str], *, tokenizer_file, max_length, image_preprocess, tensor_input, table,
+                spectral) -> Featurize:
     """A chunk of reference rows → the model's feeds and the input drift features, as the device computes them."""
+    if spectral is not None:
+        return _spectral_featurizer(spectral, input_names[0])
     if table is not None:
         from device_agent.preprocess import TableEncoder
 
@@ -294,6 +301,22 @@ def _featurizer(inputs, input_names: list[str], *, tokenizer_file, max_length, i
     return images
 
 
+def _spectral_featurizer(spectral: SpectralPreprocessing, model_input: str) -> Featurize:
+    """Raw windows → the model's spectral features, and the windows' own drift features under the device's input name."""
+    from device_agent.preprocess import spectral_features
+
+    expected = (spectral.channels, spectral.steps)
+
+    def windows(chunk):
+        series = np.ascontiguousarray(chunk, dtype=np.float32)
+        if series.ndim != 3 or series.shape[1:] != expected:
+            raise ValueError(f"spectral reference windows must be [n, {expected[0]}, {expected[1]}] (the bundle's channels "
+                             f"and steps); got {list(series.shape)}")
+        feeds = {model_input: spectral_features(series, spectral.bands)}
+        return feeds, drift_features.tensor_features({SPECTRAL_INPUT: series})
+    return windows
+
+
 def reference_from_splits(
     model_path: Path,
     task,  # edgekit.artifact.TaskSpec
@@ -302,20 +325,27 @@ def reference_from_splits(
     image_preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     tensor_input: str | None = None,
     table: TablePreprocessing | None = None,
+    spectral: SpectralPreprocessing | None = None,
     max_rows: int = 20_000,
     window_size: int = 500,
 ) -> DriftReference:
     """The bundle's reference from data the model never trained on (validation and test splits), through the final model.
 
     A tabular task passes its bundle's ``table`` (``TablePreprocessing``); its splits' inputs are then sequences of raw
-    rows (column name → value), and each categorical column's bins are its categories and "other".
+    rows (column name → value), and each categorical column's bins are its categories and "other". A spectral bundle's
+    task passes its ``spectral`` (``SpectralPreprocessing``); its splits' inputs are then raw windows ``[n, channels,
+    steps]``: the model runs on their spectral features, and the input features are the windows' own, named after the
+    device's raw input ``series`` (``tensor_input``, if given, must be that name).
     """
+    if spectral is not None and tensor_input not in (None, SPECTRAL_INPUT):
+        raise ValueError(f"a spectral bundle's raw windows are its {SPECTRAL_INPUT!r} input on the device, "
+                         f"not {tensor_input!r}: leave tensor_input out")
     parts = [split.inputs for split in splits if len(split)]
     if not parts:
         raise ValueError("no reference rows: the validation and test splits are empty")
     if table is None and isinstance(parts[0], np.ndarray):
         inputs: Sequence = np.concatenate(parts)[:max_rows]
-        if image_preprocess is None and tensor_input is None:
+        if image_preprocess is None and tensor_input is None and spectral is None:
             # TaskSpec.image is the bundle's ImagePreprocessing spec (image-classification tasks).
             spec = getattr(task, "image_preprocessing", None) or getattr(task, "image", None)
             if spec is None:
@@ -327,7 +357,8 @@ def reference_from_splits(
         inputs = [row for part in parts for row in part][:max_rows]
     found = model_features(
         model_path, inputs, tokenizer_file=getattr(task, "tokenizer_file", None), max_length=getattr(task, "max_length", None),
-        image_preprocess=image_preprocess, tensor_input=tensor_input, table=table, output_name=getattr(task, "output_name", None),
+        image_preprocess=image_preprocess, tensor_input=tensor_input, table=table, spectral=spectral,
+        output_name=getattr(task, "output_name", None),
     )
     # A small data set (a UCR/UEA archive set: tens of rows) cannot stand for windows far larger than itself: the windows
     # it is calibrated for are then no larger than the reference.

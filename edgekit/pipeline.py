@@ -1,10 +1,11 @@
 """The build: a literal list of passes, planned per target, cached by content, reported.
 
     shared prefix (once):      load → [finetune] → [prune] → export
+                               (an .onnx file: load-onnx; trees trained straight to ONNX: load-to-onnx)
     per target (suffix):       [qat] → optimize → quantize → compile → evaluate → [gates] → package
 
 ``qat`` (quantization-aware training) runs for the targets whose int8 recipe it
-emulates, when the model is trained here (``edgekit/passes/qat.py``).
+emulates, when the model is trained here in PyTorch (``edgekit/passes/qat.py``).
 
 Every pass output is cached under ``<cache>/<pass>/<key>/`` where the key hashes
 the input artifact's digest, the pass's options and version, the versions of
@@ -43,17 +44,19 @@ ARTIFACT_FILE = "artifact.json"
 
 
 def shared_prefix(config: BuildConfig) -> tuple[Pass, ...]:
-    """The target-independent passes: an ONNX source skips the PyTorch stages; fine-tuning and pruning run when enabled."""
+    """The target-independent passes: an ONNX source, or a model trained straight to ONNX, skips the PyTorch stages;
+    fine-tuning and pruning run when enabled."""
     if load.is_onnx_source(config.model.source):
         return (load.ONNX_PASS,)
+    if load.trained_to_onnx(config.model.source):
+        return (load.TO_ONNX_PASS,)
     optional = ((finetune.PASS,) if config.finetune.enabled else ()) + ((prune.PASS,) if config.prune.enabled else ())
     return (load.PASS, *optional, export.PASS)
 
 
 def per_target(config: BuildConfig, target: TargetProfile) -> tuple[Pass, ...]:
     """The passes run for one target: quantization-aware training first, where it applies."""
-    trained_here = not load.is_onnx_source(config.model.source)
-    return ((qat.PASS,) if qat.applies(config, target, trained_here) else ()) + PER_TARGET
+    return ((qat.PASS,) if qat.applies(config, target, load.has_torch_stage(config.model.source)) else ()) + PER_TARGET
 
 
 # --------------------------------------------------------------------------- planning
@@ -126,7 +129,8 @@ def _encode(artifact: Artifact, entry: Path, work_dir: Path) -> dict:
               "tokenizer_file": path(artifact.task.tokenizer_file), "labels": list(artifact.task.labels),
               "input_names": list(artifact.task.input_names),
               "image": artifact.task.image.model_dump(mode="json") if artifact.task.image else None,
-              "table": artifact.task.table.model_dump(mode="json") if artifact.task.table else None},
+              "table": artifact.task.table.model_dump(mode="json") if artifact.task.table else None,
+              "spectral": artifact.task.spectral.model_dump(mode="json") if artifact.task.spectral else None},
     )
     return document
 
@@ -137,16 +141,17 @@ def _decode(document: dict, entry: Path) -> Artifact:
             return None
         return entry / value[2:] if value.startswith("@/") else Path(value)
 
-    from device_agent.bundle import ImagePreprocessing, TablePreprocessing
+    from device_agent.bundle import ImagePreprocessing, SpectralPreprocessing, TablePreprocessing
 
     task = document["task"]
     image = ImagePreprocessing.model_validate(task["image"]) if task.get("image") else None
     table = TablePreprocessing.model_validate(task["table"]) if task.get("table") else None
+    spectral = SpectralPreprocessing.model_validate(task["spectral"]) if task.get("spectral") else None
     return Artifact(
         stage=Stage(document["stage"]), directory=path(document["directory"]), model_file=document["model_file"],
         digest=document["digest"],
         task=TaskSpec(task["kind"], tuple(task["labels"]), task["max_length"], path(task["tokenizer_file"]),
-                      tuple(task["input_names"]), task["output_name"], image, table),
+                      tuple(task["input_names"]), task["output_name"], image, table, spectral),
         precision=document["precision"], float_model=path(document["float_model"]),
         trained_model=path(document.get("trained_model")),
         kept_in_float=tuple(document["kept_in_float"]), engine_build=document["engine_build"],
@@ -274,11 +279,12 @@ class Build:
                         TaskSpec(self.config.task.kind, self.data.labels, self.config.task.max_length, None))
 
     def train(self) -> Artifact:
-        """The shared prefix's PyTorch passes alone (no export): the trained model a search trial compares."""
+        """The shared prefix up to the export: the trained model a search trial compares (a PyTorch folder, or the ONNX
+        model of one trained straight to ONNX)."""
         prefix, _ = self.plan()
         artifact = self._source()
         for planned in prefix:
-            if planned.pass_.gives is not Stage.TORCH:
+            if planned.pass_ is export.PASS:
                 break
             artifact, _ = self._execute(planned, artifact, self.out_dir)
         return artifact

@@ -109,7 +109,8 @@ class SearchOutcome:
             "study": self.study, "storage": self.storage, "budget_minutes": self.budget_minutes,
             "spent_minutes": round(self.spent_minutes, 2), "chosen": self.chosen, "pareto": self.pareto,
             "selection": "the highest validation accuracy among finished trials (ties: the lower latency)",
-            "latency": "PyTorch fp32 p50 at batch 1 on the build host; size: fp32 parameters",
+            "latency": "PyTorch fp32 p50 at batch 1 on the build host (ONNX Runtime for a model trained straight to "
+                       "ONNX); size: fp32 parameters (the ONNX file)",
             "trials": [asdict(t) for t in self.trials],
         }
 
@@ -121,7 +122,7 @@ def wanted(config: BuildConfig, own_data: bool) -> bool:
     setting = config.search.enabled
     if setting != "auto":
         return bool(setting)
-    says_how_to_train = bool({"head", "finetune", "train"} & config.model_fields_set)
+    says_how_to_train = bool({"head", "finetune", "train"} & config.model_fields_set) or "trees" in config.model.model_fields_set
     return own_data and not says_how_to_train and not is_onnx_source(config.model.source)
 
 
@@ -358,6 +359,10 @@ class _Trials:
 
 def _scores(artifact: Artifact, data: TaskData) -> dict[str, float]:
     """The trained model on validation, its fp32 parameter size, and its PyTorch latency at batch 1 on this host."""
+    from edgekit.artifact import Stage
+
+    if artifact.stage is Stage.ONNX:
+        return _onnx_scores(artifact, data)
     import torch
 
     from edgekit import training
@@ -374,6 +379,25 @@ def _scores(artifact: Artifact, data: TaskData) -> dict[str, float]:
     return {"val_accuracy": float(metrics.accuracy), "val_f1_macro": float(metrics.f1_macro),
             "latency_p50_ms": round(timed.p50_ms, 3),
             "size_mb": round(sum(p.numel() * 4 for p in model.parameters()) / 1e6, 2)}
+
+
+def _onnx_scores(artifact: Artifact, data: TaskData) -> dict[str, float]:
+    """A model trained straight to ONNX (trees): scored as ``_scores`` does, in ONNX Runtime; its size is the file's."""
+    import numpy as np
+    import onnxruntime
+
+    from edgekit.measure import classification_metrics, latency
+    from edgekit.tasks import model_feeds
+
+    session = onnxruntime.InferenceSession(str(artifact.model_path), providers=["CPUExecutionProvider"])
+    output = [artifact.task.output_name]
+    logits = np.concatenate([session.run(output, model_feeds(artifact.task, data.val.inputs[start:start + 256]))[0]
+                             for start in range(0, len(data.val), 256)])
+    metrics = classification_metrics(data.val.labels, logits.argmax(-1), artifact.task.labels)
+    one_row = model_feeds(artifact.task, data.val.inputs[:1])
+    timed = latency(lambda: session.run(output, one_row), iterations=LATENCY_RUNS, warmup=1)
+    return {"val_accuracy": float(metrics.accuracy), "val_f1_macro": float(metrics.f1_macro),
+            "latency_p50_ms": round(timed.p50_ms, 3), "size_mb": round(artifact.model_path.stat().st_size / 1e6, 2)}
 
 
 def _first_line(error: BaseException) -> str:

@@ -70,6 +70,8 @@ def resolve(config: BuildConfig, catalogue: tuple[Dimension, ...]) -> tuple[Dime
     overrides = dict(config.search.space)
     if config.search.models and "model.source" not in overrides:
         overrides["model.source"] = list(dict.fromkeys([config.model.source, *config.search.models]))
+    elif "model.source" not in overrides and any(d.when and d.when[0] == "model.source" for d in catalogue):
+        overrides["model.source"] = config.model.source  # fixed: the dimensions of one model only read it
     dimensions = []
     for dimension in catalogue:
         if dimension.key in overrides:

@@ -36,9 +36,9 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print each target's pass plan and what is cached; build nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
     search: bool | None = typer.Option(None, "--search/--no-search", help=(
-        "Search customizations (head only, LoRA, full fine-tuning and their hyper-parameters; image and time-series "
-        "training settings) on the validation split and build the best (search.enabled). Default: on when you give "
-        "your own data and the config says nothing about head, finetune or train.")),
+        "Search customizations (head only, LoRA, full fine-tuning and their hyper-parameters; image, time-series and "
+        "table training settings) on the validation split and build the best (search.enabled). Default: on when you "
+        "give your own data and the config says nothing about head, finetune, train or model.trees.")),
     search_budget: float | None = typer.Option(None, "--search-budget", metavar="MINUTES", help=(
         "Minutes of trial time for the search, summed over its trials (search.budget_minutes; default 10). A rerun of a "
         "finished search trains nothing; an interrupted one goes on with what is left.")),
@@ -59,7 +59,9 @@ def build(
     finetune.batch_size, finetune.warmup_ratio, finetune.schedule, finetune.weight_decay, finetune.label_smoothing, finetune.lora_r,
     finetune.lora_alpha, finetune.lora_dropout, head.learning_rate, head.pooling, finetune.max_train_rows, prune.ratio;
     images and time series: train.learning_rate, train.epochs, train.batch_size, train.weight_decay, train.augment
-    (images), model.widths, prune.ratio; any task: model.source (or list candidates in search.models).
+    (images), model.widths, prune.ratio; tables: those train keys and model.widths (builtin:mlp), model.trees.learning_rate,
+    model.trees.max_depth, model.trees.min_samples_leaf, model.trees.subsample (builtin:gbt); any task: model.source (or
+    list candidates in search.models).
     """
     from edgekit.pipeline import Build
     from edgekit.report import write_reports

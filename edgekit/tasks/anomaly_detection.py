@@ -249,6 +249,7 @@ class AnomalyDetection:
     bundle_kind = "anomaly-detection"
     graph_fusion = None
     builtin_sources = (AUTOENCODER,)
+    onnx_sources: tuple[str, ...] = ()
     definitions = Path(__file__)
     search_space = SEARCH_SPACE
     search_starts: tuple[dict, ...] = ()

@@ -71,6 +71,7 @@ class ImageClassification:
     bundle_kind = KIND
     graph_fusion = None  # Conv+BN folding is the exporter's and ONNX Runtime's own
     builtin_sources = image_models.KNOWN_SOURCES
+    onnx_sources: tuple[str, ...] = ()
     definitions = Path(image_models.__file__)
     search_space = SEARCH_SPACE
     search_starts: tuple[dict, ...] = ()

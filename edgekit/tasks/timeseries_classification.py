@@ -1,26 +1,35 @@
-"""Time-series classification: labelled windows of sensor channels in, a small 1D CNN out, raw windows on the device.
+"""Time-series classification: labelled windows of sensor channels in, a small model out, raw windows on the device.
 
-Data: ``edgekit.tasks.timeseries_data`` (UCR/UEA ``.ts`` or ``.npz``), float32
-``[n, channels, steps]``. Model: ``builtin:cnn1d``, a fully convolutional
-network in the style of Wang et al. (2017): Conv1d → BatchNorm1d → ReLU
-stages with "same" padding, global average pooling over time, one Linear.
-The per-channel mean and standard deviation of the training series are
-buffers of the model, so normalisation is inside the ONNX graph and the device
-sends raw windows. It trains from scratch in the load pass (``train:``
-settings) and further in the finetune pass (``method: full``), in the one
-training loop. The bundle is a plain tensor model: input ``series``
-``[batch, channels, steps]`` FP32, output ``logits``; quantization is static
-QDQ (convolutions). The drift reference holds each channel's mean and std of
-the raw windows (``device_agent.features.tensor_features``, the device's own
-code) and the output features. Not yet: pruning, spectral drift features,
-unequal lengths and missing values.
+Data: ``edgekit.tasks.timeseries_data`` (UCR/UEA ``.ts``, ``.npz``, CSV, or
+windows cut from a recording), float32 ``[n, channels, steps]``. Models
+(``edgekit.tasks.series_models``), both normalising each channel with the
+training series' mean and std inside the ONNX graph, so the device sends raw
+windows:
+
+- ``builtin:cnn1d``: a fully convolutional network in the style of Wang et al.
+  (2017): Conv1d → BatchNorm1d → ReLU stages, global average pooling, one Linear;
+  every weight trains.
+- ``builtin:minirocket``: MiniRocket (Dempster, Schmidt & Webb, KDD 2021): 84
+  fixed kernels at exponentially spaced dilations, biases from quantiles of
+  their outputs on training series, about 10,000 PPV features; only the linear
+  head on them trains (logistic regression by cross-entropy; the paper fits a
+  ridge classifier), on features computed once.
+
+Both train from scratch in the load pass (``train:`` settings) and further in
+the finetune pass (``method: full``), in the one training loop. The bundle is a
+plain tensor model: input ``series`` ``[batch, channels, steps]`` FP32, output
+``logits``; quantization is static QDQ (the graphs have convolutions). For
+MiniRocket that quantizes the convolutions whose outputs are compared with the
+biases: a quantization step near a bias flips the comparison, so its int8
+agreement is lower than the CNN's (measured in bench/README.md, "Time
+series"). The drift reference holds each channel's mean and std of the raw
+windows (``device_agent.features.tensor_features``, the device's own code) and
+the output features. Not yet: pruning, spectral drift features.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +40,10 @@ from edgekit.config import BuildConfig, FinetuneSection, PruneSection, SearchRan
 from edgekit.data import Split, TaskData
 from edgekit.search_space import Dimension
 from edgekit.errors import EdgekitError
+from edgekit.tasks import series_models
 from edgekit.tasks.scratch_training import PREDICT_BATCH, train_classifier
+from edgekit.tasks.series_models import (DEFAULT_WIDTHS, KNOWN_SOURCES, SPECTRAL_BANDS, SPECTRAL_MLP, SeriesModelRecord,
+                                          load_model, new_model, save_model, trainable_part)
 
 if TYPE_CHECKING:
     import torch
@@ -40,11 +52,6 @@ if TYPE_CHECKING:
 
 KIND = "timeseries-classification"
 INPUT_NAME = "series"
-CNN1D = "builtin:cnn1d"
-RECORD_FILE = "series_model.json"
-WEIGHTS_FILE = "model.pt"
-DEFAULT_WIDTHS = [32, 64, 64]
-KERNELS = [7, 5, 3]  # per stage; later stages reuse the last
 
 
 # What a search may tune for models trained here from scratch (the train section), and pruning on request.
@@ -67,69 +74,15 @@ class SeriesSettings(BaseModel):
     widths: list[int] | None
 
 
-@dataclass(frozen=True)
-class SeriesModelRecord:
-    """Enough to rebuild the module before loading its weights."""
-
-    source: str
-    channels: int
-    steps: int
-    classes: int
-    widths: list[int]
-    mean: list[float]  # per channel, of the training series
-    std: list[float]
-
-
-def build_model(record: SeriesModelRecord) -> torch.nn.Module:
-    """The 1D CNN of ``record``, freshly initialised, normalising its input with the record's channel statistics."""
-    import torch
-    from torch import nn
-
-    class SeriesCNN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("mean", torch.tensor(record.mean, dtype=torch.float32).view(1, -1, 1))
-            self.register_buffer("std", torch.tensor(record.std, dtype=torch.float32).view(1, -1, 1))
-            layers: list[nn.Module] = []
-            previous = record.channels
-            for stage, width in enumerate(record.widths):
-                kernel = KERNELS[min(stage, len(KERNELS) - 1)]
-                layers += [nn.Conv1d(previous, width, kernel, padding=kernel // 2, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
-                previous = width
-            self.features = nn.Sequential(*layers)
-            self.classifier = nn.Linear(previous, record.classes)
-
-        def forward(self, series: torch.Tensor) -> torch.Tensor:
-            return self.classifier(self.features((series - self.mean) / self.std).mean(dim=-1))
-
-    return SeriesCNN()
-
-
-def save_model(model: torch.nn.Module, record: SeriesModelRecord, folder: Path) -> None:
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n")
-    torch.save(model.state_dict(), folder / WEIGHTS_FILE)
-
-
-def load_model(folder: Path) -> tuple[torch.nn.Module, SeriesModelRecord]:
-    import torch
-
-    record = SeriesModelRecord(**json.loads((folder / RECORD_FILE).read_text()))
-    model = build_model(record)
-    model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    return model.eval(), record
-
-
 class TimeSeriesClassification:
     """The time-series task: see the module docstring."""
 
     kind = KIND
     bundle_kind = "tensor"  # the device takes raw windows as an FP32 tensor
     graph_fusion = None
-    builtin_sources = (CNN1D,)
-    definitions = Path(__file__)
+    builtin_sources = KNOWN_SOURCES
+    onnx_sources: tuple[str, ...] = ()
+    definitions = Path(series_models.__file__)
     search_space = SEARCH_SPACE
     search_starts: tuple[dict, ...] = ()
     quantization_aware_schemes: tuple[str, ...] = ()  # 1D CNNs quantize by static QDQ, which edgekit.fake_quant does not emulate yet
@@ -142,6 +95,8 @@ class TimeSeriesClassification:
         if config.model.source not in self.builtin_sources:
             problems.append(f"model.source {config.model.source!r} is not a time-series model; {KIND} takes "
                             f"{', '.join(self.builtin_sources)}")
+        elif problem := series_models.widths_problem(config.model.source, config.model.widths):
+            problems.append(problem)
         if config.finetune.enabled and config.finetune.method == "lora":
             problems.append("finetune.method lora adapts Hugging Face text models; time-series models are fine-tuned fully: "
                             "set finetune.method: full")
@@ -152,40 +107,42 @@ class TimeSeriesClassification:
 
         if config.task.window is not None:
             return load_windowed(config.data.path, config.task.window, config.data.label_column)
-        return load_task_data(config.data.path, config.data.test_path)
+        return load_task_data(config.data.path, config.data.test_path, label_column=config.data.label_column,
+                              series_length=config.task.series_length, series_format=config.task.series_format)
 
-    def spec(self, labels: tuple[str, ...]) -> TaskSpec:
+    def spec(self, labels: tuple[str, ...], record: SeriesModelRecord) -> TaskSpec:
+        from device_agent.bundle import FEATURES_INPUT
         from edgekit.artifact import TaskSpec
 
-        return TaskSpec(KIND, labels, 0, None, (INPUT_NAME,), "logits", None)
+        spectral = record.spectral()
+        return TaskSpec(KIND, labels, 0, None, (FEATURES_INPUT if spectral else INPUT_NAME,), "logits", spectral=spectral)
 
     def load(self, source: str, digest: str, settings: SeriesSettings, ctx: PassContext) -> Artifact:
-        """Build the 1D CNN with the training series' channel statistics and train it from scratch."""
-        import torch
-
+        """Build the model with the training series' channel statistics (MiniRocket: fit its kernels) and train it."""
         from edgekit.artifact import Artifact, Stage
         from edgekit.results import LoadResult, PassResults
         from edgekit.tasks.timeseries_data import channel_statistics
 
-        if source != CNN1D:
-            raise EdgekitError(f"model.source {source!r} is not a time-series model; {KIND} takes {CNN1D}")
+        if source not in KNOWN_SOURCES:
+            raise EdgekitError(f"model.source {source!r} is not a time-series model; {KIND} takes {', '.join(KNOWN_SOURCES)}")
         train = ctx.data.train
         mean, std = channel_statistics(train.inputs)
-        record = SeriesModelRecord(source, train.inputs.shape[1], train.inputs.shape[2], len(ctx.data.labels),
-                                   list(settings.widths or DEFAULT_WIDTHS), mean, std)
-        torch.manual_seed(settings.train.seed)
-        model = build_model(record)
-        spec = self.spec(ctx.data.labels)
-        metrics = train_classifier(model, ctx, settings.train, "train", keep_initial=False, input_name=INPUT_NAME,
-                                   train_x=ctx.data.train.inputs, val_x=ctx.data.val.inputs)
+        steps = train.inputs.shape[2]
+        record = SeriesModelRecord(source, train.inputs.shape[1], steps, len(ctx.data.labels),
+                                   list(settings.widths or DEFAULT_WIDTHS[source]), mean, std,
+                                   bands=min(SPECTRAL_BANDS, steps // 2) if source == SPECTRAL_MLP else 0)
+        model = new_model(record, train.inputs, settings.train.seed)
+        trained, train_x, val_x = trainable_part(model, record, train.inputs, ctx.data.val.inputs)
+        metrics = train_classifier(trained, ctx, settings.train, "train", keep_initial=False, input_name=INPUT_NAME,
+                                   train_x=train_x, val_x=val_x)
         save_model(model, record, ctx.work_dir)
         parameters = sum(p.numel() for p in model.parameters())
         ctx.say(f"trained {source} ({parameters / 1e3:.1f} k parameters): validation accuracy {metrics['val_accuracy']:.4f}")
-        return Artifact(Stage.TORCH, ctx.work_dir, ".", digest, spec,
+        return Artifact(Stage.TORCH, ctx.work_dir, ".", digest, self.spec(ctx.data.labels, record),
                         results=PassResults(load=LoadResult(model=source, parameters=parameters, widths=record.widths, **metrics)))
 
     def finetune(self, artifact: Artifact, settings: FinetuneSection, task_settings: SeriesSettings, ctx: PassContext) -> Artifact:
-        """Every weight trained further with the finetune settings; the loaded model competes."""
+        """Every trainable weight (MiniRocket: its head) trained further with the finetune settings; the loaded model competes."""
         from edgekit.artifact import Artifact, Stage
         from edgekit.results import FinetuneResult
 
@@ -194,8 +151,9 @@ class TimeSeriesClassification:
                              weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
                              early_stopping_patience=settings.early_stopping_patience, max_train_rows=settings.max_train_rows,
                              seed=settings.seed)
-        metrics = train_classifier(model, ctx, train, "finetune", keep_initial=True, input_name=INPUT_NAME,
-                                   train_x=ctx.data.train.inputs, val_x=ctx.data.val.inputs)
+        trained, train_x, val_x = trainable_part(model, record, ctx.data.train.inputs, ctx.data.val.inputs)
+        metrics = train_classifier(trained, ctx, train, "finetune", keep_initial=True, input_name=INPUT_NAME,
+                                   train_x=train_x, val_x=val_x)
         save_model(model, record, ctx.work_dir)
         return Artifact(Stage.TORCH, ctx.work_dir, ".", artifact.digest, artifact.task,
                         results=artifact.recording(finetune=FinetuneResult(method="full", **metrics)))
@@ -211,13 +169,14 @@ class TimeSeriesClassification:
 
     @staticmethod
     def forward(model: torch.nn.Module, inputs) -> torch.Tensor:
-        return model(inputs[INPUT_NAME])
+        return model(next(iter(inputs.values())))  # the one input: raw windows, or a spectral model's features
 
     def torch_batches(self, spec: TaskSpec, split: Split, batch_size: int = PREDICT_BATCH) -> Iterator[dict[str, torch.Tensor]]:
         import torch
 
         for start in range(0, len(split), batch_size):
-            yield {INPUT_NAME: torch.from_numpy(np.ascontiguousarray(split.inputs[start:start + batch_size]))}
+            feeds = self.feeds(spec, split.inputs[start:start + batch_size])
+            yield {name: torch.from_numpy(value) for name, value in feeds.items()}
 
     def export_onnx(self, folder: Path, output: Path, opset: int, say) -> None:
         """torch.onnx (TorchScript exporter; BatchNorm folded, symbolic batch), checked by onnx.checker."""
@@ -226,23 +185,34 @@ class TimeSeriesClassification:
         import onnx
         import torch
 
+        from device_agent.bundle import FEATURES_INPUT
+
         model, record = load_model(folder)
         say(f"exporting to ONNX (opset {opset}) with torch.onnx")
-        example = torch.zeros(1, record.channels, record.steps)
+        spectral = record.spectral()
+        name = FEATURES_INPUT if spectral else INPUT_NAME
+        example = torch.zeros(1, spectral.width) if spectral else torch.zeros(1, record.channels, record.steps)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice says nothing about this model
-            torch.onnx.export(model, (example,), str(output), input_names=[INPUT_NAME], output_names=["logits"],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False)
+            torch.onnx.export(model, (example,), str(output), input_names=[name], output_names=["logits"],
+                              dynamic_axes={name: {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False)
         onnx.checker.check_model(str(output))
 
     def feeds(self, spec: TaskSpec, inputs, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
-        """Raw windows ``[n, channels, steps]`` as FP32: normalisation is inside the model."""
-        return {INPUT_NAME: np.ascontiguousarray(inputs, dtype=np.float32)}
+        """Raw windows ``[n, channels, steps]`` as FP32 (normalisation is inside the model), or for a spectral model
+        their features, computed as the device computes them."""
+        windows = np.ascontiguousarray(inputs, dtype=np.float32)
+        if spec.spectral is not None:
+            from device_agent.bundle import FEATURES_INPUT
+            from device_agent.preprocess import spectral_features
+
+            return {FEATURES_INPUT: spectral_features(windows, spec.spectral.bands)}
+        return {INPUT_NAME: windows}
 
     def bundle_preprocessing(self, spec: TaskSpec):
         from device_agent.bundle import NoPreprocessing
 
-        return NoPreprocessing()
+        return spec.spectral or NoPreprocessing()
 
     def bundle_files(self, spec: TaskSpec) -> dict[str, Path]:
         return {}
@@ -254,6 +224,8 @@ class TimeSeriesClassification:
         """Per-channel mean and std of the raw windows and the output features: what the device computes for a tensor model."""
         from edgekit.drift_reference import reference_from_splits
 
+        if spec.spectral is not None:
+            return reference_from_splits(model_path, spec, splits, spectral=spec.spectral)
         return reference_from_splits(model_path, spec, splits, tensor_input=INPUT_NAME)
 
 

@@ -33,3 +33,55 @@ def test_a_file_that_is_not_a_tokenizer_is_a_user_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="is not a tokenizers JSON file"):
         TextTokenizer(tmp_path / "tokenizer.json", 8)
+
+
+# --------------------------------------------------------------------------- spectral features of windows
+
+
+def test_a_pure_sines_energy_falls_in_its_band():
+    from device_agent.preprocess import spectral_features
+
+    steps, bands = 64, 4  # 32 frequency bins past DC, 8 per band: band 2 holds cycles 17-24
+    sine = np.sin(2 * np.pi * 20 * np.arange(steps) / steps)
+    features = spectral_features(sine.reshape(1, 1, steps), bands)
+    assert features.shape == (1, 5 + bands) and features.dtype == np.float32
+    energy = np.expm1(features[0, 5:])
+    assert energy.argmax() == 2
+    np.testing.assert_allclose(energy[[0, 1, 3]], 0.0, atol=1e-4)
+    np.testing.assert_allclose(energy[2], steps / 4, rtol=1e-5)  # |X_20|^2 / steps = (steps / 2)^2 / steps
+
+
+def test_statistics_of_a_known_window_channel_by_channel():
+    from device_agent.preprocess import spectral_features
+
+    windows = np.array([[[1, 2, 3, 4], [0, 0, 0, 4]]], np.float32)
+    features = spectral_features(windows, bands=1).reshape(2, 6)  # per channel: mean, std, RMS, skewness, kurtosis, band
+    # centred [-1.5, -0.5, 0.5, 1.5]: variance 1.25, fourth moment 2.5625; spectrum past DC |X|^2 / 4 = 2 and 1
+    np.testing.assert_allclose(features[0], [2.5, np.sqrt(1.25), np.sqrt(7.5), 0.0, 2.5625 / 1.5625 - 3, np.log1p(3.0)],
+                               rtol=1e-5, atol=1e-6)
+    # centred [-1, -1, -1, 3]: variance 3, third moment 6, fourth 21
+    np.testing.assert_allclose(features[1, :5], [1.0, np.sqrt(3.0), 2.0, 6 / 3 ** 1.5, 21 / 9 - 3], rtol=1e-5)
+
+
+def test_a_constant_channel_has_zero_skewness_kurtosis_and_band_energy():
+    from device_agent.preprocess import spectral_features
+
+    windows = np.stack([np.full((1, 16), 7.25), np.linspace(-1, 1, 16)[None]], axis=1).astype(np.float32)  # [1, 2, 16]
+    constant, ramp = spectral_features(windows, bands=2).reshape(2, 7)
+    np.testing.assert_allclose(constant, [7.25, 0.0, 7.25, 0.0, 0.0, 0.0, 0.0], atol=1e-6)
+    assert ramp[1] > 0 and ramp[4] < 0 and np.all(np.isfinite(ramp))  # a ramp is flat-topped: negative excess kurtosis
+
+
+@pytest.mark.parametrize("series, fragment", [
+    (np.zeros((2, 16), np.float32), "windows must be [batch, channels, steps]; got [2, 16]"),
+    (np.zeros((1, 2, 3, 16), np.float32), "got [1, 2, 3, 16]"),
+    (np.where(np.arange(16) == 3, np.nan, 0.0).reshape(1, 1, 16), "NaN or infinite"),
+    (np.where(np.arange(16) == 3, -np.inf, 0.0).reshape(1, 1, 16), "NaN or infinite"),
+])
+def test_bad_windows_are_user_errors(series, fragment: str):
+    from device_agent.errors import UserError
+    from device_agent.preprocess import spectral_features
+
+    with pytest.raises(UserError) as raised:
+        spectral_features(series, bands=2)
+    assert fragment in str(raised.value)

@@ -331,3 +331,177 @@ def test_task_series_knobs_are_validated_against_windows():
     config = BuildConfig.model_validate({"model": {"source": "builtin:cnn1d"}, "task": {
         "kind": "timeseries-classification", "series_length": 50, "series_format": "long"}})
     assert config.task.series_length == 50
+
+
+# ---------------------------------------------------------------- builtin:minirocket
+
+
+def _waves(count: int, seed: int, channels: int = 3, steps: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Sines and square waves of random period and phase, plus noise: [count, channels, steps] and labels 0/1."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 2
+    t = np.arange(steps)
+    period = rng.uniform(10, 30, size=(count, 1, 1))
+    phase = rng.uniform(0, 2 * np.pi, size=(count, channels, 1))
+    sine = np.sin(2 * np.pi * t / period + phase)
+    waves = np.where(labels[:, None, None] == 1, np.sign(sine), sine)
+    return (waves + 0.3 * rng.normal(size=waves.shape)).astype(np.float32), labels
+
+
+def _minirocket(x: np.ndarray, classes: int = 2, features: int = 10_000):
+    from edgekit.tasks.series_models import MINIROCKET, SeriesModelRecord, new_model
+    from edgekit.tasks.timeseries_data import channel_statistics
+
+    mean, std = channel_statistics(x)
+    record = SeriesModelRecord(MINIROCKET, x.shape[1], x.shape[2], classes, [features], mean, std)
+    return new_model(record, x, seed=0), record
+
+
+def test_minirocket_has_the_papers_84_kernels_and_exponential_dilations():
+    from edgekit.tasks.series_models import minirocket_dilations, minirocket_kernels
+
+    kernels = minirocket_kernels()
+    assert kernels.shape == (84, 9) and set(np.unique(kernels)) == {-1.0, 2.0}
+    assert (kernels == 2).sum(axis=1).tolist() == [3] * 84 and len({row.tobytes() for row in kernels}) == 84
+    assert (kernels.sum(axis=1) == 0).all()
+    layout = minirocket_dilations(100, 10_000)  # BasicMotions: 119 features per kernel over dilations 1..12
+    dilations = [d for d, _ in layout]
+    assert dilations[0] == 1 and max(dilations) == 12 and (max(dilations) * 8 <= 99) and dilations == sorted(set(dilations))
+    assert sum(b for _, b in layout) == 119
+    assert minirocket_dilations(24, 10_000)[-1][0] == 2 and sum(b for _, b in minirocket_dilations(5000, 10_000)) == 119
+    assert len(minirocket_dilations(5000, 10_000)) <= 32
+
+
+def test_minirocket_features_are_the_ppv_of_the_kernels_against_their_biases_exactly():
+    """Each feature, recomputed by hand in float64 from the model's own weights and biases, is the model's, bit for bit."""
+    import torch
+
+    x, _ = _waves(12, seed=1)
+    model, _ = _minirocket(x, features=840)
+    series = torch.from_numpy(x)
+    with torch.no_grad():
+        features = model.features(series).numpy()
+        normalised = model.normalise(series).double().numpy()
+    assert features.shape == (12, 840) and 0.2 < features.mean() < 0.8
+    column = 0
+    for dilation in model.dilations:
+        for part, padding in (("padded", 4 * dilation.dilation), ("valid", 0)):
+            weights = getattr(dilation, f"{part}_weight").double().numpy()
+            biases = getattr(dilation, f"{part}_bias").double().numpy()[:, :, 0]
+            padded = np.pad(normalised, ((0, 0), (0, 0), (padding, padding)))
+            steps = padded.shape[-1] - 8 * dilation.dilation
+            taps = np.stack([padded[:, :, k * dilation.dilation:k * dilation.dilation + steps] for k in range(9)], axis=-1)
+            convolved = np.einsum("ncsk,mck->nms", taps, weights)  # [series, kernels, steps]
+            expected = (convolved[:, :, None, :] > biases[None, :, :, None]).mean(-1).reshape(len(x), -1)
+            assert np.array_equal(features[:, column:column + expected.shape[1]], expected.astype(np.float32)), (dilation.dilation, part)
+            column += expected.shape[1]
+    assert column == 840
+
+
+def test_minirocket_trains_on_waves_and_its_onnx_export_matches_torch(tmp_path):
+    import onnx
+    import onnxruntime
+    import torch
+
+    from edgekit import training
+    from edgekit.tasks.series_models import save_model, trainable_part
+    from edgekit.tasks.timeseries_classification import TASK
+    from tests.support.train import fit_on
+
+    train_x, train_y = _waves(60, seed=2)
+    test_x, test_y = _waves(40, seed=3)
+    model, record = _minirocket(train_x)
+    head, features, _ = trainable_part(model, record, train_x, test_x[:4])
+    assert head is model.classifier and features.shape == (60, 84 * 119)
+    batches = [training.Batch({"x": torch.from_numpy(features[i:i + 10])}, torch.from_numpy(train_y[i:i + 10])) for i in range(0, 60, 10)]
+    fit_on(head, batches, learning_rate=1e-3, epochs=20)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(test_x)).numpy()
+    assert (logits.argmax(-1) == test_y).mean() >= 0.95
+    save_model(model, record, tmp_path / "torch")
+    TASK.export_onnx(tmp_path / "torch", tmp_path / "model.onnx", 17, lambda _: None)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"series": test_x})[0] - logits).max() < 1e-4
+    assert {"Conv", "Greater", "ReduceMean", "Gemm"} <= {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+
+
+@pytest.mark.parametrize(
+    ("widths", "message"),
+    [([32, 64], r"model\.widths for builtin:minirocket is \[number of features\] \(at least 84, default \[10000\]\); got \[32, 64\]"),
+     ([50], r"got \[50\]")],
+)
+def test_minirocket_widths_are_its_number_of_features(widths, message):
+    with pytest.raises(ValueError, match=message):
+        BuildConfig.model_validate({"model": {"source": "builtin:minirocket", "widths": widths}, "task": {"kind": "timeseries-classification"}})
+    assert BuildConfig.model_validate({"model": {"source": "builtin:minirocket", "widths": [2000]},
+                                       "task": {"kind": "timeseries-classification"}}).model.widths == [2000]
+
+
+def test_model_source_auto_searches_every_series_model():
+    config = BuildConfig.model_validate({"model": {"source": "auto"}, "task": {"kind": "timeseries-classification"}})
+    assert config.model.source == "builtin:cnn1d" and config.search.models == ["builtin:minirocket", "builtin:spectral-mlp"]
+
+
+def test_a_minirocket_build_of_waves_gives_a_bundle_that_passes_its_gates(tmp_path):
+    train_x, train_y = _waves(120, seed=4)
+    np.savez(tmp_path / "waves.npz", X=train_x, y=np.where(train_y == 1, "square", "sine"))
+    config = tmp_path / "waves.yaml"
+    config.write_text(json.dumps({
+        "model": {"source": "builtin:minirocket", "name": "waves", "version": "1.0.0"},
+        "task": {"kind": "timeseries-classification"},
+        "data": {"path": str(tmp_path / "waves.npz"), "calibration_path": None},
+        "train": {"epochs": 30, "batch_size": 8, "learning_rate": 0.0001, "weight_decay": 0.0, "early_stopping_patience": 30},
+        "evaluation": {"latency_iterations": 5, "throughput_seconds": 0.2},
+        "targets": ["x86-64-cpu"],
+    }))
+    result = CliRunner().invoke(app, ["build", str(config), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "x86-64-cpu" / "report.json").read_text())
+    assert report["passed"] and report["bundle"] and report["metrics"]["final"]["accuracy"] >= 0.95, report["metrics"]["final"]
+    assert report["metrics"]["load"]["model"] == "builtin:minirocket" and report["metrics"]["load"]["parameters"] == 2 * 9996 + 2
+    assert report["quantization"]["scheme"] == "static_qdq" and report["precision"] in ("int8", "fp32")
+
+
+# --------------------------------------------------------------------------- the spectral-feature model
+
+
+def _tone_windows(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two-channel windows of 64 steps: a low hum (class 0) or a high whine (class 1) in noise: told apart by frequency."""
+    rng = np.random.default_rng(seed)
+    time = np.arange(64) / 64
+    labels = rng.integers(0, 2, count)
+    cycles = np.where(labels == 0, 3, 12)[:, None]
+    phase = rng.uniform(0, 2 * np.pi, (count, 1))
+    tone = np.sin(2 * np.pi * cycles * time + phase)
+    windows = np.stack([tone, 0.5 * tone], axis=1) + rng.normal(0, 0.3, (count, 2, 64))
+    return windows.astype(np.float32), labels
+
+
+def test_a_spectral_model_builds_a_bundle_whose_device_computes_the_features(tmp_path):
+    from device_agent.bundle import SpectralPreprocessing, open_bundle
+    from device_agent.keys import Keyring
+
+    windows, labels = _tone_windows(300)
+    np.savez(tmp_path / "tones.npz", X=windows, y=np.where(labels == 0, "hum", "whine"))
+    config = tmp_path / "tones.yaml"
+    config.write_text(json.dumps({
+        "model": {"source": "builtin:spectral-mlp", "name": "tones", "version": "1.0.0"},
+        "task": {"kind": "timeseries-classification"},
+        "data": {"path": str(tmp_path / "tones.npz"), "calibration_path": None},
+        "train": {"epochs": 30, "batch_size": 32, "learning_rate": 0.003, "early_stopping_patience": 8},
+        "targets": ["x86-64-cpu"],
+    }))
+    result = CliRunner().invoke(app, ["build", str(config), "--out", str(tmp_path / "out"), "--cache-dir",
+                                      str(tmp_path / "cache"), "--no-search"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "x86-64-cpu" / "report.json").read_text())
+    assert report["passed"] and report["metrics"]["final"]["accuracy"] >= 0.95, report["metrics"]["final"]
+    keyring = tmp_path / "keyring"
+    keyring.mkdir()
+    shutil.copy(tmp_path / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
+    with open_bundle(Path(report["bundle"]), Keyring.load(keyring)) as opened:
+        manifest = opened.manifest
+        assert manifest.preprocessing == SpectralPreprocessing(channels=2, steps=64, bands=16)
+        assert [(i.name, i.shape) for i in manifest.inputs] == [("features", ["batch", 2 * 21])]
+        assert {"input.series.0.mean", "input.series.1.std"} <= set(manifest.drift_reference["features"])

@@ -353,3 +353,78 @@ def write_tiny_table_bundle(out: Path, key: Ed25519PrivateKey, version: str = "1
         "drift_reference": drift_reference,
     })
     return write_bundle(out, manifest, {"model.onnx": model_path, "golden.npz": golden}, key)
+
+
+# --------------------------------------------------------------------------- a spectral (time-series features) bundle
+
+SPECTRAL_LABELS = ["idle", "walk", "run"]
+
+
+def tiny_spectral_spec():
+    """Three channels of 32 steps, 4 bands: features [channel 0: mean, std, RMS, skewness, kurtosis, 4 bands, channel 1 …]."""
+    from device_agent.bundle import SpectralPreprocessing
+
+    return SpectralPreprocessing(channels=3, steps=32, bands=4)
+
+
+def tiny_spectral_windows(count: int, seed: int = 0, offset: float = 0.0) -> np.ndarray:
+    """FP32 windows ``[count, 3, 32]`` for the tiny spectral model: a sine per channel at a random frequency and phase,
+    plus noise; channel 0 shifted by ``offset``."""
+    rng = np.random.default_rng(seed)
+    spec = tiny_spectral_spec()
+    steps = np.arange(spec.steps)
+    cycles = rng.integers(1, spec.steps // 2, size=(count, spec.channels, 1))
+    phase = rng.uniform(0, 2 * np.pi, size=(count, spec.channels, 1))
+    windows = np.sin(2 * np.pi * cycles * steps / spec.steps + phase) + rng.normal(0, 0.3, size=(count, spec.channels, spec.steps))
+    windows[:, 0] += offset
+    return windows.astype(np.float32)
+
+
+def write_spectral_classifier(path: Path, width: int, seed: int = 0) -> Path:
+    """A real ONNX model over spectral features: logits = features @ W + b, three classes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.normal(size=(width, len(SPECTRAL_LABELS))).astype(np.float32) * 0.3, "W")
+    bias = numpy_helper.from_array(rng.normal(size=(len(SPECTRAL_LABELS),)).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"])],
+        "tiny-spectral",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(SPECTRAL_LABELS)])],
+        initializer=[weight, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def write_tiny_spectral_bundle(out: Path, key: Ed25519PrivateKey, version: str = "1.0.0", *,
+                               drift_reference: dict | None = None) -> Manifest:
+    """A signed spectral bundle ("tiny-spectral"): ``tiny_spectral_spec`` windows, one MatMul+Add model over the
+    ``features`` input, golden vectors from ONNX Runtime on ``spectral_features`` of a few windows. Its model file is
+    ``<out.parent>/<out.stem>-payload/model.onnx``."""
+    import onnxruntime
+
+    from device_agent.preprocess import spectral_features
+
+    spec = tiny_spectral_spec()
+    payload_dir = out.parent / f"{out.stem}-payload"
+    payload_dir.mkdir(parents=True, exist_ok=True)
+    model_path = write_spectral_classifier(payload_dir / "model.onnx", spec.width)
+    features = spectral_features(tiny_spectral_windows(4, seed=1), spec.bands)
+    (logits,) = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, {"features": features})
+    golden = payload_dir / "golden.npz"
+    np.savez(golden, **{"input:features": features, "output:logits": logits})
+    manifest = tiny_manifest(version).model_copy(update={
+        "model": ModelInfo(name="tiny-spectral", version=version),
+        "inputs": [TensorSpec(name="features", datatype="FP32", shape=["batch", spec.width])],
+        "outputs": [TensorSpec(name="logits", datatype="FP32", shape=["batch", len(SPECTRAL_LABELS)])],
+        "task": TaskInfo(kind="tensor", labels=SPECTRAL_LABELS),
+        "preprocessing": spec,
+        "drift_reference": drift_reference,
+    })
+    return write_bundle(out, manifest, {"model.onnx": model_path, "golden.npz": golden}, key)

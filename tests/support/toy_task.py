@@ -45,6 +45,7 @@ class ToyVectors:
     bundle_kind = "tensor"
     graph_fusion = None
     builtin_sources: tuple[str, ...] = ()
+    onnx_sources: tuple[str, ...] = ()
     definitions = None
     quantization_aware_schemes: tuple[str, ...] = ()
     search_space: tuple = ()  # nothing to tune: a search of this task tries the config as written (and search.models)
