@@ -53,7 +53,7 @@ class ModelSection(_Strict):
     source: str = Field(EMBEDDED_MODEL, description=(
         "text: embedded:all-minilm-l6-v2, a Hugging Face model folder, or a .onnx file; images: builtin:small-cnn, "
         "config:resnet, config:mobilenet_v2, or a Hugging Face image model folder (config.json is enough: random init); "
-        "time series: builtin:cnn1d or builtin:minirocket (random-kernel features, a linear head); "
+        "time series: builtin:cnn1d, builtin:minirocket (random-kernel features, a linear head) or builtin:spectral-mlp; "
         "tables: builtin:mlp or builtin:gbt (gradient-boosted trees); anomalies: builtin:autoencoder; "
         "auto: the search chooses among the task's built-in models"))
     widths: list[int] | None = Field(None, min_length=1, max_length=6, description=(
@@ -170,8 +170,8 @@ class IdxFiles(_Strict):
 class DataSection(_Strict):
     path: Path = Field(DEMO_DATA, description=(
         "text: CSV/TSV, JSONL, Parquet or a datasets save_to_disk folder with text, label and (optional) split columns; "
-        "images: a folder of class folders; time series: a .ts or .npz file (sktime:<set>/<file> for the sktime wheel's); "
-        "tables: a CSV or Parquet file with a header and data.label_column"))
+        "images: a folder of class folders; time series: a .ts, .npz or CSV file (sktime:<set>/<file> for the sktime "
+        "wheel's; CSV: see task.series_format); tables and anomalies: a CSV or Parquet file with a header"))
     calibration_path: Path | None = Field(DEMO_CALIBRATION, description="JSONL rows for quantization calibration; default: from train")
     text_column: str = "text"
     label_column: str = "label"
