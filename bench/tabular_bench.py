@@ -96,7 +96,7 @@ def logistic_peer(document: dict, folder: Path) -> dict:
     from sklearn.preprocessing import StandardScaler
 
     from edgekit.config import load_build_config
-    from edgekit.measure import average_precision, classification_metrics, latency
+    from edgekit.measure import classification_metrics, latency, rare_class_pr_auc
     from edgekit.tasks import load_task_data
     from edgekit.tasks.tabular_classification import encode
     from edgekit.tasks.tabular_data import table_spec
@@ -117,7 +117,7 @@ def logistic_peer(document: dict, folder: Path) -> dict:
     one_row = test_x[:1]
     timed = latency(lambda: model.predict_proba(one_row), iterations=200, warmup=10)
     return {"test_accuracy": metrics.accuracy, "test_f1_macro": metrics.f1_macro,
-            "test_pr_auc": average_precision(data.test.labels, probabilities[:, 1]) if len(data.labels) == 2 else None,
+            "test_pr_auc": rare_class_pr_auc(data.test.labels, probabilities, data.labels)[0] if len(data.labels) == 2 else None,
             "fit_seconds": round(seconds, 3), "predict_proba_one_row_p50_ms": round(timed.p50_ms, 4),
             "rows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}, "features": table.width}
 

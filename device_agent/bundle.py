@@ -220,6 +220,9 @@ class TablePreprocessing(_Strict):
 
     kind: Literal["table"] = "table"
     columns: list[TableColumn] = Field(min_length=1, max_length=MAX_TABLE_COLUMNS)
+    ignored: list[Annotated[str, Field(max_length=256)]] = Field(
+        [], max_length=MAX_TABLE_COLUMNS,
+        description="columns of the training table the model does not read (ids, the label): a raw row may carry them")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "TablePreprocessing":

@@ -8,7 +8,9 @@ errors are internal text, and a 500). The contract:
 - for a text model, sequences of 1 to ``max_length`` tokens (the bundle's);
 - integer inputs that index a table (token ids, token type ids) within the
   table: the build records each such range in the manifest (``value_range``),
-  and a text bundle's token ids are bounded by its tokenizer's vocabulary too.
+  and a text bundle's token ids are bounded by its tokenizer's vocabulary too;
+- float inputs finite: a NaN would run through the model and come out as an
+  answer (an anomaly detector's NaN score reads as "normal").
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def check_feeds(manifest: Manifest, feeds: dict[str, np.ndarray], ranges: dict[s
     for name, array in feeds.items():
         if max_length is not None and array.ndim == 2 and array.shape[1] > max_length:
             raise ProtocolError(f"input {name!r} holds sequences of {array.shape[1]} tokens; this model takes 1 to {max_length}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+            raise ProtocolError(f"input {name!r} holds {array[where]} at {list(where)}; this model takes finite numbers "
+                                "(fill gaps before sending)")
         allowed = ranges.get(name)
         if allowed is None or array.dtype.kind not in "iu":
             continue

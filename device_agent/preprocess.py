@@ -141,6 +141,9 @@ def category_key(value: Any) -> str | None:
     return str(value)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # the model's features are FP32: a larger number would become infinite
+
+
 class TableEncoder:
     """Raw table rows → the model's FP32 feature rows, as a bundle's ``TablePreprocessing`` says.
 
@@ -154,6 +157,7 @@ class TableEncoder:
         self.columns = list(spec.columns)
         self.width = spec.width
         self._known = {column.name for column in self.columns}
+        self._ignored = set(spec.ignored)  # columns a raw row may carry that the model does not read (ids, the label)
         self._slots: list[tuple[str, int, dict[str, int] | None, float | None]] = []
         offset = 0
         for column in self.columns:
@@ -166,7 +170,7 @@ class TableEncoder:
         for number, row in enumerate(rows):
             if not isinstance(row, Mapping):
                 raise UserError(f"row {number} is {type(row).__name__}, not an object of column name → value")
-            unknown = [name for name in row if name not in self._known]
+            unknown = [name for name in row if name not in self._known and name not in self._ignored]
             if unknown:
                 raise UserError(f"row {number}: unknown column(s) {', '.join(map(repr, unknown[:5]))}; "
                                 f"the model's columns: {', '.join(c.name for c in self.columns[:20])}"
@@ -196,8 +200,9 @@ def _numeric(value: Any, fill: float | None, row: int, column: str) -> float:
         raise UserError(f"row {row}, column {column!r}: {str(value)[:40]}… is too large for a number") from None
     if math.isnan(number):
         return float(fill or 0.0)
-    if not math.isfinite(number):
-        raise UserError(f"row {row}, column {column!r}: {number} is not a finite number")
+    if not math.isfinite(number) or abs(number) > _FLOAT32_MAX:
+        raise UserError(f"row {row}, column {column!r}: {number} is not a finite number the model can hold "
+                        f"(at most {_FLOAT32_MAX:.3g} in size)")
     return number
 
 

@@ -369,13 +369,16 @@ class BuildConfig(_Strict):
         if not sources:
             raise ValueError(f"model.source auto lets the search choose among a task's built-in models; {kind} has none: "
                              "name a model (a folder, a .onnx file or embedded:all-minilm-l6-v2)")
+        model = {**document["model"], "source": sources[0]}
+        if len(sources) == 1:  # nothing to choose
+            return {**document, "model": model}
         search = dict(document.get("search") or {})
         if search.get("enabled") is False:
             raise ValueError("model.source auto needs the search to choose the model; remove search.enabled: false "
                              f"or name one of {', '.join(sources)}")
         search["enabled"] = True
         search["models"] = list(dict.fromkeys([*sources[1:], *search.get("models", [])]))
-        return {**document, "model": {**document["model"], "source": sources[0]}, "search": search}
+        return {**document, "model": model, "search": search}
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> "BuildConfig":
@@ -389,6 +392,10 @@ class BuildConfig(_Strict):
         if owner is not None and owner.kind != kind:
             raise ValueError(f"model.source {source!r} is a {owner.kind} model; set task.kind: {owner.kind}")
         problems = TASKS[kind].config_problems(self)  # what only the task knows it cannot take
+        for candidate in self.search.models:  # each model the search may choose must fit the rest of the config too
+            if candidate != source and builtin_owner(candidate) is TASKS[kind]:
+                trial = self.model_copy(update={"model": self.model.model_copy(update={"source": candidate})})
+                problems += [f"search.models {candidate}: {problem}" for problem in TASKS[kind].config_problems(trial)]
         allowed = sorted({dimension.key for dimension in TASKS[kind].search_space} | {"model.source"})
         unknown = [key for key in self.search.space if key not in allowed]
         if unknown:

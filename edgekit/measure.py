@@ -71,6 +71,18 @@ def average_precision(true: Sequence[int], scores: Sequence[float]) -> float:
     return float(np.sum((hits / ranks)[true_array[order] == 1]) / positives)
 
 
+def rare_class_pr_auc(labels: np.ndarray, probabilities: np.ndarray, names: Sequence[str]) -> tuple[float | None, str | None]:
+    """Two classes: the average precision of the rarer one in ``labels`` (the second on a tie: fraud, faults and
+    anomalies are the rare ones) from its column of ``probabilities`` ``[n, 2]``, and its name; (None, None) when it
+    has no row."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=2)
+    positive = 0 if counts[0] < counts[1] else 1
+    if counts[positive] == 0:
+        return None, None
+    return average_precision((labels == positive).astype(np.int64), np.asarray(probabilities)[:, positive]), names[positive]
+
+
 @dataclass(frozen=True)
 class Fidelity:
     """How closely a candidate model's outputs follow its float reference."""

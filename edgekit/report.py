@@ -42,7 +42,8 @@ def target_report(result: TargetResult) -> dict:
             "reference": summary(evaluation.reference if evaluation else None, _SUMMARY),
             "final": summary(final, (*_SUMMARY, "top1_agreement", "top1_agreement_lower_95", "flips", "batched_top1_agreement",
                                     "max_abs_error", "mean_abs_error")),
-            "pr_auc": {"reference": evaluation.reference.pr_auc, "final": final.pr_auc} if final and final.pr_auc is not None else None,
+            "pr_auc": {"reference": evaluation.reference.pr_auc, "final": final.pr_auc, "positive": final.pr_auc_label}
+            if final and final.pr_auc is not None else None,
             "per_class": final.per_class if final else None,
             "confusion": final.confusion if final else None,
             "evaluation": {"runtime": evaluation.runtime, "proxy": evaluation.proxy, "test_rows": evaluation.test_rows,
@@ -233,7 +234,7 @@ def render(reports: list[dict], console) -> None:
         for key in (*_SUMMARY, "top1_agreement"):
             metrics.add_row(key, _number(report["metrics"]["reference"].get(key)), _number(report["metrics"]["final"].get(key)))
         if report["metrics"].get("pr_auc"):
-            positive = list(report["metrics"]["per_class"] or ["", "positive"])[1]
+            positive = report["metrics"]["pr_auc"].get("positive") or "positive"
             metrics.add_row(f"pr_auc ({positive})", _number(report["metrics"]["pr_auc"]["reference"]), _number(report["metrics"]["pr_auc"]["final"]))
         console.print(metrics)
         finetune = report["metrics"].get("finetune") or {}

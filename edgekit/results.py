@@ -188,7 +188,8 @@ class ModelMetrics(_Record):
     throughput: float
     throughput_batch: int
     size_mb: float
-    pr_auc: float | None = None  # binary tasks: average precision of the second label (the positive class)
+    pr_auc: float | None = None  # binary tasks: average precision of the rarer class in the test rows (pr_auc_label)
+    pr_auc_label: str | None = None
     sequence_length: int | None = None  # text
     image_size: list[int] | None = None  # images
     # the final model only: fidelity to its float reference, and the build's peak memory

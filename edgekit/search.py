@@ -122,8 +122,11 @@ def wanted(config: BuildConfig, own_data: bool) -> bool:
     setting = config.search.enabled
     if setting != "auto":
         return bool(setting)
+    from edgekit.tasks import task_for
+
     says_how_to_train = bool({"head", "finetune", "train"} & config.model_fields_set) or "trees" in config.model.model_fields_set
-    return own_data and not says_how_to_train and not is_onnx_source(config.model.source)
+    something_to_search = bool(task_for(config.task.kind).search_space or config.search.models)
+    return own_data and not says_how_to_train and not is_onnx_source(config.model.source) and something_to_search
 
 
 def run_search(config: BuildConfig, data: TaskData, out_dir: Path, cache_dir: Path, signing_key: Path, progress, say) -> SearchOutcome:

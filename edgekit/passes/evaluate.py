@@ -85,27 +85,27 @@ def measure_model(path, texts, labels, task, options: Options, ctx: PassContext,
     rows = len(texts[: options.max_batch])
     timing = latency(lambda: session.run(None, one), iterations=options.latency_iterations)
     rate = throughput(lambda: session.run(None, batch), rows, seconds=options.throughput_seconds)
+    pr_auc, positive = _positive_class_pr_auc(labels, logits, task.labels)
     metrics = ModelMetrics(
         accuracy=scores.accuracy, f1_macro=scores.f1_macro, precision_macro=scores.precision_macro,
         recall_macro=scores.recall_macro, per_class=scores.per_class, confusion=scores.confusion,
         latency_p50_ms=timing.p50_ms, latency_p95_ms=timing.p95_ms, throughput=rate,
-        throughput_batch=rows, size_mb=size_mb(path), pr_auc=_positive_class_pr_auc(labels, logits), rows_per_run=rows_per_run,
+        throughput_batch=rows, size_mb=size_mb(path), pr_auc=pr_auc, pr_auc_label=positive, rows_per_run=rows_per_run,
         **task_for(task.kind).input_shape(task),
     )
     return metrics, logits
 
 
-def _positive_class_pr_auc(labels, logits) -> float | None:
-    """Binary tasks: PR-AUC of the second label from the softmax probabilities; None otherwise (or without positives)."""
+def _positive_class_pr_auc(labels, logits, names: tuple[str, ...]) -> tuple[float | None, str | None]:
+    """Binary tasks: ``measure.rare_class_pr_auc`` of the softmax probabilities; (None, None) otherwise."""
     import numpy as np
 
-    from edgekit.measure import average_precision
+    from edgekit.measure import rare_class_pr_auc
 
-    if logits.shape[-1] != 2 or not np.any(labels == 1):
-        return None
+    if logits.shape[-1] != 2:
+        return None, None
     shifted = logits - logits.max(axis=-1, keepdims=True)
-    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
-    return average_precision(labels, probabilities[:, 1])
+    return rare_class_pr_auc(labels, np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True), names)
 
 
 def gates(reference: ModelMetrics, final: ModelMetrics, options: Options) -> tuple[Gate, ...]:

@@ -72,7 +72,7 @@ def source_digest(source: str) -> str:
         if owner is None:
             known = [s for task in TASKS.values() for s in task.builtin_sources]
             raise EdgekitError(f"unknown built-in model {source!r}; known: {', '.join(known)}")
-        return hashlib.sha256(source.encode() + owner.definitions.read_bytes()).hexdigest()
+        return hashlib.sha256(source.encode() + b"".join(path.read_bytes() for path in owner.definitions)).hexdigest()
     path = resolve_source(source)
     digest = hashlib.sha256()
     for file in sorted([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):

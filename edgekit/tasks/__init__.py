@@ -49,7 +49,7 @@ class Task(Protocol):
     graph_fusion: str | None  # ONNX Runtime transformer-fusion model type for the optimize pass, or None
     builtin_sources: tuple[str, ...]  # model.source values that name models defined in edgekit (builtin:..., config:...)
     onnx_sources: tuple[str, ...]  # those of them trained straight to ONNX (load-to-onnx: no PyTorch stage)
-    definitions: Path | None  # the file that defines them: its bytes are part of their cache key
+    definitions: tuple[Path, ...]  # the files that define them and what they are trained on: their bytes are part of their cache key
     # int8 schemes whose numerics edgekit.fake_quant emulates for this task's models: quantization-aware training runs
     # for targets with one of them (it calls load_torch, forward, torch_batches, save_torch and export_onnx)
     quantization_aware_schemes: tuple[str, ...]

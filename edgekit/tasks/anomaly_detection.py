@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from device_agent import preprocess
 from pydantic import BaseModel, ConfigDict
 
 from edgekit.config import (
@@ -45,13 +47,13 @@ from edgekit.config import (
     BuildConfig,
     FinetuneSection,
     PruneSection,
-    SearchRange,
     TableSection,
     TrainSection,
 )
 from edgekit.data import DataError, Split, TaskData, carve_stratified, task_data_from
 from edgekit.errors import EdgekitError
 from edgekit.search_space import Dimension
+from edgekit.tasks import tabular_classification, tabular_data, timeseries_data
 from edgekit.tasks.tabular_classification import INPUT_NAME, encode, feature_statistics
 from edgekit.tasks.timeseries_classification import INPUT_NAME as SERIES_INPUT
 
@@ -71,11 +73,9 @@ CALIBRATION_ROWS = 256
 PREDICT_BATCH = 256
 _EPSILON = 1e-12  # keeps log(score / threshold) finite for a perfect reconstruction
 
-SEARCH_SPACE = (
-    Dimension("train.learning_rate", SearchRange(low=5e-4, high=1e-2, log=True)),
-    Dimension("train.epochs", SearchRange(low=10, high=60, integer=True)),
-    Dimension("model.widths", [[32, 8], [64, 16], [64, 32, 8]]),
-)
+# No search: trials are ranked by validation accuracy, which the threshold fixes at about threshold_quantile on the
+# normal rows; with few or no labelled anomalies every trial would tie. Tune train: and model.widths by hand.
+SEARCH_SPACE: tuple[Dimension, ...] = ()
 
 
 class AnomalySettings(BaseModel):
@@ -85,6 +85,7 @@ class AnomalySettings(BaseModel):
     widths: list[int] | None
     table: TableSection
     anomaly: AnomalySection
+    label_column: str
 
 
 @dataclass(frozen=True)
@@ -179,24 +180,34 @@ def load_task_data(config: BuildConfig, seed: int = 0) -> TaskData:
         if not normal_at:
             raise DataError(f"{path}: no series is labelled {anomaly.normal_label!r} (task.anomaly.normal_label); its labels: "
                             f"{', '.join(sorted(set(names))[:20])}")
+        unlabelled = 0
     else:
-        normal, anomalies, labelled, described = _table_rows(config)
+        normal, anomalies, labelled, described, unlabelled = _table_rows(config)
     noun = "windows" if is_series_data(config) else "rows"
     if len(normal) < 20:
         raise DataError(f"{path} has {len(normal)} normal {noun} (label {anomaly.normal_label!r}"
                         f"{'' if labelled else ', every row when there is no ' + repr(config.data.label_column) + ' column'}); "
                         "an anomaly detector needs at least 20 to learn what normal looks like")
     parts, counts = _split(normal, anomalies, seed)
-    summary = {"source": str(path), "rows_read": len(normal) + len(anomalies), "rows_kept": len(normal) + len(anomalies),
-               "dropped": {}, "warnings": [], **described, "anomalies": counts}
+    kept = len(normal) + len(anomalies)
+    summary = {"source": str(path), "rows_read": kept + unlabelled, "rows_kept": kept,
+               "dropped": {"no label": unlabelled} if unlabelled else {}, "warnings": [], **described, "anomalies": counts}
     if not len(anomalies):
         summary["warnings"].append(f"no labelled anomalies: the test split measures false alarms on normal {noun} only")
+    validation_normal = list(parts["val"][1]).count("normal")
+    enough = math.ceil(1 / (1 - anomaly.threshold_quantile))
+    if validation_normal < enough:
+        summary["warnings"].append(
+            f"the threshold is the {anomaly.threshold_quantile:g} quantile of {validation_normal} held-out normal {noun}; "
+            f"under {enough} it is little more than their largest score, so the false-alarm rate on new data may differ "
+            "from 1 - threshold_quantile: add normal data or lower task.anomaly.threshold_quantile")
     identity = repr((LABELS, sorted(described.items()), config.task.table.model_dump(), anomaly.model_dump(), labelled)).encode()
     return task_data_from(LABELS, parts, CALIBRATION_ROWS, identity, summary)
 
 
-def _table_rows(config: BuildConfig) -> tuple[np.ndarray, np.ndarray, bool, dict]:
-    """A table's normal and anomalous rows (object arrays of dicts), whether it has labels, and its columns' kinds."""
+def _table_rows(config: BuildConfig) -> tuple[np.ndarray, np.ndarray, bool, dict, int]:
+    """A table's normal and anomalous rows (object arrays of dicts), whether it has labels, its columns' kinds, and how
+    many rows had an empty label."""
     from device_agent.preprocess import category_key
     from edgekit.tasks.tabular_data import read_rows, table_spec
 
@@ -209,12 +220,21 @@ def _table_rows(config: BuildConfig) -> tuple[np.ndarray, np.ndarray, bool, dict
     if not features:
         raise DataError(f"table {path} has no column to learn from besides {label_column!r}")
     labelled = label_column in columns
-    normal, anomalies = [], []
+    if not labelled and "label_column" in config.data.model_fields_set:
+        raise DataError(f"table {path} has no column {label_column!r} (data.label_column); its columns: "
+                        f"{', '.join(columns[:30])}; name the column that marks normal rows, or remove data.label_column "
+                        "if every row is normal")
+    normal, anomalies, unlabelled = [], [], 0
     for row in rows:
         kept = {column: row[column] for column in features}
-        (anomalies if labelled and category_key(row[label_column]) != config.task.anomaly.normal_label else normal).append(kept)
+        label = category_key(row[label_column]) if labelled else config.task.anomaly.normal_label
+        if label is None:  # a row nobody labelled is neither: left out, and counted
+            unlabelled += 1
+            continue
+        (normal if label == config.task.anomaly.normal_label else anomalies).append(kept)
     spec = table_spec(normal, features, table)  # refuses what cannot be encoded, before any training
-    return _objects(normal), _objects(anomalies), labelled, {"columns": {c.name: c.kind for c in spec.columns}}
+    return (_objects(normal), _objects(anomalies), labelled, {"columns": {c.name: c.kind for c in spec.columns}},
+            unlabelled)
 
 
 def _split(normal: np.ndarray, anomalies: np.ndarray, seed: int) -> tuple[dict, dict]:
@@ -250,14 +270,16 @@ class AnomalyDetection:
     graph_fusion = None
     builtin_sources = (AUTOENCODER,)
     onnx_sources: tuple[str, ...] = ()
-    definitions = Path(__file__)
+    # the model, the table encoding and the readers of what it is trained on
+    definitions = (Path(__file__), Path(tabular_classification.__file__), Path(tabular_data.__file__),
+                   Path(preprocess.__file__), Path(timeseries_data.__file__))
     search_space = SEARCH_SPACE
     search_starts: tuple[dict, ...] = ()
     quantization_aware_schemes: tuple[str, ...] = ()
 
     def settings(self, config: BuildConfig) -> AnomalySettings:
         return AnomalySettings(train=config.train, widths=config.model.widths, table=config.task.table,
-                               anomaly=config.task.anomaly)
+                               anomaly=config.task.anomaly, label_column=config.data.label_column)
 
     def config_problems(self, config: BuildConfig) -> list[str]:
         problems = []
@@ -268,6 +290,9 @@ class AnomalyDetection:
                             "set finetune.enabled: false")
         if config.prune.enabled:
             problems.append(f"prune does not support {KIND} models yet; set prune.enabled: false")
+        if config.search.enabled is True:
+            problems.append(f"the search ranks trials by validation accuracy, which an anomaly threshold fixes; {KIND} is "
+                            "not searched: set search.enabled: false and tune train: by hand")
         return problems
 
     def load_data(self, config: BuildConfig) -> TaskData:
@@ -379,9 +404,11 @@ class AnomalyDetection:
         """Per column (tables) or per channel's mean and std (windows), and the output features: what the device computes."""
         from edgekit.drift_reference import reference_from_splits
 
+        # The reference is what a healthy device sees: the normal rows only, or labelled anomalies would look like drift.
+        normal = [Split(split.inputs[split.labels == 0], split.labels[split.labels == 0]) for split in splits]
         if spec.table is not None:
-            return reference_from_splits(model_path, spec, splits, table=spec.table)
-        return reference_from_splits(model_path, spec, splits, tensor_input=SERIES_INPUT)
+            return reference_from_splits(model_path, spec, normal, table=spec.table)
+        return reference_from_splits(model_path, spec, normal, tensor_input=SERIES_INPUT)
 
 
 TASK = AnomalyDetection()
@@ -402,7 +429,7 @@ def _describe(source: str, settings: AnomalySettings, train_inputs: np.ndarray) 
         from edgekit.tasks.tabular_data import table_spec
 
         rows = list(train_inputs)
-        table = table_spec(rows, list(rows[0]), settings.table)
+        table = table_spec(rows, list(rows[0]), settings.table, settings.label_column)
         train_x = encode(table, rows)
         mean, std = feature_statistics(table, train_x)
         return AnomalyModelRecord(AUTOENCODER, widths, mean, std, table.model_dump(mode="json"), [table.width]), train_x

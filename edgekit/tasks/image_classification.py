@@ -72,7 +72,7 @@ class ImageClassification:
     graph_fusion = None  # Conv+BN folding is the exporter's and ONNX Runtime's own
     builtin_sources = image_models.KNOWN_SOURCES
     onnx_sources: tuple[str, ...] = ()
-    definitions = Path(image_models.__file__)
+    definitions = (Path(image_models.__file__),)
     search_space = SEARCH_SPACE
     search_starts: tuple[dict, ...] = ()
     quantization_aware_schemes: tuple[str, ...] = ()  # CNNs quantize by static QDQ, which edgekit.fake_quant does not emulate yet

@@ -81,6 +81,7 @@ RECORD_FILE = "series_model.json"
 WEIGHTS_FILE = "model.pt"
 DEFAULT_WIDTHS = {CNN1D: [32, 64, 64], MINIROCKET: [10_000], SPECTRAL_MLP: [64, 32]}
 SPECTRAL_BANDS = 16  # frequency bands per channel (fewer for windows under 32 steps)
+SPECTRAL_MIN_BANDS = 4
 CNN_KERNELS = [7, 5, 3]  # per stage; later stages reuse the last
 KERNEL_LENGTH = 9
 KERNEL_COUNT = 84  # C(9, 3)
@@ -121,6 +122,9 @@ def new_model(record: SeriesModelRecord, train_x: np.ndarray, seed: int) -> torc
     """``record``'s model, freshly initialised (seeded); MiniRocket's fixed stage fitted on ``train_x``."""
     import torch
 
+    if record.source == SPECTRAL_MLP and record.steps < 2 * SPECTRAL_MIN_BANDS:
+        raise EdgekitError(f"{SPECTRAL_MLP} needs series of at least {2 * SPECTRAL_MIN_BANDS} steps (its frequency bands); "
+                           f"these have {record.steps}: use {CNN1D}, or longer series (task.series_length, task.window.length)")
     if record.source == MINIROCKET and record.steps < KERNEL_LENGTH:
         raise EdgekitError(f"{MINIROCKET} needs series of at least {KERNEL_LENGTH} steps (its kernels' length); these have "
                            f"{record.steps}: use {CNN1D}, or longer series (task.series_length, task.window.length)")

@@ -48,12 +48,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from device_agent import preprocess
 from pydantic import BaseModel, ConfigDict
 
 from edgekit.config import BuildConfig, FinetuneSection, PruneSection, SearchRange, TableSection, TrainSection, TreesSection
 from edgekit.data import Split, TaskData
 from edgekit.errors import EdgekitError
 from edgekit.search_space import Dimension
+from edgekit.tasks import tabular_data
 from edgekit.tasks.scratch_training import PREDICT_BATCH, train_classifier
 
 if TYPE_CHECKING:
@@ -103,6 +106,7 @@ class TableSettings(BaseModel):
     train: TrainSection
     widths: list[int] | None
     table: TableSection
+    label_column: str  # recorded in the bundle with the ignored columns: a device may receive whole rows
     trees: TreesSection | None = None  # builtin:gbt only, so an MLP's cache key does not move when they change
 
 
@@ -291,7 +295,7 @@ class TabularClassification:
     graph_fusion = None
     builtin_sources = (MLP, GBT)
     onnx_sources = (GBT,)  # trained straight to ONNX in the load-to-onnx pass: no PyTorch stage
-    definitions = Path(__file__)
+    definitions = (Path(__file__), Path(tabular_data.__file__), Path(preprocess.__file__))  # the models and the encoding
     search_space = SEARCH_SPACE
     search_starts: tuple[dict, ...] = ()
     quantization_aware_schemes: tuple[str, ...] = ()
@@ -299,8 +303,10 @@ class TabularClassification:
     def settings(self, config: BuildConfig) -> TableSettings:
         if config.model.source == GBT:  # only what the trees read, so a change to the MLP's settings retrains nothing
             train = TrainSection(seed=config.train.seed, max_train_rows=config.train.max_train_rows)
-            return TableSettings(train=train, widths=None, table=config.task.table, trees=config.model.trees)
-        return TableSettings(train=config.train, widths=config.model.widths, table=config.task.table)
+            return TableSettings(train=train, widths=None, table=config.task.table, label_column=config.data.label_column,
+                                 trees=config.model.trees)
+        return TableSettings(train=config.train, widths=config.model.widths, table=config.task.table,
+                             label_column=config.data.label_column)
 
     def config_problems(self, config: BuildConfig) -> list[str]:
         problems = []
@@ -342,7 +348,7 @@ class TabularClassification:
         if source != MLP:
             raise EdgekitError(f"model.source {source!r} is not a table model; {KIND} takes {MLP}")
         train_rows = list(ctx.data.train.inputs)
-        table = table_spec(train_rows, list(train_rows[0]) if train_rows else [], settings.table)
+        table = table_spec(train_rows, list(train_rows[0]) if train_rows else [], settings.table, settings.label_column)
         train_x = encode(table, train_rows)
         mean, std = feature_statistics(table, train_x)
         record = TableModelRecord(source, len(ctx.data.labels), list(settings.widths or DEFAULT_WIDTHS), mean, std,
@@ -367,7 +373,7 @@ class TabularClassification:
 
         require_tree_libraries()
         train_rows = list(ctx.data.train.inputs)
-        table = table_spec(train_rows, list(train_rows[0]) if train_rows else [], settings.table)
+        table = table_spec(train_rows, list(train_rows[0]) if train_rows else [], settings.table, settings.label_column)
         rows = settings.train.max_train_rows or len(train_rows)  # as the MLP: the table is described from every row
         train_x, val_x = encode(table, train_rows[:rows]), encode(table, ctx.data.val.inputs)
         train_y, classes = ctx.data.train.labels[:rows], len(ctx.data.labels)

@@ -29,6 +29,8 @@ CALIBRATION_ROWS = 256
 VAL_SHARE = 0.1
 TEST_SHARE = 0.2
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
+# CSV cells read as missing: pyarrow's defaults and "?", which the UCI and UCR/UEA archives use.
+MISSING_CELLS = ("", "?", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "#N/A")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
@@ -45,7 +47,8 @@ def read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
             import pyarrow.csv as csv
 
             delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            table = csv.read_csv(path, parse_options=csv.ParseOptions(delimiter=delimiter))
+            table = csv.read_csv(path, parse_options=csv.ParseOptions(delimiter=delimiter),
+                                 convert_options=csv.ConvertOptions(null_values=list(MISSING_CELLS), strings_can_be_null=True))
         else:
             raise DataError(f"table {path}: unknown format {path.suffix!r}; use .csv, .tsv or .parquet")
     except DataError:
@@ -56,7 +59,13 @@ def read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
                         "fields as it") from None
     if table.num_rows == 0:
         raise DataError(f"table {path} has a header but no rows")
-    return list(table.column_names), table.to_pylist()
+    names = list(table.column_names)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated or any(not name.strip() or len(name) > 256 for name in names):
+        problem = (f"repeats column name(s) {repeated}" if repeated else
+                   "has a column without a name or with a name over 256 characters")
+        raise DataError(f"table {path} {problem}; give every column a distinct name of 1 to 256 characters in the header")
+    return names, table.to_pylist()
 
 
 def _label_names(rows: list[dict[str, Any]], label_column: str, path: Path) -> tuple[list[dict[str, Any]], list[str], int]:
@@ -122,7 +131,7 @@ def load_task_data(path: Path, test_path: Path | None, label_column: str, table:
         "test": (_objects(test_rows), test_names),
     }
     labels = checked_labels(parts, [], str(test_path or path), "rows", "add rows (each class needs several)")
-    spec = table_spec(list(parts["train"][0]), columns, table)  # refuses what cannot be encoded, before any training
+    spec = table_spec(list(parts["train"][0]), columns, table, label_column)  # refuses what cannot be encoded, before training
     kept = sum(len(n) for _, n in parts.values())
     summary = {"source": str(path), "rows_read": kept + unlabelled, "rows_kept": kept,
                "dropped": {"no label": unlabelled} if unlabelled else {},
@@ -140,9 +149,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def table_spec(rows: list[dict[str, Any]], columns: list[str], table: TableSection) -> TablePreprocessing:
+def table_spec(rows: list[dict[str, Any]], columns: list[str], table: TableSection, label_column: str | None = None) -> TablePreprocessing:
     """How each column becomes features, from the training rows: numeric (fill: the median) or categorical (categories
-    by frequency, then name); a DataError names a categorical column with more than ``max_categories`` values."""
+    by frequency, then name); a DataError names a categorical column with more than ``max_categories`` values. The
+    ignored columns and the label are recorded, so a device may receive whole rows of the table."""
     described = []
     for column in columns:
         values = [row.get(column) for row in rows]
@@ -159,4 +169,5 @@ def table_spec(rows: list[dict[str, Any]], columns: list[str], table: TableSecti
                             "categories")
         names = [name for name, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
         described.append(TableColumn(name=column, kind="categorical", categories=[name[:256] for name in names] or ["(none)"]))
-    return TablePreprocessing(columns=described)
+    ignored = list(dict.fromkeys([*table.ignore, *([label_column] if label_column else [])]))
+    return TablePreprocessing(columns=described, ignored=[name for name in ignored if name not in columns])

@@ -98,7 +98,7 @@ class TextClassification:
     graph_fusion = "bert"  # ONNX Runtime's transformer fusions apply
     builtin_sources: tuple[str, ...] = ()  # Hugging Face folders, embedded:all-minilm-l6-v2 or an .onnx file
     onnx_sources: tuple[str, ...] = ()
-    definitions = None
+    definitions: tuple[Path, ...] = ()
     quantization_aware_schemes = ("dynamic",)  # edgekit.fake_quant emulates dynamic int8 of BERT-style encoders
     search_space = SEARCH_SPACE
     search_starts = SEARCH_STARTS

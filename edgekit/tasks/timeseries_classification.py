@@ -2,9 +2,7 @@
 
 Data: ``edgekit.tasks.timeseries_data`` (UCR/UEA ``.ts``, ``.npz``, CSV, or
 windows cut from a recording), float32 ``[n, channels, steps]``. Models
-(``edgekit.tasks.series_models``), both normalising each channel with the
-training series' mean and std inside the ONNX graph, so the device sends raw
-windows:
+(``edgekit.tasks.series_models``):
 
 - ``builtin:cnn1d``: a fully convolutional network in the style of Wang et al.
   (2017): Conv1d → BatchNorm1d → ReLU stages, global average pooling, one Linear;
@@ -14,17 +12,21 @@ windows:
   their outputs on training series, about 10,000 PPV features; only the linear
   head on them trains (logistic regression by cross-entropy; the paper fits a
   ridge classifier), on features computed once.
+- ``builtin:spectral-mlp``: an MLP on per-channel statistics and band energies
+  (``device_agent.preprocess.spectral_features``), which the device computes
+  from raw windows as the build did (the bundle's ``SpectralPreprocessing``).
 
-Both train from scratch in the load pass (``train:`` settings) and further in
-the finetune pass (``method: full``), in the one training loop. The bundle is a
-plain tensor model: input ``series`` ``[batch, channels, steps]`` FP32, output
-``logits``; quantization is static QDQ (the graphs have convolutions). For
-MiniRocket that quantizes the convolutions whose outputs are compared with the
-biases: a quantization step near a bias flips the comparison, so its int8
-agreement is lower than the CNN's (measured in bench/README.md, "Time
-series"). The drift reference holds each channel's mean and std of the raw
-windows (``device_agent.features.tensor_features``, the device's own code) and
-the output features. Not yet: pruning, spectral drift features.
+The first two normalise each channel inside the ONNX graph. All train from
+scratch in the load pass (``train:`` settings) and further in the finetune pass
+(``method: full``), in the one training loop. The bundle takes raw windows:
+input ``series`` ``[batch, channels, steps]`` FP32 (a spectral model's ONNX
+input is ``features``, which the agent computes from ``series``), output
+``logits``. Quantization: static QDQ for the convolutional graphs, with every
+node a comparison reads kept in float (MiniRocket's convolutions against their
+biases: a quantization step near a bias flips the answer), so only MiniRocket's
+head is int8; dynamic int8 for the MLP. The drift reference holds each
+channel's mean and std of the raw windows (``device_agent.features.tensor_features``,
+the device's own code) and the output features. Not yet: pruning.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from edgekit.config import BuildConfig, FinetuneSection, PruneSection, SearchRan
 from edgekit.data import Split, TaskData
 from edgekit.search_space import Dimension
 from edgekit.errors import EdgekitError
+from device_agent import preprocess
 from edgekit.tasks import series_models
 from edgekit.tasks.scratch_training import PREDICT_BATCH, train_classifier
 from edgekit.tasks.series_models import (DEFAULT_WIDTHS, KNOWN_SOURCES, SPECTRAL_BANDS, SPECTRAL_MLP, SeriesModelRecord,
@@ -82,7 +85,7 @@ class TimeSeriesClassification:
     graph_fusion = None
     builtin_sources = KNOWN_SOURCES
     onnx_sources: tuple[str, ...] = ()
-    definitions = Path(series_models.__file__)
+    definitions = (Path(series_models.__file__), Path(preprocess.__file__))  # the models and the spectral features
     search_space = SEARCH_SPACE
     search_starts: tuple[dict, ...] = ()
     quantization_aware_schemes: tuple[str, ...] = ()  # 1D CNNs quantize by static QDQ, which edgekit.fake_quant does not emulate yet

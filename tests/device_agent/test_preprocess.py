@@ -85,3 +85,15 @@ def test_bad_windows_are_user_errors(series, fragment: str):
     with pytest.raises(UserError) as raised:
         spectral_features(series, bands=2)
     assert fragment in str(raised.value)
+
+
+def test_non_finite_float_inputs_are_refused_before_the_model():
+    import numpy as np
+
+    from device_agent.input_contract import check_feeds
+    from device_agent.protocol import ProtocolError
+    from tests.support.bundles import tiny_manifest
+
+    feeds = {"x": np.array([[0.0, 1.0, np.nan, 2.0]], dtype=np.float32)}
+    with pytest.raises(ProtocolError, match=r"input 'x' holds nan at \[0, 2\]; this model takes finite numbers"):
+        check_feeds(tiny_manifest(), feeds, {})

@@ -52,7 +52,9 @@ def test_the_model_learns_normal_rows_only_and_anomalies_wait_in_val_and_test(tm
 
 
 def test_without_a_label_column_every_row_is_normal(tmp_path):
-    data = load_task_data(_config(write_machine_table(tmp_path / "m.csv", labelled=False)))
+    path = write_machine_table(tmp_path / "m.csv", labelled=False)
+    data = load_task_data(BuildConfig.model_validate({"task": {"kind": "anomaly-detection"}, "model": {"source": "builtin:autoencoder"},
+                                                      "data": {"path": str(path)}}))
     assert len(data.train) + len(data.val) + len(data.test) == 2000
     assert not np.any(data.test.labels) and data.summary["warnings"]
 
@@ -103,7 +105,7 @@ def test_a_machine_table_builds_a_detector_the_agent_runs_on_raw_rows(tmp_path):
     report = json.loads((tmp_path / "out" / "x86-64-cpu" / "report.json").read_text())
     per_class = report["metrics"]["per_class"]
     assert report["passed"] and per_class["anomaly"]["recall"] >= 0.9 and per_class["normal"]["recall"] >= 0.95, per_class
-    assert report["metrics"]["pr_auc"]["final"] >= 0.9
+    assert report["metrics"]["pr_auc"]["final"] >= 0.9 and report["metrics"]["pr_auc"]["positive"] == "anomaly"
 
     keyring = tmp_path / "keyring"
     keyring.mkdir()
@@ -174,3 +176,22 @@ def test_a_window_detector_flags_a_fault_burst_in_raw_windows(tmp_path):
     report = json.loads((tmp_path / "out" / "x86-64-cpu" / "report.json").read_text())
     assert report["passed"] and report["metrics"]["per_class"]["anomaly"]["recall"] >= 0.8, report["metrics"]["per_class"]
     assert report["metrics"]["per_class"]["normal"]["recall"] >= 0.95
+
+
+def test_rows_without_a_label_are_left_out_and_a_misnamed_label_column_is_refused(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("x,state\n" + "".join(f"{i},normal\n" for i in range(40)) + "99,broken\n5,\n6,\n")
+    data = load_task_data(_config(path))
+    assert data.summary["dropped"] == {"no label": 2} and data.summary["anomalies"]["labelled"] == 1
+    assert any("held-out normal rows" in warning for warning in data.summary["warnings"]), "4 validation rows: warned"
+    with pytest.raises(DataError, match="has no column 'status' \\(data.label_column\\)"):
+        load_task_data(BuildConfig.model_validate({"task": {"kind": "anomaly-detection"}, "model": {"source": "builtin:autoencoder"},
+                                                   "data": {"path": str(path), "label_column": "status"}}))
+
+
+def test_an_anomaly_detector_is_not_searched():
+    with pytest.raises(ValueError, match="anomaly-detection is not searched"):
+        BuildConfig.model_validate({"task": {"kind": "anomaly-detection"}, "model": {"source": "builtin:autoencoder"},
+                                    "search": {"enabled": True}})
+    config = BuildConfig.model_validate({"task": {"kind": "anomaly-detection"}, "model": {"source": "auto"}})
+    assert config.model.source == "builtin:autoencoder" and config.search.enabled == "auto"

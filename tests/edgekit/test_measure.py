@@ -40,3 +40,14 @@ def test_fidelity_counts_flips_and_bounds_the_agreement() -> None:
     measured = fidelity(reference, candidate)
     assert measured.flips == 2 and measured.top1_agreement == pytest.approx(0.8)
     assert 0 < measured.top1_agreement_lower_95 < 0.8
+
+
+def test_pr_auc_is_of_the_rarer_class():
+    import numpy as np
+
+    from edgekit.measure import rare_class_pr_auc
+
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4], [0.05, 0.95]])
+    value, label = rare_class_pr_auc(np.array([0, 1, 1, 1, 1]), probabilities, ("fraud", "ok"))
+    assert label == "fraud" and value == 1.0  # the one fraud row has the highest fraud probability
+    assert rare_class_pr_auc(np.array([1, 1]), probabilities[:2], ("fraud", "ok")) == (None, None)

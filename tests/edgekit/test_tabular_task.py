@@ -173,7 +173,8 @@ def test_a_fraud_table_builds_a_bundle_the_agent_serves_from_raw_rows(tmp_path):
     report = _build_fraud_table(tmp_path, {"source": "builtin:mlp"},
                                 train={"epochs": 30, "batch_size": 32, "learning_rate": 0.003})
     assert report["passed"] and report["metrics"]["final"]["accuracy"] >= 0.9, report["metrics"]["final"]
-    assert report["metrics"]["pr_auc"]["final"] >= 0.9 and len(report["metrics"]["confusion"]) == 2
+    assert report["metrics"]["pr_auc"]["final"] >= 0.9 and report["metrics"]["pr_auc"]["positive"] == "fraud"
+    assert len(report["metrics"]["confusion"]) == 2
     _agent_serves_raw_rows(tmp_path, report)
 
 
@@ -329,3 +330,19 @@ def test_a_search_chooses_tree_settings_through_onnx_runtime(tmp_path):
     assert all(t["params"]["model.source"] == "builtin:gbt" and "model.trees.max_depth" in t["params"] for t in trials)
     assert all(t["val_accuracy"] > 0.9 and t["latency_p50_ms"] > 0 for t in trials)
     assert report["passed"] and report["precision"] == "fp32"
+
+
+def test_whole_training_rows_are_accepted_and_numbers_past_float32_refused():
+    spec = TablePreprocessing(columns=[{"name": "amount", "kind": "numeric", "fill": 30.0}], ignored=["id", "label"])
+    encode = TableEncoder(spec)
+    assert encode([{"id": 7, "amount": 3.0, "label": "ok"}]).tolist() == [[3.0]]
+    with pytest.raises(Exception, match="row 0, column 'amount': 1e\\+39 is not a finite number the model can hold"):
+        encode([{"amount": 1e39}])
+
+
+def test_a_header_with_repeated_names_is_refused_and_question_marks_are_missing(tmp_path):
+    with pytest.raises(DataError, match=r"repeats column name\(s\) \['x'\]"):
+        load_task_data(_csv(tmp_path / "r.csv", "x,x,label\n1,2,a\n3,4,b\n"), None, "label", TableSection())
+    rows = "".join(f"{'?' if i % 5 == 0 else i},{'ab'[i % 2]}\n" for i in range(40))
+    data = load_task_data(_csv(tmp_path / "q.csv", "x,label\n" + rows), None, "label", TableSection())
+    assert data.summary["columns"] == {"x": "numeric"}, "a '?' cell is missing, not text"

@@ -46,7 +46,7 @@ class ToyVectors:
     graph_fusion = None
     builtin_sources: tuple[str, ...] = ()
     onnx_sources: tuple[str, ...] = ()
-    definitions = None
+    definitions: tuple[Path, ...] = ()
     quantization_aware_schemes: tuple[str, ...] = ()
     search_space: tuple = ()  # nothing to tune: a search of this task tries the config as written (and search.models)
     search_starts: tuple = ()
