@@ -1,15 +1,19 @@
-"""Time-series benchmark: builtin:cnn1d and builtin:minirocket on four UCR/UEA sets from the sktime wheel, in one run.
+"""Time-series benchmark: builtin:cnn1d, builtin:minirocket and builtin:spectral-mlp on four UCR/UEA sets from the sktime wheel, in one run.
 
 Each model's BasicMotions example (``examples/basicmotions.yaml``,
-``examples/basicmotions-minirocket.yaml``) gives its model and training settings;
-GunPoint, ItalyPowerDemand and ArrowHead use them with their own files, the
-archive's train/test split. For each set and model it builds for x86-64-cpu and
-arm64-cpu from an empty cache (timed) and reads the reports: fp32 and final
-(int8, or the fallback's) test accuracy (the evaluate pass, ``edgekit.measure``),
-top-1 agreement, the gates, batch-1 p50/p95 latency on this host (a proxy for
-arm64-cpu, which this x86 host is not) and the signed bundle's size. Nothing here
-is tuned per set. Results go to bench/results/timeseries.json with the date and
-the load.
+``examples/basicmotions-minirocket.yaml``, ``examples/basicmotions-spectral.yaml``)
+gives its model and training settings; GunPoint, ItalyPowerDemand and ArrowHead
+use them with their own files, the archive's train/test split. For each set and
+model it builds for x86-64-cpu and arm64-cpu from an empty cache (timed) and
+reads the reports: fp32 and final (int8, or the fallback's) test accuracy (the
+evaluate pass, ``edgekit.measure``), top-1 agreement, the gates, batch-1 p50/p95
+latency on this host (a proxy for arm64-cpu, which this x86 host is not) and the
+signed bundle's size. The spectral model's latency is its graph's, on features;
+the device also computes those features from the raw window
+(``device_agent.preprocess.spectral_features``), so that function's batch-1 p50 on
+this host is recorded beside it (``edgekit.measure.latency``). Nothing here is
+tuned per set. Results go to bench/results/timeseries.json with the date and the
+load.
 
 Run: python bench/timeseries_bench.py [--sets BasicMotions GunPoint] [--models builtin:minirocket] [--results ...]
 Needs the sktime wheel (pip install "edgekit[timeseries]"): only its data files are read.
@@ -31,7 +35,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {"builtin:cnn1d": ROOT / "examples" / "basicmotions.yaml",
-            "builtin:minirocket": ROOT / "examples" / "basicmotions-minirocket.yaml"}
+            "builtin:minirocket": ROOT / "examples" / "basicmotions-minirocket.yaml",
+            "builtin:spectral-mlp": ROOT / "examples" / "basicmotions-spectral.yaml"}
 SETS = ("BasicMotions", "GunPoint", "ItalyPowerDemand", "ArrowHead")
 TARGETS = ("x86-64-cpu", "arm64-cpu")
 
@@ -74,7 +79,21 @@ def run(name: str, model: str, folder: Path) -> dict:
         }
         record["train"] = {k: load.get(k) for k in ("parameters", "best_epoch", "epochs_run", "val_accuracy", "seconds")}
         record["series"] = report["data"].get("series")
+    if model == "builtin:spectral-mlp":
+        record["spectral_features_p50_ms"] = spectral_features_p50_ms(out / "passes" / "01-load" / "series_model.json")
     return record
+
+
+def spectral_features_p50_ms(record_file: Path) -> float:
+    """Batch-1 p50 on this host of the features the device computes from one raw window, before the model runs."""
+    import numpy as np
+
+    from device_agent.preprocess import spectral_features
+    from edgekit.measure import latency
+
+    record = json.loads(record_file.read_text())
+    window = np.random.default_rng(0).standard_normal((1, record["channels"], record["steps"])).astype(np.float32)
+    return round(latency(lambda: spectral_features(window, record["bands"]), iterations=200).p50_ms, 4)
 
 
 def main() -> None:
