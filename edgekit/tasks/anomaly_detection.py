@@ -29,7 +29,6 @@ flag, the score how far past (or short of) the threshold the row is. A series bu
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +53,7 @@ from edgekit.data import DataError, Split, TaskData, carve_stratified, task_data
 from edgekit.errors import EdgekitError
 from edgekit.search_space import Dimension
 from edgekit.tasks import tabular_classification, tabular_data, timeseries_data
+from edgekit.tasks.model_folder import export_with_torch_onnx, load_model_folder, save_model_folder
 from edgekit.tasks.tabular_classification import INPUT_NAME, encode, feature_statistics
 from edgekit.tasks.timeseries_classification import INPUT_NAME as SERIES_INPUT
 
@@ -67,7 +67,6 @@ KIND = "anomaly-detection"
 AUTOENCODER = "builtin:autoencoder"
 LABELS = ("normal", "anomaly")
 RECORD_FILE = "anomaly_model.json"
-WEIGHTS_FILE = "model.pt"
 DEFAULT_WIDTHS = [32, 8]  # hidden, bottleneck
 CALIBRATION_ROWS = 256
 PREDICT_BATCH = 256
@@ -141,20 +140,11 @@ def build_model(record: AnomalyModelRecord) -> torch.nn.Module:
 
 
 def save_model(model: torch.nn.Module, record: AnomalyModelRecord, folder: Path) -> None:
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n")
-    torch.save(model.state_dict(), folder / WEIGHTS_FILE)
+    save_model_folder(model, record, folder, RECORD_FILE)
 
 
 def load_model(folder: Path) -> tuple[torch.nn.Module, AnomalyModelRecord]:
-    import torch
-
-    record = AnomalyModelRecord(**json.loads((folder / RECORD_FILE).read_text()))
-    model = build_model(record)
-    model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    return model.eval(), record
+    return load_model_folder(folder, RECORD_FILE, AnomalyModelRecord, build_model)
 
 
 # --------------------------------------------------------------------------- data
@@ -360,10 +350,7 @@ class AnomalyDetection:
             yield {spec.input_names[0]: torch.from_numpy(_model_input(spec, split.inputs[start:start + batch_size]))}
 
     def export_onnx(self, folder: Path, output: Path, opset: int, say) -> None:
-        """torch.onnx with two outputs: ``logits`` over (normal, anomaly) and ``score``."""
-        import warnings
-
-        import onnx
+        """Two outputs: ``logits`` over (normal, anomaly) and ``score``."""
         import torch
 
         model, record = load_model(folder)
@@ -377,13 +364,7 @@ class AnomalyDetection:
                 return self.model(values), self.model.score(values)
 
         name = INPUT_NAME if record.table is not None else SERIES_INPUT
-        say(f"exporting to ONNX (opset {opset}) with torch.onnx")
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice says nothing about this model
-            torch.onnx.export(Scored().eval(), (torch.zeros(1, *record.shape),), str(output), input_names=[name],
-                              output_names=["logits", "score"], opset_version=opset, dynamo=False,
-                              dynamic_axes={name: {0: "batch"}, "logits": {0: "batch"}, "score": {0: "batch"}})
-        onnx.checker.check_model(str(output))
+        export_with_torch_onnx(Scored(), torch.zeros(1, *record.shape), output, name, ["logits", "score"], opset, say)
 
     def feeds(self, spec: TaskSpec, inputs, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
         """Raw rows (dicts) or windows → the model's input, as the device makes it."""

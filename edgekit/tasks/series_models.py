@@ -60,15 +60,15 @@ random draws are numpy's ``default_rng(train.seed)``, not the reference's.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.tasks.model_folder import load_model_folder, save_model_folder
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,6 @@ MINIROCKET = "builtin:minirocket"
 SPECTRAL_MLP = "builtin:spectral-mlp"
 KNOWN_SOURCES = (CNN1D, MINIROCKET, SPECTRAL_MLP)
 RECORD_FILE = "series_model.json"
-WEIGHTS_FILE = "model.pt"
 DEFAULT_WIDTHS = {CNN1D: [32, 64, 64], MINIROCKET: [10_000], SPECTRAL_MLP: [64, 32]}
 SPECTRAL_BANDS = 16  # frequency bands per channel (fewer for windows under 32 steps)
 SPECTRAL_MIN_BANDS = 4
@@ -172,20 +171,11 @@ def build_model(record: SeriesModelRecord) -> torch.nn.Module:
 
 
 def save_model(model: torch.nn.Module, record: SeriesModelRecord, folder: Path) -> None:
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n")
-    torch.save(model.state_dict(), folder / WEIGHTS_FILE)
+    save_model_folder(model, record, folder, RECORD_FILE)
 
 
 def load_model(folder: Path) -> tuple[torch.nn.Module, SeriesModelRecord]:
-    import torch
-
-    record = SeriesModelRecord(**json.loads((folder / RECORD_FILE).read_text()))
-    model = build_model(record)
-    model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    return model.eval(), record
+    return load_model_folder(folder, RECORD_FILE, SeriesModelRecord, build_model)
 
 
 def _cnn1d(record: SeriesModelRecord) -> torch.nn.Module:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,6 +57,7 @@ from edgekit.data import Split, TaskData
 from edgekit.errors import EdgekitError
 from edgekit.search_space import Dimension
 from edgekit.tasks import tabular_data
+from edgekit.tasks.model_folder import export_with_torch_onnx, finetune_as_train, load_model_folder, save_model_folder
 from edgekit.tasks.scratch_training import PREDICT_BATCH, train_classifier
 
 if TYPE_CHECKING:
@@ -73,7 +74,6 @@ INPUT_NAME = "features"
 MLP = "builtin:mlp"
 GBT = "builtin:gbt"
 RECORD_FILE = "table_model.json"
-WEIGHTS_FILE = "model.pt"
 DEFAULT_WIDTHS = [64, 32]
 DROPOUT = 0.1
 TREES_FILE = "trees.json"
@@ -152,20 +152,11 @@ def build_model(record: TableModelRecord) -> torch.nn.Module:
 
 
 def save_model(model: torch.nn.Module, record: TableModelRecord, folder: Path) -> None:
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n")
-    torch.save(model.state_dict(), folder / WEIGHTS_FILE)
+    save_model_folder(model, record, folder, RECORD_FILE)
 
 
 def load_model(folder: Path) -> tuple[torch.nn.Module, TableModelRecord]:
-    import torch
-
-    record = TableModelRecord(**json.loads((folder / RECORD_FILE).read_text()))
-    model = build_model(record)
-    model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    return model.eval(), record
+    return load_model_folder(folder, RECORD_FILE, TableModelRecord, build_model)
 
 
 def encode(table: TablePreprocessing, rows: Sequence) -> np.ndarray:
@@ -413,10 +404,7 @@ class TabularClassification:
 
         model, record = load_model(artifact.directory)
         table = record.preprocessing()
-        train = TrainSection(epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
-                             weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
-                             early_stopping_patience=settings.early_stopping_patience, max_train_rows=settings.max_train_rows,
-                             seed=settings.seed)
+        train = finetune_as_train(settings)
         metrics = train_classifier(model, ctx, train, "finetune", keep_initial=True, input_name=INPUT_NAME,
                                    train_x=encode(table, ctx.data.train.inputs), val_x=encode(table, ctx.data.val.inputs))
         save_model(model, record, ctx.work_dir)
@@ -443,20 +431,10 @@ class TabularClassification:
             yield {INPUT_NAME: torch.from_numpy(encode(spec.table, split.inputs[start:start + batch_size]))}
 
     def export_onnx(self, folder: Path, output: Path, opset: int, say) -> None:
-        """torch.onnx (TorchScript exporter; symbolic batch), checked by onnx.checker."""
-        import warnings
-
-        import onnx
         import torch
 
         model, record = load_model(folder)
-        say(f"exporting to ONNX (opset {opset}) with torch.onnx")
-        example = torch.zeros(1, len(record.mean))
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice says nothing about this model
-            torch.onnx.export(model, (example,), str(output), input_names=[INPUT_NAME], output_names=["logits"],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False)
-        onnx.checker.check_model(str(output))
+        export_with_torch_onnx(model, torch.zeros(1, len(record.mean)), output, INPUT_NAME, ["logits"], opset, say)
 
     def feeds(self, spec: TaskSpec, inputs, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
         """Raw rows (dicts) → the ``features`` tensor, as the device encodes them; an FP32 array passes as it is."""

@@ -44,6 +44,7 @@ from edgekit.search_space import Dimension
 from edgekit.errors import EdgekitError
 from device_agent import preprocess
 from edgekit.tasks import series_models
+from edgekit.tasks.model_folder import export_with_torch_onnx, finetune_as_train
 from edgekit.tasks.scratch_training import PREDICT_BATCH, train_classifier
 from edgekit.tasks.series_models import (DEFAULT_WIDTHS, KNOWN_SOURCES, SPECTRAL_BANDS, SPECTRAL_MLP, SeriesModelRecord,
                                           load_model, new_model, save_model, trainable_part)
@@ -150,10 +151,7 @@ class TimeSeriesClassification:
         from edgekit.results import FinetuneResult
 
         model, record = load_model(artifact.directory)
-        train = TrainSection(epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
-                             weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
-                             early_stopping_patience=settings.early_stopping_patience, max_train_rows=settings.max_train_rows,
-                             seed=settings.seed)
+        train = finetune_as_train(settings)
         trained, train_x, val_x = trainable_part(model, record, ctx.data.train.inputs, ctx.data.val.inputs)
         metrics = train_classifier(trained, ctx, train, "finetune", keep_initial=True, input_name=INPUT_NAME,
                                    train_x=train_x, val_x=val_x)
@@ -182,24 +180,14 @@ class TimeSeriesClassification:
             yield {name: torch.from_numpy(value) for name, value in feeds.items()}
 
     def export_onnx(self, folder: Path, output: Path, opset: int, say) -> None:
-        """torch.onnx (TorchScript exporter; BatchNorm folded, symbolic batch), checked by onnx.checker."""
-        import warnings
-
-        import onnx
         import torch
 
         from device_agent.bundle import FEATURES_INPUT
 
         model, record = load_model(folder)
-        say(f"exporting to ONNX (opset {opset}) with torch.onnx")
         spectral = record.spectral()
-        name = FEATURES_INPUT if spectral else INPUT_NAME
         example = torch.zeros(1, spectral.width) if spectral else torch.zeros(1, record.channels, record.steps)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice says nothing about this model
-            torch.onnx.export(model, (example,), str(output), input_names=[name], output_names=["logits"],
-                              dynamic_axes={name: {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False)
-        onnx.checker.check_model(str(output))
+        export_with_torch_onnx(model, example, output, FEATURES_INPUT if spectral else INPUT_NAME, ["logits"], opset, say)
 
     def feeds(self, spec: TaskSpec, inputs, *, pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
         """Raw windows ``[n, channels, steps]`` as FP32 (normalisation is inside the model), or for a spectral model
