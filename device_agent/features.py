@@ -116,8 +116,10 @@ def image_features(images: np.ndarray) -> Features:
 
 def tensor_features(tensors: Mapping[str, np.ndarray]) -> Features:
     """Numeric inputs: each value of a small row its own feature (``input.<name>.<i>``); a window of a few channels
-    ``[batch, channels, steps]`` (sensor series) each channel's mean and std (``input.<name>.<c>.mean|std``); any
-    other row its mean and std."""
+    ``[batch, channels, steps]`` (sensor series) each channel's mean, std and spectral centroid
+    (``input.<name>.<c>.mean|std|centroid``: where the channel's energy lies in frequency, 0 at DC to 1 at Nyquist, so a
+    machine running at another speed shows even when its level and spread do not change); any other row its mean
+    and std."""
     features: Features = {}
     for name, tensor in tensors.items():
         array = np.asarray(tensor)
@@ -125,8 +127,10 @@ def tensor_features(tensors: Mapping[str, np.ndarray]) -> Features:
             continue
         if array.ndim == 3 and array.shape[1] <= MAX_TENSOR_FEATURES // 2 and array.shape[2] > 1:
             windows = array.astype(np.float64)
+            centroids = _spectral_centroids(windows)
             for channel, (mean, std) in enumerate(zip(windows.mean(axis=2).T, windows.std(axis=2).T, strict=True)):
                 features[f"input.{name}.{channel}.mean"], features[f"input.{name}.{channel}.std"] = mean, std
+                features[f"input.{name}.{channel}.centroid"] = centroids[:, channel]
             continue
         rows = array.reshape(array.shape[0], -1).astype(np.float64)
         if rows.shape[1] <= MAX_TENSOR_FEATURES:
@@ -136,6 +140,15 @@ def tensor_features(tensors: Mapping[str, np.ndarray]) -> Features:
             features[f"input.{name}.mean"] = rows.mean(axis=1)
             features[f"input.{name}.std"] = rows.std(axis=1)
     return features
+
+
+def _spectral_centroids(windows: np.ndarray) -> np.ndarray:
+    """Per window and channel, the power-weighted mean frequency of the centred signal, 0 (DC) to 1 (Nyquist); 0 for a
+    constant channel."""
+    power = np.abs(np.fft.rfft(windows - windows.mean(axis=2, keepdims=True), axis=2)) ** 2
+    frequencies = np.linspace(0.0, 1.0, power.shape[2])
+    total = power.sum(axis=2)
+    return np.where(total > 0, (power * frequencies).sum(axis=2) / np.where(total > 0, total, 1.0), 0.0)
 
 
 def output_features(logits: np.ndarray) -> Features:

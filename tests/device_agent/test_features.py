@@ -142,3 +142,17 @@ def test_a_wide_table_keeps_its_first_columns_within_the_contract(caplog):
     from device_agent.telemetry_schema import MAX_FEATURES
 
     assert len(found) == MAX_FEATURES and set(F.OUTPUT_FEATURES) <= set(found)
+
+
+def test_a_windows_spectral_centroid_says_where_its_energy_lies():
+    import numpy as np
+
+    from device_agent.features import tensor_features
+
+    time = np.arange(64) / 64
+    slow, fast = np.sin(2 * np.pi * 4 * time), np.sin(2 * np.pi * 16 * time)
+    windows = np.stack([np.stack([slow, fast]), np.stack([fast, np.zeros(64)])])  # [2 windows, 2 channels, 64 steps]
+    features = tensor_features({"series": windows})
+    assert features["input.series.0.centroid"] == pytest.approx([4 / 32, 16 / 32])
+    assert features["input.series.1.centroid"] == pytest.approx([16 / 32, 0.0]), "a constant channel has none"
+    assert features["input.series.0.std"] == pytest.approx([np.std(slow), np.std(fast)]), "same spread, other speed"

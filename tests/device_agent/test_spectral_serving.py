@@ -176,7 +176,7 @@ def _reference(tmp_path: Path, window_size: int = 50):
 
 def test_the_reference_watches_the_raw_windows_and_the_models_outputs(tmp_path: Path):
     reference = _reference(tmp_path)
-    channels = {f"input.series.{c}.{stat}" for c in range(3) for stat in ("mean", "std")}
+    channels = {f"input.series.{c}.{stat}" for c in range(3) for stat in ("mean", "std", "centroid")}
     assert set(reference.features) == channels | {"output.predicted_class", "output.top_probability", "output.entropy"}
     assert reference.features["output.predicted_class"].categories == SPECTRAL_LABELS
 

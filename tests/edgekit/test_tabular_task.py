@@ -3,6 +3,7 @@ built to a signed bundle whose encoding the device shares."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -346,3 +347,41 @@ def test_a_header_with_repeated_names_is_refused_and_question_marks_are_missing(
     rows = "".join(f"{'?' if i % 5 == 0 else i},{'ab'[i % 2]}\n" for i in range(40))
     data = load_task_data(_csv(tmp_path / "q.csv", "x,label\n" + rows), None, "label", TableSection())
     assert data.summary["columns"] == {"x": "numeric"}, "a '?' cell is missing, not text"
+
+
+@pytest.mark.slow
+def test_the_breast_cancer_example_builds_a_bundle_the_agent_serves_from_raw_rows(tmp_path):
+    """The shipped tabular example, as a user runs it: build, flash, classify whole rows of its own CSV."""
+    import shutil
+
+    import httpx
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+    from tests.support.agent import AgentProcess
+
+    root = Path(__file__).resolve().parents[2]
+    result = CliRunner().invoke(app, ["build", str(root / "examples" / "breast-cancer.yaml"), "--out", str(tmp_path / "out"),
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "x86-64-cpu" / "report.json").read_text())
+    assert report["passed"] and report["metrics"]["final"]["accuracy"] >= 0.93, report["metrics"]["final"]
+    assert report["metrics"]["pr_auc"]["positive"] == "malignant"
+    keyring = tmp_path / "keyring"
+    keyring.mkdir()
+    shutil.copy(tmp_path / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
+    with (root / "examples" / "data" / "breast-cancer-wisconsin.csv").open() as handle:
+        rows = list(csv.DictReader(handle))[:40]
+    agent = AgentProcess(tmp_path, keyring).start()
+    try:
+        flashed = CliRunner().invoke(app, ["flash", report["bundle"], "--device", agent.url, "--token-file", str(tmp_path / "admin.token")])
+        assert flashed.exit_code == 0, flashed.output
+        whole_rows = [{name: (value if name == "diagnosis" else float(value)) for name, value in row.items()} for row in rows]
+        request = {"inputs": [{"name": "rows", "shape": [len(rows)], "datatype": "BYTES", "data": whole_rows}],
+                   "outputs": [{"name": "logits", "parameters": {"classification": 1}}]}
+        answer = httpx.post(f"{agent.url}/v2/models/breast-cancer/infer", json=request, timeout=30)
+        assert answer.status_code == 200, answer.text
+        predicted = [item.split(":")[-1] for item in answer.json()["outputs"][0]["data"]]
+        assert np.mean([p == row["diagnosis"] for p, row in zip(predicted, rows, strict=True)]) >= 0.9
+    finally:
+        agent.stop()
