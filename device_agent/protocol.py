@@ -247,18 +247,27 @@ def _from_json(tensor: RequestInput, spec: TensorSpec, data: list, count: int) -
         return values.astype(dtype).reshape(tensor.shape)
 
 
-def _bytes_from_json(tensor: RequestInput, data: list, count: int) -> np.ndarray:
+def flat_json(data: list) -> list:
+    """JSON ``data``, flat or nested lists (row-major, as the protocol allows), as one flat list; other values (strings,
+    objects) stay whole. Iterative: a deeply nested list cannot exhaust the stack."""
     flat, stack = [], [iter(data)]
     while stack:
         for item in stack[-1]:
             if isinstance(item, list):
                 stack.append(iter(item))
                 break
-            if not isinstance(item, str):
-                raise ProtocolError(f"input {tensor.name!r} is BYTES: its JSON data must be strings")
-            flat.append(item.encode("utf-8"))
+            flat.append(item)
         else:
             stack.pop()
+    return flat
+
+
+def _bytes_from_json(tensor: RequestInput, data: list, count: int) -> np.ndarray:
+    flat = []
+    for item in flat_json(data):
+        if not isinstance(item, str):
+            raise ProtocolError(f"input {tensor.name!r} is BYTES: its JSON data must be strings")
+        flat.append(item.encode("utf-8"))
     if len(flat) != count:
         raise ProtocolError(f"input {tensor.name!r} has {len(flat)} values; shape {tensor.shape} needs {count}")
     array = np.empty(count, dtype=object)

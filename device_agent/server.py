@@ -69,6 +69,7 @@ from device_agent.protocol import (
     decode_inputs,
     decompress,
     encode_response,
+    flat_json,
     parse_infer_request,
     parse_json_model,
 )
@@ -733,7 +734,7 @@ def table_rows(request: InferRequest, binary: bytes, manifest: Manifest, max_jso
     inputs = []
     for tensor in request.inputs:
         if tensor.name == ROWS_INPUT.name and tensor.data is not None:
-            flat = _flat_json(tensor.data)
+            flat = flat_json(tensor.data)
             objects = {index: item for index, item in enumerate(flat) if not isinstance(item, str)}
             # decode_inputs takes strings only: the objects stand in as empty texts, and come back below.
             tensor = tensor.model_copy(update={"data": ["" if index in objects else item for index, item in enumerate(flat)]})
@@ -745,20 +746,6 @@ def table_rows(request: InferRequest, binary: bytes, manifest: Manifest, max_jso
         raise ProtocolError(f"the rows' JSON texts are {size} bytes, over the {max_json_bytes}-byte limit (max_json_bytes): "
                             "split them into several requests", 413)
     return [objects[index] if index in objects else _json_row(text, index) for index, text in enumerate(texts)]
-
-
-def _flat_json(data: list) -> list:
-    """JSON ``data``, flat or nested lists, as one flat list (objects and strings stay whole)."""
-    flat, stack = [], [iter(data)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            flat.append(item)
-        else:
-            stack.pop()
-    return flat
 
 
 def _json_row(text: bytes, index: int) -> Any:

@@ -37,7 +37,7 @@ def _fleet_database(db: str, *, migrate: bool = False) -> Iterator[Store]:
 
 
 def _gate_help() -> str:
-    from edgekit.fleet.rollouts import ABSOLUTE_GATES, FLAG_GATES, RELATIVE_GATES
+    from edgekit.fleet.gate_names import ABSOLUTE_GATES, FLAG_GATES, RELATIVE_GATES
 
     described = [f"{name}<=V ({what})" for name, what in {**ABSOLUTE_GATES, **RELATIVE_GATES}.items()]
     described += [f"{name} ({what})" for name, what in FLAG_GATES.items()]

@@ -48,6 +48,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from edgekit.fleet.desired import StoredBundle, bundle_row, read_bundle_file, set_desired, store_bundle
+from edgekit.fleet.gate_names import ABSOLUTE_GATES, FLAG_GATES, RELATIVE_GATES
 from edgekit.fleet.store import (
     FleetError,
     Store,
@@ -67,10 +68,6 @@ RUNNING, COMPLETED, ROLLED_BACK, ABORTED = "running", "completed", "rolled_back"
 DEFAULT_WAVES = "1,100%"
 DEFAULT_SOAK_S = 300.0
 DEFAULT_WAVE_TIMEOUT_S = 3600.0
-ABSOLUTE_GATES = {"p95_ms": "worst window p95 in ms", "error_rate": "errors / requests, 0 to 1"}
-RELATIVE_GATES = {"p95_ratio": "median window p95, new version / control",
-                  "prediction_shift": "total variation distance of predicted-class mixes, new / control, 0 to 1"}
-FLAG_GATES = {"drift": "no drift alert", "install": "every device installed it (always on)"}
 _GATE = re.compile(r"^\s*([a-z0-9_]+)\s*(?:<=\s*([0-9.eE+-]+))?\s*$")
 _PREDICTED_CLASS = "output.predicted_class"
 
