@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
 from device_agent.errors import UserError
-from device_agent.files import atomic_output
+from device_agent.files import atomic_output, sha256_file
 from device_agent.keys import Keyring, key_id
 
 SCHEMA_VERSION = 1
@@ -384,15 +384,6 @@ def verify_signature(manifest_bytes: bytes, signature_bytes: bytes, keyring: Key
 # --------------------------------------------------------------------------- writing
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def _tar_info(name: str, size: int, mtime: float) -> tarfile.TarInfo:
     # Fixed owner and mode: bundles of the same inputs differ only by content.
     info = tarfile.TarInfo(name)
@@ -421,7 +412,7 @@ def write_bundle(
             raise BundleError(Check.ENTRY_PATH, f"cannot add {name!r} to a bundle: {problem or 'the name is reserved'}")
     entries = []
     for name, source in sorted(payload.items()):
-        digest, size = _sha256_file(source)
+        digest, size = sha256_file(source)
         entries.append(FileEntry(path=name, sha256=digest, size=size))
     written = manifest.model_copy(update={"files": entries})
     written = Manifest.model_validate(written.model_dump())  # re-run the validators on the final list

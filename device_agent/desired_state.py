@@ -37,7 +37,6 @@ and retried with backoff; the agent keeps serving.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -68,7 +67,7 @@ from device_agent.desired_schema import (
     Sha256,
 )
 from device_agent.errors import UserError
-from device_agent.files import write_atomically
+from device_agent.files import sha256_file, write_atomically
 from device_agent.repository import InstallRefused, ModelNotFound, Repository, version_key
 from device_agent.telemetry_schema import escape_unprintable
 
@@ -622,15 +621,11 @@ def _start_of(response: http.client.HTTPResponse, have: int) -> int:
 
 def _verified(part: Path, model: DesiredModel) -> Path:
     """``part`` when its size and sha256 are the desired state's; otherwise it is deleted and DownloadFailed raised."""
-    digest = hashlib.sha256()
-    with part.open("rb") as handle:
-        while block := handle.read(DOWNLOAD_CHUNK):
-            digest.update(block)
-    size = part.stat().st_size
-    if size == model.size and digest.hexdigest() == model.sha256:
+    digest, size = sha256_file(part, DOWNLOAD_CHUNK)
+    if size == model.size and digest == model.sha256:
         return part
     part.unlink(missing_ok=True)
-    raise DownloadFailed(f"the downloaded bundle ({size} bytes, sha256 {digest.hexdigest()}) does not match the desired "
+    raise DownloadFailed(f"the downloaded bundle ({size} bytes, sha256 {digest}) does not match the desired "
                          f"state ({model.size} bytes, sha256 {model.sha256}); deleted, fetched again at the next try")
 
 

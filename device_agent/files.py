@@ -1,13 +1,24 @@
-"""Writing files so that a crash or power cut never leaves half of one."""
+"""Files: writing them so that a crash or power cut never leaves half of one, and hashing them in chunks."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    """The file's SHA-256 (hex) and size, read ``chunk`` bytes at a time (never whole into memory)."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
 
 
 def fsync_dir(path: Path) -> None:

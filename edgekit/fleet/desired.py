@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 
 from device_agent.bundle import BundleError, read_manifest_unverified
 from device_agent.desired_schema import DesiredModel, DesiredState, DeviceReport
+from device_agent.files import sha256_file
 from edgekit.fleet.store import (
     FleetError,
     Store,
@@ -35,7 +36,6 @@ from edgekit.fleet.store import (
 )
 
 BUNDLE_CHUNK_BYTES = 1 << 20
-_READ_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,6 @@ class StoredBundle:
     model_name: str
     model_version: str
     size: int
-
-
-def _file_sha256(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        while block := handle.read(_READ_BYTES):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
 
 
 def read_bundle_file(path: Path) -> StoredBundle:
@@ -65,7 +55,7 @@ def read_bundle_file(path: Path) -> StoredBundle:
         manifest, _names = read_manifest_unverified(path)
     except BundleError as error:
         raise FleetError(f"{path} is not an edgekit bundle: {error}; pass the .ekb file `edgekit build` wrote") from None
-    sha256, size = _file_sha256(path)
+    sha256, size = sha256_file(path)
     try:  # what the desired-state contract and the fleet database can hold
         DesiredModel(name=manifest.model.name, version=manifest.model.version, sha256=sha256, size=size)
     except ValidationError as error:
