@@ -55,6 +55,7 @@ from edgekit.search_space import Dimension
 from edgekit.tasks import tabular_classification, tabular_data, timeseries_data
 from edgekit.tasks.model_folder import export_with_torch_onnx, load_model_folder, save_model_folder
 from edgekit.tasks.tabular_classification import INPUT_NAME, encode, feature_statistics
+from edgekit.tasks.tabular_data import row_array
 from edgekit.tasks.timeseries_classification import INPUT_NAME as SERIES_INPUT
 
 if TYPE_CHECKING:
@@ -199,16 +200,11 @@ def _table_rows(config: BuildConfig) -> tuple[np.ndarray, np.ndarray, bool, dict
     """A table's normal and anomalous rows (object arrays of dicts), whether it has labels, its columns' kinds, and how
     many rows had an empty label."""
     from device_agent.preprocess import category_key
-    from edgekit.tasks.tabular_data import read_rows, table_spec
+    from edgekit.tasks.tabular_data import feature_columns, read_rows, table_spec
 
     path, table, label_column = config.data.path, config.task.table, config.data.label_column
     columns, rows = read_rows(path)
-    unknown = sorted((set(table.ignore) | set(table.categorical)) - set(columns))
-    if unknown:
-        raise DataError(f"task.table names column(s) {unknown} that {path} does not have; its columns: {', '.join(columns[:30])}")
-    features = [column for column in columns if column != label_column and column not in table.ignore]
-    if not features:
-        raise DataError(f"table {path} has no column to learn from besides {label_column!r}")
+    features = feature_columns(columns, label_column, table, path, label_required=False)
     labelled = label_column in columns
     if not labelled and "label_column" in config.data.model_fields_set:
         raise DataError(f"table {path} has no column {label_column!r} (data.label_column); its columns: "
@@ -223,7 +219,7 @@ def _table_rows(config: BuildConfig) -> tuple[np.ndarray, np.ndarray, bool, dict
             continue
         (normal if label == config.task.anomaly.normal_label else anomalies).append(kept)
     spec = table_spec(normal, features, table)  # refuses what cannot be encoded, before any training
-    return (_objects(normal), _objects(anomalies), labelled, {"columns": {c.name: c.kind for c in spec.columns}},
+    return (row_array(normal), row_array(anomalies), labelled, {"columns": {c.name: c.kind for c in spec.columns}},
             unlabelled)
 
 
@@ -241,12 +237,6 @@ def _split(normal: np.ndarray, anomalies: np.ndarray, seed: int) -> tuple[dict, 
     parts = {"train": (normal[train_normal], ["normal"] * len(train_normal)),
              "val": joined(val_normal, to_val), "test": joined(test_normal, ~to_val)}
     return parts, {"labelled": len(anomalies), "in_val": int(to_val.sum()), "in_test": int((~to_val).sum())}
-
-
-def _objects(rows: list[dict]) -> np.ndarray:
-    array = np.empty(len(rows), dtype=object)
-    array[:] = rows
-    return array
 
 
 # --------------------------------------------------------------------------- the task

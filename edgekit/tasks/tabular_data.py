@@ -82,8 +82,10 @@ def _label_names(rows: list[dict[str, Any]], label_column: str, path: Path) -> t
     return kept, names, len(rows) - len(kept)
 
 
-def feature_columns(columns: list[str], label_column: str, table: TableSection, path: Path) -> list[str]:
-    if label_column not in columns:
+def feature_columns(columns: list[str], label_column: str, table: TableSection, path: Path, *,
+                    label_required: bool = True) -> list[str]:
+    """The columns the model reads: all but the label and the ignored ones; a DataError for names that do not fit."""
+    if label_required and label_column not in columns:
         raise DataError(f"table {path} has no label column {label_column!r}; its columns: {', '.join(columns[:30])}"
                         f"{' …' if len(columns) > 30 else ''}; set data.label_column")
     named = set(table.ignore) | set(table.categorical)
@@ -126,9 +128,9 @@ def load_task_data(path: Path, test_path: Path | None, label_column: str, table:
     rest = [(row, name) for row, name, h in zip(rows, names, held_out, strict=True) if not h]
     val = carve_stratified(np.asarray([name for _, name in rest]), VAL_SHARE, seed)
     parts = {
-        "train": (_objects([r for (r, _), v in zip(rest, val, strict=True) if not v]), [n for (_, n), v in zip(rest, val, strict=True) if not v]),
-        "val": (_objects([r for (r, _), v in zip(rest, val, strict=True) if v]), [n for (_, n), v in zip(rest, val, strict=True) if v]),
-        "test": (_objects(test_rows), test_names),
+        "train": (row_array([r for (r, _), v in zip(rest, val, strict=True) if not v]), [n for (_, n), v in zip(rest, val, strict=True) if not v]),
+        "val": (row_array([r for (r, _), v in zip(rest, val, strict=True) if v]), [n for (_, n), v in zip(rest, val, strict=True) if v]),
+        "test": (row_array(test_rows), test_names),
     }
     labels = checked_labels(parts, [], str(test_path or path), "rows", "add rows (each class needs several)")
     spec = table_spec(list(parts["train"][0]), columns, table, label_column)  # refuses what cannot be encoded, before training
@@ -139,7 +141,8 @@ def load_task_data(path: Path, test_path: Path | None, label_column: str, table:
     return task_data_from(labels, parts, CALIBRATION_ROWS, repr((labels, columns, table.model_dump())).encode(), summary)
 
 
-def _objects(rows: list[dict[str, Any]]) -> np.ndarray:
+def row_array(rows: list[dict[str, Any]]) -> np.ndarray:
+    """Rows as an object array (what a Split of table rows holds)."""
     array = np.empty(len(rows), dtype=object)
     array[:] = rows
     return array
