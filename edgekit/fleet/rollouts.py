@@ -397,8 +397,6 @@ def _lock_rollout(conn: Connection, rollout_id: int, *, skip_locked: bool):  # t
 class _Member:
     device_id: str
     wave: int
-    previous_version: str | None
-    previous_sha256: str | None
     installed_at: float | None = None
     refused: str | None = None
     windows: list = field(default_factory=list)
@@ -432,7 +430,7 @@ def _step(conn: Connection, row, now: float, actor: str) -> int:  # type: ignore
 
 def _members(conn: Connection, row) -> list[_Member]:  # type: ignore[no-untyped-def]
     """The rollout's devices with what they did with its bundle and their windows of the new version since."""
-    members = [_Member(m.device_id, m.wave, m.previous_version, m.previous_sha256) for m in conn.execute(
+    members = [_Member(m.device_id, m.wave) for m in conn.execute(
         sa.select(rollout_devices).where(rollout_devices.c.rollout_id == row.id).order_by(rollout_devices.c.device_id))]
     by_id = {m.device_id: m for m in members}
     for outcome in conn.execute(sa.select(install_outcomes).where(
