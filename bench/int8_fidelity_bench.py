@@ -53,10 +53,12 @@ def _build(config: Path | None, out: Path, cache: Path) -> dict:
 
 
 def _export_artifact(out: Path):
-    from edgekit.pipeline import _decode
+    from edgekit.build_output import pass_output
 
-    entry = next(path for path in sorted((out / "passes").iterdir()) if path.name.endswith("-export")).resolve()
-    return _decode(json.loads((entry / "artifact.json").read_text()), entry)
+    found = pass_output(out, ("export",))
+    if found is None or found.artifact is None:
+        raise SystemExit(f"the build in {out} has no export pass output in the cache; rebuild it")
+    return found.artifact
 
 
 def _smoothed_all_int8(source: Path, folder: Path, data, spec, alpha: float) -> Path:

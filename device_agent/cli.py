@@ -67,6 +67,9 @@ def serve(
     window_size: int | None = typer.Option(None, "--window-size", help="Rows per drift window (default: the bundle's, 500)."),
     window_seconds: float | None = typer.Option(None, "--window-seconds", help="A window also closes after this many seconds (default: 300)."),
     poll_seconds: float | None = typer.Option(None, "--poll-seconds", help="Pull the desired state from the collector this often (default: 30)."),
+    explain: bool = typer.Option(False, "--explain", help=(
+        "Serve POST /v2/models/{name}/explain: which words, image regions or columns each prediction rests on "
+        "(occlusion; one model row per word, patch or column, so off by default).")),
 ) -> None:
     """Serve the installed models over the Open Inference Protocol (flags override the --config file)."""
     from device_agent.config import load_settings
@@ -76,6 +79,7 @@ def serve(
         "admin_token_file": admin_token_file, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
         "telemetry_url": telemetry_url, "device_id": device_id, "device_token_file": device_token_file,
         "window_size": window_size, "window_seconds": window_seconds, "poll_seconds": poll_seconds,
+        "explain": True if explain else None,  # without the flag, the --config file decides
     }
     settings = load_settings(config, {field: _absolute(value) for field, value in flags.items()})
     from device_agent.server import run_server

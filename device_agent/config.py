@@ -75,6 +75,8 @@ class AgentSettings(BaseModel):
     capture_every: int | None = Field(None, ge=1, description="keep every n-th raw input for retraining; None (default): keep none")
     capture_max_samples: int = Field(20, ge=1, le=1000, description="raw inputs kept per window when capture is on")
     capture_max_bytes: int = Field(1 << 20, ge=1, le=4 << 20, description="bytes of raw inputs kept per window when capture is on")
+    # Explanations (device_agent.explain): off by default, since one costs a model row per word, image patch or column.
+    explain: bool = Field(False, description="serve POST /v2/models/{name}/explain: occlusion attributions of raw texts, images or rows")
 
     def http_limits(self) -> HttpLimits:
         return HttpLimits(**{name: getattr(self, name) for name in _HTTP_SETTINGS})

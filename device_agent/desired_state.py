@@ -590,17 +590,17 @@ class DesiredStatePuller:
 
     def metric_lines(self) -> list[str]:
         """``edgekit_desired_*`` counters for /metrics."""
-        from device_agent.metrics import _family, _labels
+        from device_agent.metrics import metric_family, metric_labels
 
         stats = self.stats
-        outcomes = [(_labels(outcome=outcome), count) for outcome, count in sorted(stats.outcomes.items())]
+        outcomes = [(metric_labels(outcome=outcome), count) for outcome, count in sorted(stats.outcomes.items())]
         lines: list[str] = []
-        lines += _family("edgekit_desired_polls_total", "counter", "Desired-state polls (since the agent started)", [("", stats.polls)])
-        lines += _family("edgekit_desired_poll_failures_total", "counter",
+        lines += metric_family("edgekit_desired_polls_total", "counter", "Desired-state polls (since the agent started)", [("", stats.polls)])
+        lines += metric_family("edgekit_desired_poll_failures_total", "counter",
                          "Desired-state polls that failed: collector unreachable, token refused, bad answer", [("", stats.failures)])
-        lines += _family("edgekit_desired_installs_total", "counter",
+        lines += metric_family("edgekit_desired_installs_total", "counter",
                          "What the device did with each desired bundle it acted on, by outcome", outcomes)
-        lines += _family("edgekit_desired_pending_outcomes", "gauge",
+        lines += metric_family("edgekit_desired_pending_outcomes", "gauge",
                          "Install outcomes not yet acknowledged by the collector", [("", len(self.memory.pending))])
         return lines
 

@@ -57,11 +57,11 @@ def _label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _labels(**labels: str) -> str:
+def metric_labels(**labels: str) -> str:
     return "{" + ",".join(f'{key}="{_label_value(value)}"' for key, value in labels.items()) + "}"
 
 
-def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, int | float]]) -> list[str]:
+def metric_family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, int | float]]) -> list[str]:
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
     lines.extend(f"{name}{labels} {value}" for labels, value in samples)
     return lines
@@ -86,14 +86,14 @@ class Metrics:
         models = sorted(self._models.items())
         lines: list[str] = []
         for name, kind, help_text, value in _PER_MODEL:
-            samples = [(_labels(model=model, version=version), value(stats)) for (model, version), stats in models]
-            lines += _family(name, kind, help_text, samples)
-        active = [(_labels(model=model, version=version), 1) for model, version in sorted(active_versions)]
-        lines += _family("edgekit_active_version_info", "gauge", "The version each model serves (always 1)", active)
-        installs = [(_labels(result=result), count) for result, count in sorted(self.installs.items())]
-        lines += _family("edgekit_installs_total", "counter", "Bundle installs through the admin API, by result", installs)
-        lines += _family("edgekit_rollbacks_total", "counter", "Rollbacks through the admin API", [("", self.rollbacks)])
-        refused = [(_labels(code=str(code)), count) for code, count in sorted(self.refused.items())]
-        lines += _family("edgekit_inference_refused_total", "counter",
+            samples = [(metric_labels(model=model, version=version), value(stats)) for (model, version), stats in models]
+            lines += metric_family(name, kind, help_text, samples)
+        active = [(metric_labels(model=model, version=version), 1) for model, version in sorted(active_versions)]
+        lines += metric_family("edgekit_active_version_info", "gauge", "The version each model serves (always 1)", active)
+        installs = [(metric_labels(result=result), count) for result, count in sorted(self.installs.items())]
+        lines += metric_family("edgekit_installs_total", "counter", "Bundle installs through the admin API, by result", installs)
+        lines += metric_family("edgekit_rollbacks_total", "counter", "Rollbacks through the admin API", [("", self.rollbacks)])
+        refused = [(metric_labels(code=str(code)), count) for code, count in sorted(self.refused.items())]
+        lines += metric_family("edgekit_inference_refused_total", "counter",
                          "Inference requests refused as the client's mistake (4xx), by status code", refused)
         return "\n".join(lines) + "\n"

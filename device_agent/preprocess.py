@@ -46,6 +46,7 @@ class TextTokenizer:
         padding = self._tokenizer.padding or {}
         pad_token = next((t for t in (padding.get("pad_token"), "[PAD]", "<pad>") if t and self._tokenizer.token_to_id(t) is not None), None)
         pad_id = self._tokenizer.token_to_id(pad_token) if pad_token else 0
+        self.pad_id: int = pad_id
         self._tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token or "[PAD]", length=max_length if pad_to_max_length else None)
 
     def _first_known(self, *tokens: str | None) -> int | None:
@@ -63,6 +64,18 @@ class TextTokenizer:
             "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int64),
         }
 
+    def piece_spans(self, text: str) -> list[tuple[int, int] | None]:
+        """For each position of ``encode([text])``'s row, the character span of ``text`` its word piece came from, or
+        None for a special token ([CLS], [SEP])."""
+        encoding = self._tokenizer.encode(text)
+        return [None if special else (start, end)
+                for (start, end), special in zip(encoding.offsets, encoding.special_tokens_mask)]
+
+    def read_spans(self, text: str) -> list[tuple[int, int]]:
+        """The character spans of ``text`` that the model reads: one per word piece, special tokens left out, none past
+        the ``max_length`` cut."""
+        return [span for span in self.piece_spans(text) if span is not None and span[1] > span[0]]
+
 
 class ImagePreprocessor:
     """Turns raw uint8 images (``[batch, height, width, channels]``) into the model's float input.
@@ -77,6 +90,11 @@ class ImagePreprocessor:
         self.spec = spec
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.normalise(self.geometry(images))
+
+    def geometry(self, images: np.ndarray) -> np.ndarray:
+        """The first half: resize and crop to the model's size, as float pixels ``[batch, height, width, channels]``
+        (what the model sees, before scaling; explanations occlude these)."""
         if images.dtype != np.uint8 or images.ndim != 4:
             raise UserError(f"images must be uint8 [batch, height, width, channels], got {images.dtype} {list(images.shape)}")
         wanted_channels = 1 if self.spec.channel_order == "L" else 3
@@ -85,7 +103,17 @@ class ImagePreprocessor:
         pixels = images.astype(np.float32)
         if self.spec.resize is not None:
             pixels = _resize_shorter_side(pixels, self.spec.resize)
-        pixels = _centre_crop(pixels, *self.spec.crop)
+        return _centre_crop(pixels, *self.spec.crop)
+
+    def neutral_pixel(self) -> np.ndarray | None:
+        """The pixel value per channel that normalises to zero (the training mean), or None without normalisation."""
+        if not self.spec.mean:
+            return None
+        neutral = np.asarray(self.spec.mean, np.float32) / np.float32(self.spec.scale)
+        return neutral[::-1].copy() if self.spec.channel_order == "BGR" else neutral
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """The second half: channel order, scale, mean/std and layout of ``geometry``'s float pixels."""
         if self.spec.channel_order == "BGR":
             pixels = pixels[..., ::-1]
         pixels = pixels * self.spec.scale

@@ -11,6 +11,11 @@
   file is a setting; without one they are off). Unlike Triton's: anyone who
   reaches the port could otherwise take the device's model down.
 - ``/metrics`` is Prometheus text under Triton's metric names.
+- ``/v2/models/{name}/explain`` (off unless ``explain`` is set, ``--explain``)
+  takes an infer request's raw texts, images or rows and answers which words,
+  image regions or columns each prediction rests on (``device_agent.explain``).
+  One runs at a time and ``EXPLAIN_WAITING`` more may queue (503 past that),
+  apart from inference's work slots.
 
 Requests to a model go through its :class:`DynamicBatcher`. Blocking
 repository work (installs, loads, golden checks, directory listings) runs in
@@ -28,9 +33,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,14 +58,17 @@ from device_agent.batching import DynamicBatcher
 from device_agent.bundle import (
     SPECTRAL_INPUT, ImagePreprocessing, Manifest, ModelInfo, SpectralPreprocessing, TablePreprocessing, TensorSpec, TokenizerPreprocessing,
 )
+from device_agent.classifier import Classifier, ModelRunFailed, batchable, joined_rows
 from device_agent.config import AgentSettings
 from device_agent.desired_state import DesiredStatePuller
 from device_agent.errors import UserError
+from device_agent.explain import Explanation, NothingToExplain
+from device_agent.explain import explain as explain_input
 from device_agent.http_limits import (
-    HeaderCountLimit, HttpLimits, RequestBudget, connection_cap, read_body, stream_body, uvicorn_options,
+    HeaderCountLimit, HttpLimits, RequestBudget, RequestRefused, connection_cap, read_body, stream_body, uvicorn_options,
 )
 from device_agent.input_contract import check_feeds, check_rows, value_ranges
-from device_agent.metrics import Metrics, RequestStats
+from device_agent.metrics import Metrics, RequestStats, metric_family, metric_labels
 from device_agent.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -86,6 +95,14 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 # Bodies of the small control requests (index, load, unload) never need more.
 _CONTROL_BODY_LIMIT = 64 << 10
 _UPLOAD_WRITE_CHUNK = 1 << 20
+# Inputs one explain request may hold. Each costs a model row per word the model reads (at most its max_length + 1,
+# however long the text), per image patch position (169 for a 28x28 image, 225 for a 224x224 crop) or per column.
+MAX_EXPLAIN_ROWS = 8
+# Explain requests that may wait for the one that runs: with it, the most an agent takes on at once. They have their
+# own bound, not inference's work slots, so slow explanations never make /infer answer 503; and a longer queue would
+# only make a client wait longer than retrying later does.
+EXPLAIN_WAITING = 2
+EXPLAIN_OFF = "explanations are off on this agent; start it with --explain (or set explain: true in its config)"
 
 
 @functools.cache
@@ -150,6 +167,12 @@ class Agent:
         self._batchers: dict[str, tuple[Session, DynamicBatcher]] = {}
         self._tokenizers: dict[tuple[str, str], TextTokenizer] = {}
         self._tables: dict[tuple[str, str], ServedTable] = {}
+        self._classifiers: dict[str, Classifier] = {}
+        # One explanation at a time, in a thread of its own: it runs for many rows, and in the preprocessing pool it
+        # would hold up the decoding of every inference request behind it.
+        self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="edgekit-explain") if settings.explain else None
+        self.explain_slots = ExplainSlots(EXPLAIN_WAITING)
+        self.explanations = ExplanationCounts()
         self.telemetry = _make_telemetry(settings)
         # Pulls rollouts from the collector (telemetry_url set); made once the repository has started.
         self.desired: DesiredStatePuller | None = None
@@ -214,13 +237,33 @@ class Agent:
             self._tables[key] = ServedTable(spec)
         return self._tables[key]
 
+    def classifier_for(self, served: ServedModel) -> Classifier:
+        """The model as a classifier of raw inputs (explanations), rebuilt when its session changes, like its batcher.
+
+        It runs the session directly, not through the batcher (its rows are one input's variants), in runs of the rows
+        the batcher would join (``joined_rows`` of ``max_batch``: what a TensorRT engine's profile was sized for), or
+        of a fixed batch dimension's size. A bundle of raw tensors, or without labels, is refused here (400).
+        """
+        current = self._classifiers.get(served.name)
+        if current is not None and current.session is served.session:
+            return current
+        classifier = Classifier(served.manifest, served.session, served.slot_dir, max_rows=self.settings.max_batch)
+        self._classifiers[served.name] = classifier
+        return classifier
+
     async def off_loop(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in the preprocessing pool: CPU work that must not stall the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.preprocess_pool, functools.partial(function, *args))
 
+    async def off_loop_explaining(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in the explanations' own thread (explanations on), one at a time."""
+        assert self.explain_pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self.explain_pool, functools.partial(function, *args))
+
     def forget(self, name: str) -> None:
-        """Drop an unloaded model's batcher, and with it the last reference to its session."""
+        """Drop an unloaded model's batcher and classifier, and with them the last references to its session."""
         self._batchers.pop(name, None)
+        self._classifiers.pop(name, None)
 
     async def readiness_problems(self) -> list[str]:
         """Why the server is not ready: still starting, or a model's active version is not serving."""
@@ -244,6 +287,58 @@ class ServedTable:
     @functools.cached_property
     def layout(self) -> drift_features.TableLayout:
         return drift_features.table_layout(self.spec)
+
+
+class ExplainSlots:
+    """Explain requests admitted at once: one runs in the explain thread and at most ``waiting`` wait for it; past
+    that, 503 with ``Retry-After``. On the event loop, like ``RequestBudget``, so it needs no lock."""
+
+    def __init__(self, waiting: int) -> None:
+        self.limit = 1 + waiting
+        self.admitted = 0
+
+    @contextmanager
+    def taking(self) -> Iterator[None]:
+        if self.admitted >= self.limit:
+            raise RequestRefused(f"{self.limit} explain requests are running or waiting (one runs at a time and "
+                                 f"{self.limit - 1} may wait: the agent's explain queue limit); retry shortly", 503,
+                                 {"Retry-After": "1"})
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+
+
+class ExplanationCounts:
+    """Explain requests per model version by result, and the model rows they ran.
+
+    Kept apart from the inference counters and the drift windows: an explanation runs its input many times over with
+    pieces taken away, so counted as traffic it would inflate the request rate and feed the drift monitor inputs no
+    client sent.
+    """
+
+    RESULTS = ("success", "refused", "error")
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, str]] = Counter()
+        self.model_rows: Counter[tuple[str, str]] = Counter()
+
+    def count(self, served: ServedModel, result: str, model_rows: int = 0) -> None:
+        for every in self.RESULTS:  # every result starts at 0, so a rate() over the first error sees it
+            self.requests[(served.name, served.version, every)] += 0
+        self.requests[(served.name, served.version, result)] += 1
+        self.model_rows[(served.name, served.version)] += model_rows
+
+    def metric_lines(self) -> list[str]:
+        requests = [(metric_labels(model=model, version=version, result=result), count)
+                    for (model, version, result), count in sorted(self.requests.items())]
+        rows = [(metric_labels(model=model, version=version), count) for (model, version), count in sorted(self.model_rows.items())]
+        return (metric_family("edgekit_explain_requests_total", "counter",
+                        "Explain requests by result (success; refused: the client's mistake, or the agent's limits "
+                        "(413, 503); error)", requests)
+                + metric_family("edgekit_explain_model_rows_total", "counter",
+                          "Model rows run for explanations (not counted in nv_inference_count)", rows))
 
 
 def _make_telemetry(settings: AgentSettings) -> Telemetry | None:
@@ -361,12 +456,6 @@ def check_model_reference(name: str, version: str | None = None) -> None:
         raise ModelNotFound(f"no model {what}: not a valid model name or version") from None
 
 
-def batchable(manifest: Manifest) -> bool:
-    """Whether requests can be joined along dimension 0: every tensor starts with the same symbolic dimension."""
-    first_dims = [spec.shape[0] if spec.shape else None for spec in [*manifest.inputs, *manifest.outputs]]
-    return isinstance(first_dims[0], str) and all(dim == first_dims[0] for dim in first_dims)
-
-
 async def _run(batcher: DynamicBatcher, manifest: Manifest, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The model's outputs for ``feeds``: runs of at most the batcher's rows (so one request's memory is bounded by
     ``max_batch``, not by its rows), or one run per row where the bundle was gated a row per run."""
@@ -406,14 +495,6 @@ def rows_run_alone(manifest: Manifest, feeds: dict[str, np.ndarray]) -> list[dic
                    for name, value in row.items()}
         rows.append(row)
     return rows
-
-
-def joined_rows(manifest: Manifest, max_batch: int) -> int:
-    """The most rows the batcher may join into one run of this model: none beyond a request when it cannot be batched
-    or when its answers depend on the rows it runs with (``runtime.max_rows_per_run``, dynamic int8)."""
-    if not batchable(manifest):
-        return 1
-    return min(max_batch, manifest.runtime.max_rows_per_run or max_batch)
 
 
 def _agent(request: Request) -> Agent:
@@ -645,23 +726,138 @@ class _Decoded:
     raw: dict
 
 
-def _decode(agent: Agent, served: ServedModel, body: bytes, encoding: str | None, header_length: str | None) -> _Decoded:
-    """The request decoded, every part of the input contract checked (in the preprocessing pool)."""
+def _decode(agent: Agent, served: ServedModel, body: bytes, encoding: str | None, header_length: str | None,
+            explaining: bool = False) -> _Decoded:
+    """The request decoded, every part of the input contract checked (in the preprocessing pool); an explain request
+    also within ``MAX_EXPLAIN_ROWS``."""
     settings = agent.settings
     body = decompress(body, encoding, settings.max_request_bytes)
     infer_request, binary = parse_infer_request(body, header_length, max_json_bytes=settings.max_json_bytes)
+    if explaining:
+        check_explain_rows(infer_request)
     check_rows(infer_request, served.manifest, settings.max_rows_per_request)
     raw: dict = {}
     feeds = (
         _text_feeds(agent, served, infer_request, binary, raw)
         or _image_feeds(served, infer_request, binary, raw)
-        or _table_feeds(agent, served, infer_request, binary)
+        or _table_feeds(agent, served, infer_request, binary, raw)
         or _spectral_feeds(served, infer_request, binary, raw)
         or decode_inputs(infer_request, binary, served.manifest)
     )
     tokenizer = agent.tokenizer_for(served) if isinstance(served.manifest.preprocessing, TokenizerPreprocessing) else None
     check_feeds(served.manifest, feeds, value_ranges(served.manifest, tokenizer.vocabulary_size if tokenizer else None))
     return _Decoded(infer_request, feeds, choose_outputs(infer_request, served.manifest), raw)
+
+
+# --------------------------------------------------------------------------- explanations
+
+
+@oip.post("/v2/models/{name}/explain", summary="Explain predictions (agent started with --explain)", openapi_extra=_INFER_BODY)
+async def explain_route(name: str, request: Request, agent: Agent = Depends(_agent)) -> Response:
+    """Which words, image regions or columns each raw input's prediction rests on: the body of an infer request with
+    the raw ``text``, ``image`` or ``rows`` input, at most ``MAX_EXPLAIN_ROWS`` of them."""
+    return await _explain(agent, request, name)
+
+
+@oip.post("/v2/models/{name}/versions/{version}/explain", summary="Explain predictions of a version (agent started with --explain)",
+          openapi_extra=_INFER_BODY)
+async def explain_version_route(name: str, version: str, request: Request, agent: Agent = Depends(_agent)) -> Response:
+    return await _explain(agent, request, name, version)
+
+
+async def _explain(agent: Agent, request: Request, name: str, version: str | None = None) -> Response:
+    """Off: 404, as from an agent without the route (no credential turns it on, so not 403). On: count the request
+    by result in the explanations' own counters, never in inference's or a drift window; a request refused for the
+    agent's limits (413, 503) counts as refused, not as an error."""
+    if agent.explain_pool is None:
+        raise HTTPException(404, EXPLAIN_OFF)
+    served = agent.serving(name, version)
+    try:
+        content, model_rows = await _explanations(agent, request, served)
+    except Exception as error:
+        status = _status_of(error) if isinstance(error, UserError) else getattr(error, "status_code", 500)
+        agent.explanations.count(served, "refused" if status < 500 or isinstance(error, RequestRefused) else "error")
+        raise
+    agent.explanations.count(served, "success", model_rows)
+    return Response(content, media_type="application/json")
+
+
+async def _explanations(agent: Agent, request: Request, served: ServedModel) -> tuple[bytes, int]:
+    """The response body and the model rows it cost; the body is read and decoded exactly as for /infer.
+
+    The body counts against the bytes in flight with inference's bodies (one bound on the memory bodies hold), but
+    the request takes an explain slot (``ExplainSlots``), never one of inference's work slots: explanations queue
+    for their own thread, and /infer keeps answering meanwhile.
+    """
+    classifier = agent.classifier_for(served)
+    with agent.inference_budget.holding() as held:
+        body = await read_body(request, agent.settings.max_request_bytes, "max_request_bytes", agent.http_limits, held)
+        with agent.explain_slots.taking():  # only once the body is here: a slow client never holds one
+            decoded = await agent.off_loop(
+                _decode, agent, served, body, request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH), True
+            )
+            inputs = raw_inputs(decoded, classifier)
+            return await agent.off_loop_explaining(explained_body, classifier, served, decoded.request.id, inputs)
+
+
+def check_explain_rows(request: InferRequest) -> None:
+    """Refuse an explain request of more than ``MAX_EXPLAIN_ROWS`` inputs, from the shapes it declares (413)."""
+    for tensor in request.inputs:
+        if tensor.shape and tensor.shape[0] > MAX_EXPLAIN_ROWS:
+            raise ProtocolError(
+                f"input {tensor.name!r} holds {tensor.shape[0]} rows; an explain request takes at most {MAX_EXPLAIN_ROWS} "
+                "(each costs one model run per word, image patch or column): split it into several requests", 413
+            )
+
+
+def raw_inputs(decoded: _Decoded, classifier: Classifier) -> list[Any]:
+    """The request's raw texts, images or rows (what an explanation takes away pieces of); tensors are refused."""
+    key, spec = {"text": ("texts", TEXT_INPUT), "image": ("images", IMAGE_INPUT), "table": ("rows", ROWS_INPUT)}[classifier.input_kind]
+    found = decoded.raw.get(key)
+    if found is None:
+        raise ProtocolError(f"explanations take the raw {spec.name!r} input ({spec.datatype}), not the model's tensors: "
+                            f"send {spec.name!r} as to /infer")
+    return list(found)
+
+
+def explained_body(classifier: Classifier, served: ServedModel, request_id: str | None, inputs: list[Any]) -> tuple[bytes, int]:
+    """The explain response as JSON bytes, and the model rows it cost: made in the explain thread, heat maps and
+    encoding included (8 heat maps of a 224x224 crop take ~100 ms to list and encode: not on the event loop)."""
+    explanations = explain_each(classifier, inputs)
+    document: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
+    if request_id is not None:
+        document["id"] = request_id
+    document["explanations"] = [explanation_json(explanation) for explanation in explanations]
+    content = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return content, sum(explanation.rows_run for explanation in explanations)
+
+
+def explain_each(classifier: Classifier, inputs: list[Any]) -> list[Explanation]:
+    """One explanation per input; which input has nothing to explain is named."""
+    explanations = []
+    for index, item in enumerate(inputs):
+        try:
+            explanations.append(explain_input(classifier, item))
+        except NothingToExplain as error:
+            raise NothingToExplain(f"input {index}: {error}") from None
+        except ModelRunFailed as error:  # validated inputs the model still fails on: the model's fault, as in /infer
+            log.error("explanation run failed", extra={"model": classifier.name}, exc_info=error)
+            raise HTTPException(500, str(error)) from None
+        except UserError:
+            raise
+        except Exception as error:
+            log.error("explanation failed", extra={"model": classifier.name}, exc_info=error)
+            raise HTTPException(500, f"explaining with {classifier.name} failed: {error}") from None
+    return explanations
+
+
+def explanation_json(explanation: Explanation) -> dict:
+    """``Explanation.to_json`` with every word or column in input order; an image's heat map also as numbers (rows of
+    pixels, 4 decimals) for the client to draw: no PNG is made on the device."""
+    document = explanation.to_json()
+    if explanation.heatmap is not None:
+        document["heatmap"]["values"] = np.round(explanation.heatmap, 4).tolist()
+    return document
 
 
 # What text, image, table and spectral models take from clients besides their tensors: raw strings, tokenized here
@@ -700,13 +896,14 @@ def _image_feeds(served: ServedModel, request: InferRequest, binary: bytes, raw:
     return {served.manifest.inputs[0].name: ImagePreprocessor(spec)(images)}
 
 
-def _table_feeds(agent: Agent, served: ServedModel, request: InferRequest, binary: bytes) -> dict[str, np.ndarray] | None:
+def _table_feeds(agent: Agent, served: ServedModel, request: InferRequest, binary: bytes, raw: dict) -> dict[str, np.ndarray] | None:
     """The model's ``features`` for a table model's ``rows`` input, or None when the request sends tensors."""
     if not isinstance(served.manifest.preprocessing, TablePreprocessing) or not any(t.name == ROWS_INPUT.name for t in request.inputs):
         return None
     if len(served.manifest.inputs) != 1:
         raise ProtocolError(f"raw rows feed models with one input; this one takes {[i.name for i in served.manifest.inputs]}")
     rows = table_rows(request, binary, served.manifest, agent.settings.max_json_bytes)
+    raw["rows"] = rows
     return {served.manifest.inputs[0].name: agent.table_for(served).encoder(rows)}
 
 
@@ -958,6 +1155,8 @@ async def metrics(agent: Agent = Depends(_agent)) -> PlainTextResponse:
         text += "\n".join(await run_in_threadpool(agent.telemetry.metric_lines)) + "\n"
     if agent.desired is not None:
         text += "\n".join(agent.desired.metric_lines()) + "\n"
+    if agent.explain_pool is not None:
+        text += "\n".join(agent.explanations.metric_lines()) + "\n"
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -1014,6 +1213,8 @@ def create_app(repository: Repository, settings: AgentSettings) -> FastAPI:
             # Windows still open are written to the outbox: a clean stop loses nothing.
             await run_in_threadpool(agent.telemetry.stop)
         agent.preprocess_pool.shutdown(wait=False)
+        if agent.explain_pool is not None:
+            agent.explain_pool.shutdown(wait=False)
 
     app = FastAPI(
         title=SERVER_NAME,

@@ -525,7 +525,7 @@ class Telemetry:
 
     def metric_lines(self) -> list[str]:
         """``edgekit_drift_*`` gauges: last judged window's scores, drifting, alert, top features, outbox state."""
-        from device_agent.metrics import _family, _labels
+        from device_agent.metrics import metric_family, metric_labels
 
         psi_samples, js_samples, feature_drift, window_drift, alert, top = [], [], [], [], [], []
         for name, served in sorted(self._served.items()):
@@ -533,32 +533,32 @@ class Telemetry:
             if monitor.reference is None:
                 continue
             judged = monitor.last_judged
-            window_drift.append((_labels(**model), int(bool(judged and judged["drifting"]))))
-            alert.append((_labels(**model), int(monitor.alert_active)))
+            window_drift.append((metric_labels(**model), int(bool(judged and judged["drifting"]))))
+            alert.append((metric_labels(**model), int(monitor.alert_active)))
             if judged is None:
                 continue
             for feature, score in sorted(judged["scores"].items()):
-                psi_samples.append((_labels(**model, feature=feature), round(score.psi, 6)))
-                js_samples.append((_labels(**model, feature=feature), round(score.js, 6)))
-                feature_drift.append((_labels(**model, feature=feature), int(score.drifting)))
-            top += [(_labels(**model, feature=f, rank=str(rank)), 1) for rank, f in enumerate(judged["top_features"], 1)]
+                psi_samples.append((metric_labels(**model, feature=feature), round(score.psi, 6)))
+                js_samples.append((metric_labels(**model, feature=feature), round(score.js, 6)))
+                feature_drift.append((metric_labels(**model, feature=feature), int(score.drifting)))
+            top += [(metric_labels(**model, feature=f, rank=str(rank)), 1) for rank, f in enumerate(judged["top_features"], 1)]
         stats = self.outbox.stats()
         uploader = self.uploader.stats if self.uploader is not None else UploaderStats()
         lines: list[str] = []
-        lines += _family("edgekit_drift_psi", "gauge", "PSI of each feature in the last judged window", psi_samples)
-        lines += _family("edgekit_drift_js_distance", "gauge", "Jensen-Shannon distance (base 2) of each feature in the last judged window", js_samples)
-        lines += _family("edgekit_drift_feature_drifting", "gauge", "1 when the feature passed its threshold in the last judged window", feature_drift)
-        lines += _family("edgekit_drift_window_drifting", "gauge", "1 when the last judged window drifted", window_drift)
-        lines += _family("edgekit_drift_alert", "gauge", "1 while k consecutive judged windows drift", alert)
-        lines += _family("edgekit_drift_top_feature_info", "gauge", "The most drifting features of the last judged window, by rank", top)
-        lines += _family("edgekit_drift_outbox_windows", "gauge", "Windows in the telemetry outbox, not yet acknowledged", [("", stats.rows)])
-        lines += _family("edgekit_drift_outbox_bytes", "gauge", "Bytes of the windows in the telemetry outbox", [("", stats.bytes)])
-        lines += _family("edgekit_drift_outbox_evicted_total", "counter", "Windows evicted unsent because the outbox was full", [("", stats.evicted_total)])
-        lines += _family("edgekit_drift_outbox_rejected_total", "counter",
+        lines += metric_family("edgekit_drift_psi", "gauge", "PSI of each feature in the last judged window", psi_samples)
+        lines += metric_family("edgekit_drift_js_distance", "gauge", "Jensen-Shannon distance (base 2) of each feature in the last judged window", js_samples)
+        lines += metric_family("edgekit_drift_feature_drifting", "gauge", "1 when the feature passed its threshold in the last judged window", feature_drift)
+        lines += metric_family("edgekit_drift_window_drifting", "gauge", "1 when the last judged window drifted", window_drift)
+        lines += metric_family("edgekit_drift_alert", "gauge", "1 while k consecutive judged windows drift", alert)
+        lines += metric_family("edgekit_drift_top_feature_info", "gauge", "The most drifting features of the last judged window, by rank", top)
+        lines += metric_family("edgekit_drift_outbox_windows", "gauge", "Windows in the telemetry outbox, not yet acknowledged", [("", stats.rows)])
+        lines += metric_family("edgekit_drift_outbox_bytes", "gauge", "Bytes of the windows in the telemetry outbox", [("", stats.bytes)])
+        lines += metric_family("edgekit_drift_outbox_evicted_total", "counter", "Windows evicted unsent because the outbox was full", [("", stats.evicted_total)])
+        lines += metric_family("edgekit_drift_outbox_rejected_total", "counter",
                          "Windows the collector refused on their own (kept in the outbox's rejected table, not resent)",
                          [("", stats.rejected_total)])
-        lines += _family("edgekit_drift_uploaded_total", "counter", "Windows the collector acknowledged (since the agent started)", [("", uploader.uploaded)])
-        lines += _family("edgekit_drift_upload_failures_total", "counter", "Failed upload attempts (since the agent started)", [("", uploader.failures)])
+        lines += metric_family("edgekit_drift_uploaded_total", "counter", "Windows the collector acknowledged (since the agent started)", [("", uploader.uploaded)])
+        lines += metric_family("edgekit_drift_upload_failures_total", "counter", "Failed upload attempts (since the agent started)", [("", uploader.failures)])
         return lines
 
 

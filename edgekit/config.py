@@ -8,6 +8,7 @@ Relative paths in a YAML file are taken from the file's folder.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -334,6 +335,33 @@ class SearchSection(_Strict):
     seed: int = 0
 
 
+class PrivacySection(_Strict):
+    """Client-side differential privacy: each site clips its update and adds Gaussian noise before it leaves."""
+
+    enabled: bool = False
+    clipping_norm: float = Field(1.0, gt=0, description="the largest L2 norm of one site's update (adapter and head together)")
+    noise_multiplier: float = Field(1.0, gt=0, description="noise standard deviation in units of clipping_norm")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the δ the reported ε is stated for")
+
+
+class FederatedSection(_Strict):
+    """``edgekit federated``: sites fine-tune LoRA adapters (and the head) on their own data; only those tensors move."""
+
+    strategy: Literal["fedavg", "fedprox"] = Field("fedavg", description="Flower's FedAvg, or FedProx (a proximal term pulls local training toward the global model)")
+    proximal_mu: float = Field(0.01, ge=0, description="fedprox: the proximal term's weight")
+    rounds: int = Field(3, ge=1)
+    local_epochs: int = Field(1, ge=1, description="epochs each site trains on its own rows per round")
+    min_fit_clients: int | None = Field(None, ge=1, description="sites a round needs to finish; default: all the run starts with")
+    join_timeout_s: float = Field(300, gt=0, description="how long the coordinator waits for enough sites to join (or rejoin) before it fails")
+    round_timeout_s: float = Field(3600, gt=0, description=(
+        "server: how long a site may train in one round before it counts as dropped (a simulation's sites never time out)"))
+    privacy: PrivacySection = PrivacySection()
+    secure_aggregation: bool = Field(False, description=(
+        "Flower's SecAgg+ (the coordinator sees only the sum of updates): needs Flower's SuperLink deployment, which "
+        "edgekit does not drive yet; true is refused with that reason"))
+    seed: int = 0
+
+
 class EvaluationSection(_Strict):
     latency_iterations: int = Field(50, ge=5)
     throughput_seconds: float = Field(2.0, gt=0)
@@ -353,6 +381,7 @@ class BuildConfig(_Strict):
     quantization: QuantizationSection = QuantizationSection()
     qat: QatSection = QatSection()
     evaluation: EvaluationSection = EvaluationSection()
+    federated: FederatedSection = FederatedSection()
     targets: list[str] = Field(["x86-64-cpu"], min_length=1, description="built-in target names or YAML paths")
 
     @model_validator(mode="before")
@@ -405,24 +434,48 @@ class BuildConfig(_Strict):
         return self
 
 
+BUILD_CONFIG_FILE = "build-config.yaml"  # in a build's output folder: the config its bundles were built from
+
+
 def load_build_config(path: Path | None) -> BuildConfig:
     """The embedded demo's config, or a YAML file's (relative paths taken from the file's folder)."""
     if path is None:
         return BuildConfig()
-    config = load_yaml_model(path, BuildConfig)
-    base = path.parent.resolve()
+    return anchored_paths(load_yaml_model(path, BuildConfig), path.parent.resolve())
+
+
+def anchored_paths(config: BuildConfig, base: Path) -> BuildConfig:
+    """``config`` with its relative file paths (data, IDX files, a model folder, target YAML files) taken from ``base``
+    and made absolute; packaged data (``sktime:``), embedded and built-in models and target names are left alone."""
 
     def anchored(value: Path | None) -> Path | None:
-        if value is None or value.is_absolute() or str(value).startswith(PACKAGED_DATA_PREFIX):
+        if value is None or str(value).startswith(PACKAGED_DATA_PREFIX):
             return value
-        return base / value
+        return Path(os.path.abspath(base / value.expanduser()))
 
-    idx = config.data.idx and config.data.idx.model_copy(update={
-        name: anchored(getattr(config.data.idx, name)) for name in ("train_images", "train_labels", "test_images", "test_labels")})
-    data = config.data.model_copy(update={"path": anchored(config.data.path), "calibration_path": anchored(config.data.calibration_path),
-                                          "test_path": anchored(config.data.test_path), "idx": idx})
-    targets = [str(base / t) if t.endswith((".yaml", ".yml")) and not Path(t).is_absolute() else t for t in config.targets]
+    data = config.data
+    idx = data.idx and data.idx.model_copy(update={
+        name: anchored(getattr(data.idx, name)) for name in ("train_images", "train_labels", "test_images", "test_labels")})
+    data = data.model_copy(update={"path": anchored(data.path), "calibration_path": anchored(data.calibration_path),
+                                   "test_path": anchored(data.test_path), "idx": idx})
+    targets = [str(anchored(Path(t))) if t.endswith((".yaml", ".yml")) else t for t in config.targets]
     source = config.model.source
-    if not source.startswith(("embedded:", *BUILT_HERE_PREFIXES)) and not Path(source).is_absolute():
-        source = str(base / source)
+    if not source.startswith(("embedded:", *BUILT_HERE_PREFIXES)):
+        source = str(anchored(Path(source)))
     return config.model_copy(update={"data": data, "targets": targets, "model": config.model.model_copy(update={"source": source})})
+
+
+def save_build_config(config: BuildConfig, out_dir: Path) -> Path:
+    """Write ``<out>/build-config.yaml``: the config the bundles in ``out_dir`` were built from, with the search off
+    (the training is settled) and every path absolute, so ``edgekit build`` or ``edgekit retrain --from`` can use it
+    from any folder. Written atomically."""
+    import yaml
+
+    from device_agent.files import write_atomically
+
+    settled = anchored_paths(config.model_copy(update={"search": config.search.model_copy(update={"enabled": False})}), Path.cwd())
+    header = ("# Written by `edgekit build`: the config the bundles in this folder were built from (the search's choice\n"
+              "# included). `edgekit retrain --from` reads it; `edgekit build` can rebuild from it.\n")
+    path = out_dir / BUILD_CONFIG_FILE
+    write_atomically(path, (header + yaml.safe_dump(settled.model_dump(mode="json"), sort_keys=False)).encode("utf-8"))
+    return path

@@ -97,6 +97,7 @@ class Fidelity:
         return asdict(self)
 
 
+Z_TWO_SIDED_95 = 1.96
 Z_ONE_SIDED_95 = 1.6449
 
 
@@ -188,3 +189,43 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mcnemar_p_value(champion_only: int, challenger_only: int) -> float:
+    """McNemar's exact test, two-sided: under "neither is better" each discordant row is a fair coin.
+
+    ``champion_only``: rows only the champion gets right (b); ``challenger_only``: rows only the challenger gets right
+    (c). p = min(1, 2 · P(X ≤ min(b, c))) with X ~ Binomial(b + c, ½); 1 when there is no discordant row. Summed in log
+    space, so a slice of a million rows neither overflows nor underflows to a wrong answer.
+    """
+    if champion_only < 0 or challenger_only < 0:
+        raise ValueError(f"discordant counts must be non-negative, got {champion_only} and {challenger_only}")
+    trials, fewer = champion_only + challenger_only, min(champion_only, challenger_only)
+    if trials == 0:
+        return 1.0
+    log_terms = [math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1) - trials * math.log(2)
+                 for k in range(fewer + 1)]
+    top = max(log_terms)
+    log_tail = top + math.log(math.fsum(math.exp(term - top) for term in log_terms))
+    return min(1.0, 2 * math.exp(log_tail))
+
+
+def paired_accuracy_gain_interval(champion_only: int, challenger_only: int, rows: int,
+                                  z: float = Z_TWO_SIDED_95) -> tuple[float, float]:
+    """The 95% (Wald) interval of challenger accuracy minus champion accuracy for paired predictions on ``rows`` rows."""
+    gain = (challenger_only - champion_only) / rows
+    spread = z * math.sqrt(max(0.0, (champion_only + challenger_only) / rows - gain * gain) / rows)
+    return max(-1.0, gain - spread), min(1.0, gain + spread)
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the order given: the k-th smallest (k from 0, of m) times m − k, made
+    non-decreasing in that order, at most 1. An adjusted p below alpha is exactly a rejection by Holm's step-down
+    procedure at alpha, which keeps the chance of any false claim over the m slices at most alpha."""
+    count = len(p_values)
+    adjusted = [1.0] * count
+    running = 0.0
+    for rank, index in enumerate(sorted(range(count), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (count - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted

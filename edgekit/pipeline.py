@@ -159,10 +159,15 @@ def _decode(document: dict, entry: Path) -> Artifact:
     )
 
 
-def cached(cache_dir: Path, planned: PlannedPass) -> Artifact | None:
-    entry = cache_dir / planned.pass_.name / planned.key
+def read_artifact(entry: Path) -> Artifact | None:
+    """The artifact a pass cache entry (``<cache>/<pass>/<key>``) holds, its relative paths read against ``entry``;
+    None when the entry holds none (evicted, or never finished)."""
     manifest = entry / ARTIFACT_FILE
     return _decode(json.loads(manifest.read_text()), entry) if manifest.is_file() else None
+
+
+def cached(cache_dir: Path, planned: PlannedPass) -> Artifact | None:
+    return read_artifact(cache_dir / planned.pass_.name / planned.key)
 
 
 def _evict(entry: Path) -> None:

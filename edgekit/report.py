@@ -11,6 +11,7 @@ import html
 import json
 from pathlib import Path
 
+from edgekit.data import Split
 from edgekit.pipeline import TargetResult
 from edgekit.results import PassResults
 
@@ -63,16 +64,22 @@ def target_report(result: TargetResult) -> dict:
 
 
 def write_reports(results: list[TargetResult], out_dir: Path, signing: dict, data: dict | None = None,
-                  search: dict | None = None) -> list[dict]:
+                  search: dict | None = None, test: Split | None = None, federated: dict | None = None) -> list[dict]:
     """Write ``report.json`` and ``report.html`` per target; ``signing`` says which key signed, ``data`` what was read and
-    dropped, ``search`` the trials that chose the model (``edgekit.search.SearchOutcome.report``), when one ran."""
+    dropped, ``search`` the trials that chose the model (``edgekit.search.SearchOutcome.report``), when one ran; with the
+    ``test`` split, what each bundle leans on per class (``edgekit.explanations``); ``federated``, the record of the
+    federation that trained the model (``edgekit.federated.coordinator.Coordinator.report``)."""
+    from edgekit.explanations import report_explanations
+
     reports = []
     for result in results:
-        report = {**target_report(result), "signing": signing, "data": data or {}, "search": search}
+        explanations, explanations_html = report_explanations(result.bundle, Path(signing["key"]), test)
+        report = {**target_report(result), "signing": signing, "data": data or {}, "search": search,
+                  "explanations": explanations, "federated": federated}
         path = out_dir / result.target / "report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (path.parent / "report.html").write_text(report_html(report))
+        (path.parent / "report.html").write_text(report_html(report, explanations_html))
         reports.append(report)
     return reports
 
@@ -96,14 +103,14 @@ def _confusion_html(labels: list[str], confusion: list[list[int]]) -> str:
     return f"<table class=confusion><tr><th>true \\ predicted</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def _curve_svg(values: list[float], width: int = 480, height: int = 160) -> str:
+def _curve_svg(values: list[float], width: int = 480, height: int = 160, label: str = "training loss") -> str:
     if len(values) < 2:
         return ""
     low, high = min(values), max(values)
     span = (high - low) or 1.0
     points = " ".join(f"{i * (width - 20) / (len(values) - 1) + 10:.1f},{height - 10 - (v - low) * (height - 20) / span:.1f}"
                       for i, v in enumerate(values))
-    return (f'<svg width="{width}" height="{height}" role="img" aria-label="training loss">'
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(label)}">'
             f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{points}"/>'
             f'<text x="12" y="14" font-size="11">{high:.3f}</text><text x="12" y="{height - 2}" font-size="11">{low:.3f}</text></svg>')
 
@@ -160,8 +167,9 @@ def _search_html(search: dict | None) -> str:
             f"<th>seconds</th><th>params</th><th>note</th></tr>{rows}</table>")
 
 
-def report_html(report: dict) -> str:
-    """One target's report as a self-contained page: summary, gates, per-class metrics, confusion matrix, fine-tuning."""
+def report_html(report: dict, explanations_html: str = "") -> str:
+    """One target's report as a self-contained page: summary, gates, per-class metrics, confusion matrix, what the
+    model leans on (``explanations_html``: its heat maps are not in report.json), fine-tuning."""
     e = html.escape
     metrics = report["metrics"]
     verdict = "PASSED" if report["passed"] else "FAILED"
@@ -207,9 +215,35 @@ th.rot span {{ writing-mode: vertical-rl; transform: rotate(180deg); }}
 <h2>Gates</h2><table><tr><th>gate</th><th>value</th><th>budget</th><th>result</th></tr>{gates}</table>
 <h2>Per class (final model)</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{classes}</table>
 <h2>Confusion matrix (final model)</h2>{confusion}
-{_search_html(report.get("search"))}{tuning}{data_html}
+{explanations_html}{_search_html(report.get("search"))}{_federated_html(report.get("federated"))}{tuning}{data_html}
 </body></html>
 """
+
+
+def _federated_html(federated: dict | None) -> str:
+    """The federation's rounds (validation accuracy of each global model, plotted), its sites and their label skew."""
+    if not federated:
+        return ""
+    e = html.escape
+    rounds = "".join(f"<tr><td>{r['round']}</td><td>{_number(r['accuracy'])}</td><td>{_number(r['val_loss'])}</td>"
+                     f"<td>{_number(r['loss'])}</td><td>{e(', '.join(r['sites']))}</td><td>{e(', '.join(r['dropped']))}</td>"
+                     f"<td>{r['bytes_from_each_site']:,}</td><td>{_number(r['seconds'])}</td></tr>" for r in federated["per_round"])
+    labels = sorted({label for c in federated["per_client"] for label in c["label_counts"]})
+    clients = "".join(f"<tr><td>{e(c['client'])}</td><td>{c['rows']}</td>"
+                      + "".join(f"<td>{c['label_counts'].get(label, 0)}</td>" for label in labels) + "</tr>"
+                      for c in federated["per_client"])
+    dp = federated["dp"]
+    privacy = (f"client-side differential privacy: clipping {dp['clipping_norm']}, noise ×{dp['noise_multiplier']}, "
+               f"ε {dp['epsilon']} at δ {dp['delta']} ({e(dp['accountant'])})" if dp.get("enabled") else "no differential privacy")
+    return (f"<h2>Federated fine-tuning</h2><p>{federated['clients']} sites, {federated['rounds']} rounds of "
+            f"{federated['local_epochs']} local epoch(s), {e(federated['strategy'])}, partition {e(str(federated['partition']))}; "
+            f"{privacy}; secure aggregation {'on' if federated['secure_aggregation'] else 'off'}. "
+            f"Left each site: {e('; '.join(federated['left_each_site']))}. Never left a site: {e('; '.join(federated['never_left_a_site']))}.</p>"
+            f"<p>Validation accuracy of the global model per round (round 0: the starting adapter)</p>"
+            f"{_curve_svg([r['accuracy'] for r in federated['per_round']], label='validation accuracy per round')}"
+            f"<table><tr><th>round</th><th>val accuracy</th><th>val loss</th><th>train loss</th><th>sites</th><th>dropped</th>"
+            f"<th>bytes per site</th><th>s</th></tr>{rounds}</table>"
+            f"<table><tr><th>site</th><th>rows</th>{''.join(f'<th>{e(label)}</th>' for label in labels)}</tr>{clients}</table>")
 
 
 def _number(value) -> str:
@@ -245,6 +279,12 @@ def render(reports: list[dict], console) -> None:
             console.print(tuning)
         if report.get("search"):
             _render_search(report["search"], console)
+        if report.get("federated"):
+            federated = report["federated"]
+            accuracies = " → ".join(f"{r['accuracy']:.3f}" for r in federated["per_round"])
+            console.print(f"federated: {federated['clients']} sites, {federated['rounds']} rounds ({federated['strategy']}, "
+                          f"partition {federated['partition']}); validation accuracy per round {accuracies}; "
+                          f"{federated['per_round'][-1]['bytes_from_each_site']:,} bytes from each site per round", highlight=False)
         if report.get("data"):
             data = report["data"]
             dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in data["dropped"].items()) or "none"

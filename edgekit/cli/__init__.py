@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from device_agent.errors import UserErrorGroup
-from edgekit.cli import build, bundle, doctor, fleet, fleet_rollouts, flash, keys, targets
+from edgekit.cli import build, bundle, compare, doctor, explain, federated, fleet, fleet_rollouts, flash, keys, retrain, targets
 
 app = typer.Typer(
     name="edgekit",
@@ -26,12 +26,16 @@ app.add_typer(targets.app, name="targets")
 app.add_typer(keys.app, name="keys")
 app.add_typer(bundle.app, name="bundle")
 app.add_typer(fleet.app, name="fleet")
+app.add_typer(federated.app, name="federated")
 fleet.app.command("deploy")(fleet_rollouts.deploy)
 fleet.app.command("rollouts")(fleet_rollouts.list_rollouts)
 fleet.app.add_typer(fleet_rollouts.rollout_app, name="rollout")
 app.command("build")(build.build)
 app.command("doctor")(doctor.doctor)
 app.command("flash")(flash.flash)
+app.command("explain")(explain.explain)
+app.command("retrain")(retrain.retrain)
+app.command("compare")(compare.compare)
 
 
 @app.command()

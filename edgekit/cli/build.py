@@ -46,7 +46,7 @@ def build(
         "Optuna storage for the search (search.storage): default sqlite:///<out>/search/study.db; a postgresql:// URL "
         "lets several build hosts share one study.")),
 ) -> None:
-    """Build signed bundles: load → [finetune] → [prune] → export → per target: [qat] → optimize → quantize → compile → evaluate → gates → package.
+    """Build signed bundles: load → (finetune) → (prune) → export → per target: (qat) → optimize → quantize → compile → evaluate → gates → package.
 
     Without CONFIG and --model this builds the embedded demo (all-MiniLM-L6-v2 with a head fitted on WordNet
     glosses) for x86-64-cpu. Exits 1 when any target fails its gates (the report says which), 2 on bad input.
@@ -63,32 +63,61 @@ def build(
     model.trees.max_depth, model.trees.min_samples_leaf, model.trees.subsample (builtin:gbt); any task: model.source (or
     list candidates in search.models).
     """
-    from edgekit.pipeline import Build
-    from edgekit.report import write_reports
-    from edgekit.tasks import load_task_data
-
     config = _config_with_overrides(config_file, model=model, task=task, data=data, targets=target)
     config = _search_overrides(config, search=search, budget=search_budget, storage=study_db)
-    cache = cache_dir or default_cache_dir()
-    key, development_key = _signing_key(key, cache, quiet=as_json)
-    data_set = load_task_data(config)
-    progress = _progress_bars(quiet=as_json)
-    say = (lambda message: None) if as_json else (lambda message: console.print(message, highlight=False))
     searching = _searching(config, data)
     if dry_run:
-        if searching:
-            say("--dry-run: a search would run first and choose the training; this is the plan of the config as written")
-        _print_plan(Build(config, data_set, out, cache, key, progress, say), cache, as_json=as_json)
+        _dry_run(config, out, cache_dir, key, searching=searching, as_json=as_json)
         return
+    reports, passed = build_bundles(config, out, cache_dir, key, searching=searching, quiet=as_json)
+    _print_reports(reports, as_json=as_json)
+    if not passed:
+        raise typer.Exit(1)
+
+
+def build_bundles(config: BuildConfig, out: Path, cache_dir: Path | None, key: Path | None, *, searching: bool,
+                  quiet: bool, federated: dict | None = None) -> tuple[list[dict], bool]:
+    """The build once its config is settled (``edgekit build``, ``edgekit retrain``, ``edgekit federated``): the search
+    when ``searching``, the passes, report.json and report.html per target (with ``federated``, the record of the
+    federation that trained the model), and ``<out>/build-config.yaml`` (the config the bundles were built from).
+    Returns the reports and whether every target passed its gates; prints nothing of the reports."""
+    from edgekit.pipeline import Build
+    from edgekit.report import write_reports
+    from edgekit.config import save_build_config
+    from edgekit.tasks import load_task_data
+
+    cache = cache_dir or default_cache_dir()
+    key, development_key = _signing_key(key, cache, quiet=quiet)
+    data_set = load_task_data(config)
+    progress = _progress_bars(quiet=quiet)
+    say = _say(quiet=quiet)
     outcome = _search(config, data_set, out, cache, key, progress, say) if searching else None
-    builder = Build(outcome.config if outcome else config, data_set, out, cache, key, progress, say)
+    built = outcome.config if outcome else config
+    builder = Build(built, data_set, out, cache, key, progress, say)
     with progress:
         results = builder.run()
     reports = write_reports(results, out, signing={"key": str(key), "development_key": development_key, "key_id": builder.signer},
-                            data=data_set.summary, search=outcome.report() if outcome else None)
-    _print_reports(reports, as_json=as_json)
-    if not all(result.passed for result in results):
-        raise typer.Exit(1)
+                            data=data_set.summary, search=outcome.report() if outcome else None, test=data_set.test,
+                            federated=federated)
+    save_build_config(built, out)
+    return reports, all(result.passed for result in results)
+
+
+def _dry_run(config: BuildConfig, out: Path, cache_dir: Path | None, key: Path | None, *, searching: bool, as_json: bool) -> None:
+    """--dry-run: the plan of the config as written, and what the cache holds of it."""
+    from edgekit.pipeline import Build
+    from edgekit.tasks import load_task_data
+
+    cache = cache_dir or default_cache_dir()
+    key, _ = _signing_key(key, cache, quiet=as_json)
+    say = _say(quiet=as_json)
+    if searching:
+        say("--dry-run: a search would run first and choose the training; this is the plan of the config as written")
+    _print_plan(Build(config, load_task_data(config), out, cache, key, _progress_bars(quiet=as_json), say), cache, as_json=as_json)
+
+
+def _say(*, quiet: bool):
+    return (lambda message: None) if quiet else (lambda message: console.print(message, highlight=False))
 
 
 def _config_with_overrides(config_file: Path | None, *, model: str | None, task: str | None, data: Path | None,

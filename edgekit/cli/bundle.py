@@ -74,3 +74,32 @@ def verify(
         f"verified: {manifest.model.name} {manifest.model.version} for {manifest.target.name}, "
         f"signed by key {signer}; {len(manifest.files)} files ({total} bytes) match their hashes"
     )
+
+
+def keyring_option():
+    return typer.Option(None, "--keyring", help=(
+        "Folder of trusted public keys (*.pub). Default: the development key that `edgekit build` signs with when no "
+        "--key is given ($XDG_CACHE_HOME/edgekit/dev-key)."))
+
+
+def open_trusted(file: Path, keyring: Path | None):
+    """The bundle verified against ``keyring`` (default: the development key's folder), unpacked: a VerifiedBundle to
+    use as a context manager. A bundle signed by another key fails with the check's message and the fix."""
+    from device_agent.bundle import BundleError, Check, open_bundle
+    from device_agent.keys import Keyring, KeyMaterialError
+    from edgekit.cli.build import default_cache_dir
+
+    folder = keyring if keyring is not None else default_cache_dir() / "dev-key"
+    try:
+        trusted = Keyring.load(folder)
+    except KeyMaterialError as error:
+        if keyring is not None:
+            raise
+        raise KeyMaterialError(f"no development key to check {file.name} against ({error}); pass --keyring DIR with the "
+                               "public key that signed it") from None
+    try:
+        return open_bundle(file, trusted)
+    except BundleError as error:
+        if error.check is Check.UNTRUSTED_KEY and keyring is None:
+            raise BundleError(error.check, f"{error.detail}; pass --keyring DIR with the public key that signed it") from None
+        raise

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from edgekit.cli.bundle import keyring_option
 from edgekit.cli.output import console, print_json, print_table
 
 if TYPE_CHECKING:
+    from edgekit.fleet.export import Exported
     from edgekit.fleet.report import Alert
 
 DEFAULT_DB = "sqlite:///edgekit-fleet.db"
@@ -230,6 +232,11 @@ def report(
     device: str | None = typer.Option(None, "--device", help="Only this device."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
     html: Path | None = typer.Option(None, "--html", help="Also write a self-contained HTML report with plots to this file."),
+    bundle: Path | None = typer.Option(None, "--bundle", help=(
+        "With --html: the signed bundle (.ekb) of a model the devices serve. For each drifting device, the HTML shows "
+        "which words (or image regions) the samples captured in its drifting windows lean on, beside those of its "
+        "non-drifting windows (up to 50 each, that version's samples only; needs sampled capture on the agents).")),
+    keyring: Path | None = keyring_option(),
 ) -> None:
     """Review the fleet: per device its model, requests, p95 latency, error rate, drift status and evictions;
     and drift per model version recomputed from every device's summed histogram counts.
@@ -239,16 +246,21 @@ def report(
     """
     from edgekit.fleet.report import build_report, format_time, parse_since
 
+    if bundle is not None and html is None:
+        from edgekit.errors import EdgekitError
+
+        raise EdgekitError("--bundle explains drifted traffic in the HTML report; pass --html FILE too")
     since_time = parse_since(since)
     store = _open(db, migrate=False)
     try:
         review = build_report(store, since=since_time, device=device)
+        explained = _explain_drift(store, review, bundle, keyring) if bundle is not None else None
     finally:
         store.close()
     if html is not None:
         from edgekit.fleet.html import write_html
 
-        write_html(review, html)
+        write_html(review, html, explained)
     if as_json:
         print_json(review.to_dict())
         return
@@ -284,6 +296,16 @@ def report(
         console.print(_skipped_warning(review.skipped_windows), style="yellow", highlight=False, markup=False)
     if html is not None:
         console.print(f"HTML report: {html}", highlight=False)
+
+
+def _explain_drift(store, review, bundle: Path, keyring: Path | None):  # type: ignore[no-untyped-def]
+    """What the drifting devices' drifted and reference traffic lean on, explained by ``bundle``'s model."""
+    from device_agent.classifier import classifier_of_bundle
+    from edgekit.cli.bundle import open_trusted
+    from edgekit.fleet.report import explain_drifted_traffic
+
+    with open_trusted(bundle, keyring) as opened:
+        return explain_drifted_traffic(store, review, classifier_of_bundle(opened))
 
 
 def _status(status: str) -> str:
@@ -354,21 +376,54 @@ def export_samples(
     out: Path = typer.Option(..., "--out", help="Text: a .jsonl file. Images: a folder (one sub-folder of PNGs per label)."),
     db: str = db_option(),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    bundle: Path | None = typer.Option(None, "--bundle", help=(
+        "The signed bundle (.ekb) of the model the samples were captured with: each text sample then carries up to 5 "
+        "words that support the bundle's prediction (occlusion). Without it, no attributions are written.")),
+    keyring: Path | None = keyring_option(),
 ) -> None:
     """Write a device's captured samples as a dataset `edgekit build` reads, labelled with the model's predictions.
 
     Text samples become JSONL rows {"text", "label", "captured_at"}; images become OUT/<label>/<n>.png. The labels are the
     model's own predictions (pseudo-labels): review and correct them before fine-tuning on them. Samples
     exist only where the agent's sampled capture was turned on.
+
+    With --bundle, a text row also gets "attributions": [{"token", "score"}], up to 5 words that support the bundle's
+    prediction most (positive scores only), and "explained_label", the class the bundle explained (it may differ from
+    the device's "label" when the bundle is not the model that served the sample); an image export gets OUT/attributions.jsonl, one line {"file", "label", "top_regions"} per image.
+    Samples captured with another model version than the bundle's get none (counted). It costs one model run per
+    word (or image patch) of each sample.
     """
+    from contextlib import ExitStack
+
+    from edgekit.fleet.export import SampleExplainer
     from edgekit.fleet.export import export_samples as export
 
-    store = _open(db, migrate=False)
-    try:
-        store.require_device(device)
-        samples, skipped = store.fetch_samples(device)
-        written = export(samples, out, device=device, force=force)
-    finally:
-        store.close()
+    with ExitStack() as stack:
+        explainer = None
+        if bundle is not None:
+            from device_agent.classifier import classifier_of_bundle
+            from edgekit.cli.bundle import open_trusted
+
+            explainer = SampleExplainer(classifier_of_bundle(stack.enter_context(open_trusted(bundle, keyring))))
+        store = _open(db, migrate=False)
+        try:
+            store.require_device(device)
+            samples, skipped = store.fetch_samples(device)
+        finally:
+            store.close()
+        written = export(samples, out, device=device, force=force, explainer=explainer)
     unreadable = f"; {skipped} stored samples could not be read and were left out" if skipped else ""
     typer.echo(f"wrote {written.count} samples of {device} to {out} ({written.kind}; {written.unlabelled} without a predicted label{unreadable})")
+    if explainer is not None:
+        typer.echo(_attribution_summary(written, explainer.classifier.name))
+
+
+def _attribution_summary(written: Exported, model: str) -> str:
+    """What --bundle added, and what it left without attributions and why."""
+    parts = [f"attributions from {model} for {written.explained} of {written.count}"]
+    if written.other_model:
+        parts.append(f"{written.other_model} were captured with another model or version (none written for them: "
+                     "export again with that version's bundle)")
+    if written.unexplained:
+        parts.append(f"{written.unexplained} had nothing the model could explain (first: {written.problem})")
+    return "; ".join(parts)

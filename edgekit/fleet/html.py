@@ -2,6 +2,10 @@
 
 No script, stylesheet or image is fetched from anywhere, so the file can be
 mailed, archived by CI, or opened on a machine without network access.
+
+Given a bundle (``--bundle``), it also shows what each drifting device's drifted traffic leans on, beside what its
+reference traffic leans on (``report.explain_drifted_traffic``): words for text, mean heat maps for images. A captured
+image that cannot be decoded is skipped and counted per device, not a reason to lose the report.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from device_agent.telemetry_schema import escape_unprintable
-from edgekit.fleet.report import FleetReport, format_time
+from edgekit.fleet.report import DriftExplained, FleetReport, TrafficLean, format_time
 
 _TEMPLATE = """<!doctype html>
 <html lang="en">
@@ -29,6 +33,9 @@ _TEMPLATE = """<!doctype html>
  img { max-width: 100%; display: block; margin: 0 0 2em; }
  .muted { color: #777; font-size: 13px; }
  .warning { background: #fdd; padding: 4px 8px; display: inline-block; }
+ .side-by-side { display: flex; gap: 2em; flex-wrap: wrap; align-items: flex-start; }
+ .side-by-side table, .side-by-side img { margin-bottom: 1em; }
+ figure { margin: 0; } figure img { width: 224px; image-rendering: pixelated; margin: 0; }
 </style>
 </head>
 <body>
@@ -77,6 +84,42 @@ _TEMPLATE = """<!doctype html>
 </table>
 {% else %}<p class="muted">no windows with a model and a drift reference in this period</p>{% endif %}
 
+{% if explained is not none %}
+<h2>What drifting devices' traffic leans on ({{ explained.model|name }})</h2>
+<p class="muted">Occlusion attributions with this bundle's model of up to {{ explained.per_side }} samples captured in each drifting
+ device's drifting windows, and of up to {{ explained.per_side }} captured in its windows judged not drifting (the reference
+ traffic), both answered by this model version. A word's lean: its positive scores summed over the explained samples,
+ divided by their number; "in" counts the samples it supports the prediction in.</p>
+{% if not explained.devices %}<p class="muted">no device is drifting in this period</p>{% endif %}
+{% for d in explained.devices %}
+<h3>{{ d.device_id }} <span class="{{ d.status }}">{{ d.status }}</span></h3>
+{% if d.note %}<p class="muted">{{ d.note }}</p>{% endif %}
+{% if d.unreadable %}<p class="warning">{{ d.unreadable }} captured image{{ "s" if d.unreadable != 1 else "" }} could not be
+ decoded and {{ "were" if d.unreadable != 1 else "was" }} skipped, not explained (the first: {{ d.unreadable_problem|name }})</p>{% endif %}
+{% if d.drifted is not none %}
+<div class="side-by-side">
+{% for title, side, other, other_name in [("drifted traffic", d.drifted, d.reference, "reference"), ("reference traffic", d.reference, d.drifted, "drifted")] if side is not none %}
+{% if side.heatmap is not none %}
+<figure><img alt="mean heat map of the {{ title }}" src="{{ heatmap_uri(side) }}">
+<figcaption class="muted">{{ title }}: mean of {{ side.samples }} heat maps (red: supports the prediction)</figcaption></figure>
+{% else %}
+<table>
+<tr><th colspan="4">{{ title }} ({{ side.samples }} samples explained)</th></tr>
+<tr><th>word</th><th>lean</th><th>in</th><th>lean, {{ other_name }}</th></tr>
+{% for w in side.words %}
+<tr><td>{{ w.token|name }}</td><td>{{ "%.3g"|format(w.lean) }}</td><td>{{ w.samples }}</td>
+ <td>{{ "%.3g"|format(other.lean_of(w.token)) if other is not none else "-" }}</td></tr>
+{% else %}
+<tr><td colspan="4" class="muted">no word supports the predictions</td></tr>
+{% endfor %}
+</table>
+{% endif %}
+{% endfor %}
+</div>
+{% endif %}
+{% endfor %}
+{% endif %}
+
 {% for title, uri in plots %}
 <h2>{{ title }}</h2>
 <img alt="{{ title }}" src="{{ uri }}">
@@ -86,8 +129,8 @@ _TEMPLATE = """<!doctype html>
 """
 
 
-def render_html(report: FleetReport) -> str:
-    """The whole report as one HTML document."""
+def render_html(report: FleetReport, explained: DriftExplained | None = None) -> str:
+    """The whole report as one HTML document; with ``explained``, a section on what drifted traffic leans on."""
     import jinja2
 
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
@@ -99,13 +142,22 @@ def render_html(report: FleetReport) -> str:
         plots=_plots(report),
         when=format_time,
         worst_psi=lambda entry: max(score.psi for score in entry.scores.values()),
+        explained=explained,
+        heatmap_uri=_heatmap_uri,
     )
 
 
-def write_html(report: FleetReport, path: Path) -> None:
+def write_html(report: FleetReport, path: Path, explained: DriftExplained | None = None) -> None:
     from device_agent.files import write_atomically
 
-    write_atomically(path, render_html(report).encode("utf-8"))
+    write_atomically(path, render_html(report, explained).encode("utf-8"))
+
+
+def _heatmap_uri(side: TrafficLean) -> str:
+    from edgekit.heatmap import heatmap_png
+
+    assert side.heatmap is not None and side.pixels is not None
+    return "data:image/png;base64," + base64.b64encode(heatmap_png(side.pixels, side.heatmap)).decode("ascii")
 
 
 def _plots(report: FleetReport) -> list[tuple[str, str]]:

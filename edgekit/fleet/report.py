@@ -36,9 +36,16 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from device_agent.telemetry_schema import DriftReference, FeatureScore
-from edgekit.fleet.store import FleetError, Store, StoredWindow
+from edgekit.fleet.store import FleetError, Store, StoredWindow, WindowedSample
+
+if TYPE_CHECKING:
+    from device_agent.classifier import Classifier
+    from edgekit.fleet.export import SampleExplainer
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -248,6 +255,121 @@ def sum_histograms(windows: list[StoredWindow], reference: DriftReference) -> di
             for index, count in enumerate(counts):
                 total[index] += count
     return sums
+
+
+# --------------------------------------------------------------------------- what drifted traffic leans on
+
+EXPLAINED_PER_SIDE = 50  # samples explained per device and side (drifted, reference): each costs a run per word or patch
+TOP_WORDS = 10
+
+
+@dataclass(frozen=True)
+class WordLean:
+    token: str  # lower-cased: the words' case is one word to an uncased tokenizer, and to the reader
+    lean: float  # the word's positive scores summed over the explained samples, divided by their number
+    samples: int  # how many of those samples it supports the prediction in
+
+
+@dataclass(frozen=True)
+class TrafficLean:
+    """What one set of samples' predictions rest on: the top words (texts), or the mean heat map (images)."""
+
+    samples: int  # explained
+    words: list[WordLean]  # texts: the TOP_WORDS of highest lean
+    leans: dict[str, float] = field(default_factory=dict)  # texts: every supporting word's lean, to compare sides
+    heatmap: np.ndarray | None = None  # images: the mean heat map over the model's view
+    pixels: np.ndarray | None = None  # images: the mean of the model's views, to draw the heat map over
+
+    def lean_of(self, token: str) -> float:
+        return self.leans.get(token, 0.0)
+
+
+@dataclass(frozen=True)
+class DeviceLean:
+    device_id: str
+    status: str  # drifting | alert
+    drifted: TrafficLean | None  # samples of its drifting windows
+    reference: TrafficLean | None  # samples of its windows judged not drifting: the traffic the model was fine with
+    note: str | None = None  # why a side is missing
+    unreadable: int = 0  # captured images (both sides) that could not be decoded: skipped, not explained
+    unreadable_problem: str | None = None  # why the first of them could not be
+
+
+@dataclass(frozen=True)
+class DriftExplained:
+    model: str  # "name version" of the bundle whose model explained the samples
+    per_side: int  # at most this many samples explained per device and side
+    devices: list[DeviceLean]
+
+
+def explain_drifted_traffic(store: Store, report: FleetReport, classifier: Classifier,
+                            per_side: int = EXPLAINED_PER_SIDE) -> DriftExplained:
+    """For each drifting or alerting device of ``report``: what the samples captured in its drifting windows lean on,
+    and what those of its non-drifting windows (the reference) lean on, over the report's period.
+
+    Only samples the bundle's own model version answered count (another version's explanation says nothing about the
+    device's answers); at most ``per_side`` of each side, the newest, are explained.
+    """
+    from edgekit.fleet.export import SampleExplainer
+
+    if classifier.input_kind not in ("text", "image"):
+        raise FleetError(f"--bundle: {classifier.name} takes {classifier.input_kind} input; devices capture texts and "
+                         "images only, so there is nothing of its kind to explain")
+    model = (classifier.manifest.model.name, classifier.manifest.model.version)
+    devices = []
+    for device in report.devices:
+        if device.status not in ("drifting", "alert"):
+            continue
+        sides = [store.fetch_samples(device.device_id, model=model, drifting=drifting, since=report.since,
+                                  newest=per_side)[0] for drifting in (True, False)]
+        unreadable: list[str] = []
+        drifted, reference = (_traffic_lean(SampleExplainer(classifier), samples, unreadable) for samples in sides)
+        note = None
+        if drifted is None:
+            note = f"no {classifier.input_kind} samples of {classifier.name} were captured in its drifting windows"
+            if device.model_name and (device.model_name, device.model_version) != model:
+                note += f" (it serves {device.model_name} {device.model_version}: explain with that version's bundle)"
+        elif reference is None:
+            note = (f"no reference: no {classifier.input_kind} samples of {classifier.name} were captured in its windows "
+                    "judged not drifting")
+        devices.append(DeviceLean(device.device_id, device.status, drifted, reference, note, len(unreadable),
+                                  unreadable[0] if unreadable else None))
+    return DriftExplained(classifier.name, per_side, devices)
+
+
+def _traffic_lean(explainer: SampleExplainer, samples: list[WindowedSample], unreadable: list[str]) -> TrafficLean | None:
+    """The aggregate of the samples' explanations (``edgekit.explanations.tally_words`` and ``mean_view``, as the
+    build report aggregates its own); None when none of them could be explained. A captured image that cannot be
+    decoded is skipped, and why is appended to ``unreadable``: one bad sample must not cost the whole report."""
+    from edgekit.explanations import mean_view, tally_words
+    from edgekit.fleet.export import captured_image
+
+    kind = explainer.classifier.input_kind
+    explanations = []
+    for windowed in samples:
+        sample = windowed.sample
+        if kind == "text" and sample.text is not None:
+            explanation = explainer.explain(windowed, sample.text)
+        elif kind == "image" and sample.image is not None:
+            try:
+                pixels = captured_image(sample)
+            except FleetError as error:
+                unreadable.append(str(error))
+                continue
+            explanation = explainer.explain(windowed, pixels)
+        else:
+            continue
+        if explanation is not None:
+            explanations.append(explanation)
+    if not explanations:
+        return None
+    if kind == "image":
+        pixels, heatmap = mean_view(explanations)
+        return TrafficLean(len(explanations), [], heatmap=heatmap, pixels=pixels)
+    tallies = tally_words(explanations, lowercase=True)
+    leans = {token: tally.positive_total / len(explanations) for token, tally in tallies.items() if tally.supporting}
+    top = sorted(leans, key=lambda token: (-leans[token], token))[:TOP_WORDS]
+    return TrafficLean(len(explanations), [WordLean(token, leans[token], tallies[token].supporting) for token in top], leans)
 
 
 # --------------------------------------------------------------------------- alerts

@@ -676,18 +676,53 @@ class Store:
                     continue
         return found
 
-    def fetch_samples(self, device: str) -> tuple[list[CapturedSample], int]:
-        """The device's captured samples in order, and how many stored ones were skipped because they no longer validate."""
-        query = sa.select(samples.c.document).where(samples.c.device_id == device).order_by(samples.c.sequence, samples.c.position)
-        found: list[CapturedSample] = []
+    def fetch_samples(self, device: str, *, model: tuple[str, str] | None = None, drifting: bool | None = None,
+                      since: float | None = None, newest: int | None = None) -> tuple[list["WindowedSample"], int]:
+        """The device's captured samples in capture order, each with its window's model and drift flags, and how many stored
+        ones were skipped because they no longer validate.
+
+        ``model`` keeps (name, version); ``drifting`` True keeps samples of drifting or alerting windows, False those of
+        windows judged and not drifting; ``since`` those of windows that ended at or after it; ``newest`` only the last n.
+        """
+        joined = samples.outerjoin(windows, sa.and_(windows.c.device_id == samples.c.device_id,
+                                                    windows.c.sequence == samples.c.sequence))
+        query = (sa.select(samples.c.sequence, samples.c.document, windows.c.model_name,
+                           windows.c.model_version, windows.c.drifting, windows.c.alert, windows.c.scores)
+                 .select_from(joined).where(samples.c.device_id == device))
+        if model is not None:
+            query = query.where(windows.c.model_name == model[0], windows.c.model_version == model[1])
+        if drifting is True:
+            query = query.where(sa.or_(windows.c.drifting, windows.c.alert))
+        elif drifting is False:
+            query = query.where(sa.not_(windows.c.drifting), sa.not_(windows.c.alert), windows.c.scores != "{}")
+        if since is not None:
+            query = query.where(windows.c.ended_at >= since)
+        order = (samples.c.sequence, samples.c.position)
+        query = query.order_by(*order) if newest is None else query.order_by(*(column.desc() for column in order)).limit(newest)
+        found: list[WindowedSample] = []
         skipped = 0
         with self.reading() as conn:
             for row in conn.execute(query):
                 try:
-                    found.append(CapturedSample.model_validate_json(row.document))
+                    sample = CapturedSample.model_validate_json(row.document)
                 except ValidationError:
                     skipped += 1
-        return found, skipped
+                    continue
+                found.append(WindowedSample(sample, row.sequence, row.model_name, row.model_version,
+                                            bool(row.drifting or row.alert), row.scores not in (None, "{}")))
+        return (found if newest is None else found[::-1]), skipped
+
+
+@dataclass(frozen=True)
+class WindowedSample:
+    """A captured sample with what its window says: the model version that answered it and the device's drift verdict."""
+
+    sample: CapturedSample
+    sequence: int
+    model_name: str | None
+    model_version: str | None
+    drifting: bool  # the device judged its window drifting (or alerting)
+    judged: bool  # the window was large enough for the device to judge
 
 
 def _readable_time(timestamp: float | None) -> float | None:

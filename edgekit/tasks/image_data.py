@@ -255,3 +255,24 @@ def load_task_data(data: DataSection, section: ImageSection) -> TaskData:
                         f"set channel_order: {'L' if channels == 1 else 'RGB'}")
     identity = json.dumps([labels, preprocessing(section).model_dump(mode="json")]).encode()
     return task_data_from(labels, splits, CALIBRATION_ROWS, identity, {"source": source, **cleaning, "warnings": warnings})
+
+
+def fit_image(image: np.ndarray, spec: ImagePreprocessing) -> tuple[np.ndarray, list[str]]:
+    """One uint8 image ``[height, width, channels]`` in the colour mode a bundle's preprocessing takes (L or RGB, as
+    Pillow converts) and, when that preprocessing does not resize, at its input size; with a note of each change.
+
+    What ``edgekit explain`` does to a single image file before either method: a device's client sends images at
+    the model's size, a person explaining one gives whatever file they have."""
+    from PIL import Image
+
+    mode = "L" if spec.channel_order == "L" else "RGB"
+    given_mode = "L" if image.ndim == 2 or image.shape[2] == 1 else "RGB"
+    picture = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    notes = [] if given_mode == mode else [f"converted from {given_mode} to {mode}"]
+    picture = picture.convert(mode)
+    height, width = spec.crop
+    if spec.resize is None and (picture.height, picture.width) != (height, width):
+        notes.append(f"resized from {picture.width}x{picture.height} to the model's {width}x{height}")
+        picture = picture.resize((width, height), Image.BILINEAR)
+    pixels = np.asarray(picture, dtype=np.uint8)
+    return (pixels[:, :, None] if pixels.ndim == 2 else pixels), notes

@@ -261,7 +261,8 @@ def _read_hf_dataset(folder: Path, label_column: str) -> tuple[list[dict], set[s
     return records, set(table.column_names)
 
 
-def _text(value: object) -> str | None:
+def text_cell(value: object) -> str | None:
+    """A text cell as the build reads it; None when it holds no text."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, float) and math.isnan(value):
@@ -273,7 +274,7 @@ def _text(value: object) -> str | None:
     return value
 
 
-def _label(value: object) -> str | None:
+def label_cell(value: object) -> str | None:
     """Strip; 1, 1.0 and "1.0" all become "1"; None, NaN and "" become None."""
     if value is None or isinstance(value, bool):
         return None if value is None else str(value).lower()
@@ -311,7 +312,7 @@ def clean_rows(rows: list[Row], source: str = "data") -> tuple[list[Example], Cl
         if row.error is not None:
             counts["unreadable"] += 1
             continue
-        text, label, split = _text(row.text), _label(row.label), _split_name(row.split)
+        text, label, split = text_cell(row.text), label_cell(row.label), _split_name(row.split)
         if text is None:
             counts["missing_text"] += 1
         elif label is None:
@@ -390,7 +391,7 @@ def to_task_data(dataset: Dataset, calibration_rows: list[Row] | None = None) ->
         for name in SPLITS
     }
     if calibration_rows is not None:
-        pairs = [(text, _label(row.label)) for row in calibration_rows if row.error is None and (text := _text(row.text)) is not None]
+        pairs = [(text, label_cell(row.label)) for row in calibration_rows if row.error is None and (text := text_cell(row.text)) is not None]
         calibration = Split(*stratified_order([text for text, _ in pairs], [index.get(label, 0) for _, label in pairs]))
     else:
         calibration = splits["train"].head(256)

@@ -52,14 +52,43 @@ def pooling_of(folder: Path, setting: str) -> str:
 
 
 def new_classifier(source: Path, labels: tuple[str, ...], pooling: str) -> torch.nn.Module:
-    """The pretrained encoder in ``source`` with a fresh classifier for ``labels``, pooled as ``pooling`` says."""
+    """The pretrained encoder in ``source`` with a fresh classifier for ``labels``, pooled as ``pooling`` says.
+
+    ``source`` may already be a classifier (a champion's model being retrained): its head is kept only when it was
+    trained for exactly ``labels``, by name and order. Any other head is initialised afresh, as for a bare encoder,
+    even when it has as many rows: a head for labels a, b, c would otherwise answer for a, b, d with the row it
+    learned for c."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    saved = AutoConfig.from_pretrained(source)
     config = AutoConfig.from_pretrained(source, num_labels=len(labels), id2label=dict(enumerate(labels)),
                                         label2id={label: i for i, label in enumerate(labels)})
     setattr(config, POOLING_KEY, pooling)
     model_class = mean_pooled_class() if pooling == "mean" else AutoModelForSequenceClassification
-    return model_class.from_pretrained(source, config=config)
+    model = model_class.from_pretrained(source, config=config, ignore_mismatched_sizes=True)
+    if _is_classifier(saved) and _labels_of(saved) != list(labels):
+        _reset_head(model)
+    return model
+
+
+def _is_classifier(config) -> bool:
+    """Whether a saved model's ``config`` is a sequence classifier's (its head then holds trained rows per label)."""
+    return any(name.endswith("ForSequenceClassification") for name in getattr(config, "architectures", None) or [])
+
+
+def _labels_of(config) -> list[str]:
+    """The class names of a saved classifier's head, in the order of its rows."""
+    return [label for _, label in sorted((int(index), label) for index, label in config.id2label.items())]
+
+
+def _reset_head(model: torch.nn.Module) -> None:
+    """Initialise every module of ``model`` outside its encoder (the classifier, and DistilBERT's pre-classifier) as
+    the family initialises a new model's."""
+    prefix = model.base_model_prefix
+    for name, module in model.named_modules():
+        inside = name == prefix or name.startswith(f"{prefix}.")
+        if name and not inside and any(True for _ in module.parameters(recurse=False)):
+            model._init_weights(module)
 
 
 def load_classifier(folder: Path) -> torch.nn.Module:

@@ -21,7 +21,7 @@ from edgekit.config import BuildConfig, DataSection, IdxFiles, ImageSection
 from edgekit.data import DataError
 from edgekit.errors import EdgekitError
 from edgekit.tasks import image_classification, image_data, model_feeds
-from tests.support.builds import relaxed_target
+from tests.support.images import build_tiny_cnn, make_image_folder, pattern
 
 ROOT = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -35,29 +35,6 @@ GRAY = ImageSection(size=(12, 12), channel_order="L")
 def _idx_bytes(array: np.ndarray) -> bytes:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     return header + array.astype(np.uint8).tobytes()
-
-
-def _pattern(label: str, rng: np.random.Generator, size: int = 12) -> np.ndarray:
-    """Three classes a tiny CNN learns in a few epochs: two horizontal lines, two vertical lines, a square blob."""
-    image = rng.integers(0, 60, size=(size, size)).astype(np.uint8)
-    k = int(rng.integers(0, size))
-    if label == "horizontal":
-        image[[k, (k + 3) % size], :] = 255
-    elif label == "vertical":
-        image[:, [k, (k + 3) % size]] = 255
-    else:
-        y, x = rng.integers(3, size - 3, 2)
-        image[y - 2 : y + 2, x - 2 : x + 2] = 255
-    return image
-
-
-def make_image_folder(root: Path, per_class: int = 40, classes=("dot", "horizontal", "vertical"), seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for label in classes:
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            Image.fromarray(_pattern(label, rng)).save(root / label / f"{index}.png")
-    return root
 
 
 # ---------------------------------------------------------------- IDX
@@ -255,36 +232,9 @@ def test_a_batch_too_large_for_memory_is_refused_before_training(tmp_path):
 # ---------------------------------------------------------------- the build, end to end
 
 
-# Accuracy budgets a 3-class toy test set can be judged by.
-TOY_BUDGETS = {"max_accuracy_drop_points": 25.0, "min_top1_agreement": 0.7}
-
-
-def _build_tiny_cnn(root: Path, targets: tuple[str, ...], **sections: dict) -> Path:
-    """Build the small CNN (widths 8, 16) on the 3-pattern image folder under ``root``, with ``sections`` added to the
-    config; ``root/keyring`` trusts the build's development key."""
-    make_image_folder(root / "images")
-    config = {
-        "model": {"source": "builtin:small-cnn", "name": "tiny-cnn", "widths": [8, 16]},
-        "task": {"kind": "image-classification", "image": {"size": [12, 12], "channel_order": "L"}},
-        "data": {"path": "images"},
-        "train": {"epochs": 12, "batch_size": 16, "learning_rate": 0.01, "augment": "none"},
-        "quantization": {"time_limit_s": 10},
-        "evaluation": {"latency_iterations": 5, "throughput_seconds": 0.1},
-        "targets": [str(relaxed_target(root, name, **TOY_BUDGETS)) for name in targets],
-        **sections,
-    }
-    (root / "build.yaml").write_text(yaml.safe_dump(config))
-    result = runner.invoke(app, ["build", str(root / "build.yaml"), "--out", str(root / "out"), "--cache-dir", str(root / "cache")])
-    assert result.exit_code == 0, result.output
-    keyring = root / "keyring"
-    keyring.mkdir()
-    shutil.copy(root / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
-    return _build_tiny_cnn(tmp_path_factory.mktemp("image-build"), ("x86-64-cpu", "jetson-orin-nano-8gb"),
+    return build_tiny_cnn(tmp_path_factory.mktemp("image-build"), ("x86-64-cpu", "jetson-orin-nano-8gb"),
                            finetune={"enabled": True, "method": "full", "epochs": 1, "batch_size": 16, "learning_rate": 0.001})
 
 
@@ -343,7 +293,7 @@ def test_a_real_agent_serves_the_built_image_bundle(tiny_build, tmp_path):
     repository.install(tiny_build / "out" / "x86-64-cpu-test" / "tiny-cnn-1.0.0.ekb")
     rng = np.random.default_rng(7)
     labels = ["dot", "horizontal", "vertical"]
-    images = np.stack([_pattern(labels[i % 3], rng) for i in range(6)])[..., None]
+    images = np.stack([pattern(labels[i % 3], rng) for i in range(6)])[..., None]
     model_path = tiny_build / "out" / "x86-64-cpu-test" / "passes" / "05-quantize" / "model.onnx"
     task = image_classification.task_spec(tuple(labels), GRAY)
     expected = onnxruntime.InferenceSession(str(model_path)).run(None, model_feeds(task, images))[0]
@@ -380,24 +330,71 @@ def test_hugging_face_resnet_from_a_config_trains_and_exports(tmp_path):
     assert [i.name for i in onnx.load(str(exported.model_path)).graph.input] == ["pixel_values"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
-def test_fashion_mnist_example_meets_its_accuracy_bars(tmp_path):
+needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason=(
+    "Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)"))
+
+
+@pytest.fixture(scope="module")
+def fashion_build(tmp_path_factory) -> Path:
+    """The Fashion-MNIST example built as shipped (both targets); the folder holds out/ and cache/."""
+    root = tmp_path_factory.mktemp("fashion-mnist")
     config = ROOT / "examples" / "fashion-mnist.yaml"
-    result = runner.invoke(app, ["build", str(config), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    result = runner.invoke(app, ["build", str(config), "--out", str(root / "out"), "--cache-dir", str(root / "cache")])
     assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_fashion_mnist_example_meets_its_accuracy_bars(fashion_build):
     for target in ("x86-64-cpu", "jetson-orin-nano-8gb"):
-        report = json.loads((tmp_path / "out" / target / "report.json").read_text())
+        report = json.loads((fashion_build / "out" / target / "report.json").read_text())
         assert report["passed"] and report["precision"] == "int8"
         assert report["metrics"]["reference"]["accuracy"] >= 0.90
         assert report["metrics"]["reference"]["accuracy"] - report["metrics"]["final"]["accuracy"] <= 0.005
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_explain_draws_a_fashion_mnist_heat_map_on_the_garment(fashion_build, tmp_path):
+    """The int8 bundle explains a test trouser: the heat map PNG is red where its legs part, not far out in the
+    background."""
+    from edgekit.tasks.image_data import read_idx
+
+    images = read_idx(FASHION_MNIST / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")
+    trouser = images[int(np.flatnonzero(labels == 1)[0])]
+    Image.fromarray(trouser).save(tmp_path / "trouser.png")
+    keyring = tmp_path / "keyring"
+    keyring.mkdir()
+    shutil.copy(fashion_build / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
+    heat_png = tmp_path / "trouser.heat.png"
+    result = runner.invoke(app, ["explain", str(fashion_build / "out" / "x86-64-cpu" / "fashion-mnist-cnn-1.0.0.ekb"),
+                                 "--image", str(tmp_path / "trouser.png"), "--out", str(heat_png), "--keyring", str(keyring), "--json"])
+    assert result.exit_code == 0, result.output
+    explained = json.loads(result.stdout)
+    assert explained["label"] == "Trouser" and explained["probability"] > 0.9, explained
+    assert explained["rows_run"] == 1 + 13 * 13, "a 4-pixel patch at stride 2 over 28x28, plus the image itself"
+    drawn = np.asarray(Image.open(heat_png))
+    assert drawn.shape[:2] == (28 * 8, 28 * 8) and drawn.shape[2] == 3, "enlarged 8x, RGB"
+    redness = (drawn[..., 0].astype(float) - drawn[..., 2].astype(float)).reshape(28, 8, 28, 8).mean(axis=(1, 3))
+    # What tells a trouser from a dress is the gap between its legs: background pixels with garment on both sides in
+    # their row. Painted over, the gap closes; the heat there is far above that of the background beyond the garment.
+    garment = trouser > 30
+    columns = np.arange(28)
+    left = np.array([columns[row].min() if row.any() else 28 for row in garment])[:, None]
+    right = np.array([columns[row].max() if row.any() else -1 for row in garment])[:, None]
+    gap = ~garment & (columns[None, :] > left) & (columns[None, :] < right)
+    beyond = ~garment & ((columns[None, :] < left - 4) | (columns[None, :] > right + 4))
+    assert gap.sum() >= 10 and beyond.sum() >= 100
+    assert redness[gap].mean() > 1.5 * redness[beyond].mean() + 10, (redness[gap].mean(), redness[beyond].mean())
 
 
 def test_a_pruned_image_build_removes_conv_channels_and_still_bundles(tmp_path):
     from device_agent.bundle import open_bundle
     from device_agent.keys import Keyring
 
-    _build_tiny_cnn(tmp_path, ("x86-64-cpu",), prune={"enabled": True, "ratio": 0.5, "recovery_steps": 20, "recovery_batch_size": 16})
+    build_tiny_cnn(tmp_path, ("x86-64-cpu",), prune={"enabled": True, "ratio": 0.5, "recovery_steps": 20, "recovery_batch_size": 16})
     report = json.loads((tmp_path / "out" / "x86-64-cpu-test" / "report.json").read_text())
     assert [p["name"] for p in report["passes"]][:3] == ["load", "prune", "export"]
     pruned = report["metrics"]["prune"]
@@ -411,3 +408,49 @@ def test_a_pruned_image_build_removes_conv_channels_and_still_bundles(tmp_path):
         # The conv's weight may sit behind a DequantizeLinear in the int8 model.
         source = next((n.input[0] for n in graph.node if n.output[0] == first_conv.input[1]), first_conv.input[1])
         assert weights[source].dims[0] == 4, "four of the eight first-stage channels are gone"
+
+
+def test_explain_draws_a_heat_map_on_the_lines_a_horizontal_pattern_is_recognised_by(tiny_build, tmp_path):
+    rng = np.random.default_rng(3)
+    image = pattern("horizontal", rng)
+    lines = [row for row in range(12) if (image[row] == 255).all()]
+    Image.fromarray(image).save(tmp_path / "lines.png")
+    bundle = tiny_build / "out" / "x86-64-cpu-test" / "tiny-cnn-1.0.0.ekb"
+    heat_png = tmp_path / "heat.png"
+    result = runner.invoke(app, ["explain", str(bundle), "--image", str(tmp_path / "lines.png"), "--out", str(heat_png),
+                                 "--keyring", str(tiny_build / "keyring"), "--json"])
+    assert result.exit_code == 0, result.output
+    explained = json.loads(result.stdout)
+    assert explained["label"] == "horizontal" and explained["method"] == "occlusion"
+    assert explained["rows_run"] == 1 + 11 * 11, "a 2-pixel patch at stride 1 over 12x12, plus the image itself"
+    assert explained["heatmap_png"] == str(heat_png)
+    # Look at the picture: red (support) on the pattern's lines, far less elsewhere.
+    drawn = np.asarray(Image.open(heat_png))
+    assert drawn.ndim == 3 and drawn.shape[2] == 3 and drawn.shape[0] >= 224 and drawn.shape[0] % 12 == 0
+    scale = drawn.shape[0] // 12
+    redness = (drawn[..., 0].astype(float) - drawn[..., 2].astype(float)).reshape(12, scale, 12, scale).mean(axis=(1, 3))
+    others = [row for row in range(12) if row not in lines]
+    assert redness[lines].mean() > redness[others].mean() + 20, (lines, redness.mean(axis=1).round(1))
+    patch, regions = explained["heatmap"]["patch"], explained["heatmap"]["top_regions"]
+    # A patch over a line's neighbour row also covers the line, so the heat spreads one row around each line.
+    near_lines = [any(r["row"] - 1 <= line <= r["row"] + patch for line in lines) for r in regions[:3]]
+    assert all(near_lines), (regions, lines)
+
+
+def test_explain_brings_an_image_to_the_model_and_refuses_what_it_cannot_read(tiny_build, tmp_path):
+    bundle = tiny_build / "out" / "x86-64-cpu-test" / "tiny-cnn-1.0.0.ekb"
+    keyring = ["--keyring", str(tiny_build / "keyring")]
+    big_colour = np.repeat(np.kron(pattern("vertical", np.random.default_rng(1)), np.ones((2, 2), np.uint8))[..., None], 3, axis=2)
+    Image.fromarray(big_colour).save(tmp_path / "big.png")
+    result = runner.invoke(app, ["explain", str(bundle), "--image", str(tmp_path / "big.png"), "--out", str(tmp_path / "h.png"),
+                                 "--json", *keyring])
+    assert result.exit_code == 0, result.output
+    assert "converted from RGB to L" in result.stderr, "the note goes to stderr, so stdout stays JSON"
+    explained = json.loads(result.stdout)
+    assert explained["heatmap"]["shape"] == [12, 12], "the bundle's own resize brought 24x24 to its 12x12"
+    assert explained["label"] == "vertical"
+    (tmp_path / "not-an-image.png").write_text("hello")
+    result = runner.invoke(app, ["explain", str(bundle), "--image", str(tmp_path / "not-an-image.png"), *keyring])
+    assert result.exit_code == 2 and "is not an image Pillow can read" in result.output
+    result = runner.invoke(app, ["explain", str(bundle), "--text", "a text for an image model", *keyring])
+    assert result.exit_code == 2 and "takes image input, not text" in result.output

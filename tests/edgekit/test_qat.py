@@ -72,7 +72,7 @@ def test_a_qat_model_is_judged_against_the_float_model_it_was_trained_from(tiny_
 def test_a_qat_phase_that_hurts_agreement_is_discarded(tiny_model, tmp_path) -> None:
     import onnxruntime as ort
 
-    from edgekit.pipeline import _decode
+    from edgekit.pipeline import read_artifact
     from edgekit.tasks import load_task_data, model_feeds
 
     report = _qat_build(tmp_path, tiny_model, learning_rate=0.5, epochs=1)  # a step this large wrecks the model
@@ -85,7 +85,7 @@ def test_a_qat_phase_that_hurts_agreement_is_discarded(tiny_model, tmp_path) -> 
     artifact = json.loads((passes / "03-qat" / "artifact.json").read_text())
     sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 for path in (passes / "03-qat" / "model.onnx", Path(artifact["float_model"]))]
-    spec = _decode(artifact, passes / "03-qat").task
+    spec = read_artifact(passes / "03-qat").task
     feeds = model_feeds(spec, data.val.texts[:16])
     outputs = [session.run(None, feeds)[0] for session in sessions]
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4)

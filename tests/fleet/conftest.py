@@ -181,3 +181,17 @@ def post(url: str, token: str | None, body) -> httpx.Response:  # type: ignore[n
     if isinstance(body, UploadBatch):
         body = body.model_dump(mode="json")
     return httpx.post(f"{url}/v1/telemetry", json=body, headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A keyring, and the tiny text and image bundles (tests.support.bundles) signed by its key."""
+    from device_agent.keys import generate_keypair, load_private_key
+    from tests.support.bundles import write_tiny_image_bundle, write_tiny_text_bundle
+
+    folder = tmp_path_factory.mktemp("bundles")
+    generate_keypair(folder / "keys")
+    key = load_private_key(folder / "keys" / "edgekit.key")
+    write_tiny_text_bundle(folder / "text.ekb", key)
+    write_tiny_image_bundle(folder / "image.ekb", key)
+    return {"keyring": folder / "keys", "text": folder / "text.ekb", "image": folder / "image.ekb"}

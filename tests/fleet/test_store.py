@@ -131,7 +131,8 @@ def test_samples_are_stored_once_with_their_window(store: Store):
     batch = make_batch("dev-1", [0], samples=[s.model_dump() for s in samples])
     store.ingest(batch)
     store.ingest(batch)
-    assert store.fetch_samples("dev-1") == (samples, 0)
+    found, skipped = store.fetch_samples("dev-1")
+    assert ([w.sample for w in found], skipped) == (samples, 0)
 
 
 def test_concurrent_duplicate_ingests_store_each_window_once(db_url: str):

@@ -311,7 +311,8 @@ def test_unreadable_references_and_samples_are_skipped(damaged):
         conn.execute(samples.insert().values(device_id="dev-bad", sequence=0, position=1, captured_at=1.0,
                                              document='{"captured_at": 1.0, "text": "y"}', predicted=None))
     assert set(store.references()) == {DIGEST}
-    assert store.fetch_samples("dev-bad") == ([CapturedSample(captured_at=1.0, text="y")], 1)
+    found, skipped = store.fetch_samples("dev-bad")
+    assert ([w.sample for w in found], skipped) == ([CapturedSample(captured_at=1.0, text="y")], 1)
 
 
 # --------------------------------------------------------------------------- fleet alerts: exit 2 on its own failure

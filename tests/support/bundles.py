@@ -22,6 +22,7 @@ from device_agent.bundle import (
     BundleLimits,
     Check,
     GoldenVectors,
+    ImagePreprocessing,
     Manifest,
     ModelInfo,
     RuntimeInfo,
@@ -428,3 +429,45 @@ def write_tiny_spectral_bundle(out: Path, key: Ed25519PrivateKey, version: str =
         "drift_reference": drift_reference,
     })
     return write_bundle(out, manifest, {"model.onnx": model_path, "golden.npz": golden}, key)
+
+
+# --------------------------------------------------------------------------- an image bundle
+
+
+TINY_IMAGE_SPEC = ImagePreprocessing(resize=8, crop=(8, 8), channel_order="RGB", layout="NCHW", mean=[0.5, 0.5, 0.5],
+                                     std=[0.25, 0.25, 0.25])
+
+
+def write_tiny_image_bundle(out: Path, key) -> None:
+    """A signed image bundle "tiny-cnn": Conv, ReLU, global pooling and a dense layer over 8x8 RGB crops."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    from device_agent.preprocess import ImagePreprocessor
+
+    payload = out.parent / f"{out.stem}-payload"
+    payload.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["pixels", "W"], ["conv"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]), helper.make_node("GlobalAveragePool", ["relu"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]), helper.make_node("Gemm", ["flat", "D", "c"], ["logits"])]
+    weights = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W"),
+               numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "D"),
+               numpy_helper.from_array(rng.normal(size=(3,)).astype(np.float32), "c")]
+    graph = helper.make_graph(nodes, "tiny-cnn", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, payload / "model.onnx")
+    pixels = ImagePreprocessor(TINY_IMAGE_SPEC)(rng.integers(0, 256, size=(2, 10, 12, 3), dtype=np.uint8))
+    (logits,) = onnxruntime.InferenceSession(str(payload / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixels": pixels})
+    np.savez(payload / "golden.npz", **{"input:pixels": pixels, "output:logits": logits})
+    manifest = tiny_manifest().model_copy(update={
+        "model": ModelInfo(name="tiny-cnn", version="1.0.0"),
+        "inputs": [TensorSpec(name="pixels", datatype="FP32", shape=["batch", 3, 8, 8])],
+        "outputs": [TensorSpec(name="logits", datatype="FP32", shape=["batch", 3])],
+        "task": TaskInfo(kind="image-classification", labels=["a", "b", "c"]),
+        "preprocessing": TINY_IMAGE_SPEC,
+    })
+    write_bundle(out, manifest, {"model.onnx": payload / "model.onnx", "golden.npz": payload / "golden.npz"}, key)

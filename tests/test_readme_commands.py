@@ -1,5 +1,5 @@
-"""README's "Rolling out to a fleet" against the real command lines: every `edgekit ...` and `edgekit-agent ...`
-command it shows names a real command, and every option it passes is in that command's ``--help``."""
+"""README's walkthrough sections against the real command lines: every `edgekit ...` and `edgekit-agent ...` command
+a section shows names a real command, and every option it passes or names is in that command's ``--help``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-SECTION = "Rolling out to a fleet"
+README = Path(__file__).resolve().parents[1] / "README.md"
 _SHELL_OPERATORS = {"|", "||", "&", "&&", ";", ">", ">>", "<", "2>", "("}
 # An option row of typer's help table: the border, the required marker column, then the option names.
 _OPTION_ROW = re.compile(r"^[│|][\s*]{1,6}(-{1,2}[\w-]+(?:[\s,/]+-{1,2}[\w-]+)*)")
@@ -26,7 +25,7 @@ def _apps() -> dict[str, typer.Typer]:
     return {"edgekit": edgekit_app, "edgekit-agent": agent_app}
 
 
-def section_text(title: str = SECTION) -> str:
+def section_text(title: str) -> str:
     """The README section under ``## title``, up to the next ``## `` heading."""
     text = README.read_text(encoding="utf-8")
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.MULTILINE | re.DOTALL)
@@ -91,27 +90,39 @@ def unknown_options(command: str) -> list[str]:
     return [option for option in options if option not in known]
 
 
-COMMANDS = command_lines(section_text())
+# Each checked section, with the commands it must keep showing.
+SECTIONS = {
+    "Rolling out to a fleet": {
+        "edgekit fleet devices add", "edgekit fleet serve", "edgekit-agent serve", "edgekit fleet deploy",
+        "edgekit fleet rollouts", "edgekit fleet rollout show", "edgekit fleet rollout abort",
+        "edgekit fleet devices rotate-token", "edgekit fleet devices remove"},
+    "Federated fine-tuning": {
+        "edgekit federated simulate", "edgekit federated server", "edgekit federated client", "edgekit keys generate"},
+    "Explaining predictions and retraining on drift": {
+        "edgekit explain", "edgekit fleet export-samples", "edgekit fleet report", "edgekit retrain", "edgekit compare",
+        "edgekit-agent serve"},
+}
+COMMANDS = [(title, command) for title in SECTIONS for command in command_lines(section_text(title))]
 
 
-def test_the_section_shows_the_operators_commands():
-    paths = {" ".join([program, *path]) for program, path, _ in map(resolve, COMMANDS)}
-    expected = {"edgekit fleet devices add", "edgekit fleet serve", "edgekit-agent serve", "edgekit fleet deploy",
-                "edgekit fleet rollouts", "edgekit fleet rollout show", "edgekit fleet rollout abort",
-                "edgekit fleet devices rotate-token", "edgekit fleet devices remove"}
-    assert expected <= paths, f"the section no longer shows {sorted(expected - paths)}"
+@pytest.mark.parametrize("title", SECTIONS)
+def test_the_section_shows_its_commands(title):
+    paths = {" ".join([program, *path]) for program, path, _ in map(resolve, command_lines(section_text(title)))}
+    assert SECTIONS[title] <= paths, f"'{title}' no longer shows {sorted(SECTIONS[title] - paths)}"
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_option_in_the_section_is_in_its_commands_help(command):
-    assert unknown_options(command) == [], f"`{command}` uses options its --help does not list"
+@pytest.mark.parametrize(("title", "command"), COMMANDS)
+def test_every_option_in_a_section_is_in_its_commands_help(title, command):
+    assert unknown_options(command) == [], f"'{title}': `{command}` uses options its --help does not list"
 
 
-def test_every_option_the_prose_names_belongs_to_a_command_of_the_section():
-    known = set().union(*(help_options(program, tuple(path)) for program, path, _ in map(resolve, COMMANDS)))
-    prose = re.sub(r"^```[a-z]*\n.*?^```", "", section_text(), flags=re.MULTILINE | re.DOTALL)
+@pytest.mark.parametrize("title", SECTIONS)
+def test_every_option_the_prose_names_belongs_to_a_command_of_the_section(title):
+    commands = command_lines(section_text(title))
+    known = set().union(*(help_options(program, tuple(path)) for program, path, _ in map(resolve, commands)))
+    prose = re.sub(r"^```[a-z]*\n.*?^```", "", section_text(title), flags=re.MULTILINE | re.DOTALL)
     named = set(re.findall(r"`(--[a-z][\w-]*)", re.sub(r"\n\s*", " ", prose)))
-    assert named and named <= known, f"the section names options no command of it has: {sorted(named - known)}"
+    assert named and named <= known, f"'{title}' names options no command of it has: {sorted(named - known)}"
 
 
 def test_a_stale_option_or_command_is_caught():

@@ -1,0 +1,427 @@
+"""The coordinator of a federation: admits sites, runs Flower's rounds, judges each global model, keeps the record.
+
+It runs Flower's own server loop (``flwr.server.Server``) with Flower's FedAvg or FedProx, extended at three points:
+
+- ``SiteRegistry`` (a Flower client manager) admits a site only after asking for its properties with the
+  coordinator's expectations: the same base model (digest of its files), labels the federation knows and, when the
+  coordinator has a keyring of site keys, a valid signature of a fresh challenge. A refused site is told why and
+  disconnected; enough admitted sites are waited for up to ``federated.join_timeout_s``, then the run fails naming
+  who is missing.
+- The strategy records what each site returned per round (rows, loss, bytes) and refuses a round in which fewer
+  than ``min_fit_clients`` sites returned (``RoundShort``); the server then waits for sites to rejoin (the same
+  timeout) and runs the round again.
+- Each round's global model is judged on the coordinator's own validation rows (Flower's ``evaluate_fn``); the
+  sites are never asked to evaluate.
+
+Two transports carry the same messages: in-process proxies (``edgekit federated simulate``: sites take turns on
+one shared model, so two cores are not oversubscribed) and Flower's gRPC transport (``edgekit federated server``
+and ``client``, TLS when certificates are given).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+from edgekit.federated.site import LABEL_COUNTS, AdapterModel, SharedBase
+
+try:  # the federated extra: this module is imported only by `edgekit federated`
+    from flwr.common import DisconnectRes, GetPropertiesIns, ReconnectIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import Server
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.client_proxy import ClientProxy
+    from flwr.server.strategy import FedAvg, FedProx
+    from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
+    from flwr.supercore.address import parse_address
+except ImportError as missing:
+    raise EdgekitError(f"edgekit federated needs Flower ({missing.name} is missing): pip install 'edgekit[federated]'") from None
+
+if TYPE_CHECKING:
+    from device_agent.keys import Keyring
+    from edgekit.config import BuildConfig
+    from edgekit.data import Split
+
+PROPERTIES_TIMEOUT_S = 60.0
+MAX_ROUND_ATTEMPTS = 3  # a round that keeps coming back short fails the run instead of training the others forever
+
+
+class FederationError(EdgekitError):
+    """The federation could not finish (too few sites, a round that kept failing)."""
+
+
+class RoundShort(Exception):
+    """Fewer sites than ``min_fit_clients`` returned an update this round."""
+
+
+def quiet_flower() -> None:
+    """Flower logs every message at INFO and warns that its gRPC server API is deprecated (edgekit uses it on
+    purpose: it runs in one process, without a SuperLink); edgekit prints its own progress instead."""
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    val_accuracy: float
+    val_loss: float
+    train_loss: float | None = None
+    sites: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    bytes_to_each_site: int = 0
+    bytes_from_each_site: int = 0
+    seconds: float = 0.0
+    attempts: int = 1
+
+
+@dataclass
+class JoinedSite:
+    site: str
+    rows: int
+    label_counts: dict[str, int]
+    key_id: str = ""
+
+
+class Coordinator:
+    """The global model, the admission rules and the record of a federation (see the module docstring)."""
+
+    def __init__(self, config: BuildConfig, base: SharedBase, labels: tuple[str, ...], validation: Split, *,
+                 sites_expected: int, keyring: Keyring | None = None, say=lambda _: None,
+                 adapter: AdapterModel | None = None) -> None:
+        federated = config.federated
+        if federated.secure_aggregation:
+            raise EdgekitError("federated.secure_aggregation needs Flower's SecAgg+ workflow, which runs only in Flower's "
+                               "SuperLink deployment; edgekit drives Flower's in-process and gRPC server loop, so it cannot "
+                               "offer it yet. Set federated.secure_aggregation: false (updates are then seen one by one "
+                               "by the coordinator; federated.privacy noises them at each site)")
+        self.config, self.base, self.labels, self.validation = config, base, labels, validation
+        self.adapter = adapter or AdapterModel(base, labels, config)
+        self.min_fit = federated.min_fit_clients or sites_expected
+        if self.min_fit > sites_expected:
+            raise EdgekitError(f"federated.min_fit_clients {self.min_fit} is more than the {sites_expected} sites of this run")
+        self.sites_expected, self.keyring, self.say = sites_expected, keyring, say
+        self.rounds: list[RoundRecord] = []
+        self.total_rounds = federated.rounds
+        self.joined: dict[str, JoinedSite] = {}
+        self.refused: list[dict] = []
+        self.started = time.perf_counter()
+        self._round_started = time.perf_counter()
+        self._attempts: dict[int, int] = {}
+        self.releases: dict[str, int] = {}  # per site: updates it sent (with privacy on, each one spends privacy budget)
+
+    # ------------------------------------------------------------------ admission
+
+    def expectations(self) -> dict:
+        return {"labels": json.dumps(list(self.labels)), "base_digest": self.base.digest, "challenge": secrets.token_hex(16)}
+
+    def judge(self, properties: dict, challenge: str, connected: set[str] = frozenset()) -> str | None:
+        """Why a site with these ``properties`` cannot join while the sites named ``connected`` are, or None (a site
+        whose connection broke may join again under its name)."""
+        if properties.get("problem"):
+            return str(properties["problem"])
+        site = str(properties.get("site", ""))
+        if not site:
+            return "the site sent no name"
+        if site in connected:
+            return f"a site named {site!r} is already connected; give each site its own --name"
+        if properties.get("base_digest") != self.base.digest:
+            return "its base model differs from the coordinator's (the digests of the model files differ)"
+        try:
+            int(properties.get("rows", 0)), json.loads(str(properties.get(LABEL_COUNTS, "{}")))
+        except ValueError:
+            return "its properties are malformed (rows, label_counts); is it an edgekit site of this version?"
+        if properties.get("adapter_shapes") != self.adapter.shape_digest():
+            return ("its adapter tensors differ in names or shapes from the coordinator's (finetune.lora_r, "
+                    "lora_target_modules or task settings differ); use the coordinator's build config")
+        if self.keyring is not None:
+            return self._signature_problem(str(properties.get("key_id", "")), str(properties.get("signature", "")), challenge)
+        return None
+
+    def _signature_problem(self, key: str, signature: str, challenge: str) -> str | None:
+        from cryptography.exceptions import InvalidSignature
+
+        if not key:
+            return "the coordinator admits only sites with a key in its --sites keyring; start the client with --site-key"
+        public = self.keyring.keys.get(key)
+        if public is None:
+            return f"its key {key} is not in the coordinator's sites keyring {self.keyring.directory}"
+        try:
+            public.verify(bytes.fromhex(signature), challenge.encode())
+        except (InvalidSignature, ValueError):
+            return f"its signature of the coordinator's challenge does not verify with key {key}"
+        return None
+
+    def admitted(self, properties: dict) -> None:
+        site = str(properties["site"])
+        self.joined[site] = JoinedSite(site, int(properties.get("rows", 0)), json.loads(str(properties.get(LABEL_COUNTS, "{}"))),
+                                       str(properties.get("key_id", "")))
+        self.say(f"site {site} joined: {self.joined[site].rows} rows ({len(self.joined)} of {self.sites_expected})")
+
+    def refuse(self, properties: dict, reason: str) -> None:
+        self.refused.append({"site": str(properties.get("site", "?")), "reason": reason})
+        self.say(f"site {properties.get('site', '?')} refused: {reason}")
+
+    # ------------------------------------------------------------------ rounds
+
+    def fit_config(self, server_round: int) -> dict:
+        """What every site does this round, from the coordinator's config (a site's own config does not decide its
+        privacy: the report states what the coordinator asked for)."""
+        federated = self.config.federated
+        privacy = federated.privacy
+        return {"round": server_round, "rounds": self.total_rounds, "local_epochs": federated.local_epochs,
+                "clipping_norm": privacy.clipping_norm if privacy.enabled else 0.0,
+                "noise_multiplier": privacy.noise_multiplier if privacy.enabled else 0.0}
+
+    def round_starts(self) -> None:
+        """The sites of a round are chosen: its time counts from here (not from the wait for sites to join)."""
+        self._round_started = time.perf_counter()
+
+    def evaluate(self, server_round: int, arrays: list[np.ndarray], _config: dict):
+        with self.adapter.lock:
+            self.adapter.load(arrays)
+            accuracy, loss = self.adapter.accuracy_and_loss(self.validation)
+        if server_round == 0:
+            self.rounds.append(RoundRecord(0, accuracy, loss))
+            self.say(f"round 0 (the starting adapter): validation accuracy {accuracy:.4f}")
+        else:
+            record = self.rounds[-1]
+            if record.round != server_round:  # a round that trained nothing: the global model is the previous one
+                record = RoundRecord(server_round, accuracy, loss)
+                self.rounds.append(record)
+            record.val_accuracy, record.val_loss = accuracy, loss
+            train = f"train loss {record.train_loss:.4f}, " if record.train_loss is not None else ""
+            self.say(f"round {server_round}: validation accuracy {accuracy:.4f} (loss {loss:.4f}, {train}"
+                     f"{len(record.sites)} sites, {record.seconds:.0f} s)")
+        return loss, {"accuracy": accuracy}
+
+    def record_fit(self, server_round: int, results: list, failures: list, sampled: list[str]) -> None:
+        returned = list(results)
+        sites = [str(res.metrics.get("site", proxy.cid)) for proxy, res in returned]
+        for site in sites:
+            self.releases[site] = self.releases.get(site, 0) + 1
+        dropped = [site for site in sampled if site not in sites]
+        for failure in failures:
+            why = f"{type(failure).__name__}: {failure}" if isinstance(failure, BaseException) else failure[1].status.message
+            self.say(f"round {server_round}: a site failed ({why[:300]})")
+        self._attempts[server_round] = attempts = self._attempts.get(server_round, 0) + 1
+        if len(returned) < self.min_fit:
+            if attempts >= MAX_ROUND_ATTEMPTS:
+                raise FederationError(f"round {server_round} came back short {attempts} times ({len(returned)} of the "
+                                      f"{self.min_fit} sites needed returned an update; dropped: {', '.join(dropped) or 'none'}); "
+                                      "see the failures above")
+            self.say(f"round {server_round}: {len(returned)} of the {self.min_fit} sites needed returned an update "
+                     f"(dropped: {', '.join(dropped) or 'none'}); waiting up to {self.config.federated.join_timeout_s:g} s "
+                     "for sites to rejoin, then running the round again")
+            raise RoundShort()
+        rows = np.array([res.num_examples for _, res in returned], dtype=float)
+        losses = np.array([float(res.metrics.get("loss", np.nan)) for _, res in returned])
+        train_loss = float(np.sum(rows * losses) / rows.sum()) if np.isfinite(losses).all() else None
+        size = sum(a.nbytes for a in parameters_to_ndarrays(returned[0][1].parameters))
+        self.rounds.append(RoundRecord(server_round, float("nan"), float("nan"), train_loss, sites, dropped, size, size,
+                                       time.perf_counter() - self._round_started, attempts))
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, registry: SiteRegistry, rounds: int, *, max_workers: int | None = None) -> None:
+        """Flower's server loop over ``registry``'s sites for ``rounds`` rounds; the final global model stays loaded."""
+        self.total_rounds = rounds
+        server = CoordinatorServer(client_manager=registry, strategy=self.strategy(registry))
+        server.set_max_workers(max_workers)
+        server.fit(rounds, timeout=self.config.federated.round_timeout_s)
+        self._finish(server)
+
+    def serve(self, address: str, rounds: int, certificates: tuple[bytes, bytes, bytes] | None) -> None:
+        """The same over Flower's gRPC transport: sites connect with ``edgekit federated client``.
+
+        Flower's ``start_server`` is not used: it installs its own SIGINT/SIGTERM handlers (which exit 0) for the rest
+        of the process and stops its gRPC server only when the rounds end normally, so a failed federation would
+        leave the process and the sites' streams hanging. Here the server stops and every site is told to disconnect
+        whatever happens."""
+        self.total_rounds = rounds
+        registry = SiteRegistry(self)
+        server = CoordinatorServer(client_manager=registry, strategy=self.strategy(registry))
+        grpc_server = _listen(registry, address, certificates)
+        try:
+            server.fit(rounds, timeout=self.config.federated.round_timeout_s)
+        finally:
+            server.disconnect_all_clients(timeout=10.0)
+            grpc_server.stop(grace=1).wait(5)
+        self._finish(server)
+
+    def _finish(self, server) -> None:
+        if len(self.rounds) <= 1:
+            raise FederationError("no round finished; see the messages above")
+        self.adapter.load(parameters_to_ndarrays(server.parameters))
+
+    def strategy(self, registry: SiteRegistry):
+        federated = self.config.federated
+        coordinator = self
+        base = FedProx if federated.strategy == "fedprox" else FedAvg
+        extra = {"proximal_mu": federated.proximal_mu} if federated.strategy == "fedprox" else {}
+
+        class Coordinated(base):
+            def aggregate_fit(self, server_round, results, failures):
+                coordinator.record_fit(server_round, results, failures, registry.sampled)
+                return super().aggregate_fit(server_round, results, failures)
+
+        return Coordinated(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=self.min_fit, min_evaluate_clients=0,
+                           min_available_clients=self.min_fit, evaluate_fn=self.evaluate, on_fit_config_fn=self.fit_config,
+                           accept_failures=True, initial_parameters=ndarrays_to_parameters(self.adapter.arrays()), **extra)
+
+    def privacy_releases(self) -> int:
+        """The most updates any one site sent (attempts of rounds run again count: their updates left the site too)."""
+        return max(self.releases.values(), default=0)
+
+    def report(self, partition: str | None) -> dict:
+        from edgekit.federated.privacy import privacy_report
+
+        federated = self.config.federated
+        completed = [r for r in self.rounds if r.round > 0]
+        return {
+            "clients": len(self.joined), "rounds": len(completed), "strategy": federated.strategy,
+            "proximal_mu": federated.proximal_mu if federated.strategy == "fedprox" else None,
+            "local_epochs": federated.local_epochs, "partition": partition, "min_fit_clients": self.min_fit,
+            "per_round": [{"round": r.round, "loss": r.train_loss, "val_loss": r.val_loss, "accuracy": r.val_accuracy,
+                           "sites": r.sites, "dropped": r.dropped, "attempts": r.attempts, "seconds": round(r.seconds, 2),
+                           "bytes_to_each_site": r.bytes_to_each_site, "bytes_from_each_site": r.bytes_from_each_site}
+                          for r in self.rounds],
+            "per_client": [{"client": s.site, "rows": s.rows, "label_counts": s.label_counts, "key_id": s.key_id or None}
+                           for s in self.joined.values()],
+            "refused": self.refused,
+            "secure_aggregation": False,
+            "dp": privacy_report(federated.privacy, self.privacy_releases()),
+            "left_each_site": ["the LoRA adapter and head tensors after local training (clipped and noised when dp is on)",
+                               "its row count and label counts",
+                               "its seconds per round, and (with dp off) its mean training loss and whether clipping applied",
+                               "its name, base model digest and (with a site key) a signature of the coordinator's challenge"],
+            "never_left_a_site": ["its rows (texts and labels)", "gradients or per-row values", "the base model's weights"],
+            "adapter_tensors": len(self.adapter.names),
+            "adapter_parameters": int(sum(p.numel() for p in self.adapter.parameters())),
+            "seconds": round(time.perf_counter() - self.started, 1),
+        }
+
+
+class CoordinatorServer(Server):
+    """Flower's server, running a round again (after waiting for sites) when too few sites returned."""
+
+    def fit_round(self, server_round, timeout):
+        while True:
+            try:
+                return super().fit_round(server_round, timeout)
+            except RoundShort:
+                continue  # the registry waits (bounded) for enough sites before the round runs again
+
+
+class SiteRegistry(SimpleClientManager):
+    """Flower's client manager, admitting each site once (see ``Coordinator.judge``) and sampling admitted sites only."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        super().__init__()
+        self.coordinator = coordinator
+        self.names: dict[str, str] = {}  # admitted sites: Flower's id → the site's name
+        self.sampled: list[str] = []  # the names of the sites the current round went to
+        self._admission = threading.Lock()
+        self._first_round_started = False
+
+    def unregister(self, client) -> None:
+        self.names.pop(client.cid, None)
+        super().unregister(client)
+
+    def num_available(self) -> int:
+        return len(self._admitted())
+
+    def _admitted(self) -> list:
+        names = dict(self.names)
+        return [client for cid, client in list(self.clients.items()) if cid in names]
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None, criterion=None) -> list:
+        """Every admitted site, once at least ``min_num_clients`` are (waiting at most ``join_timeout_s``)."""
+        needed = min_num_clients or num_clients
+        if not self._first_round_started:  # every site the run was started for joins before the first round
+            needed = max(needed, self.coordinator.sites_expected)
+        timeout = self.coordinator.config.federated.join_timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            self._admit_new()
+            admitted = self._admitted()
+            if len(admitted) >= needed:
+                self._first_round_started = True
+                self.sampled = [self.names.get(client.cid, client.cid) for client in admitted]
+                self.coordinator.round_starts()
+                return admitted
+            left = deadline - time.monotonic()
+            if left <= 0:
+                joined = ", ".join(sorted(self.coordinator.joined)) or "none"
+                refused = "; ".join(f"{r['site']}: {r['reason']}" for r in self.coordinator.refused)
+                raise FederationError(
+                    f"{len(admitted)} of the {needed} sites a round needs are connected after waiting {timeout:g} s "
+                    f"(joined so far: {joined}{'; refused: ' + refused if refused else ''}); start more clients, or lower "
+                    "federated.min_fit_clients / raise federated.join_timeout_s")
+            with self._cv:
+                self._cv.wait(timeout=min(left, 0.5))
+
+    def _admit_new(self) -> None:
+        with self._admission:
+            for cid, client in list(self.clients.items()):
+                if cid in self.names:
+                    continue
+                expected = self.coordinator.expectations()
+                try:
+                    properties = dict(client.get_properties(GetPropertiesIns(config=expected), PROPERTIES_TIMEOUT_S, None).properties)
+                except Exception as error:  # a site that cannot answer is dropped; it may connect again
+                    self.coordinator.say(f"a site ({cid}) did not answer its admission check ({type(error).__name__}); dropped")
+                    super().unregister(client)
+                    continue
+                problem = self.coordinator.judge(properties, expected["challenge"], set(self.names.values()))
+                if problem is None:
+                    self.coordinator.admitted(properties)
+                    self.names[cid] = str(properties["site"])
+                    continue
+                self.coordinator.refuse(properties, problem)
+                super().unregister(client)
+                try:  # tell the site why (it remembers), then to disconnect
+                    client.get_properties(GetPropertiesIns(config={"refused": problem}), 10.0, None)
+                    client.reconnect(ReconnectIns(seconds=None), 10.0, None)
+                except Exception:
+                    pass  # it is gone already
+
+
+def _listen(registry: SiteRegistry, address: str, certificates: tuple[bytes, bytes, bytes] | None):
+    """Flower's gRPC (bidirectional stream) server for ``registry``'s sites on ``address``, started."""
+    if not parse_address(address):
+        raise EdgekitError(f"--address {address!r} is not HOST:PORT (e.g. 0.0.0.0:8089 or [::]:8089)")
+    try:
+        return start_grpc_server(client_manager=registry, server_address=address, certificates=certificates)
+    except RuntimeError as error:  # grpc: the port is taken or not allowed, or the TLS files do not make a key pair
+        raise EdgekitError(f"cannot listen on {address} ({error}); is the port free and allowed, and are --certificate, "
+                           "--private-key and --ca-certificate PEM files of one key pair?") from None
+
+
+class InProcessSite(ClientProxy):
+    """A Flower client proxy calling a site's ``Client`` directly (``edgekit federated simulate``)."""
+
+    def __init__(self, cid: str, client) -> None:
+        super().__init__(cid)
+        self.client = client
+
+    def get_properties(self, ins, timeout, group_id):
+        return self.client.get_properties(ins)
+
+    def get_parameters(self, ins, timeout, group_id):
+        return self.client.get_parameters(ins)
+
+    def fit(self, ins, timeout, group_id):
+        return self.client.fit(ins)
+
+    def evaluate(self, ins, timeout, group_id):
+        return self.client.evaluate(ins)
+
+    def reconnect(self, ins, timeout, group_id):
+        return DisconnectRes(reason="done")

@@ -1,0 +1,403 @@
+"""edgekit federated: partitions, client-side privacy, admission of sites, Flower's rounds with a site that drops, and
+`edgekit federated simulate` from a tiny BERT to a signed bundle a device verifies.
+
+The rounds run Flower's own server loop (flwr.server.Server with FedAvg / FedProx) over in-process proxies; the gRPC
+transport between real processes is tests/e2e/test_federated_loopback.py's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from edgekit.cli import app
+from edgekit.config import DEMO_DATA, BuildConfig, PrivacySection, load_build_config
+from edgekit.errors import EdgekitError
+from edgekit.federated.partition import parse_partition, partition_rows
+from edgekit.federated.privacy import epsilon, privatise
+
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------------- partitions
+
+
+def _labels(per_class: int = 60, classes: int = 6) -> np.ndarray:
+    return np.repeat(np.arange(classes), per_class)
+
+
+def _skew(parts, labels: np.ndarray, classes: int) -> float:
+    """Mean over sites of the largest class's share of the site's rows (1/classes: balanced; 1: one class)."""
+    return float(np.mean([np.bincount(labels[p.rows], minlength=classes).max() / len(p.rows) for p in parts]))
+
+
+def test_iid_deals_every_row_once_in_near_equal_parts():
+    labels = _labels()
+    parts = partition_rows(parse_partition("iid"), labels, 4, seed=0)
+    rows = np.concatenate([p.rows for p in parts])
+    assert sorted(rows.tolist()) == list(range(len(labels)))
+    assert max(len(p.rows) for p in parts) - min(len(p.rows) for p in parts) <= 1
+    assert _skew(parts, labels, 6) < 0.35
+
+
+def test_a_small_dirichlet_alpha_skews_labels_more_and_every_site_keeps_rows():
+    labels = _labels()
+    skewed = partition_rows(parse_partition("dirichlet:0.1"), labels, 3, seed=0)
+    mild = partition_rows(parse_partition("dirichlet:100"), labels, 3, seed=0)
+    for parts in (skewed, mild):
+        assert sorted(np.concatenate([p.rows for p in parts]).tolist()) == list(range(len(labels)))
+        assert all(len(p.rows) >= 1 for p in parts)
+    assert _skew(skewed, labels, 6) > 0.5 > _skew(mild, labels, 6)
+    again = partition_rows(parse_partition("dirichlet:0.1"), labels, 3, seed=0)
+    assert [p.rows.tolist() for p in again] == [p.rows.tolist() for p in skewed], "seeded: the same split every run"
+
+
+def test_by_column_makes_one_site_per_value_and_names_the_count_it_needs():
+    labels = _labels(per_class=4, classes=2)
+    values = ["north", "south"] * 4
+    parts = partition_rows(parse_partition("by-column:region"), labels, 2, seed=0, column_values=values)
+    assert [p.name for p in parts] == ["north", "south"]
+    with pytest.raises(EdgekitError, match="pass --clients 2"):
+        partition_rows(parse_partition("by-column:region"), labels, 3, seed=0, column_values=values)
+
+
+def test_by_column_reads_each_training_rows_value_from_the_data_file(tmp_path):
+    from edgekit.federated.partition import column_values
+
+    path = tmp_path / "rows.csv"
+    path.write_text("text,label,region\nfirst text,1.0,north\nsecond text,2,south\nthird text,1,north\n")
+    assert column_values(path, "text", "label", "region", ("third text", "first text", "second text"), ("1", "1", "2")) == [
+        "north", "north", "south"]
+    with pytest.raises(EdgekitError, match="has no column 'site'"):
+        column_values(path, "text", "label", "site", ("first text",), ("1",))
+
+
+@pytest.mark.parametrize("text", ["iid", "dirichlet:0.5", "by-column:region"])
+def test_a_partition_reads_back_as_written(text):
+    assert str(parse_partition(text)) == text
+
+
+@pytest.mark.parametrize("text, message", [("dirichlet:0", "above 0"), ("dirichlet:x", "above 0"), ("random", "unknown --partition")])
+def test_a_bad_partition_says_what_is_accepted(text, message):
+    with pytest.raises(EdgekitError, match=message):
+        parse_partition(text)
+
+
+def test_local_rates_decay_across_rounds_as_the_schedule_says_and_hold_within_one():
+    from edgekit.federated.site import round_rate
+
+    assert [round_rate("linear", r, 3) for r in (1, 2, 3)] == pytest.approx([1, 2 / 3, 1 / 3])
+    assert [round_rate("cosine", r, 2) for r in (1, 2)] == pytest.approx([1, 0.5])
+    assert {round_rate("constant", r, 3) for r in (1, 2, 3)} == {1.0}
+
+
+# ---------------------------------------------------------------------- privacy
+
+
+def test_an_update_leaves_a_site_clipped_to_the_norm_and_noised():
+    rng = np.random.default_rng(0)
+    start = [np.zeros((20, 10), np.float32), np.zeros(7, np.float32)]
+    trained = [np.full((20, 10), 3.0, np.float32), np.full(7, -3.0, np.float32)]
+    quiet = PrivacySection(enabled=True, clipping_norm=0.5, noise_multiplier=1e-6)
+    arrays, clipped = privatise(start, trained, quiet, rng)
+    assert clipped
+    norm = np.sqrt(sum(float(np.sum((a - s) ** 2)) for a, s in zip(arrays, start)))
+    assert norm == pytest.approx(0.5, rel=1e-3)
+    noisy, _ = privatise(start, trained, PrivacySection(enabled=True, clipping_norm=0.5, noise_multiplier=2.0), rng)
+    assert np.std(noisy[0] - arrays[0]) == pytest.approx(1.0, rel=0.2), "noise std = noise_multiplier x clipping_norm"
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
+    assert epsilon(3, 1.0, 1e-5) < epsilon(10, 1.0, 1e-5)
+    assert epsilon(3, 4.0, 1e-5) < epsilon(3, 1.0, 1e-5)
+    # one Gaussian release at noise 4 x C with sensitivity 2C: min over alpha of alpha/8 + ln(1e5)/(alpha - 1) = 2.52
+    # (sensitivity C would give 1.23)
+    assert epsilon(1, 4.0, 1e-5) == pytest.approx(2.52, abs=0.01)
+
+
+# ---------------------------------------------------------------------- sites and rounds on a tiny BERT
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from tests.support.tiny_bert import tiny_hf_folder
+
+    return tiny_hf_folder(tmp_path_factory.mktemp("federated-model") / "tiny")
+
+
+def demo_subset(path: Path, rows: int, *, offset: int = 0, labels: tuple[str, ...] | None = None, split: bool = False) -> Path:
+    """``rows`` spread over the embedded demo data (optionally only some labels), as JSONL; without a split column unless
+    asked."""
+    chosen = []
+    lines = DEMO_DATA.read_text().splitlines()
+    step = max(1, len(lines) // (rows * (8 // len(labels) if labels else 1)))  # the file is sorted by label: stride over it
+    for line in lines[offset::step]:
+        row = json.loads(line)
+        if labels is None or row["label"] in labels:
+            chosen.append({"text": row["text"], "label": row["label"], **({"split": row["split"]} if split and "split" in row else {})})
+        if len(chosen) == rows:
+            break
+    path.write_text("".join(json.dumps(row) + "\n" for row in chosen))
+    return path
+
+
+def federated_config(root: Path, model: Path, data: Path, **federated) -> Path:
+    from tests.support.builds import relaxed_target
+
+    target = relaxed_target(root, "x86-64-cpu", max_accuracy_drop_points=100.0, min_top1_agreement=0.0)
+    document = {
+        "model": {"source": str(model), "name": "tiny-federated", "version": "1.0.0"},
+        "task": {"max_length": 32},
+        "data": {"path": str(data), "calibration_path": None},
+        "finetune": {"lora_r": 4, "lora_alpha": 8, "learning_rate": 3e-3, "head_learning_rate": 3e-3, "batch_size": 32},
+        "federated": {"rounds": 2, "join_timeout_s": 5, **federated},
+        "quantization": {"time_limit_s": 20, "evaluation_samples": 60},
+        "evaluation": {"latency_iterations": 5, "throughput_seconds": 0.2},
+        "targets": [str(target)],
+    }
+    path = root / "federated.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+class _Silent:
+    """A progress display that shows nothing (the training loop adds and removes its bars)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def advance(self, *args, **kwargs):
+        pass
+
+    def remove_task(self, *args, **kwargs):
+        pass
+
+
+def _federation(config: BuildConfig, sites: int, *, adapter=None):
+    from edgekit.federated.coordinator import Coordinator
+    from edgekit.federated.site import AdapterModel, Site, SiteIdentity, base_model
+    from edgekit.tasks import load_task_data
+
+    base = base_model(config)
+    data = load_task_data(config)
+    shared = adapter or AdapterModel(base, data.labels, config)
+    messages: list[str] = []
+    coordinator = Coordinator(config, base, data.labels, data.val, sites_expected=sites, say=messages.append, adapter=shared)
+    parts = partition_rows(parse_partition("iid"), data.train.labels, sites, seed=0)
+    made = [Site(SiteIdentity(f"site-{i}"), base, tuple(data.train.texts[r] for r in p.rows),
+                 tuple(data.labels[data.train.labels[r]] for r in p.rows), config, _Silent(), adapter=shared)
+            for i, p in enumerate(parts)]
+    return coordinator, made, messages
+
+
+class _DropsAfter:
+    """A site's Flower client that trains ``rounds`` rounds, then fails (``times`` times) as a site whose connection
+    broke would."""
+
+    def __init__(self, client, rounds: int, times: int = 10**6) -> None:
+        self.client, self.rounds, self.times, self.fits, self.sent = client, rounds, times, 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def fit(self, ins):
+        self.fits += 1
+        if self.rounds < self.fits <= self.rounds + self.times:
+            raise ConnectionError("the site went away mid-round")
+        result = self.client.fit(ins)
+        self.sent.append(dict(result.metrics))
+        return result
+
+
+def test_a_site_that_drops_is_left_out_when_min_fit_clients_allows(tmp_path, tiny_model):
+    from edgekit.federated.coordinator import InProcessSite, SiteRegistry
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 300),
+                                                rounds=3, min_fit_clients=2))
+    coordinator, sites, messages = _federation(config, 3)
+    registry = SiteRegistry(coordinator)
+    for index, site in enumerate(sites):
+        client = site.client() if index else _DropsAfter(site.client(), 1)
+        registry.register(InProcessSite(site.identity.name, client))
+    coordinator.run(registry, 3, max_workers=1)
+    rounds = coordinator.report("iid")["per_round"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[1]["dropped"] == [] and len(rounds[1]["sites"]) == 3
+    assert rounds[2]["dropped"] == ["site-0"] and sorted(rounds[2]["sites"]) == ["site-1", "site-2"]
+    assert rounds[3]["accuracy"] > rounds[0]["accuracy"]
+
+
+def test_a_round_short_of_min_fit_clients_waits_for_sites_then_fails_clearly(tmp_path, tiny_model):
+    from edgekit.federated.coordinator import FederationError, InProcessSite, SiteRegistry
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 300),
+                                                rounds=2, join_timeout_s=2))
+    coordinator, sites, messages = _federation(config, 2)
+    registry = SiteRegistry(coordinator)
+    dropping = InProcessSite("site-0", _DropsAfter(sites[0].client(), 1))
+    registry.register(dropping)
+    registry.register(InProcessSite("site-1", sites[1].client()))
+    original_fit = dropping.fit
+
+    def fit_and_leave(ins, timeout, group_id):  # the site's connection closes as it fails, as gRPC's does
+        try:
+            return original_fit(ins, timeout, group_id)
+        except ConnectionError:
+            registry.unregister(dropping)
+            raise
+
+    dropping.fit = fit_and_leave
+    with pytest.raises(FederationError, match=r"1 of the 2 sites a round needs are connected after waiting 2 s"):
+        coordinator.run(registry, 2, max_workers=1)
+    assert any("waiting up to 2 s for sites to rejoin" in m for m in messages)
+
+
+def test_a_round_that_came_back_short_runs_again_when_the_site_is_back(tmp_path, tiny_model):
+    from edgekit.federated.coordinator import InProcessSite, SiteRegistry
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 300), rounds=2))
+    coordinator, sites, messages = _federation(config, 2)
+    registry = SiteRegistry(coordinator)
+    registry.register(InProcessSite("site-0", _DropsAfter(sites[0].client(), 1, times=1)))
+    registry.register(InProcessSite("site-1", sites[1].client()))
+    coordinator.run(registry, 2, max_workers=1)
+    rounds = coordinator.report("iid")["per_round"]
+    assert [(r["round"], r["attempts"]) for r in rounds] == [(0, 1), (1, 1), (2, 2)]
+    assert sorted(rounds[2]["sites"]) == ["site-0", "site-1"]
+    assert any("ConnectionError: the site went away" in m for m in messages), "the failure is said"
+
+
+def test_a_site_that_keeps_failing_ends_the_run_after_three_attempts(tmp_path, tiny_model):
+    from edgekit.federated.coordinator import MAX_ROUND_ATTEMPTS, FederationError, InProcessSite, SiteRegistry
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 300), rounds=2))
+    coordinator, sites, _ = _federation(config, 2)
+    registry = SiteRegistry(coordinator)
+    failing = _DropsAfter(sites[0].client(), 0)
+    registry.register(InProcessSite("site-0", failing))
+    registry.register(InProcessSite("site-1", sites[1].client()))
+    with pytest.raises(FederationError, match=f"round 1 came back short {MAX_ROUND_ATTEMPTS} times"):
+        coordinator.run(registry, 2, max_workers=1)
+    assert failing.fits == MAX_ROUND_ATTEMPTS
+
+
+def test_the_coordinators_privacy_applies_at_every_site_and_no_loss_leaves_one(tmp_path, tiny_model):
+    from edgekit.federated.coordinator import InProcessSite, SiteRegistry
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 300), rounds=2))
+    private = config.model_copy(update={"federated": config.federated.model_copy(update={
+        "privacy": PrivacySection(enabled=True, clipping_norm=0.5, noise_multiplier=0.5)})})
+    coordinator, sites, _ = _federation(config, 2)  # the sites' own configs say nothing of privacy
+    coordinator.config = private
+    registry = SiteRegistry(coordinator)
+    wrapped = [_DropsAfter(site.client(), 10**6) for site in sites]
+    for site, client in zip(sites, wrapped):
+        registry.register(InProcessSite(site.identity.name, client))
+    before = coordinator.adapter.arrays()
+    coordinator.run(registry, 2, max_workers=1)
+    assert all("loss" not in metrics and "clipped" not in metrics for client in wrapped for metrics in client.sent)
+    report = coordinator.report("iid")
+    assert report["dp"]["enabled"] and report["dp"]["releases"] == 2
+    assert report["dp"]["epsilon"] == pytest.approx(epsilon(2, 0.5, 1e-5), abs=1e-3)
+    assert all(r["loss"] is None for r in report["per_round"])
+    after = coordinator.adapter.arrays()
+    # two rounds of averaged noise at 0.5 x 0.5 per coordinate, over two sites: far from the clipped drift alone
+    moved = np.concatenate([(a - b).ravel() for a, b in zip(after, before)])
+    assert 0.1 < float(np.std(moved)) < 1.0
+
+
+def test_a_site_refused_by_the_coordinator_is_told_why(tmp_path, tiny_model, keyring):
+    from edgekit.federated.coordinator import InProcessSite, SiteRegistry
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 200)))
+    coordinator, sites, _ = _federation(config, 1)
+    coordinator.keyring = keyring
+    registry = SiteRegistry(coordinator)
+    registry.register(InProcessSite("site-0", sites[0].client()))
+    registry._admit_new()
+    assert registry.num_available() == 0
+    assert sites[0].refusal and "admits only sites with a key" in sites[0].refusal
+
+
+def test_the_coordinator_refuses_other_labels_another_base_model_other_lora_shapes_and_bad_site_keys(tmp_path, tiny_model, key_dir, keyring):
+    from device_agent.keys import generate_keypair
+    from edgekit.federated.site import SiteIdentity
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 200)))
+    coordinator, sites, _ = _federation(config, 1)
+    site = sites[0]
+    expected = coordinator.expectations()
+    assert coordinator.judge(site.properties(expected), expected["challenge"]) is None
+
+    strange = type(site)(SiteIdentity("strange"), site.base, ("a text",), ("weather",), config, _Silent())
+    problem = coordinator.judge(strange.properties(expected), expected["challenge"])
+    assert "weather" in problem and "not the federation's" in problem and strange.refusal == problem
+
+    other = type(site)(SiteIdentity("other"), site.base, site.texts, site.row_labels, config, _Silent())
+    changed = {**expected, "base_digest": "0" * 64}
+    assert "base model" in coordinator.judge(other.properties(changed), expected["challenge"])
+
+    smaller = load_build_config(federated_config(tmp_path, tiny_model, tmp_path / "data.jsonl"))
+    smaller = smaller.model_copy(update={"finetune": smaller.finetune.model_copy(update={"lora_r": 2})})
+    narrow = type(site)(SiteIdentity("narrow"), site.base, site.texts, site.row_labels, smaller, _Silent())
+    assert "adapter tensors differ" in coordinator.judge(narrow.properties(expected), expected["challenge"])
+
+    coordinator.keyring = keyring
+    signed = type(site)(SiteIdentity("signed", key_dir / "edgekit.key"), site.base, site.texts, site.row_labels, config, _Silent())
+    assert coordinator.judge(signed.properties(expected), expected["challenge"]) is None
+    assert "admits only sites with a key" in coordinator.judge(site.properties(expected), expected["challenge"])
+    stranger_key, _ = generate_keypair(tmp_path / "stranger")
+    stranger = type(site)(SiteIdentity("stranger", stranger_key), site.base, site.texts, site.row_labels, config, _Silent())
+    assert "not in the coordinator's sites keyring" in coordinator.judge(stranger.properties(expected), expected["challenge"])
+    replayed = signed.properties(expected)
+    assert "does not verify" in coordinator.judge(replayed, coordinator.expectations()["challenge"]), "a fresh challenge each time"
+
+
+def test_secure_aggregation_is_refused_with_the_reason(tmp_path, tiny_model):
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 200),
+                                                secure_aggregation=True))
+    with pytest.raises(EdgekitError, match="SecAgg"):
+        _federation(config, 1)
+
+
+@pytest.mark.slow
+def test_simulate_builds_a_signed_bundle_with_the_federation_in_its_report(tmp_path, tiny_model):
+    from device_agent.bundle import open_bundle
+    from device_agent.keys import Keyring
+
+    data = demo_subset(tmp_path / "data.jsonl", 900)
+    config = federated_config(tmp_path, tiny_model, data, strategy="fedprox", privacy={"enabled": False})
+    result = runner.invoke(app, ["federated", "simulate", str(config), "--clients", "3", "--partition", "dirichlet:0.5",
+                                 "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--json"])
+    assert result.exit_code == 0, result.output[-3000:]
+    (report,) = json.loads(result.stdout)
+    federated = report["federated"]
+    assert federated["clients"] == 3 and federated["rounds"] == 2 and federated["strategy"] == "fedprox"
+    assert federated["partition"] == "dirichlet:0.5"
+    assert [r["round"] for r in federated["per_round"]] == [0, 1, 2]
+    assert federated["per_round"][-1]["accuracy"] > federated["per_round"][0]["accuracy"] + 0.2
+    train_rows = sum(c["rows"] for c in federated["per_client"])
+    assert train_rows == sum(sum(c["label_counts"].values()) for c in federated["per_client"])
+    assert federated["per_round"][1]["bytes_from_each_site"] == 4 * federated["adapter_parameters"]
+    assert report["passed"] and report["bundle"]
+    keyring = Keyring.load(tmp_path / "cache" / "dev-key")
+    with open_bundle(Path(report["bundle"]), keyring) as bundle:
+        assert bundle.manifest.model.name == "tiny-federated" and bundle.signer in keyring.keys
+    settled = load_build_config(tmp_path / "out" / "build-config.yaml")
+    assert Path(settled.model.source) == tmp_path / "out" / "federated" / "model" and not settled.finetune.enabled
+    html = (tmp_path / "out" / "x86-64-cpu-test" / "report.html").read_text()
+    assert "Federated fine-tuning" in html and "validation accuracy per round" in html
