@@ -9,7 +9,8 @@ alike. Latency comes from ``edgekit.measure.latency``, as in the build.
 
 Run: python bench/fashion_mnist_bench.py [--config examples/fashion-mnist.yaml] [--reuse OUT] [--results bench/results/fashion_mnist.json]
 (``--config examples/fashion-mnist-search.yaml --results bench/results/fashion_mnist_search.json``: the training
-chosen by the build's search; the trials are recorded too.)
+chosen by the build's search; the trials are recorded too. ``--max-model-size-mb MB`` builds for a copy of the
+x86-64-cpu profile with that size budget (``--target``), which the search holds its trials to.)
 Needs Debian's dataset-fashion-mnist. Timing on shared VMs drifts: compare numbers only within one run.
 """
 
@@ -32,12 +33,24 @@ ROUNDS = 5
 ITERATIONS = 300
 
 
-def build(config: Path, out: Path) -> float:
-    """Run the example build from an empty cache; its wall time in seconds."""
+def build(config: Path, out: Path, target: Path | None = None) -> float:
+    """Run the example build from an empty cache (for ``target`` instead of the config's targets); its wall time in seconds."""
     started = time.perf_counter()
     command = [sys.executable, "-m", "edgekit", "build", str(config), "--out", str(out), "--cache-dir", str(out / "cache")]
+    command += ["--target", str(target)] if target else []
     subprocess.run(command, check=True, cwd=ROOT)
     return time.perf_counter() - started
+
+
+def size_budget_target(max_model_size_mb: float, out: Path) -> Path:
+    """The x86-64-cpu profile (same name, so the same report folder) with ``max_model_size_mb`` as its size budget."""
+    import yaml
+
+    target = yaml.safe_load((ROOT / "targets" / "x86-64-cpu.yaml").read_text())
+    target["budgets"]["max_model_size_mb"] = max_model_size_mb
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "x86-64-cpu-budget.yaml").write_text(yaml.safe_dump(target))
+    return out / "x86-64-cpu-budget.yaml"
 
 
 def pass_model(out: Path, target: str, name: str) -> Path:
@@ -74,9 +87,11 @@ def main() -> None:
     parser.add_argument("--reuse", type=Path, help="read an existing build's --out folder instead of building")
     parser.add_argument("--build-seconds", type=float, help="with --reuse: the wall time that build took (measured outside)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "fashion_mnist.json")
+    parser.add_argument("--max-model-size-mb", type=float, help="build for x86-64-cpu with this size budget")
     args = parser.parse_args()
     out = args.reuse or Path(tempfile.mkdtemp(prefix="fashion-mnist-bench-"))
-    wall = args.build_seconds if args.reuse else build(args.config, out)
+    target = size_budget_target(args.max_model_size_mb, out) if args.max_model_size_mb is not None and not args.reuse else None
+    wall = args.build_seconds if args.reuse else build(args.config, out, target)
     report = json.loads((out / "x86-64-cpu" / "report.json").read_text())
     jetson_report = out / "jetson-orin-nano-8gb" / "report.json"
     jetson = json.loads(jetson_report.read_text()) if jetson_report.is_file() else None
@@ -84,6 +99,7 @@ def main() -> None:
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "config": str(args.config.resolve().relative_to(ROOT)) if args.config.resolve().is_relative_to(ROOT) else str(args.config),
+        "max_model_size_mb": args.max_model_size_mb,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "build_wall_seconds": round(wall, 1) if wall is not None else None,
         "pass_seconds": {p["name"]: p["seconds"] for p in report["passes"]},
@@ -105,8 +121,10 @@ def main() -> None:
         "latency_batch1": latencies(args.config, pass_model(out, "x86-64-cpu", "optimize"), pass_model(out, "x86-64-cpu", "quantize")),
         "search": report.get("search") and {
             "spent_minutes": report["search"]["spent_minutes"], "budget_minutes": report["search"]["budget_minutes"],
-            "chosen": report["search"]["chosen"],
-            "trials": [{k: t[k] for k in ("number", "state", "val_accuracy", "seconds", "params", "note")} for t in report["search"]["trials"]]},
+            "chosen": report["search"]["chosen"], "budgets": report["search"].get("budgets"),
+            "chosen_within_budgets": report["search"].get("chosen_within_budgets"),
+            "trials": [{k: t.get(k) for k in ("number", "state", "val_accuracy", "latency_p50_ms", "size_mb", "over_budget",
+                                              "seconds", "params", "note")} for t in report["search"]["trials"]]},
     }
     results["bars_met"] = results["fp32_test_accuracy"] >= 0.90 and results["int8_accuracy_drop_points"] <= 0.5
     args.results.parent.mkdir(parents=True, exist_ok=True)

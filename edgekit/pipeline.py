@@ -29,6 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 from edgekit.artifact import Artifact, Pass, PassContext, Stage, TaskSpec
 from edgekit.config import BuildConfig
@@ -283,15 +284,18 @@ class Build:
         return Artifact(Stage.SOURCE, Path(self.config.model.source), "", self.source_digest(),
                         TaskSpec(self.config.task.kind, self.data.labels, self.config.task.max_length, None))
 
-    def train(self) -> Artifact:
+    def train(self, after_load: Callable[[Artifact], None] | None = None) -> Artifact:
         """The shared prefix up to the export: the trained model a search trial compares (a PyTorch folder, or the ONNX
-        model of one trained straight to ONNX)."""
+        model of one trained straight to ONNX). ``after_load`` sees the loaded model before fine-tuning or pruning
+        train it further (and may raise to stop there)."""
         prefix, _ = self.plan()
         artifact = self._source()
         for planned in prefix:
             if planned.pass_ is export.PASS:
                 break
             artifact, _ = self._execute(planned, artifact, self.out_dir)
+            if planned.pass_ is load.PASS and after_load is not None:
+                after_load(artifact)
         return artifact
 
     def discard_checkpoints(self) -> None:

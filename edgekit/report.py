@@ -116,7 +116,8 @@ def _curve_svg(values: list[float], width: int = 480, height: int = 160, label: 
 
 
 def _trials_svg(search: dict, width: int = 520, height: int = 260) -> str:
-    """Validation accuracy against latency, one dot per finished trial: the Pareto front joined, the chosen one ringed."""
+    """Validation accuracy against latency, one dot per finished trial: the Pareto front joined, the chosen one ringed,
+    a trial over a target budget hollow."""
     done = [t for t in search["trials"] if t["state"] == "COMPLETE"]
     if not done:
         return ""
@@ -135,8 +136,11 @@ def _trials_svg(search: dict, width: int = 520, height: int = 260) -> str:
     for t in done:
         x, y = at(t)
         colour = "#dc2626" if t["number"] in search["pareto"] else "#6b7280"
-        dots.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"><title>trial {t["number"]}: '
-                    f'{t["val_accuracy"]:.4f}, {t["latency_p50_ms"]:.2f} ms</title></circle>')
+        over = t.get("over_budget") or []
+        paint = f'fill="white" stroke="{colour}" stroke-width="2"' if over else f'fill="{colour}"'
+        dots.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" {paint}><title>trial {t["number"]}: '
+                    f'{t["val_accuracy"]:.4f}, {t["latency_p50_ms"]:.2f} ms{"; over budget: " + ", ".join(over) if over else ""}'
+                    '</title></circle>')
         if t["number"] == search["chosen"]:
             dots.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="9" fill="none" stroke="#111" stroke-width="2"/>')
     return (f'<svg width="{width}" height="{height}" role="img" aria-label="validation accuracy against latency">'
@@ -150,6 +154,15 @@ def _trials_svg(search: dict, width: int = 520, height: int = 260) -> str:
             "</svg>")
 
 
+def _budgets_text(search: dict) -> str:
+    budgets = search.get("budgets")
+    if not budgets:
+        return ""
+    held = ([f"p95 latency {budgets['latency_p95_ms']:g} ms ({budgets['latency_target']})"] if budgets["latency_p95_ms"] else []) + [
+        f"size {size['mb']:g} MB ({size['target']})" for size in budgets["sizes"]]
+    return f"; hollow: over a target budget (trials held to {html.escape(', '.join(held))}; {html.escape(budgets['how'])})" if held else ""
+
+
 def _search_html(search: dict | None) -> str:
     if not search:
         return ""
@@ -157,13 +170,17 @@ def _search_html(search: dict | None) -> str:
     rows = "".join(
         f"<tr><td>{t['number']}{' (chosen)' if t['number'] == search['chosen'] else ''}</td><td>{e(t['state'])}</td>"
         f"<td>{_number(t['val_accuracy'])}</td><td>{_number(t['val_f1_macro'])}</td><td>{_number(t['latency_p50_ms'])}</td>"
-        f"<td>{_number(t['size_mb'])}</td><td>{_number(t['seconds'])}</td>"
+        f"<td>{_number(t.get('latency_p95_ms'))}</td>"
+        f"<td>{_number(t['size_mb'])}</td><td>{e(', '.join(t.get('over_budget') or []))}</td><td>{_number(t['seconds'])}</td>"
         f"<td>{e(', '.join(f'{k}={_number(v)}' for k, v in t['params'].items()))}</td><td>{e(t['note'] or '')}</td></tr>"
         for t in search["trials"])
     return (f"<h2>Search</h2><p>{len(search['trials'])} trials in {search['spent_minutes']} of {search['budget_minutes']} minutes "
             f"(study {e(search['study'])}, {e(search['storage'])}); chosen: trial {search['chosen']}, by {e(search['selection'])}; "
-            f"red: the Pareto front; latency: {e(search['latency'])}.</p>{_trials_svg(search)}"
-            "<table><tr><th>trial</th><th>state</th><th>val accuracy</th><th>val F1 macro</th><th>latency ms</th><th>size MB</th>"
+            f"red: the Pareto front{_budgets_text(search)}; latency: {e(search['latency'])}.</p>"
+            f"{_trials_svg(search)}"
+            "<table><tr><th>trial</th><th>state</th><th>val accuracy</th><th>val F1 macro</th><th>latency p50 ms</th>"
+            "<th>latency p95 ms</th><th>size MB</th>"
+            "<th>over budget</th>"
             f"<th>seconds</th><th>params</th><th>note</th></tr>{rows}</table>")
 
 
@@ -301,7 +318,7 @@ def render(reports: list[dict], console) -> None:
 def _render_search(search: dict, console) -> None:
     from rich.table import Table
 
-    table = Table("trial", "state", "val acc", "latency ms", "size MB", "s", "what it tried", title=(
+    table = Table("trial", "state", "val acc", "latency ms", "size MB", "over budget", "s", "what it tried", title=(
         f"search: {len(search['trials'])} trials, {search['spent_minutes']} of {search['budget_minutes']} min; "
         f"chosen trial {search['chosen']} (* Pareto front)"), title_justify="left")
     for t in search["trials"]:
@@ -309,5 +326,5 @@ def _render_search(search: dict, console) -> None:
         params = " ".join(f"{k.removeprefix('finetune.')}={v:.3g}" if isinstance(v, float) else f"{k.removeprefix('finetune.')}={v}"
                           for k, v in t["params"].items())
         table.add_row(mark, t["state"].lower(), _number(t["val_accuracy"]), _number(t["latency_p50_ms"]), _number(t["size_mb"]),
-                      _number(t["seconds"]), params)
+                      ", ".join(t.get("over_budget") or []), _number(t["seconds"]), params)
     console.print(table)

@@ -53,8 +53,9 @@ def build(
 
     With your own data (--data, or data.path in the config) and no head, finetune or train section, the build first
     searches for the best customization within --search-budget minutes (Optuna; trials compared on the validation
-    split, the test split judges only the model that ships). The trials, the chosen one and the accuracy-vs-latency
-    front are in report.json and report.html. Search keys a config may tune (search.space):
+    split, the test split judges only the model that ships) and builds the most accurate trial within the targets'
+    size budgets and, where this host is the target, latency budgets. The trials, the chosen one and the
+    accuracy-vs-latency front are in report.json and report.html. Search keys a config may tune (search.space):
     text: finetune.method (none, lora, full), finetune.learning_rate, finetune.head_learning_rate, finetune.epochs,
     finetune.batch_size, finetune.warmup_ratio, finetune.schedule, finetune.weight_decay, finetune.label_smoothing, finetune.lora_r,
     finetune.lora_alpha, finetune.lora_dropout, head.learning_rate, head.pooling, finetune.max_train_rows, prune.ratio;
@@ -173,6 +174,11 @@ def _search(config, data_set, out: Path, cache: Path, key: Path, progress, say):
     with progress:
         outcome = run_search(config, data_set, out, cache, key, progress, say)
     say(f"search: building trial {outcome.chosen} ({len(outcome.trials)} trials, {outcome.spent_minutes:.1f} min)")
+    if not outcome.within_budgets:
+        chosen = next(t for t in outcome.trials if t.number == outcome.chosen)
+        say(f"search: warning: no trial met every target budget; trial {outcome.chosen} is the closest "
+            f"({', '.join(chosen.over_budget)}). Relax the target's budgets, add smaller candidates (search.models, "
+            "prune.ratio in search.space) or give the search more time; the evaluate pass judges the bundle itself")
     return outcome
 
 

@@ -36,12 +36,16 @@ class Options(BaseModel):
     intra_op_threads: int | None
 
 
+def host_is_target(target: TargetProfile) -> bool:
+    """Whether latency measured here is the target's own: a CPU target of this host's architecture."""
+    return target.accelerator == "cpu" and target.cpu_arch == normalise_arch(platform.machine())
+
+
 def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
     assert target is not None
-    host_is_target = target.accelerator == "cpu" and target.cpu_arch == normalise_arch(platform.machine())
     return Options(
         budgets=target.budgets, max_batch=target.max_batch,
-        host_is_target=host_is_target, latency_iterations=config.evaluation.latency_iterations,
+        host_is_target=host_is_target(target), latency_iterations=config.evaluation.latency_iterations,
         throughput_seconds=config.evaluation.throughput_seconds, intra_op_threads=target.runtime.intra_op_threads,
     )
 

@@ -39,7 +39,8 @@ def tiny_model(tmp_path_factory):
 def _config(root: Path, model: Path, **search) -> Path:
     """The tiny build with a search section; the head/finetune sections the test helper writes are dropped so that the
     config says nothing about training (what a user who leaves it to the search writes)."""
-    target = relaxed_target(root, "x86-64-cpu", max_accuracy_drop_points=100.0, min_top1_agreement=0.0)
+    # No latency budget: a busy CI host must not mark a tiny model's trial over budget.
+    target = relaxed_target(root, "x86-64-cpu", max_accuracy_drop_points=100.0, min_top1_agreement=0.0, p95_latency_ms=None)
     path = tiny_text_build_config(root, model, [target])
     document = yaml.safe_load(path.read_text())
     document.pop("head", None)
@@ -127,6 +128,57 @@ def test_the_pareto_front_keeps_trials_no_other_beats_on_every_axis():
     assert pareto_front(trials) == [0, 3]
 
 
+def test_the_targets_budgets_become_the_searchs_constraints(tmp_path, monkeypatch):
+    from edgekit.passes import evaluate
+    from edgekit.search import SearchBudgets, SizeBudget
+
+    # Which targets this host is decides which latency budgets it can judge; pinned so the test reads alike anywhere.
+    monkeypatch.setattr(evaluate, "host_is_target", lambda target: target.cpu_arch == "x86_64")
+    x86 = relaxed_target(tmp_path, "x86-64-cpu", p95_latency_ms=20.0, max_model_size_mb=30.0)
+    gpu = relaxed_target(tmp_path, "x86-64-nvidia-gpu", p95_latency_ms=12.0, max_model_size_mb=None)
+    jetson = relaxed_target(tmp_path, "jetson-orin-nano-8gb", p95_latency_ms=5.0, max_model_size_mb=40.0)
+    budgets = SearchBudgets.of(BuildConfig(targets=[str(x86), str(jetson)]))
+    # Each size at its target's preferred precision; latency only where this host is the target (a Jetson's 5 ms is
+    # not measurable here: it is left to the device).
+    assert budgets.sizes == (SizeBudget("x86-64-cpu-test", 30.0, 1), SizeBudget("jetson-orin-nano-8gb-test", 40.0, 1))
+    assert (budgets.latency_p95_ms, budgets.latency_target) == (20.0, "x86-64-cpu-test")
+    excess = budgets.violations(size_mb=100.0, latency_p95_ms=10.0, quantizable=True)  # 100 fp32 MB: 25 MB at int8
+    assert excess == pytest.approx({"p95 latency 20 ms (x86-64-cpu-test)": 10 / 20 - 1,
+                                    "size 30 MB (x86-64-cpu-test)": 25 / 30 - 1, "size 40 MB (jetson-orin-nano-8gb-test)": 25 / 40 - 1})
+    # A model trained straight to ONNX (trees) is not quantized: its file counts as it is. No latency given: not judged.
+    assert budgets.violations(size_mb=100.0, latency_p95_ms=None, quantizable=False) == pytest.approx(
+        {"size 30 MB (x86-64-cpu-test)": 100 / 30 - 1, "size 40 MB (jetson-orin-nano-8gb-test)": 100 / 40 - 1})
+    # Of two targets this host is (the GPU profile is x86_64 but not a CPU target in reality; pinned as one here), the
+    # smaller latency budget holds.
+    both = SearchBudgets.of(BuildConfig(targets=[str(x86), str(gpu)]))
+    assert (both.latency_p95_ms, both.latency_target) == (12.0, "x86-64-nvidia-gpu-test")
+    assert SearchBudgets.of(BuildConfig(targets=[str(jetson), str(x86)])).study_key() == budgets.study_key(), \
+        "the targets' order does not rename the study"
+    assert SearchBudgets().study_key() is None
+
+
+def test_the_most_accurate_trial_within_every_budget_is_chosen_else_the_closest():
+    import optuna
+
+    from edgekit.search import SearchBudgets, _outcome
+
+    def study(*trials: tuple[float, float]) -> optuna.Study:
+        made = optuna.create_study(direction="maximize")
+        for accuracy, excess in trials:
+            made.add_trial(optuna.trial.create_trial(
+                value=accuracy, constraints={"size": excess},
+                user_attrs={"params": {}, "val_accuracy": accuracy, "latency_p50_ms": 1.0, "size_mb": 1.0}))
+        return made
+
+    config = BuildConfig()
+    within = _outcome(config, study((0.9, 0.5), (0.8, -0.1), (0.7, 0.0)), "s", "memory", SearchBudgets())
+    assert (within.chosen, within.within_budgets) == (1, True)
+    assert within.report()["selection"].startswith("the highest validation accuracy among finished trials within every")
+    over = _outcome(config, study((0.9, 0.5), (0.6, 0.2), (0.8, 0.2)), "s", "memory", SearchBudgets())
+    assert (over.chosen, over.within_budgets) == (2, False), "the least excess, then the more accurate"
+    assert over.report()["chosen_within_budgets"] is False
+
+
 # ------------------------------------------------------------------ a search end to end
 
 
@@ -186,6 +238,68 @@ def test_a_candidate_model_that_does_not_load_fails_its_trial_and_the_search_goe
     failed = [t for t in trials if t["state"] == "FAIL"]
     assert failed and all(t["params"]["model.source"] == str(broken) and t["note"] for t in failed), trials
     assert any(t["state"] == "COMPLETE" and t["params"]["model.source"] == str(tiny_model) for t in trials)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    from tests.support.tiny_bert import tiny_hf_folder
+
+    return tiny_hf_folder(tmp_path_factory.mktemp("search-wide") / "wide", hidden_size=96)
+
+
+def _size_budget_between(root: Path, wide: Path, tiny: Path) -> float:
+    """Set the test target's size budget between the two models' int8 weights (fp32 / 4): the wide one over, the tiny within."""
+    def fp32_mb(folder: Path) -> float:
+        return (folder / "model.safetensors").stat().st_size / 1e6
+
+    budget = round((fp32_mb(wide) + fp32_mb(tiny)) / 8, 2)
+    target = root / "x86-64-cpu-test.yaml"
+    document = yaml.safe_load(target.read_text())
+    document["budgets"]["max_model_size_mb"] = budget
+    target.write_text(yaml.safe_dump(document))
+    return budget
+
+
+@pytest.mark.slow
+def test_a_candidate_over_the_targets_size_budget_is_marked_and_the_build_is_the_one_within_it(tmp_path, tiny_model, wide_model):
+    # Only the model is searched (the head's rate fixed, no fine-tuning): the search ends when the sampler draws tried
+    # values three times in a row (seeded: the same draws on every run).
+    config = _config(tmp_path, wide_model, models=[str(tiny_model)],
+                     space={**FAST_SPACE, "finetune.method": "none", "head.learning_rate": 3e-3})
+    budget = _size_budget_between(tmp_path, wide_model, tiny_model)
+    result = _build(config, tmp_path)
+    assert result.exit_code == 0, result.output
+    search = json.loads((tmp_path / "out" / "x86-64-cpu-test" / "report.json").read_text())["search"]
+    complete = {t["params"]["model.source"]: t for t in search["trials"] if t["state"] == "COMPLETE"}
+    assert set(complete) == {str(wide_model), str(tiny_model)}, search["trials"]
+    assert [b.split(":")[0] for b in complete[str(wide_model)]["over_budget"]] == [f"size {budget:g} MB (x86-64-cpu-test)"]
+    assert complete[str(tiny_model)]["over_budget"] == []
+    assert search["chosen"] == complete[str(tiny_model)]["number"] and search["chosen_within_budgets"] is True
+    assert search["budgets"]["sizes"] == [{"target": "x86-64-cpu-test", "mb": budget, "bytes_per_weight": 1}]
+    assert "over budget: size" in result.output
+    page = (tmp_path / "out" / "x86-64-cpu-test" / "report.html").read_text()
+    assert "hollow: over a target budget" in page and 'fill="white"' in page, "the over-budget trial is drawn hollow"
+
+
+@pytest.mark.slow
+def test_a_candidate_over_budget_is_stopped_before_fine_tuning_trains_it(tmp_path, tiny_model, wide_model):
+    fixed = {"finetune.method": "full", "finetune.learning_rate": 5e-5, "finetune.head_learning_rate": 1e-3,
+             "finetune.epochs": 1, "finetune.batch_size": 32, "finetune.warmup_ratio": 0.0, "finetune.schedule": "linear",
+             "finetune.weight_decay": 0.0, "finetune.label_smoothing": 0.0, "finetune.max_train_rows": 320}
+    config = _config(tmp_path, wide_model, models=[str(tiny_model)], space=fixed)
+    _size_budget_between(tmp_path, wide_model, tiny_model)
+    result = _build(config, tmp_path)
+    assert result.exit_code == 0, result.output
+    search = json.loads((tmp_path / "out" / "x86-64-cpu-test" / "report.json").read_text())["search"]
+    wide = [t for t in search["trials"] if t["params"]["model.source"] == str(wide_model) and not (t["note"] or "").startswith("the same values")]
+    assert len(wide) == 1 and wide[0]["state"] == "PRUNED", search["trials"]
+    assert wide[0]["note"].startswith("over budget before fine-tuning (size") and wide[0]["epochs"] == {}, wide[0]
+    assert wide[0]["size_mb"] > 0 and wide[0]["over_budget"]
+    chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
+    assert chosen["params"]["model.source"] == str(tiny_model) and chosen["state"] == "COMPLETE" and chosen["epochs"]
+    # The stopped trial trained nothing: no fine-tuning pass of the wide model is in the cache.
+    runs = [json.loads(f.read_text()) for f in (tmp_path / "cache" / "finetune").glob("*/artifact.json")]
+    assert len(runs) == 1, "only the tiny model was fine-tuned"
 
 
 # ------------------------------------------------------------------ bad input

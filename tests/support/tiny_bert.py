@@ -148,7 +148,7 @@ def export_text_classifier(module, path: Path) -> None:
         torch.onnx.export(module, example, str(path), input_names=names, output_names=["logits"], dynamic_axes=dynamic, opset_version=17, dynamo=False)
 
 
-def tiny_hf_folder(directory: Path, *, seed: int = 0) -> Path:
+def tiny_hf_folder(directory: Path, *, seed: int = 0, hidden_size: int = 32) -> Path:
     """A briefly trained tiny BERT saved as a Hugging Face model folder with the MiniLM tokenizer: a build's input."""
     import shutil
 
@@ -157,7 +157,7 @@ def tiny_hf_folder(directory: Path, *, seed: int = 0) -> Path:
     data = load_task_data(BuildConfig().data)
     task = TaskSpec(kind="text-classification", labels=data.labels, max_length=MAX_LENGTH, tokenizer_file=minilm_tokenizer_file())
     torch.manual_seed(seed)
-    model = _tiny_classifier(len(data.labels), 32, 2)
+    model = _tiny_classifier(len(data.labels), hidden_size, 2)
     _train(model, data, task, train_rows=800, epochs=3)
     model.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
