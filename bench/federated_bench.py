@@ -14,7 +14,10 @@ lifted (a busy VM would otherwise fail a gate and leave no bundle; this measures
 - centralized LoRA: `examples/wordnet-federated.yaml` built by `edgekit build` with `finetune.enabled: true` and
   `finetune.epochs` = rounds x local epochs (3), from the fitted head, on all 2,800 training rows;
 - federated: `edgekit federated simulate examples/wordnet-federated.yaml --clients 3 --partition P` for P in iid,
-  dirichlet:0.5 and dirichlet:0.1 (3 rounds of 1 local epoch, FedAvg, the head trained from scratch by the sites).
+  dirichlet:0.5 and dirichlet:0.1 (3 rounds of 1 local epoch, FedAvg, the head trained from scratch by the sites, then
+  refitted from the sites' feature statistics when validation prefers it: ``federated.head_calibration``);
+- the same at dirichlet:0.5 with ``federated.head_calibration: false`` (FedAvg's head ships), to show what the
+  calibration adds.
 
 Each row: the shipped bundle's test accuracy (int8 where the gates allow it) and its fp32 parent's, the wall time of
 the whole command (training, export, quantization, evaluation, packaging); federated rows add each round's validation
@@ -50,20 +53,23 @@ def latency_free_target(work: Path) -> Path:
     return path
 
 
-def configs(work: Path, target: Path) -> tuple[Path, Path]:
-    """The example with the latency-free target, and its centralized twin (LoRA in the build, same total epochs)."""
+def configs(work: Path, target: Path) -> tuple[Path, Path, Path]:
+    """The example with the latency-free target, the same without head calibration, and its centralized twin (LoRA in
+    the build, same total epochs)."""
     import yaml
 
     document = yaml.safe_load(EXAMPLE.read_text())
     document["targets"] = [str(target)]
     federated = work / "federated.yaml"
     federated.write_text(yaml.safe_dump(document))
+    uncalibrated = work / "federated-uncalibrated.yaml"
+    uncalibrated.write_text(yaml.safe_dump({**document, "federated": {**document["federated"], "head_calibration": False}}))
     epochs = document["federated"]["rounds"] * document["federated"]["local_epochs"]
     document["finetune"] |= {"enabled": True, "epochs": epochs}
     document["model"]["name"] = "wordnet-supersense-central"
     central = work / "central.yaml"
     central.write_text(yaml.safe_dump(document))
-    return federated, central
+    return federated, uncalibrated, central
 
 
 def run(name: str, args: list[str], work: Path) -> dict:
@@ -86,6 +92,7 @@ def run(name: str, args: list[str], work: Path) -> dict:
             "bytes_per_site_per_round": federated["per_round"][-1]["bytes_from_each_site"],
             "adapter_parameters": federated["adapter_parameters"], "federation_seconds": federated["seconds"],
             "per_client": federated["per_client"], "strategy": federated["strategy"], "rounds": federated["rounds"],
+            "head_calibration": federated.get("head_calibration"),
         }
     print(f"{name}: test accuracy {row['test_accuracy']:.4f} ({row['precision']}; fp32 {row['fp32_test_accuracy']:.4f}), "
           f"{seconds:.0f} s", flush=True)
@@ -104,7 +111,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     target = latency_free_target(work)
-    federated, central = configs(work, target)
+    federated, uncalibrated, central = configs(work, target)
     load_start, started_at = os.getloadavg(), datetime.now(timezone.utc)
     earlier = json.loads(options.baselines_from.read_text()) if options.baselines_from else None
     if earlier:
@@ -116,9 +123,13 @@ def main() -> None:
         ]
     save = lambda: write_results(options.results, rows, earlier, started_at, load_start)  # noqa: E731
     save()  # after each row too: an interrupted run keeps the rows it finished ("finished_at" says when it stopped)
-    for partition in partitions:
-        rows.append(run(f"federated {partition}", ["federated", "simulate", str(federated), "--clients", str(CLIENTS), "--partition",
-                                                   partition, "--out", str(work / partition.replace(":", "-")), "--cache-dir", str(cache)], work))
+    runs = [(f"federated {p}", federated, p) for p in partitions]
+    if "dirichlet:0.5" in partitions:
+        runs.append(("federated dirichlet:0.5 without head calibration", uncalibrated, "dirichlet:0.5"))
+    for name, config, partition in runs:
+        out = work / name.removeprefix("federated ").replace(":", "-").replace(" ", "-")
+        rows.append(run(name, ["federated", "simulate", str(config), "--clients", str(CLIENTS), "--partition", partition,
+                               "--out", str(out), "--cache-dir", str(cache)], work))
         save()
     print(json.dumps(json.loads(options.results.read_text())["targets"], indent=2))
 

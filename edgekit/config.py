@@ -355,6 +355,9 @@ class FederatedSection(_Strict):
     join_timeout_s: float = Field(300, gt=0, description="how long the coordinator waits for enough sites to join (or rejoin) before it fails")
     round_timeout_s: float = Field(3600, gt=0, description=(
         "server: how long a site may train in one round before it counts as dropped (a simulation's sites never time out)"))
+    head_calibration: bool = Field(True, description=(
+        "after the last round, sites send per-class sums of their rows' features (and their scatter) under the final "
+        "model, and the coordinator refits the head from them (LDA), kept when validation prefers it; skipped with privacy on"))
     privacy: PrivacySection = PrivacySection()
     secure_aggregation: bool = Field(False, description=(
         "Flower's SecAgg+ (the coordinator sees only the sum of updates): needs Flower's SuperLink deployment, which "

@@ -52,6 +52,11 @@ class Split:
         """The first ``count`` rows (splits are stored in a fixed, stratified order)."""
         return Split(self.inputs[:count], self.labels[:count])
 
+    def subset(self, rows: "np.ndarray") -> "Split":
+        """The rows at the indices ``rows``, in that order."""
+        inputs = tuple(self.inputs[i] for i in rows) if isinstance(self.inputs, tuple) else self.inputs[rows]
+        return Split(inputs, self.labels[rows])
+
 
 @dataclass(frozen=True)
 class TaskData:

@@ -237,6 +237,17 @@ th.rot span {{ writing-mode: vertical-rl; transform: rotate(180deg); }}
 """
 
 
+def _calibration_text(calibration: dict | None) -> str:
+    """One line on the head refitted from the sites' statistics after the rounds (``Coordinator.calibrate_head``)."""
+    if not calibration:
+        return ""
+    if "val_accuracy_after" not in calibration:
+        return f"head calibration: not applied ({calibration['reason']})"
+    return (f"head calibration: validation accuracy {calibration['val_accuracy_before']:.4f} with FedAvg's head, "
+            f"{calibration['val_accuracy_after']:.4f} refitted from {len(calibration['sites'])} sites' statistics; "
+            + ("the refitted head ships" if calibration["applied"] else "FedAvg's head ships"))
+
+
 def _federated_html(federated: dict | None) -> str:
     """The federation's rounds (validation accuracy of each global model, plotted), its sites and their label skew."""
     if not federated:
@@ -252,10 +263,12 @@ def _federated_html(federated: dict | None) -> str:
     dp = federated["dp"]
     privacy = (f"client-side differential privacy: clipping {dp['clipping_norm']}, noise ×{dp['noise_multiplier']}, "
                f"ε {dp['epsilon']} at δ {dp['delta']} ({e(dp['accountant'])})" if dp.get("enabled") else "no differential privacy")
+    calibration = _calibration_text(federated.get("head_calibration"))
     return (f"<h2>Federated fine-tuning</h2><p>{federated['clients']} sites, {federated['rounds']} rounds of "
             f"{federated['local_epochs']} local epoch(s), {e(federated['strategy'])}, partition {e(str(federated['partition']))}; "
             f"{privacy}; secure aggregation {'on' if federated['secure_aggregation'] else 'off'}. "
             f"Left each site: {e('; '.join(federated['left_each_site']))}. Never left a site: {e('; '.join(federated['never_left_a_site']))}.</p>"
+            f"<p>{e(calibration)}</p>"
             f"<p>Validation accuracy of the global model per round (round 0: the starting adapter)</p>"
             f"{_curve_svg([r['accuracy'] for r in federated['per_round']], label='validation accuracy per round')}"
             f"<table><tr><th>round</th><th>val accuracy</th><th>val loss</th><th>train loss</th><th>sites</th><th>dropped</th>"
@@ -302,6 +315,8 @@ def render(reports: list[dict], console) -> None:
             console.print(f"federated: {federated['clients']} sites, {federated['rounds']} rounds ({federated['strategy']}, "
                           f"partition {federated['partition']}); validation accuracy per round {accuracies}; "
                           f"{federated['per_round'][-1]['bytes_from_each_site']:,} bytes from each site per round", highlight=False)
+            if federated.get("head_calibration"):
+                console.print(_calibration_text(federated["head_calibration"]), highlight=False)
         if report.get("data"):
             data = report["data"]
             dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in data["dropped"].items()) or "none"

@@ -13,6 +13,10 @@ It runs Flower's own server loop (``flwr.server.Server``) with Flower's FedAvg o
 - Each round's global model is judged on the coordinator's own validation rows (Flower's ``evaluate_fn``); the
   sites are never asked to evaluate.
 
+After the rounds, one more exchange calibrates the head (``edgekit.federated.calibration``): the sites send per-class
+feature statistics under the final model and the coordinator refits the classifier from them, kept when its
+validation rows prefer it.
+
 Two transports carry the same messages: in-process proxies (``edgekit federated simulate``: sites take turns on
 one shared model, so two cores are not oversubscribed) and Flower's gRPC transport (``edgekit federated server``
 and ``client``, TLS when certificates are given).
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.federated.site import LABEL_COUNTS, AdapterModel, SharedBase
+from edgekit.federated.site import HEAD_STATISTICS, LABEL_COUNTS, AdapterModel, SharedBase
 
 try:  # the federated extra: this module is imported only by `edgekit federated`
     from flwr.common import DisconnectRes, GetPropertiesIns, ReconnectIns, ndarrays_to_parameters, parameters_to_ndarrays
@@ -87,6 +91,7 @@ class JoinedSite:
     rows: int
     label_counts: dict[str, int]
     key_id: str = ""
+    sends_head_statistics: bool = False  # its own config lets it answer the head calibration
 
 
 class Coordinator:
@@ -115,6 +120,7 @@ class Coordinator:
         self._round_started = time.perf_counter()
         self._attempts: dict[int, int] = {}
         self.releases: dict[str, int] = {}  # per site: updates it sent (with privacy on, each one spends privacy budget)
+        self.calibration: dict = {"applied": False, "reason": "not run"}
 
     # ------------------------------------------------------------------ admission
 
@@ -161,7 +167,7 @@ class Coordinator:
     def admitted(self, properties: dict) -> None:
         site = str(properties["site"])
         self.joined[site] = JoinedSite(site, int(properties.get("rows", 0)), json.loads(str(properties.get(LABEL_COUNTS, "{}"))),
-                                       str(properties.get("key_id", "")))
+                                       str(properties.get("key_id", "")), bool(properties.get(HEAD_STATISTICS, False)))
         self.say(f"site {site} joined: {self.joined[site].rows} rows ({len(self.joined)} of {self.sites_expected})")
 
     def refuse(self, properties: dict, reason: str) -> None:
@@ -236,6 +242,7 @@ class Coordinator:
         server.set_max_workers(max_workers)
         server.fit(rounds, timeout=self.config.federated.round_timeout_s)
         self._finish(server)
+        self.calibrate_head(registry, max_workers)
 
     def serve(self, address: str, rounds: int, certificates: tuple[bytes, bytes, bytes] | None) -> None:
         """The same over Flower's gRPC transport: sites connect with ``edgekit federated client``.
@@ -250,15 +257,96 @@ class Coordinator:
         grpc_server = _listen(registry, address, certificates)
         try:
             server.fit(rounds, timeout=self.config.federated.round_timeout_s)
+            self._finish(server)
+            self.calibrate_head(registry, None)  # the sites are still connected
         finally:
             server.disconnect_all_clients(timeout=10.0)
             grpc_server.stop(grace=1).wait(5)
-        self._finish(server)
 
     def _finish(self, server) -> None:
         if len(self.rounds) <= 1:
             raise FederationError("no round finished; see the messages above")
         self.adapter.load(parameters_to_ndarrays(server.parameters))
+
+    def calibrate_head(self, registry: SiteRegistry, max_workers: int | None) -> None:
+        """Refit the head from the sites' per-class feature statistics under the final model; keep it when the
+        validation rows score it higher than FedAvg's head. Whatever goes wrong here (too few sites answer, a
+        degenerate covariance), the federation keeps FedAvg's head: its rounds are not lost."""
+        federated = self.config.federated
+        if not federated.head_calibration:
+            self.calibration = {"applied": False, "reason": "federated.head_calibration is off"}
+            return
+        if federated.privacy.enabled:
+            self.calibration = {"applied": False, "reason": "privacy is on: the statistics would leave the sites un-noised"}
+            return
+        final = self.adapter.arrays()
+        try:
+            self.calibration = self._calibrate(registry, max_workers, final)
+        except Exception as error:  # noqa: BLE001 - the rounds' model stands; say why the head was not refitted
+            self.calibration = {"applied": False, "reason": f"head calibration failed: {type(error).__name__}: {error}"[:500]}
+            with self.adapter.lock:
+                self.adapter.load(final)
+        if "val_accuracy_after" in self.calibration:
+            after, before = self.calibration["val_accuracy_after"], self.calibration["val_accuracy_before"]
+            self.say(f"head calibration: validation accuracy {before:.4f} with FedAvg's head, {after:.4f} refitted from "
+                     f"{len(self.calibration['sites'])} sites' statistics (shrinkage {self.calibration['shrinkage']:g}): "
+                     f"{'refitted head kept' if self.calibration['applied'] else 'FedAvg head kept'}")
+        else:
+            self.say(f"head calibration: skipped ({self.calibration['reason']})")
+
+    def _calibrate(self, registry: SiteRegistry, max_workers: int | None, final: list[np.ndarray]) -> dict:
+        from flwr.common import FitIns
+        from flwr.server.server import fit_clients
+
+        from edgekit.federated import calibration
+
+        started = time.perf_counter()
+        classes, width = len(self.labels), calibration.classifier_layer(self.adapter).in_features
+        able = [(name, proxy) for name, proxy in registry.admitted_sites()
+                if name in self.joined and self.joined[name].sends_head_statistics]
+        if len(able) < self.min_fit:
+            return {"applied": False, "sites": [], "problems": [],
+                    "reason": f"{len(able)} of the {self.min_fit} sites needed are connected and allowed by their own "
+                              "config to send statistics (federated.head_calibration on, privacy off)"}
+        instructions = FitIns(ndarrays_to_parameters(final), {"phase": calibration.PHASE, "round": self.total_rounds + 1,
+                                                              "rounds": self.total_rounds})
+        results, failures = fit_clients([(proxy, instructions) for _, proxy in able], max_workers,
+                                        self.config.federated.round_timeout_s, group_id=self.total_rounds + 1)
+        with self.adapter.lock:  # simulated sites share this model: whatever they did with it, the final one is this
+            self.adapter.load(final)
+        replies, problems = {}, [f"{type(f).__name__}: {f}" if isinstance(f, BaseException) else f[1].status.message for f in failures]
+        for proxy, res in results:
+            site, arrays = str(res.metrics.get("site", proxy.cid)), parameters_to_ndarrays(res.parameters)
+            problem = calibration.check_statistics(arrays, classes, width, res.num_examples)
+            if problem:
+                problems.append(f"{site}: {problem}")
+            else:
+                replies[site] = arrays
+        record = {"applied": False, "sites": sorted(replies), "problems": problems,
+                  "bytes_from_each_site": sum(a.nbytes for a in next(iter(replies.values()), [])),
+                  "min_class_rows": calibration.MIN_CLASS_ROWS}
+        if len(replies) < self.min_fit:
+            return record | {"reason": f"{len(replies)} of the {self.min_fit} sites needed sent statistics"}
+        counts, sums, scatter = (sum(arrays[i] for arrays in replies.values()) for i in range(3))
+        if counts.sum() <= np.count_nonzero(counts):
+            return record | {"reason": "the sites' statistics hold too few rows per class to estimate a covariance"}
+        with self.adapter.lock:
+            x = calibration.features(self.adapter, self.validation)
+            fedavg = calibration.current_head(self.adapter)
+            before = float(np.mean(fedavg.logits(x).argmax(-1) == self.validation.labels))
+            scored = [(float(np.mean(head.logits(x).argmax(-1) == self.validation.labels)), shrinkage, head) for shrinkage in
+                      calibration.SHRINKAGES for head in [calibration.discriminant_head(counts, sums, scatter, shrinkage)]]
+            after, shrinkage, head = max(scored, key=lambda scored_head: scored_head[0])
+            head, temperature = calibration.tempered(head, x, self.validation.labels)
+            applied = after > before
+            if applied:
+                calibration.set_head(self.adapter, head)
+        return record | {
+            "applied": applied, "val_accuracy_before": round(before, 4), "val_accuracy_after": round(after, 4),
+            "shrinkage": shrinkage, "temperature": round(temperature, 3), "rows": int(counts.sum()),
+            "seconds": round(time.perf_counter() - started, 2),
+            "reason": ("validation prefers the refitted head (its shrinkage chosen on the same rows)" if applied
+                       else "validation does not prefer the refitted head; FedAvg's is kept")}
 
     def strategy(self, registry: SiteRegistry):
         federated = self.config.federated
@@ -297,11 +385,17 @@ class Coordinator:
             "refused": self.refused,
             "secure_aggregation": False,
             "dp": privacy_report(federated.privacy, self.privacy_releases()),
+            "head_calibration": self.calibration,
             "left_each_site": ["the LoRA adapter and head tensors after local training (clipped and noised when dp is on)",
                                "its row count and label counts",
+                               *([f"after the last round (head calibration, exact and seen per site): per-class row counts, "
+                                  f"per-class sums of its rows' features at the classifier's input and their scatter matrix, "
+                                  f"over the classes it holds at least {self.calibration['min_class_rows']} rows of"]
+                                 if self.calibration.get("sites") else []),
                                "its seconds per round, and (with dp off) its mean training loss and whether clipping applied",
                                "its name, base model digest and (with a site key) a signature of the coordinator's challenge"],
-            "never_left_a_site": ["its rows (texts and labels)", "gradients or per-row values", "the base model's weights"],
+            "never_left_a_site": ["its rows (texts and labels)", "gradients or per-row values (statistics are sums over "
+                                  "at least the stated number of rows of a class)", "the base model's weights"],
             "adapter_tensors": len(self.adapter.names),
             "adapter_parameters": int(sum(p.numel() for p in self.adapter.parameters())),
             "seconds": round(time.perf_counter() - self.started, 1),
@@ -336,6 +430,11 @@ class SiteRegistry(SimpleClientManager):
 
     def num_available(self) -> int:
         return len(self._admitted())
+
+    def admitted_sites(self) -> list[tuple[str, ClientProxy]]:
+        """The admitted sites connected now, by name, without waiting for more or admitting new ones."""
+        names = dict(self.names)
+        return [(names[client.cid], client) for client in self._admitted() if client.cid in names]
 
     def _admitted(self) -> list:
         names = dict(self.names)

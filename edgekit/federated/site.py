@@ -41,6 +41,7 @@ class IncompatibleSite(EdgekitError):
 
 # A site's label counts travel in its properties as JSON (Flower property and metric values are scalars).
 LABEL_COUNTS = "label_counts"
+HEAD_STATISTICS = "head_statistics"  # a property: 1 when the site's own config lets it answer the head calibration
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,7 @@ class Site:
         key, signature = self.identity.sign(str(expected.get("challenge", "")))
         shapes = self.adapter.shape_digest() if self.adapter is not None else ""
         return {"site": self.identity.name, "rows": len(self.texts), LABEL_COUNTS: json.dumps(self.label_counts),
+                HEAD_STATISTICS: int(self.sends_head_statistics()),
                 "base_digest": self.base.digest, "adapter_shapes": shapes, "problem": problem or "", "key_id": key,
                 "signature": signature}
 
@@ -306,6 +308,17 @@ class Site:
         if self.adapter is None:
             raise IncompatibleSite("asked to train before the coordinator said which labels the federation has")
         self.contacts += 1
+        from edgekit.federated import calibration
+
+        if instructions.get("phase") == calibration.PHASE:  # after the last round: statistics for the head, no training
+            if not self.sends_head_statistics():
+                raise IncompatibleSite("this site's config does not let it send head statistics "
+                                       "(federated.head_calibration off, or privacy on)")
+            with self.adapter.lock:
+                self.adapter.load(arrays)
+                sent = calibration.statistics(self.adapter, self.rows())
+            self.say(f"{self.identity.name}: sent per-class feature statistics of {len(self.texts)} rows for the head")
+            return sent, len(self.texts), {"site": self.identity.name}
         orders = RoundOrders.read(instructions, self.config)
         with self.adapter.lock:
             self.adapter.load(arrays)
@@ -317,6 +330,10 @@ class Site:
         if not orders.privacy.enabled:  # with privacy on, nothing computed from the rows leaves un-noised
             metrics |= {"loss": result.loss, "clipped": int(result.clipped)}
         return result.arrays, len(self.texts), metrics
+
+    def sends_head_statistics(self) -> bool:
+        """Whether this site's own config lets its per-class feature sums leave it (``edgekit.federated.calibration``)."""
+        return self.config.federated.head_calibration and not self.config.federated.privacy.enabled
 
     def client(self):
         return _flower_client(self)
@@ -342,7 +359,11 @@ def _flower_client(site: Site):
             if site.refusal:  # never train for a federation that refused this site
                 return FitRes(status=Status(code=Code.FIT_NOT_IMPLEMENTED, message=site.refusal),
                               parameters=ndarrays_to_parameters([]), num_examples=0, metrics={})
-            arrays, rows, metrics = site.fit(parameters_to_ndarrays(ins.parameters), dict(ins.config))
+            try:
+                arrays, rows, metrics = site.fit(parameters_to_ndarrays(ins.parameters), dict(ins.config))
+            except IncompatibleSite as refused:  # e.g. asked for statistics its config does not allow: the coordinator is told
+                return FitRes(status=Status(code=Code.FIT_NOT_IMPLEMENTED, message=f"{site.identity.name}: {refused}"),
+                              parameters=ndarrays_to_parameters([]), num_examples=0, metrics={})
             return FitRes(status=ok, parameters=ndarrays_to_parameters(arrays), num_examples=rows, metrics=metrics)
 
         def evaluate(self, ins):  # the coordinator judges on its own validation rows; sites are never asked

@@ -198,7 +198,7 @@ def _accuracy(model, spec, split: Split) -> float:
 def teacher_logits(model, spec, train: Split, settings: PruneSection) -> np.ndarray:
     """The unpruned model's logits for the rows recovery will visit (other rows stay zero: they are never read)."""
     rows = np.unique(recovery_order(len(train), settings))
-    logits = _logits(model, spec, Split(tuple(train.texts[i] for i in rows), train.labels[rows]))
+    logits = _logits(model, spec, train.subset(rows))
     full = np.zeros((len(train), logits.shape[1]), dtype=np.float32)
     full[rows] = logits
     return full

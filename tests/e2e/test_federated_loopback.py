@@ -154,6 +154,9 @@ def test_a_coordinator_and_three_sites_over_tls_build_a_bundle_and_strangers_are
     assert sorted(r["site"] for r in federated["refused"]) == ["other-model", "unknown-key", "weather-station"]
     assert [r["round"] for r in federated["per_round"]] == [0, 1, 2]
     assert federated["per_round"][-1]["accuracy"] > federated["per_round"][0]["accuracy"]
+    # After the rounds every site sent its feature statistics over the same TLS streams for the head.
+    assert federated["head_calibration"]["sites"] == ["site-0", "site-1", "site-2"], federated["head_calibration"]
+    assert federated["head_calibration"]["problems"] == [] and "val_accuracy_after" in federated["head_calibration"]
     with open_bundle(Path(report["bundle"]), Keyring.load(tmp_path / "cache" / "dev-key")) as bundle:
         assert bundle.manifest.model.name == "tiny-federated"
 

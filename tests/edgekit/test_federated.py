@@ -24,6 +24,72 @@ from edgekit.federated.privacy import epsilon, privatise
 runner = CliRunner()
 
 
+# ---------------------------------------------------------------------- head calibration
+
+
+def _gaussian_classes(rows_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Four classes of 6-dimensional points around well-separated means, with a shared, correlated covariance (the
+    same classes for every seed; the seed draws the points)."""
+    classes = np.random.default_rng(0)
+    means, mixing = classes.normal(0, 3, size=(4, 6)), classes.normal(0, 1, size=(6, 6))
+    labels = np.repeat(np.arange(4), rows_per_class)
+    return means[labels] + np.random.default_rng(seed).normal(size=(len(labels), 6)) @ mixing, labels
+
+
+def _statistics(x: np.ndarray, labels: np.ndarray, classes: int) -> list[np.ndarray]:
+    sums = np.zeros((classes, x.shape[1]))
+    np.add.at(sums, labels, x)
+    return [np.bincount(labels, minlength=classes).astype(float), sums, x.T @ x]
+
+
+def test_a_head_from_statistics_summed_over_skewed_sites_is_the_head_of_all_rows_together():
+    from edgekit.federated.calibration import discriminant_head
+
+    x, labels = _gaussian_classes(200, seed=1)
+    # Label skew: each site holds mostly one or two classes; its statistics alone would know nothing of the others.
+    sites = [np.flatnonzero(labels <= 1), np.flatnonzero(labels == 2), np.flatnonzero(labels == 3)]
+    summed = [sum(parts) for parts in zip(*(_statistics(x[rows], labels[rows], 4) for rows in sites))]
+    together = discriminant_head(*_statistics(x, labels, 4), shrinkage=0.01)
+    federated = discriminant_head(*summed, shrinkage=0.01)
+    np.testing.assert_allclose(federated.weight, together.weight, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(federated.bias, together.bias, rtol=1e-6, atol=1e-9)
+    held_out, truth = _gaussian_classes(100, seed=2)
+    assert np.mean(federated.logits(held_out).argmax(-1) == truth) > 0.95
+
+
+def test_the_head_is_lda_with_the_pooled_within_class_covariance_of_the_raw_rows():
+    from edgekit.federated.calibration import discriminant_head
+
+    x, labels = _gaussian_classes(40, seed=4)
+    means = np.stack([x[labels == c].mean(0) for c in range(4)])
+    centred = x - means[labels]
+    covariance = centred.T @ centred / (len(x) - 4)
+    covariance = 0.8 * covariance + 0.2 * np.trace(covariance) / 6 * np.eye(6)
+    weight = np.linalg.solve(covariance, means.T).T
+    bias = -0.5 * np.einsum("cd,cd->c", weight, means) + np.log(np.bincount(labels) / len(labels))
+    head = discriminant_head(*_statistics(x, labels, 4), shrinkage=0.2)
+    # Up to what moves every logit alike (the common part taken out of the rows and the biases): the same softmax.
+    reference = x @ weight.T + bias
+    got = head.logits(x)
+    np.testing.assert_allclose(got - got.mean(1, keepdims=True), reference - reference.mean(1, keepdims=True), rtol=1e-7, atol=1e-7)
+    assert np.abs(head.weight.mean(0)).max() < 1e-9, "the common part is out of the weights"
+
+
+def test_a_class_no_site_holds_never_wins_and_bad_replies_are_named():
+    from edgekit.federated.calibration import check_statistics, discriminant_head
+
+    x, labels = _gaussian_classes(50, seed=3)
+    seen = labels != 2
+    head = discriminant_head(*_statistics(x[seen], labels[seen], 4), shrinkage=0.05)
+    assert 2 not in set(head.logits(x).argmax(-1).tolist())
+    assert check_statistics(_statistics(x, labels, 4), 4, 6, len(x)) is None
+    assert "not per-class statistics" in check_statistics([np.zeros((4, 6))], 4, 6, len(x))
+    broken = _statistics(x, labels, 4)
+    broken[2][0, 0] = np.nan
+    assert "not finite" in check_statistics(broken, 4, 6, len(x))
+    assert "not whole numbers within its" in check_statistics(_statistics(x, labels, 4), 4, 6, len(x) - 1)
+
+
 # ---------------------------------------------------------------------- partitions
 
 
@@ -234,11 +300,125 @@ def test_a_site_that_drops_is_left_out_when_min_fit_clients_allows(tmp_path, tin
         client = site.client() if index else _DropsAfter(site.client(), 1)
         registry.register(InProcessSite(site.identity.name, client))
     coordinator.run(registry, 3, max_workers=1)
-    rounds = coordinator.report("iid")["per_round"]
+    report = coordinator.report("iid")
+    rounds = report["per_round"]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert rounds[1]["dropped"] == [] and len(rounds[1]["sites"]) == 3
     assert rounds[2]["dropped"] == ["site-0"] and sorted(rounds[2]["sites"]) == ["site-1", "site-2"]
     assert rounds[3]["accuracy"] > rounds[0]["accuracy"]
+    # The dropped site is gone for the head's statistics too: the two others are enough (min_fit_clients 2).
+    calibrated = report["head_calibration"]
+    # Each site's classes of fewer than 10 rows stay home (a class sum over a few rows would nearly give them away).
+    counted = sum(n for site in sites[1:] for n in site.label_counts.values() if n >= 10)
+    assert calibrated["sites"] == ["site-1", "site-2"] and calibrated["rows"] == counted < sum(len(s.texts) for s in sites[1:])
+    assert calibrated["val_accuracy_before"] == pytest.approx(rounds[3]["accuracy"], abs=1e-4)
+    # The model now holds the head the record names, as the validation rows score it.
+    accuracy, _ = coordinator.adapter.accuracy_and_loss(coordinator.validation)
+    kept = calibrated["val_accuracy_after"] if calibrated["applied"] else calibrated["val_accuracy_before"]
+    assert accuracy == pytest.approx(kept, abs=1.5 / len(coordinator.validation)), calibrated
+    assert any(item.startswith("after the last round (head calibration") for item in report["left_each_site"])
+
+
+class _FromBeforeCalibration:
+    """A site's client from before head calibration: its properties do not offer statistics, and it would take a
+    statistics request as a round of training."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def get_properties(self, ins):
+        from edgekit.federated.site import HEAD_STATISTICS
+
+        answer = self.client.get_properties(ins)
+        answer.properties.pop(HEAD_STATISTICS, None)
+        return answer
+
+    def fit(self, ins):
+        from flwr.common import FitIns
+
+        return self.client.fit(FitIns(ins.parameters, {k: v for k, v in ins.config.items() if k != "phase"}))
+
+
+def test_sites_that_cannot_send_statistics_are_not_asked_and_fedavgs_head_stays(tmp_path, tiny_model):
+    from edgekit.federated.coordinator import InProcessSite, SiteRegistry
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 200), rounds=1))
+    coordinator, sites, messages = _federation(config, 2)
+    registry = SiteRegistry(coordinator)
+    for site in sites:
+        registry.register(InProcessSite(site.identity.name, _FromBeforeCalibration(site.client())))
+    coordinator.run(registry, 1, max_workers=1)
+    before = coordinator.adapter.arrays()
+    calibrated = coordinator.report("iid")["head_calibration"]
+    assert not calibrated["applied"] and calibrated["reason"].startswith("0 of the 2 sites needed are connected and allowed")
+    assert all(site.rounds_done == 1 for site in sites), "nobody trained an extra round"
+    assert any(m.startswith("head calibration: skipped") for m in messages)
+    assert all(np.array_equal(a, b) for a, b in zip(before, coordinator.adapter.arrays()))
+
+
+def test_a_site_whose_own_config_forbids_statistics_refuses_when_asked(tmp_path, tiny_model):
+    from flwr.common import Code, FitIns, ndarrays_to_parameters
+
+    from edgekit.federated.calibration import PHASE
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 100), rounds=1,
+                                                head_calibration=False))
+    _, (site, *_), _ = _federation(config, 2)
+    assert not site.sends_head_statistics()
+    answer = site.client().fit(FitIns(ndarrays_to_parameters(site.adapter.arrays()), {"phase": PHASE}))
+    assert answer.status.code == Code.FIT_NOT_IMPLEMENTED and "does not let it send head statistics" in answer.status.message
+
+
+def test_the_refitted_head_ships_in_the_merged_model(tmp_path, tiny_model):
+    """FedAvg's head spoiled on purpose: the statistics' head wins on validation, and the saved model computes it."""
+    import torch
+
+    from edgekit.federated.calibration import classifier_layer, current_head, features
+    from edgekit.federated.coordinator import InProcessSite, SiteRegistry
+    from edgekit.tasks.text_models import load_classifier
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 400), rounds=1))
+    coordinator, sites, _ = _federation(config, 2)
+    registry = SiteRegistry(coordinator)
+    for site in sites:
+        registry.register(InProcessSite(site.identity.name, site.client()))
+    coordinator.run(registry, 1, max_workers=1)  # calibrates too: undone below, to calibrate a spoiled head
+    with torch.no_grad():
+        classifier_layer(coordinator.adapter).weight.zero_()
+        classifier_layer(coordinator.adapter).bias.copy_(torch.arange(len(coordinator.labels), dtype=torch.float32))
+    coordinator.calibrate_head(registry, 1)
+    calibrated = coordinator.calibration
+    assert calibrated["applied"] and calibrated["val_accuracy_after"] > calibrated["val_accuracy_before"], calibrated
+    assert calibrated["temperature"] > 0 and calibrated["min_class_rows"] == 10
+    validation = coordinator.validation
+    expected = current_head(coordinator.adapter).logits(features(coordinator.adapter, validation))
+    folder = coordinator.adapter.save_merged(tmp_path / "merged")
+    from edgekit import training
+    from edgekit.tasks.text_classification import TASK
+
+    saved = training.predict(load_classifier(folder), TASK.torch_batches(coordinator.adapter.spec, validation), TASK.forward)
+    np.testing.assert_allclose(saved, expected, atol=1e-3, rtol=1e-3)
+    assert np.mean(saved.argmax(-1) == validation.labels) == pytest.approx(calibrated["val_accuracy_after"], abs=1.5 / len(validation))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_the_features_are_what_the_head_reads(tmp_path, tiny_model, pooling):
+    from edgekit import training
+    from edgekit.federated.calibration import current_head, features
+    from edgekit.tasks.text_classification import TASK
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 100), rounds=1))
+    config = config.model_copy(update={"head": config.head.model_copy(update={"pooling": pooling})})
+    _, (site, *_), _ = _federation(config, 2)
+    assert site.adapter.base.pooling == pooling
+    rows = site.rows().head(20)
+    logits = training.predict(site.adapter.model, TASK.torch_batches(site.adapter.spec, rows), TASK.forward)
+    np.testing.assert_allclose(current_head(site.adapter).logits(features(site.adapter, rows)), logits, atol=1e-4, rtol=1e-4)
+
+
 
 
 def test_a_round_short_of_min_fit_clients_waits_for_sites_then_fails_clearly(tmp_path, tiny_model):
@@ -318,6 +498,8 @@ def test_the_coordinators_privacy_applies_at_every_site_and_no_loss_leaves_one(t
     # two rounds of averaged noise at 0.5 x 0.5 per coordinate, over two sites: far from the clipped drift alone
     moved = np.concatenate([(a - b).ravel() for a, b in zip(after, before)])
     assert 0.1 < float(np.std(moved)) < 1.0
+    assert not report["head_calibration"]["applied"] and "privacy is on" in report["head_calibration"]["reason"]
+    assert not any("head calibration" in item for item in report["left_each_site"]), "no statistics were asked for"
 
 
 def test_a_site_refused_by_the_coordinator_is_told_why(tmp_path, tiny_model, keyring):
@@ -400,4 +582,6 @@ def test_simulate_builds_a_signed_bundle_with_the_federation_in_its_report(tmp_p
     settled = load_build_config(tmp_path / "out" / "build-config.yaml")
     assert Path(settled.model.source) == tmp_path / "out" / "federated" / "model" and not settled.finetune.enabled
     html = (tmp_path / "out" / "x86-64-cpu-test" / "report.html").read_text()
-    assert "Federated fine-tuning" in html and "validation accuracy per round" in html
+    assert "Federated fine-tuning" in html and "validation accuracy per round" in html and "head calibration:" in html
+    calibrated = federated["head_calibration"]
+    assert calibrated["sites"] == ["site-0", "site-1", "site-2"] and calibrated["rows"] == train_rows, calibrated
