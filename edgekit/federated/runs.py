@@ -110,6 +110,7 @@ def join(config: BuildConfig, *, server: str, data_file: Path, name: str, site_k
         certificate = root_certificate.read_bytes() if root_certificate is not None else None
     except OSError as error:
         raise EdgekitError(f"cannot read --ca-certificate {root_certificate}: {error.strerror}") from None
+    _quiet_closed_channel_pollers()
     with progress:
         _connect(site, server, certificate, max_wait_s, say)
     if site.refusal is not None:
@@ -128,6 +129,25 @@ def _sites_keyring(folder: Path):
     except KeyMaterialError as error:
         raise EdgekitError(f"--sites {folder}: {error}. For a federation the keyring holds each site's edgekit.pub "
                            "(`edgekit keys generate --out DIR` on the site)") from None
+
+
+def _quiet_closed_channel_pollers() -> None:
+    """gRPC watches a channel's connectivity in a thread of its own; when Flower closes a channel that never connected,
+    that thread can raise "Cannot monitor channel state: Channel closed!", which Python prints as a traceback. It says
+    nothing the retry loop does not (the connection failed), so it is kept off the terminal; other errors still print."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "edgekit_quiet_channels", False):
+        return
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, ValueError) and "Channel closed" in str(args.exc_value):
+            return
+        previous(args)
+
+    hook.edgekit_quiet_channels = True
+    threading.excepthook = hook
 
 
 def _connect(site: Site, server: str, certificate: bytes | None, max_wait_s: float, say) -> None:

@@ -586,3 +586,21 @@ def test_simulate_builds_a_signed_bundle_with_the_federation_in_its_report(tmp_p
     calibrated = federated["head_calibration"]
     counted = sum(n for c in federated["per_client"] for n in c["label_counts"].values() if n >= 10)
     assert calibrated["sites"] == ["site-0", "site-1", "site-2"] and calibrated["rows"] == counted, calibrated
+
+
+def test_grpcs_closed_channel_poller_error_is_kept_off_the_terminal_and_others_are_not():
+    import threading
+    from types import SimpleNamespace
+
+    from edgekit.federated.runs import _quiet_closed_channel_pollers
+
+    previous, seen = threading.excepthook, []
+    threading.excepthook = lambda args: seen.append(str(args.exc_value))
+    try:
+        _quiet_closed_channel_pollers()
+        _quiet_closed_channel_pollers()  # once is enough: a second call does not wrap again
+        threading.excepthook(SimpleNamespace(exc_value=ValueError("Cannot monitor channel state: Channel closed!")))
+        threading.excepthook(SimpleNamespace(exc_value=RuntimeError("a real failure in a thread")))
+    finally:
+        threading.excepthook = previous
+    assert seen == ["a real failure in a thread"]
