@@ -188,7 +188,7 @@ def train_locally(adapter: AdapterModel, rows: Split, config: BuildConfig, order
 
     from edgekit import training
     from edgekit.federated.privacy import privatise
-    from edgekit.tasks.text_classification import TASK, _text_batch
+    from edgekit.tasks.text_classification import TASK, _text_batch, token_counts
 
     settings = adapter.settings
     started = time.perf_counter()
@@ -207,7 +207,8 @@ def train_locally(adapter: AdapterModel, rows: Split, config: BuildConfig, order
 
     seed = config.federated.seed * 1000 + orders.round_number
     torch.manual_seed(seed)
-    batches = training.Shuffled(len(rows), settings.batch_size, seed, lambda order, _epoch: _text_batch(adapter.spec, rows, order))
+    batches = training.Shuffled(len(rows), settings.batch_size, seed, lambda order, _epoch: _text_batch(adapter.spec, rows, order),
+                                lengths=token_counts(adapter.spec, rows))
     factor = round_rate(settings.schedule, orders.round_number, orders.rounds)
     head_rate = (settings.head_learning_rate or settings.learning_rate) * factor
     fit_settings = training.FitSettings(orders.local_epochs, settings.learning_rate * factor, settings.weight_decay, "constant",

@@ -127,3 +127,32 @@ def test_parameters_under_a_named_module_train_at_their_own_learning_rate():
     groups = training._parameter_groups(model, list(model.parameters()), 1e-5, {"classifier": 1e-3})
     rates = {rate: {id(p) for p in group} for rate, group in ((g["lr"], g["params"]) for g in groups)}
     assert rates == {1e-5: {id(p) for p in model.encoder.parameters()}, 1e-3: {id(p) for p in model.classifier.parameters()}}
+
+
+def test_length_grouping_visits_every_row_once_in_batches_of_similar_length_and_resumes_like_an_unbroken_run():
+    lengths = np.random.default_rng(0).integers(3, 120, size=1000)
+
+    def epochs(source: training.Shuffled, count: int) -> list[list[np.ndarray]]:
+        return [[batch.inputs["rows"] for batch in source.epoch(e)] for e in range(1, count + 1)]
+
+    def make(rows, _epoch):
+        return training.Batch({"rows": rows}, torch.zeros(len(rows)))
+
+    grouped = training.Shuffled(1000, 16, seed=3, make=make, lengths=lengths)
+    plain = training.Shuffled(1000, 16, seed=3, make=make)
+    first, second = epochs(grouped, 2)
+    assert len(first) == grouped.steps_per_epoch == 63
+    assert sorted(np.concatenate(first).tolist()) == list(range(1000))
+    assert [len(b) for b in first].count(16) == 62  # only one batch is short
+    padded = lambda batches: sum(lengths[b].max() * len(b) for b in batches)  # noqa: E731
+    assert padded(first) < 0.6 * padded(epochs(plain, 1)[0])  # far less padding than random batches
+    assert not all(np.array_equal(a, b) for a, b in zip(first, second))  # a new order each epoch
+    assert np.corrcoef(np.arange(len(first)), [lengths[b].mean() for b in first])[0, 1] < 0.5
+
+    resumed = training.Shuffled(1000, 16, seed=3, make=make, lengths=lengths)
+    state = training.Shuffled(1000, 16, seed=3, make=make, lengths=lengths)
+    epochs(state, 1)
+    resumed.load_state_dict(state.state_dict())
+    assert all(np.array_equal(a, b) for a, b in zip(epochs(resumed, 1)[0], second))
+    with pytest.raises(ValueError, match="lengths for"):
+        training.Shuffled(10, 4, seed=0, make=make, lengths=lengths)
