@@ -49,6 +49,7 @@ PASS = Pass(
     takes=frozenset({Stage.TORCH}),
     gives=Stage.TORCH,
     libraries=("torch", "transformers", "peft"),
+    version=2,  # 2: text batches grouped by token count (other rows share a batch, so other weights)
     options_for=options_for,
     run=run,
 )
