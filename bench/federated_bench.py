@@ -17,7 +17,10 @@ lifted (a busy VM would otherwise fail a gate and leave no bundle; this measures
   dirichlet:0.5 and dirichlet:0.1 (3 rounds of 1 local epoch, FedAvg, the head trained from scratch by the sites, then
   refitted from the sites' feature statistics when validation prefers it: ``federated.head_calibration``);
 - the same at dirichlet:0.5 with ``federated.head_calibration: false`` (FedAvg's head ships), to show what the
-  calibration adds.
+  calibration adds;
+- the same at dirichlet:0.5 with ``federated.secure_aggregation: true`` (masked updates, the coordinator unmasks only
+  their sum; head calibration is then skipped): its accuracy should equal the row above's up to fixed-point rounding,
+  and its time and bytes show what the protocol costs.
 
 Each row: the shipped bundle's test accuracy (int8 where the gates allow it) and its fp32 parent's, the wall time of
 the whole command (training, export, quantization, evaluation, packaging); federated rows add each round's validation
@@ -53,9 +56,9 @@ def latency_free_target(work: Path) -> Path:
     return path
 
 
-def configs(work: Path, target: Path) -> tuple[Path, Path, Path]:
-    """The example with the latency-free target, the same without head calibration, and its centralized twin (LoRA in
-    the build, same total epochs)."""
+def configs(work: Path, target: Path) -> tuple[Path, Path, Path, Path]:
+    """The example with the latency-free target, the same without head calibration, the same with secure aggregation,
+    and its centralized twin (LoRA in the build, same total epochs)."""
     import yaml
 
     document = yaml.safe_load(EXAMPLE.read_text())
@@ -64,12 +67,14 @@ def configs(work: Path, target: Path) -> tuple[Path, Path, Path]:
     federated.write_text(yaml.safe_dump(document))
     uncalibrated = work / "federated-uncalibrated.yaml"
     uncalibrated.write_text(yaml.safe_dump({**document, "federated": {**document["federated"], "head_calibration": False}}))
+    secure = work / "federated-secure.yaml"
+    secure.write_text(yaml.safe_dump({**document, "federated": {**document["federated"], "secure_aggregation": True}}))
     epochs = document["federated"]["rounds"] * document["federated"]["local_epochs"]
     document["finetune"] |= {"enabled": True, "epochs": epochs}
     document["model"]["name"] = "wordnet-supersense-central"
     central = work / "central.yaml"
     central.write_text(yaml.safe_dump(document))
-    return federated, uncalibrated, central
+    return federated, uncalibrated, secure, central
 
 
 def run(name: str, args: list[str], work: Path) -> dict:
@@ -93,6 +98,7 @@ def run(name: str, args: list[str], work: Path) -> dict:
             "adapter_parameters": federated["adapter_parameters"], "federation_seconds": federated["seconds"],
             "per_client": federated["per_client"], "strategy": federated["strategy"], "rounds": federated["rounds"],
             "head_calibration": federated.get("head_calibration"),
+            "secure_aggregation": federated.get("secure_aggregation"),
         }
     print(f"{name}: test accuracy {row['test_accuracy']:.4f} ({row['precision']}; fp32 {row['fp32_test_accuracy']:.4f}), "
           f"{seconds:.0f} s", flush=True)
@@ -111,7 +117,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     target = latency_free_target(work)
-    federated, uncalibrated, central = configs(work, target)
+    federated, uncalibrated, secure, central = configs(work, target)
     load_start, started_at = os.getloadavg(), datetime.now(timezone.utc)
     earlier = json.loads(options.baselines_from.read_text()) if options.baselines_from else None
     if earlier:
@@ -126,6 +132,7 @@ def main() -> None:
     runs = [(f"federated {p}", federated, p) for p in partitions]
     if "dirichlet:0.5" in partitions:
         runs.append(("federated dirichlet:0.5 without head calibration", uncalibrated, "dirichlet:0.5"))
+        runs.append(("federated dirichlet:0.5 with secure aggregation", secure, "dirichlet:0.5"))
     for name, config, partition in runs:
         out = work / name.removeprefix("federated ").replace(":", "-").replace(" ", "-")
         rows.append(run(name, ["federated", "simulate", str(config), "--clients", str(CLIENTS), "--partition", partition,

@@ -360,8 +360,9 @@ class FederatedSection(_Strict):
         "model, and the coordinator refits the head from them (LDA), kept when validation prefers it; skipped with privacy on"))
     privacy: PrivacySection = PrivacySection()
     secure_aggregation: bool = Field(False, description=(
-        "Flower's SecAgg+ (the coordinator sees only the sum of updates): needs Flower's SuperLink deployment, which "
-        "edgekit does not drive yet; true is refused with that reason"))
+        "the SecAgg+ protocol (edgekit.federated.secure_aggregation): each site sends its update masked, so the "
+        "coordinator learns only the sum of a round's updates; at a site, true also refuses to send an unmasked update. "
+        "Head calibration is then skipped (its statistics would be seen per site)"))
     seed: int = 0
 
 

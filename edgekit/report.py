@@ -266,7 +266,7 @@ def _federated_html(federated: dict | None) -> str:
     calibration = _calibration_text(federated.get("head_calibration"))
     return (f"<h2>Federated fine-tuning</h2><p>{federated['clients']} sites, {federated['rounds']} rounds of "
             f"{federated['local_epochs']} local epoch(s), {e(federated['strategy'])}, partition {e(str(federated['partition']))}; "
-            f"{privacy}; secure aggregation {'on' if federated['secure_aggregation'] else 'off'}. "
+            f"{privacy}; secure aggregation {'on' if federated['secure_aggregation']['enabled'] else 'off'}. "
             f"Left each site: {e('; '.join(federated['left_each_site']))}. Never left a site: {e('; '.join(federated['never_left_a_site']))}.</p>"
             f"<p>{e(calibration)}</p>"
             f"<p>Validation accuracy of the global model per round (round 0: the starting adapter)</p>"

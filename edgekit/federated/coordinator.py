@@ -101,16 +101,19 @@ class Coordinator:
                  sites_expected: int, keyring: Keyring | None = None, say=lambda _: None,
                  adapter: AdapterModel | None = None) -> None:
         federated = config.federated
-        if federated.secure_aggregation:
-            raise EdgekitError("federated.secure_aggregation needs Flower's SecAgg+ workflow, which runs only in Flower's "
-                               "SuperLink deployment; edgekit drives Flower's in-process and gRPC server loop, so it cannot "
-                               "offer it yet. Set federated.secure_aggregation: false (updates are then seen one by one "
-                               "by the coordinator; federated.privacy noises them at each site)")
         self.config, self.base, self.labels, self.validation = config, base, labels, validation
         self.adapter = adapter or AdapterModel(base, labels, config)
         self.min_fit = federated.min_fit_clients or sites_expected
         if self.min_fit > sites_expected:
             raise EdgekitError(f"federated.min_fit_clients {self.min_fit} is more than the {sites_expected} sites of this run")
+        # Secure aggregation: any threshold sites rebuild a secret; min_fit_clients, so every round that may finish can
+        # be unmasked, and at least 2, so no one site's shares unmask another.
+        self.secure_threshold = max(2, self.min_fit) if federated.secure_aggregation else 0
+        if federated.secure_aggregation and sites_expected < 2:
+            raise EdgekitError("federated.secure_aggregation hides each site's update in a sum of at least 2; run with "
+                               "2 sites or more, or set it to false")
+        self._exchange = None  # the current round's key and share exchange (secure aggregation)
+        self._global: list[np.ndarray] = []  # the current round's global tensors (what the sites' updates are relative to)
         self.sites_expected, self.keyring, self.say = sites_expected, keyring, say
         self.rounds: list[RoundRecord] = []
         self.total_rounds = federated.rounds
@@ -125,7 +128,8 @@ class Coordinator:
     # ------------------------------------------------------------------ admission
 
     def expectations(self) -> dict:
-        return {"labels": json.dumps(list(self.labels)), "base_digest": self.base.digest, "challenge": secrets.token_hex(16)}
+        return {"labels": json.dumps(list(self.labels)), "base_digest": self.base.digest, "challenge": secrets.token_hex(16),
+                "secure_aggregation": int(self.config.federated.secure_aggregation)}
 
     def judge(self, properties: dict, challenge: str, connected: set[str] = frozenset()) -> str | None:
         """Why a site with these ``properties`` cannot join while the sites named ``connected`` are, or None (a site
@@ -233,6 +237,68 @@ class Coordinator:
         self.rounds.append(RoundRecord(server_round, float("nan"), float("nan"), train_loss, sites, dropped, size, size,
                                        time.perf_counter() - self._round_started, attempts))
 
+    # ------------------------------------------------------------------ secure aggregation
+
+    def exchange_keys(self, server_round: int, parameters, instructions: list, registry: SiteRegistry) -> list:
+        """The key and share exchanges of secure aggregation with the round's sites; their fit instructions, each with
+        its own orders (neighbours, the shares relayed to it). A site that fails an exchange sits the round out."""
+        from flwr.common import FitIns
+
+        from edgekit.federated.secure_aggregation import STAGE, RoundExchange
+
+        self._global = parameters_to_ndarrays(parameters)
+        exchange = RoundExchange(server_round, self.secure_threshold)
+        named = [(registry.names.get(proxy.cid, proxy.cid), proxy, ins) for proxy, ins in instructions]
+        for request, took in ((exchange.keys_request, exchange.took_keys), (exchange.shares_request, exchange.took_shares)):
+            config = request()
+            answered = []
+            for name, proxy, ins in named:
+                reply = self._ask(proxy, name, config)
+                if reply is not None:
+                    took(name, reply)
+                    answered.append((name, proxy, ins))
+            named = answered
+        self._exchange = exchange
+        if len(named) < self.min_fit:  # the round cannot be unmasked: it counts as short, and runs again or fails
+            self.say(f"round {server_round}: {len(named)} sites finished secure aggregation's key and share exchanges")
+            self.record_fit(server_round, [], [], registry.sampled)
+        return [(proxy, FitIns(ins.parameters, {**ins.config, STAGE: exchange.fit_orders(name)})) for name, proxy, ins in named]
+
+    def unmasked_mean(self, results: list, registry: SiteRegistry) -> list[np.ndarray]:
+        """FedAvg's weighted mean of the round's updates, from their masked forms and the survivors' shares."""
+        from edgekit.federated.secure_aggregation import STAGE, SecureAggregationError
+
+        exchange = self._exchange
+        masked = {str(res.metrics.get("site", registry.names.get(proxy.cid, proxy.cid))): parameters_to_ndarrays(res.parameters)
+                  for proxy, res in results}
+        rows = sum(res.num_examples for _, res in results)
+        request = exchange.unmask_request(sorted(masked))
+        revealed = {}
+        for proxy, res in results:
+            name = str(res.metrics.get("site", proxy.cid))
+            reply = self._ask(proxy, name, request)
+            if reply is not None:
+                revealed[name] = json.loads(str(reply[STAGE]))
+        try:
+            total = exchange.unmasked_sum(masked, revealed)
+        except SecureAggregationError as error:
+            raise FederationError(f"round {exchange.round}: secure aggregation could not unmask the sum ({error})") from None
+        return [(g.astype(np.float64) + t / rows).astype(g.dtype) for g, t in zip(self._global, total)]
+
+    def _ask(self, proxy, site: str, config: dict) -> dict | None:
+        """A site's properties reply to one stage of secure aggregation, or None (said) when it fails or refuses."""
+        try:
+            properties = dict(proxy.get_properties(GetPropertiesIns(config=config), PROPERTIES_TIMEOUT_S, None).properties)
+        except Exception as error:  # noqa: BLE001 - a site that cannot answer sits the round out
+            self.say(f"round {config['round']}: site {site} did not answer secure aggregation's {config['stage']} stage "
+                     f"({type(error).__name__})")
+            return None
+        if properties.get("problem"):
+            self.say(f"round {config['round']}: site {site} refused secure aggregation's {config['stage']} stage: "
+                     f"{properties['problem']}")
+            return None
+        return properties
+
     # ------------------------------------------------------------------ running
 
     def run(self, registry: SiteRegistry, rounds: int, *, max_workers: int | None = None) -> None:
@@ -278,6 +344,9 @@ class Coordinator:
             return
         if federated.privacy.enabled:
             self.calibration = {"applied": False, "reason": "privacy is on: the statistics would leave the sites un-noised"}
+            return
+        if federated.secure_aggregation:
+            self.calibration = {"applied": False, "reason": "secure aggregation is on: the statistics would be seen per site"}
             return
         final = self.adapter.arrays()
         try:
@@ -355,9 +424,17 @@ class Coordinator:
         extra = {"proximal_mu": federated.proximal_mu} if federated.strategy == "fedprox" else {}
 
         class Coordinated(base):
+            def configure_fit(self, server_round, parameters, client_manager):
+                instructions = super().configure_fit(server_round, parameters, client_manager)
+                if not federated.secure_aggregation:
+                    return instructions
+                return coordinator.exchange_keys(server_round, parameters, instructions, registry)
+
             def aggregate_fit(self, server_round, results, failures):
                 coordinator.record_fit(server_round, results, failures, registry.sampled)
-                return super().aggregate_fit(server_round, results, failures)
+                if not federated.secure_aggregation:
+                    return super().aggregate_fit(server_round, results, failures)
+                return ndarrays_to_parameters(coordinator.unmasked_mean(results, registry)), {}
 
         return Coordinated(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=self.min_fit, min_evaluate_clients=0,
                            min_available_clients=self.min_fit, evaluate_fn=self.evaluate, on_fit_config_fn=self.fit_config,
@@ -368,6 +445,7 @@ class Coordinator:
         return max(self.releases.values(), default=0)
 
     def report(self, partition: str | None) -> dict:
+        from edgekit.federated import secure_aggregation
         from edgekit.federated.privacy import privacy_report
 
         federated = self.config.federated
@@ -383,10 +461,16 @@ class Coordinator:
             "per_client": [{"client": s.site, "rows": s.rows, "label_counts": s.label_counts, "key_id": s.key_id or None}
                            for s in self.joined.values()],
             "refused": self.refused,
-            "secure_aggregation": False,
+            "secure_aggregation": secure_aggregation.report(federated.secure_aggregation, self.secure_threshold),
             "dp": privacy_report(federated.privacy, self.privacy_releases()),
             "head_calibration": self.calibration,
-            "left_each_site": ["the LoRA adapter and head tensors after local training (clipped and noised when dp is on)",
+            "left_each_site": [*(["its update each round (rows x (trained - global adapter and head tensors), clipped and "
+                                  "noised when dp is on), masked: alone it is uniformly random; the coordinator unmasks "
+                                  "only the round's sum", "per round: two public keys, its Shamir shares of its mask seed "
+                                  "and mask key encrypted for the other sites (relayed), then its shares of the survivors' "
+                                  "seeds and the dropped sites' mask keys"]
+                                 if federated.secure_aggregation else
+                                 ["the LoRA adapter and head tensors after local training (clipped and noised when dp is on)"]),
                                "its row count and label counts",
                                *([f"after the last round (head calibration, exact and seen per site): per-class row counts, "
                                   f"per-class sums of its rows' features at the classifier's input and their scatter matrix, "

@@ -257,6 +257,7 @@ class Site:
     refusal: str | None = None  # why the coordinator could not take this site, once it said so
     rounds_done: int = 0
     contacts: int = 0  # messages from the coordinator (a site that was reached may lose and regain its stream)
+    secure: object = None  # its side of secure aggregation (a SiteProtocol), from the first key exchange
     label_counts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -270,8 +271,17 @@ class Site:
 
     def properties(self, expected: dict) -> dict:
         """What the coordinator checks at join: this site's labels and base model against its ``expected`` ones. The
-        coordinator also uses this exchange to say why it refused the site (``refused``)."""
+        coordinator also uses this exchange to say why it refused the site (``refused``), and for the key and share
+        exchanges of secure aggregation."""
+        from edgekit.federated.secure_aggregation import STAGE, SecureAggregationError, SiteProtocol
+
         self.contacts += 1
+        if STAGE in expected:
+            self.secure = self.secure or SiteProtocol(self.identity.name)
+            try:
+                return {"site": self.identity.name, **self.secure.answer(expected)}
+            except SecureAggregationError as error:
+                return {"site": self.identity.name, "problem": str(error)}
         if expected.get("refused"):
             self.refusal = str(expected["refused"])
             return {"site": self.identity.name}
@@ -296,6 +306,9 @@ class Site:
                 self.adapter = AdapterModel(self.base, theirs, self.config)
             elif self.adapter.labels != theirs:
                 problem = f"this site's model has labels {list(self.adapter.labels)}, the federation {list(theirs)}"
+        if not problem and self.config.federated.secure_aggregation and not expected.get("secure_aggregation"):
+            problem = ("this site sends masked updates only (its federated.secure_aggregation is true) and the coordinator "
+                       "does not run secure aggregation; set federated.secure_aggregation: true at the coordinator")
         if problem:
             self.refusal = problem
         key, signature = self.identity.sign(str(expected.get("challenge", "")))
@@ -320,10 +333,25 @@ class Site:
                 sent = calibration.statistics(self.adapter, self.rows())
             self.say(f"{self.identity.name}: sent per-class feature statistics of {len(self.texts)} rows for the head")
             return sent, len(self.texts), {"site": self.identity.name}
+        from edgekit.federated.secure_aggregation import STAGE, SecureAggregationError
+
+        masked = STAGE in instructions
+        if self.config.federated.secure_aggregation and not masked:
+            raise IncompatibleSite("this site's config (federated.secure_aggregation) lets it send masked updates only, "
+                                   "and the coordinator did not ask for secure aggregation")
+        if masked and self.secure is None:
+            raise IncompatibleSite("asked for a masked update before any key exchange of secure aggregation")
         orders = RoundOrders.read(instructions, self.config)
         with self.adapter.lock:
             self.adapter.load(arrays)
             result = train_locally(self.adapter, self.rows(), self.config, orders, progress=self.progress, say=self.say)
+        if masked:  # rows x (trained - global): the coordinator unmasks only the sum of these and divides by the rows
+            update = [len(self.texts) * (np.asarray(new, np.float64) - np.asarray(old, np.float64))
+                      for new, old in zip(result.arrays, arrays)]
+            try:
+                result.arrays = self.secure.masked(instructions, update)
+            except SecureAggregationError as error:
+                raise IncompatibleSite(f"secure aggregation: {error}") from None
         self.rounds_done += 1
         self.say(f"{self.identity.name}: round {orders.round_number}: trained {len(self.texts)} rows in {result.seconds:.0f} s, "
                  f"loss {result.loss:.4f}")

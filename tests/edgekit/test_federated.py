@@ -549,10 +549,108 @@ def test_the_coordinator_refuses_other_labels_another_base_model_other_lora_shap
     assert "does not verify" in coordinator.judge(replayed, coordinator.expectations()["challenge"]), "a fresh challenge each time"
 
 
-def test_secure_aggregation_is_refused_with_the_reason(tmp_path, tiny_model):
-    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 200),
-                                                secure_aggregation=True))
-    with pytest.raises(EdgekitError, match="SecAgg"):
+def _secure_round(updates: dict[str, list[np.ndarray]], threshold: int, *, drop: tuple[str, ...] = ()):
+    """One round of the protocol between its two sides, in memory: the sites, the exchange, the unmasked sum of the
+    sites that did not ``drop`` after the share exchange, and each site's masked update."""
+    from edgekit.federated.secure_aggregation import STAGE, RoundExchange, SiteProtocol
+
+    sites = {name: SiteProtocol(name) for name in updates}
+    exchange = RoundExchange(7, threshold)
+    for name, site in sites.items():
+        exchange.took_keys(name, site.answer(exchange.keys_request()))
+    for name, site in sites.items():
+        exchange.took_shares(name, site.answer(exchange.shares_request()))
+    masked = {name: site.masked({STAGE: exchange.fit_orders(name)}, updates[name]) for name, site in sites.items() if name not in drop}
+    request = exchange.unmask_request(sorted(masked))
+    revealed = {name: json.loads(sites[name].answer(request)[STAGE]) for name in masked}
+    return sites, exchange, exchange.unmasked_sum(masked, revealed), masked, request
+
+
+def test_secure_aggregation_unmasks_the_sum_and_only_the_sum_even_when_a_site_drops_after_sharing():
+    from edgekit.federated.secure_aggregation import STAGE, SecureAggregationError
+
+    rng = np.random.default_rng(0)
+    updates = {f"site-{i}": [rng.normal(0, 40, (5, 3)), rng.normal(0, 1e-3, (4,))] for i in range(4)}
+    _, _, total, masked, _ = _secure_round(updates, threshold=3)
+    plain = [sum(u[k] for u in updates.values()) for k in range(2)]
+    for got, want in zip(total, plain):
+        assert np.allclose(got, want, atol=4 * 2.0 ** -24)
+    # One masked update alone tells nothing: its words look uniform, far from the encoded update.
+    words = masked["site-0"][0].astype(np.float64)
+    assert words.mean() == pytest.approx(2.0 ** 63, rel=0.5) and np.all(np.abs(words) > 2.0 ** 40)
+    # site-3 shares its secrets, then drops: the three others rebuild its pairwise masks and unmask their own sum.
+    sites, exchange, total, masked, request = _secure_round(updates, threshold=3, drop=("site-3",))
+    for k in range(2):
+        assert np.allclose(total[k], sum(updates[n][k] for n in ("site-0", "site-1", "site-2")), atol=4 * 2.0 ** -24)
+    # What a curious coordinator might try next is refused: asking again, or naming a survivor dropped.
+    with pytest.raises(SecureAggregationError, match="asked for twice"):
+        sites["site-0"].answer(request)
+    sneaky = exchange.unmask_request(["site-0", "site-1"]) | {"survivors": json.dumps(["site-0", "site-1", "site-2"])}
+    with pytest.raises(SecureAggregationError, match="both survivor and dropped"):
+        sites["site-3"].answer(sneaky)
+    # Too few shares rebuild nothing, and the error says how many are needed.
+    with pytest.raises(SecureAggregationError, match="3 are needed"):
+        exchange.unmasked_sum(masked, {"site-0": {}, "site-1": {}})
+    # A ciphertext changed on the way is caught when the shares are opened.
+    tampered = {STAGE: exchange.fit_orders("site-0")}
+    orders = json.loads(tampered[STAGE])
+    orders["incoming"]["site-1"] = orders["incoming"]["site-2"]
+    site = sites["site-0"]
+    site.current.revealed = False
+    site.current.masked(updates["site-0"], orders["neighbours"], orders["incoming"])
+    with pytest.raises(SecureAggregationError, match="made for another site|do not decrypt"):
+        site.current.reveal(["site-0", "site-1", "site-2"], ["site-3"], 3)
+
+
+def _run_with_a_drop(tmp_path: Path, tiny_model: Path, secure: bool):
+    from edgekit.federated.coordinator import InProcessSite, SiteRegistry
+
+    root = tmp_path / ("secure" if secure else "plain")
+    root.mkdir()
+    config = load_build_config(federated_config(root, tiny_model, demo_subset(root / "data.jsonl", 300), rounds=2,
+                                                min_fit_clients=2, secure_aggregation=secure))
+    coordinator, sites, messages = _federation(config, 3)
+    registry = SiteRegistry(coordinator)
+    for index, site in enumerate(sites):
+        client = site.client() if index else _DropsAfter(site.client(), 1)  # site-0 trains round 1, then drops
+        registry.register(InProcessSite(site.identity.name, client))
+    coordinator.run(registry, 2, max_workers=1)
+    return coordinator, sites
+
+
+def test_a_secure_federation_reaches_fedavgs_model_when_a_site_drops_and_the_report_says_what_left(tmp_path, tiny_model):
+    plain, _ = _run_with_a_drop(tmp_path, tiny_model, secure=False)
+    secure, _ = _run_with_a_drop(tmp_path, tiny_model, secure=True)
+    for a, b in zip(plain.adapter.arrays(), secure.adapter.arrays()):
+        assert np.allclose(a, b, atol=1e-5)
+    assert secure.rounds[-1].val_accuracy > secure.rounds[0].val_accuracy  # it trained
+    report = secure.report("iid")
+    assert report["secure_aggregation"]["enabled"] and report["secure_aggregation"]["threshold"] == 2
+    assert report["per_round"][2]["dropped"] == ["site-0"]
+    # What crossed the wire were the masked 64-bit words, not the float32 tensors.
+    assert report["per_round"][1]["bytes_from_each_site"] == 2 * plain.report("iid")["per_round"][1]["bytes_from_each_site"]
+    assert report["head_calibration"]["reason"].startswith("secure aggregation is on")
+    assert any("masked" in item for item in report["left_each_site"])
+    assert plain.report("iid")["secure_aggregation"] == {"enabled": False}
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_coordinator_without_it_and_sends_no_plain_update(tmp_path, tiny_model):
+    from edgekit.federated.site import IncompatibleSite
+
+    data = demo_subset(tmp_path / "data.jsonl", 200)
+    (tmp_path / "plain").mkdir()
+    plain_coordinator, _, _ = _federation(load_build_config(federated_config(tmp_path / "plain", tiny_model, data)), 2)
+    config = load_build_config(federated_config(tmp_path, tiny_model, data, secure_aggregation=True))
+    coordinator, sites, _ = _federation(config, 2)
+    site = sites[0]
+    expected = plain_coordinator.expectations()
+    assert "masked updates only" in plain_coordinator.judge(site.properties(expected), expected["challenge"])
+    assert "masked updates only" in site.refusal
+    with pytest.raises(IncompatibleSite, match="masked updates only"):  # and were it asked to train anyway
+        site.fit(site.adapter.arrays(), {"round": 1, "rounds": 2})
+    expected = coordinator.expectations()
+    assert coordinator.judge(sites[1].properties(expected), expected["challenge"]) is None
+    with pytest.raises(EdgekitError, match="at least 2"):
         _federation(config, 1)
 
 
