@@ -106,12 +106,13 @@ class Coordinator:
         self.min_fit = federated.min_fit_clients or sites_expected
         if self.min_fit > sites_expected:
             raise EdgekitError(f"federated.min_fit_clients {self.min_fit} is more than the {sites_expected} sites of this run")
-        # Secure aggregation: any threshold sites rebuild a secret; min_fit_clients, so every round that may finish can
-        # be unmasked, and at least 2, so no one site's shares unmask another.
-        self.secure_threshold = max(2, self.min_fit) if federated.secure_aggregation else 0
-        if federated.secure_aggregation and sites_expected < 2:
-            raise EdgekitError("federated.secure_aggregation hides each site's update in a sum of at least 2; run with "
-                               "2 sites or more, or set it to false")
+        # Secure aggregation: any threshold sites rebuild a secret. min_fit_clients (at least 2, so no one site's shares
+        # unmask another): a round that finishes has enough sites to unmask it, if they all answer the unmask stage.
+        if federated.secure_aggregation and self.min_fit < 2:
+            raise EdgekitError(f"federated.secure_aggregation hides each site's update in a sum of at least 2 sites, but a "
+                               f"round may finish with {self.min_fit}; run with 2 sites or more and federated.min_fit_clients "
+                               "of at least 2, or set federated.secure_aggregation: false")
+        self.secure_threshold = self.min_fit if federated.secure_aggregation else 0
         self._exchange = None  # the current round's key and share exchange (secure aggregation)
         self._global: list[np.ndarray] = []  # the current round's global tensors (what the sites' updates are relative to)
         self.sites_expected, self.keyring, self.say = sites_expected, keyring, say
@@ -147,6 +148,9 @@ class Coordinator:
             int(properties.get("rows", 0)), json.loads(str(properties.get(LABEL_COUNTS, "{}")))
         except ValueError:
             return "its properties are malformed (rows, label_counts); is it an edgekit site of this version?"
+        if self.config.federated.secure_aggregation and not properties.get("secure_aggregation"):
+            return ("this federation runs secure aggregation (federated.secure_aggregation) and the site does not offer it; "
+                    "update edgekit at the site")
         if properties.get("adapter_shapes") != self.adapter.shape_digest():
             return ("its adapter tensors differ in names or shapes from the coordinator's (finetune.lora_r, "
                     "lora_target_modules or task settings differ); use the coordinator's build config")
@@ -234,7 +238,8 @@ class Coordinator:
         losses = np.array([float(res.metrics.get("loss", np.nan)) for _, res in returned])
         train_loss = float(np.sum(rows * losses) / rows.sum()) if np.isfinite(losses).all() else None
         size = sum(a.nbytes for a in parameters_to_ndarrays(returned[0][1].parameters))
-        self.rounds.append(RoundRecord(server_round, float("nan"), float("nan"), train_loss, sites, dropped, size, size,
+        sent = sum(a.nbytes for a in self._global) if self.config.federated.secure_aggregation else size
+        self.rounds.append(RoundRecord(server_round, float("nan"), float("nan"), train_loss, sites, dropped, sent, size,
                                        time.perf_counter() - self._round_started, attempts))
 
     # ------------------------------------------------------------------ secure aggregation
@@ -249,19 +254,24 @@ class Coordinator:
         self._global = parameters_to_ndarrays(parameters)
         exchange = RoundExchange(server_round, self.secure_threshold)
         named = [(registry.names.get(proxy.cid, proxy.cid), proxy, ins) for proxy, ins in instructions]
+        self._exchange = exchange
         for request, took in ((exchange.keys_request, exchange.took_keys), (exchange.shares_request, exchange.took_shares)):
             config = request()
             answered = []
             for name, proxy, ins in named:
                 reply = self._ask(proxy, name, config)
-                if reply is not None:
-                    took(name, reply)
-                    answered.append((name, proxy, ins))
+                try:
+                    if reply is not None:
+                        took(name, reply)
+                        answered.append((name, proxy, ins))
+                except (KeyError, TypeError, ValueError) as error:  # a malformed reply: that site sits the round out
+                    self.say(f"round {server_round}: site {name}'s {config['stage']} reply is malformed ({error}); it sits the round out")
+            left_out = [name for name, _, _ in named if name not in {a for a, _, _ in answered}]
             named = answered
-        self._exchange = exchange
-        if len(named) < self.min_fit:  # the round cannot be unmasked: it counts as short, and runs again or fails
-            self.say(f"round {server_round}: {len(named)} sites finished secure aggregation's key and share exchanges")
-            self.record_fit(server_round, [], [], registry.sampled)
+            if len(named) < self.min_fit:  # the round cannot be unmasked: it counts as short, and runs again or fails
+                self.say(f"round {server_round}: {len(named)} of the {self.min_fit} sites needed finished secure "
+                         f"aggregation's {config['stage']} stage (left out: {', '.join(left_out)})")
+                self.record_fit(server_round, [], [], registry.sampled)
         return [(proxy, FitIns(ins.parameters, {**ins.config, STAGE: exchange.fit_orders(name)})) for name, proxy, ins in named]
 
     def unmasked_mean(self, results: list, registry: SiteRegistry) -> list[np.ndarray]:
@@ -282,7 +292,14 @@ class Coordinator:
         try:
             total = exchange.unmasked_sum(masked, revealed)
         except SecureAggregationError as error:
-            raise FederationError(f"round {exchange.round}: secure aggregation could not unmask the sum ({error})") from None
+            # Fewer shares than the threshold were revealed, so nothing is unmasked: the round runs again with new keys.
+            attempts = self._attempts.get(exchange.round, 1)
+            if attempts >= MAX_ROUND_ATTEMPTS:
+                raise FederationError(f"round {exchange.round}: secure aggregation could not unmask the sum {attempts} "
+                                      f"times ({error})") from None
+            self.rounds.pop()
+            self.say(f"round {exchange.round}: secure aggregation could not unmask the sum ({error}); running the round again")
+            raise RoundShort() from None
         return [(g.astype(np.float64) + t / rows).astype(g.dtype) for g, t in zip(self._global, total)]
 
     def _ask(self, proxy, site: str, config: dict) -> dict | None:

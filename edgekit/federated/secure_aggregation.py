@@ -41,6 +41,8 @@ from edgekit.errors import EdgekitError
 STAGE = "secagg"  # the properties key (keys, shares, unmask stages) and the fit-config key (masked update)
 FRACTION_BITS = 24  # fixed point: 2^-24 ≈ 6e-8 steps; rows x update stays far inside int64 (2^39 ≈ 5e11 at most)
 SEED_BYTES = 32
+MAX_ENCODED = 2.0 ** 38  # |rows x update| a site may send: a sum of up to 2^24 of them stays inside int64's 2^63
+PUBLIC_KEY_BYTES = 32  # X25519
 PROTOCOL = "SecAgg+ (every site a neighbour); X25519 key agreement, Fernet-encrypted Shamir shares, ChaCha20 masks mod 2^64"
 
 
@@ -117,6 +119,8 @@ class SiteSecrets:
     public_keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # site → (encryption, mask) public keys
     own_shares: tuple[bytes, bytes] | None = None  # this site's own share of its seed and mask key
     incoming: dict[str, str] = field(default_factory=dict)  # site → the ciphertext of its shares for this site
+    threshold: int = 0  # the shares' threshold, fixed when they are made
+    masked_once: bool = False
     revealed: bool = False
 
     def keys(self) -> dict:
@@ -129,7 +133,9 @@ class SiteSecrets:
             raise SecureAggregationError(f"the coordinator's key list for round {self.round} leaves out this site ({self.name})")
         if not 2 <= threshold <= len(public_keys):
             raise SecureAggregationError(f"a threshold of {threshold} shares for {len(public_keys)} sites cannot protect or rebuild a secret")
-        self.public_keys = dict(public_keys)
+        if any(len(pair[0]) != PUBLIC_KEY_BYTES or len(pair[1]) != PUBLIC_KEY_BYTES for pair in public_keys.values()):
+            raise SecureAggregationError(f"a public key in round {self.round}'s key list is not {PUBLIC_KEY_BYTES} bytes")
+        self.public_keys, self.threshold = dict(public_keys), threshold
         names = sorted(public_keys)
         seed_shares = _shares(self.seed, threshold, len(names))
         key_shares = _shares(_private_bytes(self.mask_key), threshold, len(names))
@@ -145,13 +151,16 @@ class SiteSecrets:
 
     def masked(self, update: list[np.ndarray], neighbours: list[str], incoming: dict[str, str]) -> list[np.ndarray]:
         """``update`` (already rows x (tensors - global)) encoded and masked for the round's ``neighbours``."""
-        unknown = sorted(set(neighbours) - set(self.public_keys))
-        if unknown or self.name not in neighbours:
-            raise SecureAggregationError(f"round {self.round}'s neighbours {unknown or [self.name]} were not in its key exchange")
-        self.incoming = {name: incoming[name] for name in neighbours if name != self.name and name in incoming}
-        missing = [name for name in neighbours if name != self.name and name not in self.incoming]
-        if missing:
-            raise SecureAggregationError(f"no shares from {', '.join(missing)} reached this site in round {self.round}")
+        self.check_orders(neighbours, incoming)
+        if self.masked_once:  # two updates under one set of masks would give away their difference
+            raise SecureAggregationError(f"round {self.round}'s masks were used already; a new key exchange must come first")
+        for array in update:
+            values = np.asarray(array, np.float64)
+            if not np.all(np.isfinite(values)) or (values.size and np.abs(values).max() >= MAX_ENCODED):
+                raise SecureAggregationError(f"this site's update is not finite or beyond ±{MAX_ENCODED:.0e} "
+                                             "(training diverged?); it cannot be encoded for secure aggregation")
+        self.masked_once = True
+        self.incoming = {name: incoming[name] for name in neighbours if name != self.name}
         words = encode(update)
         shapes = [w.shape for w in words]
         total = [w + m for w, m in zip(words, _mask(self.seed, shapes))]
@@ -162,7 +171,18 @@ class SiteSecrets:
             total = [t + p if self.name < name else t - p for t, p in zip(total, pair)]
         return total
 
-    def reveal(self, survivors: list[str], dropped: list[str], threshold: int) -> dict[str, dict[str, str]]:
+    def check_orders(self, neighbours: list[str], incoming: dict[str, str]) -> None:
+        """Whether a round's fit orders can be followed (before training, so a bad order wastes no training)."""
+        if self.name not in neighbours:
+            raise SecureAggregationError(f"round {self.round}'s neighbours leave out this site ({self.name})")
+        unknown = sorted(set(neighbours) - set(self.public_keys))
+        if unknown:
+            raise SecureAggregationError(f"round {self.round}'s neighbours {unknown} were not in its key exchange")
+        missing = [name for name in neighbours if name != self.name and name not in incoming]
+        if missing:
+            raise SecureAggregationError(f"no shares from {', '.join(missing)} reached this site in round {self.round}")
+
+    def reveal(self, survivors: list[str], dropped: list[str]) -> dict[str, dict[str, str]]:
         """This site's shares of each survivor's seed and each dropped site's mask key, once per round.
 
         Refuses what would let the coordinator unmask one site: a site named both survivor and dropped, this site
@@ -173,8 +193,8 @@ class SiteSecrets:
             raise SecureAggregationError(f"sites {sorted(set(survivors) & set(dropped))} are named both survivor and dropped")
         if self.name not in survivors:
             raise SecureAggregationError("this site is named dropped, yet asked for its shares")
-        if len(survivors) < threshold:
-            raise SecureAggregationError(f"{len(survivors)} survivors are fewer than the threshold of {threshold}")
+        if len(survivors) < self.threshold:
+            raise SecureAggregationError(f"{len(survivors)} survivors are fewer than the threshold of {self.threshold}")
         if not set(survivors) | set(dropped) <= set(self.incoming) | {self.name}:
             raise SecureAggregationError("the unmask request names sites this site exchanged no shares with")
         self.revealed = True
@@ -207,6 +227,12 @@ class SiteProtocol:
 
     def answer(self, request: dict) -> dict:
         """One stage's properties reply to the coordinator's ``request`` (its properties config)."""
+        try:
+            return self._answer(request)
+        except (KeyError, TypeError, ValueError) as error:  # a malformed request: refused, never a crash of the site
+            raise SecureAggregationError(f"a malformed secure aggregation request ({type(error).__name__}: {error})") from None
+
+    def _answer(self, request: dict) -> dict:
         stage, round_number = str(request.get("stage")), int(request.get("round", -1))
         if stage == "keys":
             self.current = SiteSecrets(self.name, round_number)
@@ -216,13 +242,24 @@ class SiteProtocol:
             keys = {name: (bytes.fromhex(pair[0]), bytes.fromhex(pair[1])) for name, pair in json.loads(str(request["public_keys"])).items()}
             return {STAGE: _json(secrets.share(keys, int(request["threshold"])))}
         if stage == "unmask":
-            revealed = secrets.reveal(json.loads(str(request["survivors"])), json.loads(str(request["dropped"])), int(request["threshold"]))
-            return {STAGE: _json(revealed)}
+            return {STAGE: _json(secrets.reveal(json.loads(str(request["survivors"])), json.loads(str(request["dropped"]))))}
         raise SecureAggregationError(f"unknown secure aggregation stage {stage!r}")
 
+    def check(self, instructions: dict) -> None:
+        """Whether the fit orders in ``instructions`` can be followed, before the site trains."""
+        orders = self._orders(instructions)
+        self._round(int(orders["round"])).check_orders(orders["neighbours"], orders["incoming"])
+
     def masked(self, instructions: dict, update: list[np.ndarray]) -> list[np.ndarray]:
-        orders = json.loads(str(instructions[STAGE]))
+        orders = self._orders(instructions)
         return self._round(int(orders["round"])).masked(update, orders["neighbours"], orders["incoming"])
+
+    def _orders(self, instructions: dict) -> dict:
+        try:
+            orders = json.loads(str(instructions[STAGE]))
+            return {"round": int(orders["round"]), "neighbours": list(orders["neighbours"]), "incoming": dict(orders["incoming"])}
+        except (KeyError, TypeError, ValueError) as error:
+            raise SecureAggregationError(f"malformed secure aggregation orders ({type(error).__name__}: {error})") from None
 
     def _round(self, round_number: int) -> SiteSecrets:
         if self.current is None or self.current.round != round_number:
@@ -246,15 +283,23 @@ class RoundExchange:
         return {STAGE: "keys", "stage": "keys", "round": self.round}
 
     def took_keys(self, site: str, reply: dict) -> None:
+        """Record a site's public keys; a reply that does not hold two X25519 keys is a ValueError (the site sits out)."""
         keys = json.loads(str(reply[STAGE]))
-        self.public_keys[site] = (str(keys["encryption"]), str(keys["mask"]))
+        pair = (str(keys["encryption"]), str(keys["mask"]))
+        if any(len(bytes.fromhex(key)) != PUBLIC_KEY_BYTES for key in pair):
+            raise ValueError(f"{site}'s public keys are not {PUBLIC_KEY_BYTES} bytes each")
+        self.public_keys[site] = pair
 
     def shares_request(self) -> dict:
         return {STAGE: "shares", "stage": "shares", "round": self.round, "threshold": self.threshold,
                 "public_keys": json.dumps(self.public_keys)}
 
     def took_shares(self, site: str, reply: dict) -> None:
-        self.outgoing[site] = dict(json.loads(str(reply[STAGE])))
+        """Record the ciphertexts a site made for the others; it must have made one for each of them."""
+        sent = {str(k): str(v) for k, v in dict(json.loads(str(reply[STAGE]))).items()}
+        if set(sent) != set(self.public_keys) - {site}:
+            raise ValueError(f"{site} sent shares for {sorted(sent)}, not for every other site of the key exchange")
+        self.outgoing[site] = sent
 
     def neighbours(self) -> list[str]:
         """The sites that finished both exchanges: they mask with each other."""

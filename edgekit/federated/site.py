@@ -314,7 +314,7 @@ class Site:
         key, signature = self.identity.sign(str(expected.get("challenge", "")))
         shapes = self.adapter.shape_digest() if self.adapter is not None else ""
         return {"site": self.identity.name, "rows": len(self.texts), LABEL_COUNTS: json.dumps(self.label_counts),
-                HEAD_STATISTICS: int(self.sends_head_statistics()),
+                HEAD_STATISTICS: int(self.sends_head_statistics()), "secure_aggregation": 1,
                 "base_digest": self.base.digest, "adapter_shapes": shapes, "problem": problem or "", "key_id": key,
                 "signature": signature}
 
@@ -341,6 +341,11 @@ class Site:
                                    "and the coordinator did not ask for secure aggregation")
         if masked and self.secure is None:
             raise IncompatibleSite("asked for a masked update before any key exchange of secure aggregation")
+        if masked:
+            try:
+                self.secure.check(instructions)  # before training: a round it cannot finish costs no training
+            except SecureAggregationError as error:
+                raise IncompatibleSite(f"secure aggregation: {error}") from None
         orders = RoundOrders.read(instructions, self.config)
         with self.adapter.lock:
             self.adapter.load(arrays)
@@ -362,7 +367,8 @@ class Site:
 
     def sends_head_statistics(self) -> bool:
         """Whether this site's own config lets its per-class feature sums leave it (``edgekit.federated.calibration``)."""
-        return self.config.federated.head_calibration and not self.config.federated.privacy.enabled
+        federated = self.config.federated
+        return federated.head_calibration and not federated.privacy.enabled and not federated.secure_aggregation
 
     def client(self):
         return _flower_client(self)
@@ -380,8 +386,8 @@ def _flower_client(site: Site):
         def get_properties(self, ins):
             return GetPropertiesRes(status=ok, properties=site.properties(dict(ins.config)))
 
-        def get_parameters(self, ins):
-            arrays = site.adapter.arrays() if site.adapter is not None else []
+        def get_parameters(self, ins):  # a site that sends masked updates only never gives its tensors away
+            arrays = site.adapter.arrays() if site.adapter is not None and not site.config.federated.secure_aggregation else []
             return GetParametersRes(status=ok, parameters=ndarrays_to_parameters(arrays))
 
         def fit(self, ins):

@@ -253,7 +253,7 @@ class _Silent:
         pass
 
 
-def _federation(config: BuildConfig, sites: int, *, adapter=None):
+def _federation(config: BuildConfig, sites: int, *, adapter=None, partition: str = "iid"):
     from edgekit.federated.coordinator import Coordinator
     from edgekit.federated.site import AdapterModel, Site, SiteIdentity, base_model
     from edgekit.tasks import load_task_data
@@ -263,7 +263,7 @@ def _federation(config: BuildConfig, sites: int, *, adapter=None):
     shared = adapter or AdapterModel(base, data.labels, config)
     messages: list[str] = []
     coordinator = Coordinator(config, base, data.labels, data.val, sites_expected=sites, say=messages.append, adapter=shared)
-    parts = partition_rows(parse_partition("iid"), data.train.labels, sites, seed=0)
+    parts = partition_rows(parse_partition(partition), data.train.labels, sites, seed=0)
     made = [Site(SiteIdentity(f"site-{i}"), base, tuple(data.train.texts[r] for r in p.rows),
                  tuple(data.labels[data.train.labels[r]] for r in p.rows), config, _Silent(), adapter=shared)
             for i, p in enumerate(parts)]
@@ -549,17 +549,25 @@ def test_the_coordinator_refuses_other_labels_another_base_model_other_lora_shap
     assert "does not verify" in coordinator.judge(replayed, coordinator.expectations()["challenge"]), "a fresh challenge each time"
 
 
-def _secure_round(updates: dict[str, list[np.ndarray]], threshold: int, *, drop: tuple[str, ...] = ()):
-    """One round of the protocol between its two sides, in memory: the sites, the exchange, the unmasked sum of the
-    sites that did not ``drop`` after the share exchange, and each site's masked update."""
-    from edgekit.federated.secure_aggregation import STAGE, RoundExchange, SiteProtocol
+def _exchanged(names, threshold: int):
+    """The sites and the coordinator's exchange of one round, after the key and share exchanges."""
+    from edgekit.federated.secure_aggregation import RoundExchange, SiteProtocol
 
-    sites = {name: SiteProtocol(name) for name in updates}
+    sites = {name: SiteProtocol(name) for name in names}
     exchange = RoundExchange(7, threshold)
     for name, site in sites.items():
         exchange.took_keys(name, site.answer(exchange.keys_request()))
     for name, site in sites.items():
         exchange.took_shares(name, site.answer(exchange.shares_request()))
+    return sites, exchange
+
+
+def _secure_round(updates: dict[str, list[np.ndarray]], threshold: int, *, drop: tuple[str, ...] = ()):
+    """One round of the protocol between its two sides, in memory: the sites, the exchange, the unmasked sum of the
+    sites that did not ``drop`` after the share exchange, each site's masked update and the unmask request."""
+    from edgekit.federated.secure_aggregation import STAGE
+
+    sites, exchange = _exchanged(updates, threshold)
     masked = {name: site.masked({STAGE: exchange.fit_orders(name)}, updates[name]) for name, site in sites.items() if name not in drop}
     request = exchange.unmask_request(sorted(masked))
     revealed = {name: json.loads(sites[name].answer(request)[STAGE]) for name in masked}
@@ -567,71 +575,121 @@ def _secure_round(updates: dict[str, list[np.ndarray]], threshold: int, *, drop:
 
 
 def test_secure_aggregation_unmasks_the_sum_and_only_the_sum_even_when_a_site_drops_after_sharing():
-    from edgekit.federated.secure_aggregation import STAGE, SecureAggregationError
+    from edgekit.federated.secure_aggregation import STAGE, SecureAggregationError, decode
 
     rng = np.random.default_rng(0)
-    updates = {f"site-{i}": [rng.normal(0, 40, (5, 3)), rng.normal(0, 1e-3, (4,))] for i in range(4)}
+    updates = {f"site-{i}": [rng.normal(0, 40, (5, 3)), rng.normal(0, 1e-3, (4,)), np.array(2.5)] for i in range(4)}
     _, _, total, masked, _ = _secure_round(updates, threshold=3)
-    plain = [sum(u[k] for u in updates.values()) for k in range(2)]
+    plain = [sum(u[k] for u in updates.values()) for k in range(3)]
     for got, want in zip(total, plain):
         assert np.allclose(got, want, atol=4 * 2.0 ** -24)
-    # One masked update alone tells nothing: its words look uniform, far from the encoded update.
+    # One masked update alone tells nothing: its words look uniform, far from the encoded update. Even the sum of all
+    # of them is noise until each site's private mask is removed with the seeds the unmask stage rebuilds.
     words = masked["site-0"][0].astype(np.float64)
     assert words.mean() == pytest.approx(2.0 ** 63, rel=0.5) and np.all(np.abs(words) > 2.0 ** 40)
+    summed = decode([sum(m[k] for m in masked.values()) for k in range(3)])
+    assert not np.allclose(summed[0], plain[0], atol=1.0)
     # site-3 shares its secrets, then drops: the three others rebuild its pairwise masks and unmask their own sum.
     sites, exchange, total, masked, request = _secure_round(updates, threshold=3, drop=("site-3",))
-    for k in range(2):
+    for k in range(3):
         assert np.allclose(total[k], sum(updates[n][k] for n in ("site-0", "site-1", "site-2")), atol=4 * 2.0 ** -24)
-    # What a curious coordinator might try next is refused: asking again, or naming a survivor dropped.
+    # What a curious coordinator might try next is refused: asking again, naming a survivor dropped (to a survivor that
+    # has not answered yet), masking a second update under the same masks.
     with pytest.raises(SecureAggregationError, match="asked for twice"):
         sites["site-0"].answer(request)
+    fresh, exchange = _exchanged(updates, threshold=3)
+    orders = {name: {STAGE: exchange.fit_orders(name)} for name in fresh}
+    for name, site in fresh.items():
+        site.masked(orders[name], updates[name])
     sneaky = exchange.unmask_request(["site-0", "site-1"]) | {"survivors": json.dumps(["site-0", "site-1", "site-2"])}
     with pytest.raises(SecureAggregationError, match="both survivor and dropped"):
-        sites["site-3"].answer(sneaky)
-    # Too few shares rebuild nothing, and the error says how many are needed.
+        fresh["site-1"].answer(sneaky)
+    with pytest.raises(SecureAggregationError, match="used already"):
+        fresh["site-2"].masked(orders["site-2"], updates["site-2"])
+    # Too few shares of a secret rebuild nothing, and the error says how many are needed.
+    honest = exchange.unmask_request(sorted(fresh))
+    two = {name: json.loads(fresh[name].answer(honest)[STAGE]) for name in ("site-0", "site-1")}
     with pytest.raises(SecureAggregationError, match="3 are needed"):
-        exchange.unmasked_sum(masked, {"site-0": {}, "site-1": {}})
-    # A ciphertext changed on the way is caught when the shares are opened.
-    tampered = {STAGE: exchange.fit_orders("site-0")}
-    orders = json.loads(tampered[STAGE])
+        exchange.unmasked_sum(masked, two)
+    two["site-2"] = {"seeds": {}, "keys": {}}
+    with pytest.raises(SecureAggregationError, match="2 shares of site-0's seed arrived; 3 rebuild it"):
+        exchange.unmasked_sum({n: masked[n] for n in ("site-0", "site-1", "site-2")}, two)
+    # A ciphertext swapped on the way is caught when the shares are opened.
+    tampered, exchange = _exchanged(updates, threshold=3)
+    orders = json.loads(exchange.fit_orders("site-0"))
     orders["incoming"]["site-1"] = orders["incoming"]["site-2"]
-    site = sites["site-0"]
-    site.current.revealed = False
-    site.current.masked(updates["site-0"], orders["neighbours"], orders["incoming"])
-    with pytest.raises(SecureAggregationError, match="made for another site|do not decrypt"):
-        site.current.reveal(["site-0", "site-1", "site-2"], ["site-3"], 3)
+    tampered["site-0"].masked({STAGE: json.dumps(orders)}, updates["site-0"])
+    with pytest.raises(SecureAggregationError, match="do not decrypt"):
+        tampered["site-0"].answer(exchange.unmask_request(["site-0", "site-1", "site-2"]))
+    # A malformed request is refused, never a crash of the site.
+    with pytest.raises(SecureAggregationError, match="malformed"):
+        tampered["site-1"].answer({"stage": "shares", "round": 7, "public_keys": "{not json"})
 
 
-def _run_with_a_drop(tmp_path: Path, tiny_model: Path, secure: bool):
+class _FailsKeysStage:
+    """A site's Flower client that fails secure aggregation's key exchange from its ``after``-th one on."""
+
+    def __init__(self, client, after: int) -> None:
+        self.client, self.after, self.exchanges = client, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def get_properties(self, ins):
+        if ins.config.get("stage") == "keys":
+            self.exchanges += 1
+            if self.exchanges >= self.after:
+                raise ConnectionError("the site went away during the key exchange")
+        return self.client.get_properties(ins)
+
+
+def _run_with_a_drop(tmp_path: Path, tiny_model: Path, secure: bool, fails_at: str = "fit"):
+    """Three sites of unequal rows, two rounds; site-0 leaves in round 2. The plain run keeps FedAvg's head (head
+    calibration off), as a secure run does (calibration is skipped there), so the two models can be compared."""
     from edgekit.federated.coordinator import InProcessSite, SiteRegistry
 
-    root = tmp_path / ("secure" if secure else "plain")
+    root = tmp_path / f"{'secure' if secure else 'plain'}-{fails_at}"
     root.mkdir()
     config = load_build_config(federated_config(root, tiny_model, demo_subset(root / "data.jsonl", 300), rounds=2,
-                                                min_fit_clients=2, secure_aggregation=secure))
-    coordinator, sites, messages = _federation(config, 3)
+                                                min_fit_clients=2, secure_aggregation=secure, head_calibration=secure))
+    coordinator, sites, messages = _federation(config, 3, partition="dirichlet:0.5")  # sites of unequal rows
     registry = SiteRegistry(coordinator)
     for index, site in enumerate(sites):
-        client = site.client() if index else _DropsAfter(site.client(), 1)  # site-0 trains round 1, then drops
+        client = site.client()
+        if index == 0:  # site-0 takes part in round 1, then drops
+            client = _DropsAfter(client, 1) if fails_at == "fit" else _FailsKeysStage(client, 2)
         registry.register(InProcessSite(site.identity.name, client))
     coordinator.run(registry, 2, max_workers=1)
-    return coordinator, sites
+    return coordinator, sites, messages
 
 
 def test_a_secure_federation_reaches_fedavgs_model_when_a_site_drops_and_the_report_says_what_left(tmp_path, tiny_model):
-    plain, _ = _run_with_a_drop(tmp_path, tiny_model, secure=False)
-    secure, _ = _run_with_a_drop(tmp_path, tiny_model, secure=True)
+    plain, sites, _ = _run_with_a_drop(tmp_path, tiny_model, secure=False)
+    assert len({len(site.texts) for site in sites}) == 3  # the weights matter
+    secure, _, _ = _run_with_a_drop(tmp_path, tiny_model, secure=True)
     for a, b in zip(plain.adapter.arrays(), secure.adapter.arrays()):
         assert np.allclose(a, b, atol=1e-5)
     assert secure.rounds[-1].val_accuracy > secure.rounds[0].val_accuracy  # it trained
-    report = secure.report("iid")
+    report = secure.report("dirichlet:0.5")
     assert report["secure_aggregation"]["enabled"] and report["secure_aggregation"]["threshold"] == 2
     assert report["per_round"][2]["dropped"] == ["site-0"]
-    # What crossed the wire were the masked 64-bit words, not the float32 tensors.
-    assert report["per_round"][1]["bytes_from_each_site"] == 2 * plain.report("iid")["per_round"][1]["bytes_from_each_site"]
+    # What crossed the wire from each site were the masked 64-bit words, not the float32 tensors sent to it.
+    plain_round = plain.report("iid")["per_round"][1]
+    assert report["per_round"][1]["bytes_from_each_site"] == 2 * plain_round["bytes_from_each_site"]
+    assert report["per_round"][1]["bytes_to_each_site"] == plain_round["bytes_to_each_site"]
     assert report["head_calibration"]["reason"].startswith("secure aggregation is on")
     assert any("masked" in item for item in report["left_each_site"])
     assert plain.report("iid")["secure_aggregation"] == {"enabled": False}
+
+
+def test_a_site_that_fails_the_key_exchange_sits_the_round_out_and_the_others_finish_it(tmp_path, tiny_model):
+    plain, _, _ = _run_with_a_drop(tmp_path, tiny_model, secure=False)
+    secure, _, messages = _run_with_a_drop(tmp_path, tiny_model, secure=True, fails_at="keys")
+    rounds = secure.report("dirichlet:0.5")["per_round"]
+    assert sorted(rounds[2]["sites"]) == ["site-1", "site-2"] and rounds[2]["dropped"] == ["site-0"]
+    assert any("did not answer secure aggregation's keys stage" in m for m in messages), messages
+    for a, b in zip(plain.adapter.arrays(), secure.adapter.arrays()):  # the same two sites averaged as FedAvg would
+        assert np.allclose(a, b, atol=1e-5)
 
 
 def test_a_site_that_requires_secure_aggregation_refuses_a_coordinator_without_it_and_sends_no_plain_update(tmp_path, tiny_model):
