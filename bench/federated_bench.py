@@ -1,6 +1,6 @@
 """Federated fine-tuning on the demo against the same LoRA trained centrally and against the head alone.
 
-    python bench/federated_bench.py                   # every row (about an hour on 2 cores), writes bench/results/federated.json
+    python bench/federated_bench.py                   # every row (about 25 minutes on 2 cores), writes bench/results/federated.json
     python bench/federated_bench.py --work /tmp/fb    # keep the builds there; a rerun reuses the pass cache
     python bench/federated_bench.py --only iid,dirichlet:0.5   # some federated rows
     python bench/federated_bench.py --baselines-from bench/results/federated.json   # federated rows again; the two
