@@ -274,7 +274,7 @@ class QuantizationSection(_Strict):
     accuracy_aware: bool = True
     smoothing: bool = Field(True, description="dynamic int8: when the plain model misses the budget, try SmoothQuant (edgekit.smoothing)")
     time_limit_s: float = Field(300, gt=0, description="budget for searching nodes to keep in float")
-    # 1,000: one flip is 0.1 point, and the search's margin (quantize.Budget) then allows 0.6% of flips for a 0.99 budget
+    # 1,000: one flip is 0.1 point, and the search's margin (quantize.Budget) then allows 4 flips for a 0.99 budget (1,000 test rows)
     evaluation_samples: int = Field(1000, ge=10, description="validation rows (at most) used to judge a quantized candidate")
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = Field(None, description="default: the target's")
 

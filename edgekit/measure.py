@@ -114,6 +114,23 @@ def wilson_lower_bound(successes: int, trials: int, z: float = Z_ONE_SIDED_95) -
     return max(0.0, (centre - spread) / (1 + z * z / n))
 
 
+def predicted_pass_probability(flips: int, rows: int, future_rows: int, min_agreement: float) -> float:
+    """The probability that ``future_rows`` new rows agree at least ``min_agreement`` of the time, having seen
+    ``flips`` in ``rows``: the flip rate's Jeffreys posterior Beta(flips + 1/2, rows - flips + 1/2) and the
+    beta-binomial count of flips it predicts, summed up to the most the budget allows."""
+    if rows <= 0 or future_rows <= 0:
+        return float("nan")
+    a, b = flips + 0.5, rows - flips + 0.5
+    allowed = math.floor(future_rows * (1 - min_agreement) + 1e-9)
+
+    def log_beta(x: float, y: float) -> float:
+        return math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)
+
+    total = sum(math.exp(math.lgamma(future_rows + 1) - math.lgamma(f + 1) - math.lgamma(future_rows - f + 1)
+                         + log_beta(f + a, future_rows - f + b) - log_beta(a, b)) for f in range(allowed + 1))
+    return min(1.0, total)
+
+
 def fidelity(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
     """Compare logits of shape [n, classes] (or any matching shapes: agreement then uses the last axis)."""
     reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
