@@ -287,8 +287,12 @@ class Coordinator:
         for proxy, res in results:
             name = str(res.metrics.get("site", proxy.cid))
             reply = self._ask(proxy, name, request)
-            if reply is not None:
-                revealed[name] = json.loads(str(reply[STAGE]))
+            try:
+                if reply is not None:
+                    answer = json.loads(str(reply[STAGE]))
+                    revealed[name] = {kind: {str(k): str(v) for k, v in dict(answer.get(kind, {})).items()} for kind in ("seeds", "keys")}
+            except (AttributeError, KeyError, TypeError, ValueError) as error:  # counted as no answer
+                self.say(f"round {exchange.round}: site {name}'s unmask reply is malformed ({error})")
         try:
             total = exchange.unmasked_sum(masked, revealed)
         except SecureAggregationError as error:

@@ -338,7 +338,12 @@ class RoundExchange:
         return decode(total)
 
     def _rebuilt(self, site: str, kind: str, revealed: dict[str, dict]) -> bytes:
-        shares = [bytes.fromhex(answer[kind][site]) for answer in revealed.values() if site in answer.get(kind, {})]
+        shares = []
+        for answer in revealed.values():
+            try:
+                shares.append(bytes.fromhex(answer[kind][site]))
+            except (KeyError, TypeError, ValueError):
+                continue  # no share (or not one) from this site
         if len(shares) < self.threshold:
             raise SecureAggregationError(f"{len(shares)} shares of {site}'s {kind[:-1]} arrived; {self.threshold} rebuild it")
         try:

@@ -611,7 +611,7 @@ def test_secure_aggregation_unmasks_the_sum_and_only_the_sum_even_when_a_site_dr
     two = {name: json.loads(fresh[name].answer(honest)[STAGE]) for name in ("site-0", "site-1")}
     with pytest.raises(SecureAggregationError, match="3 are needed"):
         exchange.unmasked_sum(masked, two)
-    two["site-2"] = {"seeds": {}, "keys": {}}
+    two["site-2"] = {"seeds": {"site-0": "not a share"}, "keys": {}}  # a garbled share counts as none
     with pytest.raises(SecureAggregationError, match="2 shares of site-0's seed arrived; 3 rebuild it"):
         exchange.unmasked_sum({n: masked[n] for n in ("site-0", "site-1", "site-2")}, two)
     # A ciphertext swapped on the way is caught when the shares are opened.
