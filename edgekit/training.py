@@ -81,7 +81,7 @@ class Shuffled:
     ``lengths`` (each row's length, e.g. its token count) groups rows of similar length into a batch, as text batches
     are padded to their longest row: the shuffled rows are cut into groups of ``LENGTH_GROUP_BATCHES`` batches, each
     group is sorted by length and cut into batches, and the epoch's batches are shuffled again. Which rows share a
-    batch stays random within a group, and far less padding is computed (bench/finetune_bench.py measures it).
+    batch stays random within a group, and far less padding is computed (bench/README.md, "Search": the epoch times).
     """
 
     def __init__(self, rows: int, batch_size: int, seed: int, make: Callable[[np.ndarray, int], Batch], *,

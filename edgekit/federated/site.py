@@ -339,9 +339,9 @@ class Site:
         if self.config.federated.secure_aggregation and not masked:
             raise IncompatibleSite("this site's config (federated.secure_aggregation) lets it send masked updates only, "
                                    "and the coordinator did not ask for secure aggregation")
-        if masked and self.secure is None:
-            raise IncompatibleSite("asked for a masked update before any key exchange of secure aggregation")
         if masked:
+            if self.secure is None:
+                raise IncompatibleSite("asked for a masked update before any key exchange of secure aggregation")
             try:
                 self.secure.check(instructions)  # before training: a round it cannot finish costs no training
             except SecureAggregationError as error:
