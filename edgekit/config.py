@@ -362,7 +362,7 @@ class FederatedSection(_Strict):
     secure_aggregation: bool = Field(False, description=(
         "the SecAgg+ protocol (edgekit.federated.secure_aggregation): each site sends its update masked, so the "
         "coordinator learns only the sum of a round's updates; at a site, true also refuses to send an unmasked update. "
-        "Head calibration is then skipped (its statistics would be seen per site)"))
+        "The head calibration's statistics travel masked the same way: the coordinator unmasks only their sum"))
     seed: int = 0
 
 

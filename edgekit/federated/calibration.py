@@ -5,9 +5,10 @@ toward its own classes, and the average of those heads is biased against classes
 features are less affected. So, when the rounds are over, every site runs its rows once through the final global
 model and sends three sums over them, taken at the classifier's input: the row count per class, the feature sum per
 class, and the feature scatter (the sum of outer products). Those are what a centralised linear discriminant needs,
-summed over sites exactly as if the rows were in one place. They are exact sums, not noised, and the coordinator sees
-each site's (there is no secure aggregation), so a site leaves out the rows of any class it holds fewer than
-``MIN_CLASS_ROWS`` of: a class sum over one row would be that row's features. The coordinator fits the head in closed
+summed over sites exactly as if the rows were in one place. They are exact sums, not noised. Without secure
+aggregation the coordinator sees each site's; with it (``federated.secure_aggregation``) they travel masked like an
+update and the coordinator unmasks only their sum over the sites. Either way a site leaves out the rows of any class
+it holds fewer than ``MIN_CLASS_ROWS`` of: a class sum over one row would be that row's features. The coordinator fits the head in closed
 form (shared-covariance LDA, with the covariance shrunk toward its mean variance) and keeps it only when its own
 validation rows score it higher than FedAvg's head (the shrinkage is chosen there too, so the kept head's validation
 score is slightly optimistic; the build's test split judges it).

@@ -14,8 +14,8 @@ It runs Flower's own server loop (``flwr.server.Server``) with Flower's FedAvg o
   sites are never asked to evaluate.
 
 After the rounds, one more exchange calibrates the head (``edgekit.federated.calibration``): the sites send per-class
-feature statistics under the final model and the coordinator refits the classifier from them, kept when its
-validation rows prefer it.
+feature statistics under the final model (with secure aggregation, masked like an update: the coordinator learns
+only their sum) and the coordinator refits the classifier from them, kept when its validation rows prefer it.
 
 Two transports carry the same messages: in-process proxies (``edgekit federated simulate``: sites take turns on
 one shared model, so two cores are not oversubscribed) and Flower's gRPC transport (``edgekit federated server``
@@ -249,12 +249,22 @@ class Coordinator:
         its own orders (neighbours, the shares relayed to it). A site that fails an exchange sits the round out."""
         from flwr.common import FitIns
 
-        from edgekit.federated.secure_aggregation import STAGE, RoundExchange
+        from edgekit.federated.secure_aggregation import STAGE
 
         self._global = parameters_to_ndarrays(parameters)
-        exchange = RoundExchange(server_round, self.secure_threshold)
         named = [(registry.names.get(proxy.cid, proxy.cid), proxy, ins) for proxy, ins in instructions]
+        # Too few sites left: the round counts as short, and runs again or fails (record_fit raises).
+        exchange, named = self._key_exchange(server_round, named, lambda: self.record_fit(server_round, [], [], registry.sampled))
         self._exchange = exchange
+        return [(proxy, FitIns(ins.parameters, {**ins.config, STAGE: exchange.fit_orders(name)})) for name, proxy, ins in named]
+
+    def _key_exchange(self, round_number: int, named: list, too_few) -> tuple:
+        """Secure aggregation's key and share exchanges with ``named`` ([(site, proxy, fit instructions)]): the exchange
+        and the sites that finished both. A site that fails a stage sits out; when fewer than ``min_fit_clients`` are
+        left, ``too_few()`` is called (it raises: the sum could not be unmasked)."""
+        from edgekit.federated.secure_aggregation import RoundExchange
+
+        exchange = RoundExchange(round_number, self.secure_threshold)
         for request, took in ((exchange.keys_request, exchange.took_keys), (exchange.shares_request, exchange.took_shares)):
             config = request()
             answered = []
@@ -265,36 +275,24 @@ class Coordinator:
                         took(name, reply)
                         answered.append((name, proxy, ins))
                 except (KeyError, TypeError, ValueError) as error:  # a malformed reply: that site sits the round out
-                    self.say(f"round {server_round}: site {name}'s {config['stage']} reply is malformed ({error}); it sits the round out")
+                    self.say(f"round {round_number}: site {name}'s {config['stage']} reply is malformed ({error}); it sits the round out")
             left_out = [name for name, _, _ in named if name not in {a for a, _, _ in answered}]
             named = answered
-            if len(named) < self.min_fit:  # the round cannot be unmasked: it counts as short, and runs again or fails
-                self.say(f"round {server_round}: {len(named)} of the {self.min_fit} sites needed finished secure "
+            if len(named) < self.min_fit:
+                self.say(f"round {round_number}: {len(named)} of the {self.min_fit} sites needed finished secure "
                          f"aggregation's {config['stage']} stage (left out: {', '.join(left_out)})")
-                self.record_fit(server_round, [], [], registry.sampled)
-        return [(proxy, FitIns(ins.parameters, {**ins.config, STAGE: exchange.fit_orders(name)})) for name, proxy, ins in named]
+                too_few()
+        return exchange, named
 
     def unmasked_mean(self, results: list, registry: SiteRegistry) -> list[np.ndarray]:
         """FedAvg's weighted mean of the round's updates, from their masked forms and the survivors' shares."""
-        from edgekit.federated.secure_aggregation import STAGE, SecureAggregationError
+        from edgekit.federated.secure_aggregation import SecureAggregationError
 
         exchange = self._exchange
-        masked = {str(res.metrics.get("site", registry.names.get(proxy.cid, proxy.cid))): parameters_to_ndarrays(res.parameters)
-                  for proxy, res in results}
+        masked = {self._site_of(proxy, res, registry): parameters_to_ndarrays(res.parameters) for proxy, res in results}
         rows = sum(res.num_examples for _, res in results)
-        request = exchange.unmask_request(sorted(masked))
-        revealed = {}
-        for proxy, res in results:
-            name = str(res.metrics.get("site", proxy.cid))
-            reply = self._ask(proxy, name, request)
-            try:
-                if reply is not None:
-                    answer = json.loads(str(reply[STAGE]))
-                    revealed[name] = {kind: {str(k): str(v) for k, v in dict(answer.get(kind, {})).items()} for kind in ("seeds", "keys")}
-            except (AttributeError, KeyError, TypeError, ValueError) as error:  # counted as no answer
-                self.say(f"round {exchange.round}: site {name}'s unmask reply is malformed ({error})")
         try:
-            total = exchange.unmasked_sum(masked, revealed)
+            total = exchange.unmasked_sum(masked, self._revealed(exchange, results, registry))
         except SecureAggregationError as error:
             # Fewer shares than the threshold were revealed, so nothing is unmasked: the round runs again with new keys.
             attempts = self._attempts.get(exchange.round, 1)
@@ -305,6 +303,27 @@ class Coordinator:
             self.say(f"round {exchange.round}: secure aggregation could not unmask the sum ({error}); running the round again")
             raise RoundShort() from None
         return [(g.astype(np.float64) + t / rows).astype(g.dtype) for g, t in zip(self._global, total)]
+
+    @staticmethod
+    def _site_of(proxy, res, registry: SiteRegistry) -> str:
+        return str(res.metrics.get("site", registry.names.get(proxy.cid, proxy.cid)))
+
+    def _revealed(self, exchange, results: list, registry: SiteRegistry) -> dict[str, dict]:
+        """The unmask stage: each survivor's shares of the survivors' seeds and of the dropped sites' mask keys."""
+        from edgekit.federated.secure_aggregation import STAGE
+
+        request = exchange.unmask_request(sorted(self._site_of(proxy, res, registry) for proxy, res in results))
+        revealed = {}
+        for proxy, res in results:
+            name = self._site_of(proxy, res, registry)
+            reply = self._ask(proxy, name, request)
+            try:
+                if reply is not None:
+                    answer = json.loads(str(reply[STAGE]))
+                    revealed[name] = {kind: {str(k): str(v) for k, v in dict(answer.get(kind, {})).items()} for kind in ("seeds", "keys")}
+            except (AttributeError, KeyError, TypeError, ValueError) as error:  # counted as no answer
+                self.say(f"round {exchange.round}: site {name}'s unmask reply is malformed ({error})")
+        return revealed
 
     def _ask(self, proxy, site: str, config: dict) -> dict | None:
         """A site's properties reply to one stage of secure aggregation, or None (said) when it fails or refuses."""
@@ -366,9 +385,6 @@ class Coordinator:
         if federated.privacy.enabled:
             self.calibration = {"applied": False, "reason": "privacy is on: the statistics would leave the sites un-noised"}
             return
-        if federated.secure_aggregation:
-            self.calibration = {"applied": False, "reason": "secure aggregation is on: the statistics would be seen per site"}
-            return
         final = self.adapter.arrays()
         try:
             self.calibration = self._calibrate(registry, max_workers, final)
@@ -385,41 +401,23 @@ class Coordinator:
             self.say(f"head calibration: skipped ({self.calibration['reason']})")
 
     def _calibrate(self, registry: SiteRegistry, max_workers: int | None, final: list[np.ndarray]) -> dict:
-        from flwr.common import FitIns
-        from flwr.server.server import fit_clients
-
         from edgekit.federated import calibration
 
         started = time.perf_counter()
-        classes, width = len(self.labels), calibration.classifier_layer(self.adapter).in_features
         able = [(name, proxy) for name, proxy in registry.admitted_sites()
                 if name in self.joined and self.joined[name].sends_head_statistics]
         if len(able) < self.min_fit:
             return {"applied": False, "sites": [], "problems": [],
                     "reason": f"{len(able)} of the {self.min_fit} sites needed are connected and allowed by their own "
                               "config to send statistics (federated.head_calibration on, privacy off)"}
-        instructions = FitIns(ndarrays_to_parameters(final), {"phase": calibration.PHASE, "round": self.total_rounds + 1,
-                                                              "rounds": self.total_rounds})
-        results, failures = fit_clients([(proxy, instructions) for _, proxy in able], max_workers,
-                                        self.config.federated.round_timeout_s, group_id=self.total_rounds + 1)
-        with self.adapter.lock:  # simulated sites share this model: whatever they did with it, the final one is this
-            self.adapter.load(final)
-        replies, problems = {}, [f"{type(f).__name__}: {f}" if isinstance(f, BaseException) else f[1].status.message for f in failures]
-        for proxy, res in results:
-            site, arrays = str(res.metrics.get("site", proxy.cid)), parameters_to_ndarrays(res.parameters)
-            problem = calibration.check_statistics(arrays, classes, width, res.num_examples)
-            if problem:
-                problems.append(f"{site}: {problem}")
-            else:
-                replies[site] = arrays
-        record = {"applied": False, "sites": sorted(replies), "problems": problems,
-                  "bytes_from_each_site": sum(a.nbytes for a in next(iter(replies.values()), [])),
-                  "min_class_rows": calibration.MIN_CLASS_ROWS}
-        if len(replies) < self.min_fit:
-            return record | {"reason": f"{len(replies)} of the {self.min_fit} sites needed sent statistics"}
-        counts, sums, scatter = (sum(arrays[i] for arrays in replies.values()) for i in range(3))
+        gather = self._masked_statistics if self.config.federated.secure_aggregation else self._plain_statistics
+        summed, record = gather(registry, able, max_workers, final)
+        record |= {"min_class_rows": calibration.MIN_CLASS_ROWS, "secure_aggregation": self.config.federated.secure_aggregation}
+        if summed is None:
+            return record | {"applied": False}
+        counts, sums, scatter = summed
         if counts.sum() <= np.count_nonzero(counts):
-            return record | {"reason": "the sites' statistics hold too few rows per class to estimate a covariance"}
+            return record | {"applied": False, "reason": "the sites' statistics hold too few rows per class to estimate a covariance"}
         with self.adapter.lock:
             x = calibration.features(self.adapter, self.validation)
             fedavg = calibration.current_head(self.adapter)
@@ -437,6 +435,87 @@ class Coordinator:
             "seconds": round(time.perf_counter() - started, 2),
             "reason": ("validation prefers the refitted head (its shrinkage chosen on the same rows)" if applied
                        else "validation does not prefer the refitted head; FedAvg's is kept")}
+
+    def _statistics_replies(self, instructions: list, max_workers: int | None, final: list[np.ndarray]) -> tuple[list, list[str]]:
+        """The sites' replies to the statistics request (results, and the failures in words)."""
+        from flwr.server.server import fit_clients
+
+        results, failures = fit_clients(instructions, max_workers, self.config.federated.round_timeout_s,
+                                        group_id=self.total_rounds + 1)
+        with self.adapter.lock:  # simulated sites share this model: whatever they did with it, the final one is this
+            self.adapter.load(final)
+        return results, [f"{type(f).__name__}: {f}" if isinstance(f, BaseException) else f[1].status.message for f in failures]
+
+    def _statistics_request(self, final: list[np.ndarray]):
+        from flwr.common import FitIns
+
+        from edgekit.federated import calibration
+
+        return FitIns(ndarrays_to_parameters(final), {"phase": calibration.PHASE, "round": self.total_rounds + 1,
+                                                      "rounds": self.total_rounds})
+
+    def _plain_statistics(self, registry: SiteRegistry, able: list, max_workers: int | None, final: list[np.ndarray]) -> tuple:
+        """Each site's statistics as it sent them (the coordinator sees every site's), checked and summed."""
+        from edgekit.federated import calibration
+
+        classes, width = len(self.labels), calibration.classifier_layer(self.adapter).in_features
+        request = self._statistics_request(final)
+        results, problems = self._statistics_replies([(proxy, request) for _, proxy in able], max_workers, final)
+        replies = {}
+        for proxy, res in results:
+            site, arrays = self._site_of(proxy, res, registry), parameters_to_ndarrays(res.parameters)
+            problem = calibration.check_statistics(arrays, classes, width, res.num_examples)
+            if problem:
+                problems.append(f"{site}: {problem}")
+            else:
+                replies[site] = arrays
+        record = {"sites": sorted(replies), "problems": problems,
+                  "bytes_from_each_site": sum(a.nbytes for a in next(iter(replies.values()), []))}
+        if len(replies) < self.min_fit:
+            return None, record | {"reason": f"{len(replies)} of the {self.min_fit} sites needed sent statistics"}
+        return [sum(arrays[i] for arrays in replies.values()) for i in range(3)], record
+
+    def _masked_statistics(self, registry: SiteRegistry, able: list, max_workers: int | None, final: list[np.ndarray]) -> tuple:
+        """The sum of the sites' statistics through secure aggregation (one more key exchange): the coordinator never
+        sees one site's. Nothing is retried: when the sum cannot be unmasked, FedAvg's head stays."""
+        from flwr.common import FitIns
+
+        from edgekit.federated import calibration
+        from edgekit.federated.secure_aggregation import STAGE, SecureAggregationError
+
+        classes, width = len(self.labels), calibration.classifier_layer(self.adapter).in_features
+        round_number, request = self.total_rounds + 1, self._statistics_request(final)
+
+        def too_few():
+            raise SecureAggregationError(f"fewer than the {self.min_fit} sites needed finished the key exchange")
+
+        try:
+            exchange, named = self._key_exchange(round_number, [(name, proxy, request) for name, proxy in able], too_few)
+        except SecureAggregationError as error:
+            return None, {"sites": [], "problems": [], "reason": f"secure aggregation: {error}"}
+        instructions = [(proxy, FitIns(ins.parameters, {**ins.config, STAGE: exchange.fit_orders(name)})) for name, proxy, ins in named]
+        results, problems = self._statistics_replies(instructions, max_workers, final)
+        shapes, masked, answered = [(classes,), (classes, width), (width, width)], {}, []
+        for proxy, res in results:
+            site, arrays = self._site_of(proxy, res, registry), parameters_to_ndarrays(res.parameters)
+            if [tuple(a.shape) for a in arrays] != shapes or any(a.dtype != np.uint64 for a in arrays):
+                problems.append(f"{site}: it sent {[tuple(a.shape) for a in arrays][:3]}, not masked statistics of shapes {shapes}")
+            else:
+                masked[site] = arrays
+                answered.append((proxy, res))
+        record = {"sites": sorted(masked), "problems": problems,
+                  "bytes_from_each_site": sum(a.nbytes for a in next(iter(masked.values()), []))}
+        if len(masked) < self.min_fit:
+            return None, record | {"reason": f"{len(masked)} of the {self.min_fit} sites needed sent masked statistics"}
+        try:
+            summed = exchange.unmasked_sum(masked, self._revealed(exchange, answered, registry))
+        except SecureAggregationError as error:
+            return None, record | {"reason": f"secure aggregation could not unmask the statistics' sum ({error})"}
+        # The sum is checked as one site's reply would be: whole class counts within all the rows it covers.
+        problem = calibration.check_statistics(summed, classes, width, sum(res.num_examples for _, res in answered))
+        if problem:
+            return None, record | {"reason": f"the unmasked sum of the statistics is not valid: {problem}"}
+        return summed, record
 
     def strategy(self, registry: SiteRegistry):
         federated = self.config.federated
@@ -493,9 +572,10 @@ class Coordinator:
                                  if federated.secure_aggregation else
                                  ["the LoRA adapter and head tensors after local training (clipped and noised when dp is on)"]),
                                "its row count and label counts",
-                               *([f"after the last round (head calibration, exact and seen per site): per-class row counts, "
-                                  f"per-class sums of its rows' features at the classifier's input and their scatter matrix, "
-                                  f"over the classes it holds at least {self.calibration['min_class_rows']} rows of"]
+                               *([f"after the last round (head calibration, "
+                                  f"{'masked: the coordinator unmasks only their sum over sites' if federated.secure_aggregation else 'exact and seen per site'}"
+                                  f"): per-class row counts, per-class sums of its rows' features at the classifier's input and "
+                                  f"their scatter matrix, over the classes it holds at least {self.calibration['min_class_rows']} rows of"]
                                  if self.calibration.get("sites") else []),
                                "its seconds per round, and (with dp off) its mean training loss and whether clipping applied",
                                "its name, base model digest and (with a site key) a signature of the coordinator's challenge"],

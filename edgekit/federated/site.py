@@ -324,6 +324,7 @@ class Site:
         self.contacts += 1
         from edgekit.federated import calibration
 
+        masked = self._masked(instructions)
         if instructions.get("phase") == calibration.PHASE:  # after the last round: statistics for the head, no training
             if not self.sends_head_statistics():
                 raise IncompatibleSite("this site's config does not let it send head statistics "
@@ -331,8 +332,29 @@ class Site:
             with self.adapter.lock:
                 self.adapter.load(arrays)
                 sent = calibration.statistics(self.adapter, self.rows())
-            self.say(f"{self.identity.name}: sent per-class feature statistics of {len(self.texts)} rows for the head")
+            if masked:  # summed with the other sites' under masks: the coordinator sees the total only
+                sent = self._mask(instructions, sent)
+            self.say(f"{self.identity.name}: sent per-class feature statistics of {len(self.texts)} rows for the head"
+                     f"{' (masked)' if masked else ''}")
             return sent, len(self.texts), {"site": self.identity.name}
+        orders = RoundOrders.read(instructions, self.config)
+        with self.adapter.lock:
+            self.adapter.load(arrays)
+            result = train_locally(self.adapter, self.rows(), self.config, orders, progress=self.progress, say=self.say)
+        if masked:  # rows x (trained - global): the coordinator unmasks only the sum of these and divides by the rows
+            result.arrays = self._mask(instructions, [len(self.texts) * (np.asarray(new, np.float64) - np.asarray(old, np.float64))
+                                                      for new, old in zip(result.arrays, arrays)])
+        self.rounds_done += 1
+        self.say(f"{self.identity.name}: round {orders.round_number}: trained {len(self.texts)} rows in {result.seconds:.0f} s, "
+                 f"loss {result.loss:.4f}")
+        metrics = {"seconds": result.seconds, "site": self.identity.name}
+        if not orders.privacy.enabled:  # with privacy on, nothing computed from the rows leaves un-noised
+            metrics |= {"loss": result.loss, "clipped": int(result.clipped)}
+        return result.arrays, len(self.texts), metrics
+
+    def _masked(self, instructions: dict) -> bool:
+        """Whether the coordinator asks for a masked reply; refused before any work when this site cannot give the
+        reply it asks for (a site whose config says secure aggregation sends nothing unmasked)."""
         from edgekit.federated.secure_aggregation import STAGE, SecureAggregationError
 
         masked = STAGE in instructions
@@ -346,29 +368,21 @@ class Site:
                 self.secure.check(instructions)  # before training: a round it cannot finish costs no training
             except SecureAggregationError as error:
                 raise IncompatibleSite(f"secure aggregation: {error}") from None
-        orders = RoundOrders.read(instructions, self.config)
-        with self.adapter.lock:
-            self.adapter.load(arrays)
-            result = train_locally(self.adapter, self.rows(), self.config, orders, progress=self.progress, say=self.say)
-        if masked:  # rows x (trained - global): the coordinator unmasks only the sum of these and divides by the rows
-            update = [len(self.texts) * (np.asarray(new, np.float64) - np.asarray(old, np.float64))
-                      for new, old in zip(result.arrays, arrays)]
-            try:
-                result.arrays = self.secure.masked(instructions, update)
-            except SecureAggregationError as error:
-                raise IncompatibleSite(f"secure aggregation: {error}") from None
-        self.rounds_done += 1
-        self.say(f"{self.identity.name}: round {orders.round_number}: trained {len(self.texts)} rows in {result.seconds:.0f} s, "
-                 f"loss {result.loss:.4f}")
-        metrics = {"seconds": result.seconds, "site": self.identity.name}
-        if not orders.privacy.enabled:  # with privacy on, nothing computed from the rows leaves un-noised
-            metrics |= {"loss": result.loss, "clipped": int(result.clipped)}
-        return result.arrays, len(self.texts), metrics
+        return masked
+
+    def _mask(self, instructions: dict, values: list[np.ndarray]) -> list[np.ndarray]:
+        from edgekit.federated.secure_aggregation import SecureAggregationError
+
+        try:
+            return self.secure.masked(instructions, values)
+        except SecureAggregationError as error:
+            raise IncompatibleSite(f"secure aggregation: {error}") from None
 
     def sends_head_statistics(self) -> bool:
-        """Whether this site's own config lets its per-class feature sums leave it (``edgekit.federated.calibration``)."""
+        """Whether this site's own config lets its per-class feature sums leave it (``edgekit.federated.calibration``),
+        masked when the federation runs secure aggregation."""
         federated = self.config.federated
-        return federated.head_calibration and not federated.privacy.enabled and not federated.secure_aggregation
+        return federated.head_calibration and not federated.privacy.enabled
 
     def client(self):
         return _flower_client(self)

@@ -188,7 +188,7 @@ def test_a_coordinator_whose_sites_never_come_fails_clearly_and_exits(tmp_path, 
 
 def test_three_sites_over_grpc_send_masked_updates_and_the_coordinator_builds_from_their_sum(tmp_path, tiny_models):
     """Secure aggregation over the real transport: the key and share exchanges and the unmasking ride the same
-    properties messages as admission, the masked 64-bit updates the fit replies."""
+    properties messages as admission, the masked 64-bit updates (and the head's statistics) the fit replies."""
     model, _ = tiny_models
     config = federated_config(tmp_path, model, demo_subset(tmp_path / "coordinator.jsonl", 300), rounds=2,
                               join_timeout_s=120, secure_aggregation=True)
@@ -215,3 +215,6 @@ def test_three_sites_over_grpc_send_masked_updates_and_the_coordinator_builds_fr
     for trained in federated["per_round"][1:]:  # every stage of every round went through at the first attempt
         assert trained["attempts"] == 1 and sorted(trained["sites"]) == ["site-0", "site-1", "site-2"], trained
         assert trained["bytes_from_each_site"] == 8 * federated["adapter_parameters"]  # masked 64-bit words
+    calibrated = federated["head_calibration"]  # the head's statistics went through one more masked exchange
+    assert calibrated["secure_aggregation"] and calibrated["sites"] == ["site-0", "site-1", "site-2"], calibrated
+    assert calibrated["problems"] == [] and "val_accuracy_after" in calibrated

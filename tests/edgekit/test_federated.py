@@ -643,15 +643,15 @@ class _FailsKeysStage:
         return self.client.get_properties(ins)
 
 
-def _run_with_a_drop(tmp_path: Path, tiny_model: Path, secure: bool, fails_at: str = "fit"):
-    """Three sites of unequal rows, two rounds; site-0 leaves in round 2. The plain run keeps FedAvg's head (head
-    calibration off), as a secure run does (calibration is skipped there), so the two models can be compared."""
+def _run_with_a_drop(tmp_path: Path, tiny_model: Path, secure: bool, fails_at: str = "fit", calibrate: bool = False):
+    """Three sites of unequal rows, two rounds; site-0 leaves in round 2 (and stays away). Head calibration only when
+    ``calibrate``, so the rounds' models can be compared on their own."""
     from edgekit.federated.coordinator import InProcessSite, SiteRegistry
 
-    root = tmp_path / f"{'secure' if secure else 'plain'}-{fails_at}"
+    root = tmp_path / f"{'secure' if secure else 'plain'}-{fails_at}{'-calibrated' if calibrate else ''}"
     root.mkdir()
     config = load_build_config(federated_config(root, tiny_model, demo_subset(root / "data.jsonl", 300), rounds=2,
-                                                min_fit_clients=2, secure_aggregation=secure, head_calibration=secure))
+                                                min_fit_clients=2, secure_aggregation=secure, head_calibration=calibrate))
     coordinator, sites, messages = _federation(config, 3, partition="dirichlet:0.5")  # sites of unequal rows
     registry = SiteRegistry(coordinator)
     for index, site in enumerate(sites):
@@ -677,9 +677,26 @@ def test_a_secure_federation_reaches_fedavgs_model_when_a_site_drops_and_the_rep
     plain_round = plain.report("iid")["per_round"][1]
     assert report["per_round"][1]["bytes_from_each_site"] == 2 * plain_round["bytes_from_each_site"]
     assert report["per_round"][1]["bytes_to_each_site"] == plain_round["bytes_to_each_site"]
-    assert report["head_calibration"]["reason"].startswith("secure aggregation is on")
     assert any("masked" in item for item in report["left_each_site"])
     assert plain.report("iid")["secure_aggregation"] == {"enabled": False}
+
+
+def test_secure_head_calibration_refits_fedavgs_head_from_masked_statistics_when_a_site_drops_after_sharing(tmp_path, tiny_model):
+    plain, _, _ = _run_with_a_drop(tmp_path, tiny_model, secure=False, calibrate=True)
+    secure, _, messages = _run_with_a_drop(tmp_path, tiny_model, secure=True, calibrate=True)
+    exact, masked = plain.report("dirichlet:0.5")["head_calibration"], secure.report("dirichlet:0.5")["head_calibration"]
+    # site-0 took part in the statistics' key exchange, then did not answer: its masks were removed with the
+    # others' shares, and the sum of the two other sites' statistics is what the plain run summed in the open.
+    assert masked["problems"] == ["ConnectionError: the site went away mid-round"], masked
+    assert masked["sites"] == exact["sites"] == ["site-1", "site-2"] and masked["rows"] == exact["rows"]
+    assert masked["secure_aggregation"] and not exact["secure_aggregation"]
+    assert (masked["applied"], masked["shrinkage"]) == (exact["applied"], exact["shrinkage"]), (masked, exact)
+    assert masked["val_accuracy_after"] == pytest.approx(exact["val_accuracy_after"], abs=1.5 / len(plain.validation))
+    assert masked["bytes_from_each_site"] == exact["bytes_from_each_site"]  # float64 sums and 64-bit masked words alike
+    for a, b in zip(plain.adapter.arrays(), secure.adapter.arrays()):  # the refitted head too, up to fixed point
+        assert np.allclose(a, b, atol=1e-4)
+    assert any("unmasks only their sum" in item for item in secure.report("dirichlet:0.5")["left_each_site"])
+    assert any("refitted from 2 sites' statistics" in m for m in messages), messages
 
 
 def test_a_site_that_fails_the_key_exchange_sits_the_round_out_and_the_others_finish_it(tmp_path, tiny_model):
@@ -693,6 +710,7 @@ def test_a_site_that_fails_the_key_exchange_sits_the_round_out_and_the_others_fi
 
 
 def test_a_site_that_requires_secure_aggregation_refuses_a_coordinator_without_it_and_sends_no_plain_update(tmp_path, tiny_model):
+    from edgekit.federated.calibration import PHASE
     from edgekit.federated.site import IncompatibleSite
 
     data = demo_subset(tmp_path / "data.jsonl", 200)
@@ -706,6 +724,9 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_coordinator_without_i
     assert "masked updates only" in site.refusal
     with pytest.raises(IncompatibleSite, match="masked updates only"):  # and were it asked to train anyway
         site.fit(site.adapter.arrays(), {"round": 1, "rounds": 2})
+    assert site.sends_head_statistics()  # masked: a plain request for them is refused like a plain update
+    with pytest.raises(IncompatibleSite, match="masked updates only"):
+        site.fit(site.adapter.arrays(), {"phase": PHASE, "round": 3, "rounds": 2})
     expected = coordinator.expectations()
     assert coordinator.judge(sites[1].properties(expected), expected["challenge"]) is None
     with pytest.raises(EdgekitError, match="at least 2"):
