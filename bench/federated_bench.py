@@ -12,15 +12,15 @@ lifted (a busy VM would otherwise fail a gate and leave no bundle; this measures
 
 - head only: `edgekit build --no-search` (the head fitted on the frozen encoder's mean-pooled features);
 - centralized LoRA: `examples/wordnet-federated.yaml` built by `edgekit build` with `finetune.enabled: true` and
-  `finetune.epochs` = rounds x local epochs (3), from the fitted head, on all 2,800 training rows;
+  `finetune.epochs` = rounds x local epochs (6 with the example's settings), from the fitted head, on all 2,800 training rows;
 - federated: `edgekit federated simulate examples/wordnet-federated.yaml --clients 3 --partition P` for P in iid,
-  dirichlet:0.5 and dirichlet:0.1 (3 rounds of 1 local epoch, FedAvg, the head trained from scratch by the sites, then
+  dirichlet:0.5 and dirichlet:0.1 (the example's rounds of 1 local epoch, FedAvg, the head trained from scratch by the sites, then
   refitted from the sites' feature statistics when validation prefers it: ``federated.head_calibration``);
 - the same at dirichlet:0.5 with ``federated.head_calibration: false`` (FedAvg's head ships), to show what the
   calibration adds;
-- the same at dirichlet:0.5 with ``federated.secure_aggregation: true`` (masked updates, the coordinator unmasks only
-  their sum; head calibration is then skipped): its accuracy should equal the row above's up to fixed-point rounding,
-  and its time and bytes show what the protocol costs.
+- the same at dirichlet:0.5 with ``federated.secure_aggregation: true`` (masked updates and masked head statistics,
+  the coordinator unmasks only their sums): its accuracy should equal the calibrated dirichlet:0.5 row's up to
+  fixed-point rounding, and its time and bytes show what the protocol costs.
 
 Each row: the shipped bundle's test accuracy (int8 where the gates allow it) and its fp32 parent's, the wall time of
 the whole command (training, export, quantization, evaluation, packaging); federated rows add each round's validation
