@@ -84,9 +84,12 @@ def check_statistics(arrays: list[np.ndarray], classes: int, width: int, rows: i
         return f"it sent tensors of shapes {shapes[:3]}, not per-class statistics (is it an edgekit site of this version?)"
     if not all(np.isfinite(a).all() for a in arrays):
         return "it sent statistics that are not finite"
-    counts = arrays[0]
+    counts, scatter = arrays[0], arrays[2]
     if (counts < 0).any() or not np.array_equal(counts, np.round(counts)) or counts.sum() > rows:
         return f"its class counts {counts.tolist()} are not whole numbers within its {rows} rows"
+    scale = max(float(np.abs(scatter).max(initial=0.0)), 1.0)
+    if not np.allclose(scatter, scatter.T, rtol=0, atol=1e-9 * scale) or (np.diag(scatter) < -1e-9 * scale).any():
+        return "its feature scatter is not a symmetric matrix with a non-negative diagonal"
     return None
 
 

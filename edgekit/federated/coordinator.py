@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.federated.site import HEAD_STATISTICS, LABEL_COUNTS, AdapterModel, SharedBase
+from edgekit.federated.site import HEAD_STATISTICS, LABEL_COUNTS, MASKED_STATISTICS, AdapterModel, SharedBase
 
 try:  # the federated extra: this module is imported only by `edgekit federated`
     from flwr.common import DisconnectRes, GetPropertiesIns, ReconnectIns, ndarrays_to_parameters, parameters_to_ndarrays
@@ -92,6 +92,7 @@ class JoinedSite:
     label_counts: dict[str, int]
     key_id: str = ""
     sends_head_statistics: bool = False  # its own config lets it answer the head calibration
+    masks_statistics: bool = False  # it masks them when secure aggregation asks (a site from before that sends them plain)
 
 
 class Coordinator:
@@ -175,7 +176,8 @@ class Coordinator:
     def admitted(self, properties: dict) -> None:
         site = str(properties["site"])
         self.joined[site] = JoinedSite(site, int(properties.get("rows", 0)), json.loads(str(properties.get(LABEL_COUNTS, "{}"))),
-                                       str(properties.get("key_id", "")), bool(properties.get(HEAD_STATISTICS, False)))
+                                       str(properties.get("key_id", "")), bool(properties.get(HEAD_STATISTICS, False)),
+                                       bool(properties.get(MASKED_STATISTICS, False)))
         self.say(f"site {site} joined: {self.joined[site].rows} rows ({len(self.joined)} of {self.sites_expected})")
 
     def refuse(self, properties: dict, reason: str) -> None:
@@ -306,7 +308,8 @@ class Coordinator:
 
     @staticmethod
     def _site_of(proxy, res, registry: SiteRegistry) -> str:
-        return str(res.metrics.get("site", registry.names.get(proxy.cid, proxy.cid)))
+        """The name the site was admitted under (what the key exchange used), not the one its reply claims."""
+        return registry.names.get(proxy.cid) or str(res.metrics.get("site", proxy.cid))
 
     def _revealed(self, exchange, results: list, registry: SiteRegistry) -> dict[str, dict]:
         """The unmask stage: each survivor's shares of the survivors' seeds and of the dropped sites' mask keys."""
@@ -404,12 +407,14 @@ class Coordinator:
         from edgekit.federated import calibration
 
         started = time.perf_counter()
+        secure = self.config.federated.secure_aggregation
         able = [(name, proxy) for name, proxy in registry.admitted_sites()
-                if name in self.joined and self.joined[name].sends_head_statistics]
+                if name in self.joined and self.joined[name].sends_head_statistics and (self.joined[name].masks_statistics or not secure)]
         if len(able) < self.min_fit:
             return {"applied": False, "sites": [], "problems": [],
                     "reason": f"{len(able)} of the {self.min_fit} sites needed are connected and allowed by their own "
-                              "config to send statistics (federated.head_calibration on, privacy off)"}
+                              "config to send statistics (federated.head_calibration on, privacy off"
+                              f"{'; masked: a site of this version' if secure else ''})"}
         gather = self._masked_statistics if self.config.federated.secure_aggregation else self._plain_statistics
         summed, record = gather(registry, able, max_workers, final)
         record |= {"min_class_rows": calibration.MIN_CLASS_ROWS, "secure_aggregation": self.config.federated.secure_aggregation}
@@ -515,6 +520,12 @@ class Coordinator:
         problem = calibration.check_statistics(summed, classes, width, sum(res.num_examples for _, res in answered))
         if problem:
             return None, record | {"reason": f"the unmasked sum of the statistics is not valid: {problem}"}
+        # A class that fewer than the threshold of these sites hold enough rows of is summed over those alone: its sum
+        # is theirs (as a FedAvg head row is mostly theirs). Said, from the label counts they declared at admission.
+        declared = [self.joined[site].label_counts if site in self.joined else {} for site in masked]
+        record["classes_summed_over_fewer_sites"] = [
+            label for label in self.labels
+            if 0 < sum(counts.get(label, 0) >= calibration.MIN_CLASS_ROWS for counts in declared) < self.secure_threshold]
         return summed, record
 
     def strategy(self, registry: SiteRegistry):
@@ -550,6 +561,8 @@ class Coordinator:
 
         federated = self.config.federated
         completed = [r for r in self.rounds if r.round > 0]
+        statistics_seen = ("masked: the coordinator unmasks only their sum over sites, which for a class fewer sites hold "
+                           "is theirs" if federated.secure_aggregation else "exact and seen per site")
         return {
             "clients": len(self.joined), "rounds": len(completed), "strategy": federated.strategy,
             "proximal_mu": federated.proximal_mu if federated.strategy == "fedprox" else None,
@@ -566,16 +579,15 @@ class Coordinator:
             "head_calibration": self.calibration,
             "left_each_site": [*(["its update each round (rows x (trained - global adapter and head tensors), clipped and "
                                   "noised when dp is on), masked: alone it is uniformly random; the coordinator unmasks "
-                                  "only the round's sum", "per round: two public keys, its Shamir shares of its mask seed "
-                                  "and mask key encrypted for the other sites (relayed), then its shares of the survivors' "
-                                  "seeds and the dropped sites' mask keys"]
+                                  "only the round's sum", "per round (and once more for the head statistics): two public "
+                                  "keys, its Shamir shares of its mask seed and mask key encrypted for the other sites "
+                                  "(relayed), then its shares of the survivors' seeds and the dropped sites' mask keys"]
                                  if federated.secure_aggregation else
                                  ["the LoRA adapter and head tensors after local training (clipped and noised when dp is on)"]),
                                "its row count and label counts",
-                               *([f"after the last round (head calibration, "
-                                  f"{'masked: the coordinator unmasks only their sum over sites' if federated.secure_aggregation else 'exact and seen per site'}"
-                                  f"): per-class row counts, per-class sums of its rows' features at the classifier's input and "
-                                  f"their scatter matrix, over the classes it holds at least {self.calibration['min_class_rows']} rows of"]
+                               *([f"after the last round (head calibration, {statistics_seen}): per-class row counts, "
+                                  f"per-class sums of its rows' features at the classifier's input and their scatter matrix, "
+                                  f"over the classes it holds at least {self.calibration['min_class_rows']} rows of"]
                                  if self.calibration.get("sites") else []),
                                "its seconds per round, and (with dp off) its mean training loss and whether clipping applied",
                                "its name, base model digest and (with a site key) a signature of the coordinator's challenge"],

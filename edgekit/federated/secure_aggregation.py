@@ -39,9 +39,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from edgekit.errors import EdgekitError
 
 STAGE = "secagg"  # the properties key (keys, shares, unmask stages) and the fit-config key (masked update)
-FRACTION_BITS = 24  # fixed point: 2^-24 ≈ 6e-8 steps; rows x update stays far inside int64 (2^39 ≈ 5e11 at most)
+FRACTION_BITS = 24  # fixed point: 2^-24 ≈ 6e-8 steps
 SEED_BYTES = 32
-MAX_ENCODED = 2.0 ** 38  # |rows x update| a site may send: a sum of up to 2^24 of them stays inside int64's 2^63
+SUM_LIMIT = 2.0 ** (63 - FRACTION_BITS - 1)  # |a value of the sum|: 2^38 ≈ 2.7e11, encoded below 2^62, inside int64's 2^63
 PUBLIC_KEY_BYTES = 32  # X25519
 PROTOCOL = "SecAgg+ (every site a neighbour); X25519 key agreement, Fernet-encrypted Shamir shares, ChaCha20 masks mod 2^64"
 
@@ -154,11 +154,12 @@ class SiteSecrets:
         self.check_orders(neighbours, incoming)
         if self.masked_once:  # two updates under one set of masks would give away their difference
             raise SecureAggregationError(f"round {self.round}'s masks were used already; a new key exchange must come first")
+        limit = SUM_LIMIT / len(neighbours)  # so that the sum of every neighbour's values cannot wrap around
         for array in update:
             values = np.asarray(array, np.float64)
-            if not np.all(np.isfinite(values)) or (values.size and np.abs(values).max() >= MAX_ENCODED):
-                raise SecureAggregationError(f"this site's update is not finite or beyond ±{MAX_ENCODED:.0e} "
-                                             "(training diverged?); it cannot be encoded for secure aggregation")
+            if not np.all(np.isfinite(values)) or (values.size and np.abs(values).max() >= limit):
+                raise SecureAggregationError(f"this site's values are not finite or beyond ±{limit:.2g} (a diverged "
+                                             "training?); they cannot be encoded for secure aggregation")
         self.masked_once = True
         self.incoming = {name: incoming[name] for name in neighbours if name != self.name}
         words = encode(update)

@@ -42,6 +42,7 @@ class IncompatibleSite(EdgekitError):
 # A site's label counts travel in its properties as JSON (Flower property and metric values are scalars).
 LABEL_COUNTS = "label_counts"
 HEAD_STATISTICS = "head_statistics"  # a property: 1 when the site's own config lets it answer the head calibration
+MASKED_STATISTICS = "masked_statistics"  # a property: 1 when the site masks its head statistics if secure aggregation asks
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ class Site:
         key, signature = self.identity.sign(str(expected.get("challenge", "")))
         shapes = self.adapter.shape_digest() if self.adapter is not None else ""
         return {"site": self.identity.name, "rows": len(self.texts), LABEL_COUNTS: json.dumps(self.label_counts),
-                HEAD_STATISTICS: int(self.sends_head_statistics()), "secure_aggregation": 1,
+                HEAD_STATISTICS: int(self.sends_head_statistics()), MASKED_STATISTICS: 1, "secure_aggregation": 1,
                 "base_digest": self.base.digest, "adapter_shapes": shapes, "problem": problem or "", "key_id": key,
                 "signature": signature}
 

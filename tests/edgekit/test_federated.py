@@ -681,15 +681,30 @@ def test_a_secure_federation_reaches_fedavgs_model_when_a_site_drops_and_the_rep
     assert plain.report("iid")["secure_aggregation"] == {"enabled": False}
 
 
-def test_secure_head_calibration_refits_fedavgs_head_from_masked_statistics_when_a_site_drops_after_sharing(tmp_path, tiny_model):
+def test_secure_head_calibration_refits_fedavgs_head_from_masked_statistics_when_a_site_drops_after_sharing(
+        tmp_path, tiny_model, monkeypatch):
+    from edgekit.federated import calibration
+
+    summed = []  # the statistics each run fitted its head from
+    fit = calibration.discriminant_head
+    monkeypatch.setattr(calibration, "discriminant_head", lambda *args, **kw: (summed.append(args[:3]), fit(*args, **kw))[1])
     plain, _, _ = _run_with_a_drop(tmp_path, tiny_model, secure=False, calibrate=True)
-    secure, _, messages = _run_with_a_drop(tmp_path, tiny_model, secure=True, calibrate=True)
+    open_sums = summed[-1]
+    secure, sites, messages = _run_with_a_drop(tmp_path, tiny_model, secure=True, calibrate=True)
+    # The same sums: the two runs' models agree to about 1e-5 (float sums in another order), and fixed point adds
+    # 2^-24 per site and value.
+    for exact_sum, unmasked_sum in zip(open_sums, summed[-1]):
+        assert unmasked_sum.shape == exact_sum.shape and np.allclose(unmasked_sum, exact_sum, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(open_sums[0], summed[-1][0]) and open_sums[0].sum() > 0  # whole class counts
     exact, masked = plain.report("dirichlet:0.5")["head_calibration"], secure.report("dirichlet:0.5")["head_calibration"]
     # site-0 took part in the statistics' key exchange, then did not answer: its masks were removed with the
     # others' shares, and the sum of the two other sites' statistics is what the plain run summed in the open.
     assert masked["problems"] == ["ConnectionError: the site went away mid-round"], masked
     assert masked["sites"] == exact["sites"] == ["site-1", "site-2"] and masked["rows"] == exact["rows"]
     assert masked["secure_aggregation"] and not exact["secure_aggregation"]
+    # With two sites left and a threshold of 2, a class only one of them holds 10 rows of is that site's sum: named.
+    held = [{label for label, n in site.label_counts.items() if n >= 10} for site in sites[1:]]
+    assert masked["classes_summed_over_fewer_sites"] == [label for label in secure.labels if sum(label in h for h in held) == 1]
     assert (masked["applied"], masked["shrinkage"]) == (exact["applied"], exact["shrinkage"]), (masked, exact)
     assert masked["val_accuracy_after"] == pytest.approx(exact["val_accuracy_after"], abs=1.5 / len(plain.validation))
     assert masked["bytes_from_each_site"] == exact["bytes_from_each_site"]  # float64 sums and 64-bit masked words alike
@@ -697,6 +712,66 @@ def test_secure_head_calibration_refits_fedavgs_head_from_masked_statistics_when
         assert np.allclose(a, b, atol=1e-4)
     assert any("unmasks only their sum" in item for item in secure.report("dirichlet:0.5")["left_each_site"])
     assert any("refitted from 2 sites' statistics" in m for m in messages), messages
+
+
+class _PlainStatistics:
+    """A site's client that answers a masked statistics request with its plain statistics (float64, unmasked)."""
+
+    def __init__(self, client, site) -> None:
+        self.client, self.site = client, site
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def fit(self, ins):
+        from flwr.common import FitRes, Status, Code, ndarrays_to_parameters, parameters_to_ndarrays
+
+        from edgekit.federated import calibration
+
+        if ins.config.get("phase") != calibration.PHASE:
+            return self.client.fit(ins)
+        self.site.adapter.load(parameters_to_ndarrays(ins.parameters))
+        plain = calibration.statistics(self.site.adapter, self.site.rows())
+        return FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(plain),
+                      num_examples=len(self.site.texts), metrics={"site": self.site.identity.name})
+
+
+class _WithoutMaskedStatistics:
+    """A site's client from before masked statistics: it offers statistics but not masked ones."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def get_properties(self, ins):
+        from edgekit.federated.site import MASKED_STATISTICS
+
+        answer = self.client.get_properties(ins)
+        answer.properties.pop(MASKED_STATISTICS, None)
+        return answer
+
+
+def test_secure_head_calibration_takes_no_plain_statistics_and_keeps_fedavgs_head_when_too_few_sites_mask_them(tmp_path, tiny_model):
+    from edgekit.federated.coordinator import InProcessSite, SiteRegistry
+
+    config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 300), rounds=1,
+                                                min_fit_clients=2, secure_aggregation=True))
+    coordinator, sites, messages = _federation(config, 3)
+    registry = SiteRegistry(coordinator)
+    wrapped = [_WithoutMaskedStatistics(sites[0].client()), _PlainStatistics(sites[1].client(), sites[1]), sites[2].client()]
+    for site, client in zip(sites, wrapped):
+        registry.register(InProcessSite(site.identity.name, client))
+    coordinator.run(registry, 1, max_workers=1)
+    before = coordinator.adapter.arrays()
+    calibrated = coordinator.report("iid")["head_calibration"]
+    # site-0 is not asked (it would send them plain); site-1's plain reply is refused, never summed; one site is left.
+    assert not calibrated["applied"] and calibrated["sites"] == ["site-2"], calibrated
+    assert any(problem.startswith("site-1: it sent") for problem in calibrated["problems"]), calibrated
+    assert calibrated["reason"] == "1 of the 2 sites needed sent masked statistics", calibrated
+    assert any(m.startswith("head calibration: skipped") for m in messages), messages
+    assert all(np.array_equal(a, b) for a, b in zip(before, coordinator.adapter.arrays()))
 
 
 def test_a_site_that_fails_the_key_exchange_sits_the_round_out_and_the_others_finish_it(tmp_path, tiny_model):
