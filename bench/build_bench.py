@@ -10,7 +10,8 @@ Steps:
    fully cached (timed); the pass outputs of that build are the inputs of
    everything else.
 2. Contenders, all judged on the demo's test split:
-   - PyTorch eager fp32: the load pass's (or finetune pass's) Hugging Face folder;
+   - PyTorch eager fp32: the load pass's (or finetune pass's) Hugging Face folder, loaded as edgekit loads it
+     (mean-pooled where it was trained so);
    - ONNX Runtime fp32: the export pass's ``model.onnx``;
    - ONNX Runtime all-int8: ``quantize_dynamic`` (per-channel symmetric int8
      weights, every node) of the optimize pass's fused graph: the speed and
@@ -18,7 +19,9 @@ Steps:
    - edgekit: the int8 model inside the signed bundle (verified with the
      build's development key);
    - Optimum: its own ONNX export of the same folder, then ``ORTQuantizer`` with
-     the ``AutoQuantizationConfig.avx512_vnni(is_static=False)`` preset;
+     the ``AutoQuantizationConfig.avx512_vnni(is_static=False)`` preset; for a
+     mean-pooled classifier (which Optimum's exporter cannot express: it would
+     export BERT's [CLS] pooler) the same quantizer on the export pass's fp32 ONNX;
    - Olive (``olive-ai``, in its own virtual environment): its
      ``OnnxDynamicQuantization`` and ``OnnxQuantization`` (static, calibrated on
      the demo's calibration texts) passes on the export pass's fp32 ONNX, with
@@ -154,6 +157,13 @@ def graph_ops(path: Path) -> dict[str, int]:
     return counts
 
 
+def mean_pooled(hf_folder: Path) -> bool:
+    """Whether the build's classifier reads mean-pooled features (edgekit's own class), not BERT's [CLS] pooler."""
+    from edgekit.tasks.text_models import POOLING_KEY
+
+    return json.loads((hf_folder / "config.json").read_text()).get(POOLING_KEY, "cls") == "mean"
+
+
 def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
@@ -161,7 +171,7 @@ def tail(text: str, lines: int = 25) -> str:
 # --------------------------------------------------------------------------- child: Optimum export + quantization
 
 
-def prepare_optimum(hf_folder: Path, out_dir: Path) -> None:
+def prepare_optimum(hf_folder: Path, out_dir: Path, fp32_export: Path) -> None:
     import importlib.metadata
 
     from optimum.onnxruntime import ORTModelForSequenceClassification, ORTQuantizer
@@ -169,7 +179,13 @@ def prepare_optimum(hf_folder: Path, out_dir: Path) -> None:
 
     started = time.perf_counter()
     export_dir = out_dir / "optimum-export"
-    ORTModelForSequenceClassification.from_pretrained(hf_folder, export=True).save_pretrained(export_dir)
+    if mean_pooled(hf_folder):  # Optimum's exporter makes BERT's [CLS]-pooler classifier: another model than this one
+        export_dir.mkdir()
+        shutil.copy(fp32_export, export_dir / "model.onnx")
+        exported_by = "edgekit's export pass (Optimum's exporter knows no mean-pooled classifier)"
+    else:
+        ORTModelForSequenceClassification.from_pretrained(hf_folder, export=True).save_pretrained(export_dir)
+        exported_by = "Optimum (ORTModelForSequenceClassification, export=True)"
     exported = time.perf_counter()
     config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=OPTIMUM_PER_CHANNEL)
     quantized_dir = out_dir / "optimum-quantized"
@@ -179,7 +195,8 @@ def prepare_optimum(hf_folder: Path, out_dir: Path) -> None:
     model_dir.mkdir()
     shutil.copy(quantized_dir / "model_quantized.onnx", model_dir / "model.onnx")
     (out_dir / "optimum.json").write_text(json.dumps({
-        "export_s": exported - started, "quantize_s": finished - exported, "model": str(model_dir / "model.onnx"),
+        "export_s": exported - started, "exported_by": exported_by, "quantize_s": finished - exported,
+        "model": str(model_dir / "model.onnx"),
         "config": {"preset": "AutoQuantizationConfig.avx512_vnni", "is_static": False, "per_channel": OPTIMUM_PER_CHANNEL,
                    "weights_dtype": str(config.weights_dtype), "activations_dtype": str(config.activations_dtype),
                    "format": str(config.format), "operators_to_quantize": list(config.operators_to_quantize)},
@@ -358,12 +375,12 @@ def ensure_venv(python: Path, packages: tuple[str, ...], probe: str, log: Path) 
 def measure_torch(hf_folder: Path, tokenizer_file: Path, out_file: Path, rounds: int, iterations: int, seconds: float) -> None:
     import numpy as np
     import torch
-    from transformers import AutoModelForSequenceClassification
-
     from edgekit.measure import latency, throughput
 
+    from edgekit.tasks.text_models import load_classifier
+
     torch.set_num_threads(THREADS)
-    model = AutoModelForSequenceClassification.from_pretrained(hf_folder).eval()
+    model = load_classifier(hf_folder).eval()  # mean-pooled where the build trained it so, as the ONNX export is
     test = demo_data().test
 
     def run(feeds):
@@ -538,7 +555,7 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "optimum":
-            prepare_optimum(Path(rest[0]), Path(rest[1]))
+            prepare_optimum(Path(rest[0]), Path(rest[1]), Path(rest[2]))
         elif kind == "olive":
             olive_worker(Path(rest[0]), Path(rest[1]), Path(rest[2]))
         elif kind == "openvino":
@@ -623,7 +640,7 @@ def run_benchmark(args, work: Path) -> None:
 
     # 2. the peers' models
     print("Optimum: export and quantize ...", flush=True)
-    optimum_run = child("--child", "optimum", str(hf_folder), str(models), log=logs / "optimum.log")
+    optimum_run = child("--child", "optimum", str(hf_folder), str(models), str(fp32_export), log=logs / "optimum.log")
     peers_info: dict[str, dict] = {}
     if optimum_run.returncode == 0:
         optimum = json.loads((models / "optimum.json").read_text())
