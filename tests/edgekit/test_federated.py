@@ -319,22 +319,29 @@ def test_a_site_that_drops_is_left_out_when_min_fit_clients_allows(tmp_path, tin
     assert any(item.startswith("after the last round (head calibration") for item in report["left_each_site"])
 
 
-class _FromBeforeCalibration:
-    """A site's client from before head calibration: its properties do not offer statistics, and it would take a
-    statistics request as a round of training."""
+class _WithoutProperty:
+    """A site's client from an older version: its properties lack ``dropped``."""
 
-    def __init__(self, client) -> None:
-        self.client = client
+    def __init__(self, client, dropped: str) -> None:
+        self.client, self.dropped = client, dropped
 
     def __getattr__(self, name):
         return getattr(self.client, name)
 
     def get_properties(self, ins):
+        answer = self.client.get_properties(ins)
+        answer.properties.pop(self.dropped, None)
+        return answer
+
+
+class _FromBeforeCalibration(_WithoutProperty):
+    """A site's client from before head calibration: its properties do not offer statistics, and it would take a
+    statistics request as a round of training."""
+
+    def __init__(self, client) -> None:
         from edgekit.federated.site import HEAD_STATISTICS
 
-        answer = self.client.get_properties(ins)
-        answer.properties.pop(HEAD_STATISTICS, None)
-        return answer
+        super().__init__(client, HEAD_STATISTICS)
 
     def fit(self, ins):
         from flwr.common import FitIns
@@ -736,31 +743,16 @@ class _PlainStatistics:
                       num_examples=len(self.site.texts), metrics={"site": self.site.identity.name})
 
 
-class _WithoutMaskedStatistics:
-    """A site's client from before masked statistics: it offers statistics but not masked ones."""
-
-    def __init__(self, client) -> None:
-        self.client = client
-
-    def __getattr__(self, name):
-        return getattr(self.client, name)
-
-    def get_properties(self, ins):
-        from edgekit.federated.site import MASKED_STATISTICS
-
-        answer = self.client.get_properties(ins)
-        answer.properties.pop(MASKED_STATISTICS, None)
-        return answer
-
-
 def test_secure_head_calibration_takes_no_plain_statistics_and_keeps_fedavgs_head_when_too_few_sites_mask_them(tmp_path, tiny_model):
     from edgekit.federated.coordinator import InProcessSite, SiteRegistry
+    from edgekit.federated.site import MASKED_STATISTICS
 
     config = load_build_config(federated_config(tmp_path, tiny_model, demo_subset(tmp_path / "data.jsonl", 300), rounds=1,
                                                 min_fit_clients=2, secure_aggregation=True))
     coordinator, sites, messages = _federation(config, 3)
     registry = SiteRegistry(coordinator)
-    wrapped = [_WithoutMaskedStatistics(sites[0].client()), _PlainStatistics(sites[1].client(), sites[1]), sites[2].client()]
+    # site-0 is from before masked statistics: it offers statistics, but not masked ones
+    wrapped = [_WithoutProperty(sites[0].client(), MASKED_STATISTICS), _PlainStatistics(sites[1].client(), sites[1]), sites[2].client()]
     for site, client in zip(sites, wrapped):
         registry.register(InProcessSite(site.identity.name, client))
     coordinator.run(registry, 1, max_workers=1)
