@@ -77,10 +77,15 @@ def statistics(adapter: AdapterModel, rows: Split) -> list[np.ndarray]:
     return [counts, sums, x.T @ x]
 
 
+def statistics_shapes(classes: int, width: int) -> list[tuple[int, ...]]:
+    """The shapes of what :func:`statistics` returns: counts, per-class sums, scatter."""
+    return [(classes,), (classes, width), (width, width)]
+
+
 def check_statistics(arrays: list[np.ndarray], classes: int, width: int, rows: int) -> str | None:
     """Why a site's reply is not a statistics reply of this federation's shapes and the site's ``rows``, or None."""
     shapes = [tuple(a.shape) for a in arrays]
-    if shapes != [(classes,), (classes, width), (width, width)]:
+    if shapes != statistics_shapes(classes, width):
         return f"it sent tensors of shapes {shapes[:3]}, not per-class statistics (is it an edgekit site of this version?)"
     if not all(np.isfinite(a).all() for a in arrays):
         return "it sent statistics that are not finite"

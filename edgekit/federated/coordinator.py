@@ -415,9 +415,9 @@ class Coordinator:
                     "reason": f"{len(able)} of the {self.min_fit} sites needed are connected and allowed by their own "
                               "config to send statistics (federated.head_calibration on, privacy off"
                               f"{'; masked: a site of this version' if secure else ''})"}
-        gather = self._masked_statistics if self.config.federated.secure_aggregation else self._plain_statistics
+        gather = self._masked_statistics if secure else self._plain_statistics
         summed, record = gather(registry, able, max_workers, final)
-        record |= {"min_class_rows": calibration.MIN_CLASS_ROWS, "secure_aggregation": self.config.federated.secure_aggregation}
+        record |= {"min_class_rows": calibration.MIN_CLASS_ROWS, "secure_aggregation": secure}
         if summed is None:
             return record | {"applied": False}
         counts, sums, scatter = summed
@@ -500,7 +500,7 @@ class Coordinator:
             return None, {"sites": [], "problems": [], "reason": f"secure aggregation: {error}"}
         instructions = [(proxy, FitIns(ins.parameters, {**ins.config, STAGE: exchange.fit_orders(name)})) for name, proxy, ins in named]
         results, problems = self._statistics_replies(instructions, max_workers, final)
-        shapes, masked, answered = [(classes,), (classes, width), (width, width)], {}, []
+        shapes, masked, answered = calibration.statistics_shapes(classes, width), {}, []
         for proxy, res in results:
             site, arrays = self._site_of(proxy, res, registry), parameters_to_ndarrays(res.parameters)
             if [tuple(a.shape) for a in arrays] != shapes or any(a.dtype != np.uint64 for a in arrays):
