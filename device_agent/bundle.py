@@ -142,7 +142,7 @@ class TargetInfo(_Strict):
 
 
 class RuntimeInfo(_Strict):
-    engine: Literal["onnxruntime", "tensorrt"]
+    engine: Literal["onnxruntime", "tensorrt", "openvino"]
     execution_providers: list[str] = Field(min_length=1)
     model_file: str
     # Options the device needs to build a TensorRT engine itself (engines are

@@ -180,6 +180,12 @@ def _runtimes() -> tuple[list[InstalledRuntime], list[str]]:
         runtimes.append(InstalledRuntime("tensorrt", tensorrt.__version__))
     except ImportError as exc:
         runtimes.append(InstalledRuntime("tensorrt", None, problem=f"not importable ({exc})"))
+    try:
+        import openvino
+
+        runtimes.append(InstalledRuntime("openvino", openvino.__version__.split("-")[0]))
+    except ImportError as exc:
+        runtimes.append(InstalledRuntime("openvino", None, problem=f"not importable ({exc}); `pip install openvino` for openvino bundles"))
     return runtimes, warnings
 
 

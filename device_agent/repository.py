@@ -145,6 +145,10 @@ def compatibility_problems(manifest: Manifest, host: HostReport) -> list[str]:
         problems.append("onnxruntime does not import on this device; install edgekit[agent]")
     elif "onnxruntime" in target.software and not _version_at_least(onnxruntime.version, target.software["onnxruntime"]):
         problems.append(f"needs onnxruntime >= {target.software['onnxruntime']}, this device has {onnxruntime.version}")
+    openvino = runtimes.get("openvino")
+    # Without OpenVINO an openvino bundle runs on ONNX Runtime (open_model); an older OpenVINO is refused.
+    if openvino is not None and openvino.version and "openvino" in target.software and not _version_at_least(openvino.version, target.software["openvino"]):
+        problems.append(f"needs openvino >= {target.software['openvino']}, this device has {openvino.version}")
     return problems
 
 

@@ -117,7 +117,7 @@ def load_session(manifest: Manifest, model_path: Path, options: RuntimeOptions =
 
 
 class Session(Protocol):
-    """What serving needs from a loaded model: ONNX Runtime's ModelSession or a native TensorRTSession."""
+    """What serving needs from a loaded model: ONNX Runtime's ModelSession, a native TensorRTSession or an OpenVINOSession."""
 
     manifest: Manifest
     providers: list[str]
@@ -126,7 +126,15 @@ class Session(Protocol):
 
 
 def open_model(manifest: Manifest, model_path: Path, options: RuntimeOptions = RuntimeOptions()) -> Session:
-    """A native TensorRT engine for tensorrt bundles where one can be built here; ONNX Runtime otherwise."""
+    """A native TensorRT engine for tensorrt bundles where one can be built here, OpenVINO for openvino bundles where it
+    imports; ONNX Runtime otherwise (the model is an ordinary ONNX file, QDQ for int8: the golden check judges the result)."""
+    if manifest.runtime.engine == "openvino":
+        from device_agent.openvino_engine import load_openvino_session  # imported late: it imports this module
+
+        try:
+            return load_openvino_session(manifest, model_path, options.intra_op_threads)
+        except ModelLoadError as exc:
+            log.warning("using ONNX Runtime instead of OpenVINO: %s", exc)
     if manifest.runtime.engine == "tensorrt" and options.engine_cache_dir is not None:
         from device_agent.tensorrt_engine import load_tensorrt_session  # imported late: it imports this module
 

@@ -1074,7 +1074,9 @@ _UPLOAD_BODY = {
 
 
 def _served_row(served: ServedModel) -> dict:
-    return {"name": served.name, "version": served.version, "state": "READY", "golden_error": served.golden_error}
+    # runtime: what runs the model here (an openvino bundle runs on ONNX Runtime where OpenVINO does not import).
+    return {"name": served.name, "version": served.version, "state": "READY", "golden_error": served.golden_error,
+            "runtime": list(served.session.providers)}
 
 
 def _admin_row(info: VersionInfo) -> dict:

@@ -127,10 +127,12 @@ class QatResult(_Record):
 
 
 class QuantizeResult(_Record):
-    """The recipe ORT ran, the search for nodes to keep in float, and how the best model compares with its float parent."""
+    """The recipe ORT (or NNCF) ran, the search for nodes to keep in float, and how the best model compares with its float
+    parent."""
 
     scheme: str
     precision: str | None = None  # scheme none: the float precision kept
+    quantizer: str | None = None  # what wrote the int8 model: onnxruntime, or nncf for OpenVINO targets
     requested_scheme: str | None = None
     note: str | None = None
     calibration_method: str | None = None

@@ -39,6 +39,7 @@ class SoftwareLock(_Strict):
     cudnn: str | None = None
     tensorrt: str | None = None
     onnxruntime: str | None = None
+    openvino: str | None = None
 
     def pinned(self) -> dict[str, str]:
         """Only the versions this profile pins."""
@@ -46,8 +47,9 @@ class SoftwareLock(_Strict):
 
 
 class RuntimeSpec(_Strict):
-    engine: Literal["onnxruntime", "tensorrt"]
-    execution_providers: list[ExecutionProvider] = Field(min_length=1, description="in order of preference")
+    engine: Literal["onnxruntime", "tensorrt", "openvino"]
+    execution_providers: list[ExecutionProvider] = Field(
+        min_length=1, description="ONNX Runtime's, in order of preference (for an openvino engine: where OpenVINO is missing)")
     intra_op_threads: int | None = Field(default=None, ge=1, description="None lets the runtime decide")
 
 
@@ -142,6 +144,16 @@ class TargetProfile(_Strict):
             raise ValueError("precision int8 needs quantization.scheme 'dynamic' or 'static_qdq'")
         if self.precision.preferred != "int8" and self.quantization.scheme != "none":
             raise ValueError(f"quantization.scheme {self.quantization.scheme!r} needs precision.preferred 'int8'")
+        if self.runtime.engine == "openvino":
+            if self.accelerator != "cpu" or self.cpu_arch != "x86_64":
+                raise ValueError("the openvino engine runs on x86_64 CPUs: set accelerator 'cpu' and cpu_arch 'x86_64'")
+            if self.quantization.scheme == "dynamic":
+                raise ValueError("the openvino engine runs static int8 (NNCF's QDQ model): use quantization.scheme 'static_qdq'")
+            spec = self.quantization
+            if spec.scheme == "static_qdq" and (spec.weight_type, spec.symmetric_weights, spec.per_channel, spec.activation_type,
+                                                 spec.symmetric_activations) != ("int8", True, True, "uint8", False):
+                raise ValueError("the openvino engine quantizes with NNCF's transformer preset: set weight_type 'int8', "
+                                 "symmetric_weights true, per_channel true, activation_type 'uint8', symmetric_activations false")
         uses_tensorrt = self.runtime.engine == "tensorrt" or "TensorrtExecutionProvider" in gpu_providers
         if uses_tensorrt and self.quantization.scheme == "dynamic":
             raise ValueError("TensorRT cannot run dynamic quantization; use quantization.scheme 'static_qdq'")

@@ -1,7 +1,8 @@
 """The compile pass: give the model what the target's runtime needs to build or load an engine.
 
-ONNX Runtime targets need nothing: the model passes through unchanged (hard
-links, no copy). TensorRT targets get :class:`EngineBuildOptions` (precision,
+ONNX Runtime and OpenVINO targets need nothing: the model passes through
+unchanged (hard links, no copy); OpenVINO compiles the ONNX file when the device
+loads it, in a second or two. TensorRT targets get :class:`EngineBuildOptions` (precision,
 workspace, one optimisation profile from the target's dimension ranges) in
 ``engine_build``, which the bundle carries so the device builds its own engine
 on first load: engines are tied to the GPU and the TensorRT version. Only where
@@ -43,7 +44,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     target: str
-    engine: Literal["onnxruntime", "tensorrt"]
+    engine: Literal["onnxruntime", "tensorrt", "openvino"]
     dims: dict[str, DimRange] = Field(default={}, description="symbolic dimension ranges for the optimisation profile")
     workspace_mb: int = Field(gt=0)
     gpu_compute_capability: str | None = None
@@ -192,9 +193,10 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
 
     engine_build: dict[str, JsonValue] | None = None
     report: dict[str, JsonValue]
-    if options.engine == "onnxruntime":
-        report = {"engine": "onnxruntime", "engine_built": False,
-                  "reason": "the target runs the ONNX model with ONNX Runtime; there is no engine to build"}
+    if options.engine in ("onnxruntime", "openvino"):
+        runtime = "ONNX Runtime" if options.engine == "onnxruntime" else "OpenVINO, which compiles it as the device loads it"
+        report = {"engine": options.engine, "engine_built": False,
+                  "reason": f"the target runs the ONNX model with {runtime}; there is no engine to build"}
     else:
         build_options = _engine_options(artifact, options, inputs, dequantize)
         engine_build = build_options.to_manifest()

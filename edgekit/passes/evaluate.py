@@ -1,6 +1,8 @@
 """evaluate: measure the final model against its float reference and the target's budgets.
 
-Runs on this host with ONNX Runtime. When this host is not the target (another
+Runs on this host with the target's engine (ONNX Runtime's CPU provider, or
+OpenVINO's CPU plugin for openvino targets; ONNX Runtime as the proxy for
+TensorRT). When this host is not the target (another
 CPU architecture, or a GPU target), the numbers are a labelled proxy: accuracy
 and fidelity still hold, latency gates are not applied. Every number comes
 from ``edgekit.measure``.
@@ -29,6 +31,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     budgets: Budgets
+    engine: str = "onnxruntime"
     max_batch: int
     host_is_target: bool
     latency_iterations: int
@@ -44,51 +47,48 @@ def host_is_target(target: TargetProfile) -> bool:
 def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
     assert target is not None
     return Options(
-        budgets=target.budgets, max_batch=target.max_batch,
+        budgets=target.budgets, engine=target.runtime.engine, max_batch=target.max_batch,
         host_is_target=host_is_target(target), latency_iterations=config.evaluation.latency_iterations,
         throughput_seconds=config.evaluation.throughput_seconds, intra_op_threads=target.runtime.intra_op_threads,
     )
 
 
-def _session(path, threads: int | None):
-    import onnxruntime
+def _session(path, options: Options):
+    from edgekit.engines import open_runner
 
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return open_runner(path, options.engine, options.intra_op_threads)
 
 
 def _logits(session, texts, task, rows_per_run: int, advance=lambda rows: None) -> "np.ndarray":
     """The model's logits for ``texts``, run ``rows_per_run`` rows at a time as the device would feed them."""
     import numpy as np
 
-    names = [i.name for i in session.get_inputs()]
     outputs = []
-    for feeds in tokenized_batches(task, texts, names, rows_per_run):
-        outputs.append(session.run(None, feeds)[0])
+    for feeds in tokenized_batches(task, texts, session.input_names, rows_per_run):
+        outputs.append(session.run(feeds)[0])
         advance(len(outputs[-1]))
     return np.concatenate(outputs)
 
 
 def measure_model(path, texts, labels, task, options: Options, ctx: PassContext, what: str,
                   rows_per_run: int = BATCH_ROWS) -> tuple[ModelMetrics, "np.ndarray"]:
-    """Task metrics, latency and throughput of one ONNX model on this host; the logits come from runs of ``rows_per_run``."""
+    """Task metrics, latency and throughput of one ONNX model on this host as the target's engine runs it; the logits come
+    from runs of ``rows_per_run``."""
     from edgekit.measure import classification_metrics, latency, size_mb, throughput
     from edgekit.tasks import model_feeds, task_for
 
-    session = _session(path, options.intra_op_threads)
+    session = _session(path, options)
     progress = ctx.progress.add_task(f"evaluating {what}", total=len(texts))
     logits = _logits(session, texts, task, rows_per_run, lambda rows: ctx.progress.advance(progress, rows))
     ctx.progress.remove_task(progress)
     scores = classification_metrics(labels, logits.argmax(-1), task.labels)
-    names = {i.name for i in session.get_inputs()}
+    names = set(session.input_names)
     # Texts padded to max_length: timing then does not depend on which texts happen to come first.
     one = {k: v for k, v in model_feeds(task, texts[:1], pad_to_max_length=True).items() if k in names}
     batch = {k: v for k, v in model_feeds(task, texts[: options.max_batch], pad_to_max_length=True).items() if k in names}
     rows = len(texts[: options.max_batch])
-    timing = latency(lambda: session.run(None, one), iterations=options.latency_iterations)
-    rate = throughput(lambda: session.run(None, batch), rows, seconds=options.throughput_seconds)
+    timing = latency(lambda: session.run(one), iterations=options.latency_iterations)
+    rate = throughput(lambda: session.run(batch), rows, seconds=options.throughput_seconds)
     pr_auc, positive = _positive_class_pr_auc(labels, logits, task.labels)
     metrics = ModelMetrics(
         accuracy=scores.accuracy, f1_macro=scores.f1_macro, precision_macro=scores.precision_macro,
@@ -142,6 +142,7 @@ def gates(reference: ModelMetrics, final: ModelMetrics, options: Options) -> tup
 
 
 def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
+    from edgekit.engines import runtime_label
     from edgekit.measure import fidelity, peak_rss_mb
 
     test = ctx.data.test
@@ -154,10 +155,10 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
                                         f"{artifact.precision} model", rows)
     measured = {**fidelity(reference_logits, final_logits).to_dict(), "peak_rss_mb": peak_rss_mb()}
     if rows == 1:
-        batched = _logits(_session(artifact.model_path, options.intra_op_threads), test.inputs, artifact.task, BATCH_ROWS)
+        batched = _logits(_session(artifact.model_path, options), test.inputs, artifact.task, BATCH_ROWS)
         measured["batched_top1_agreement"] = fidelity(reference_logits, batched).top1_agreement
     final = final.model_copy(update=measured)
-    evaluation = EvaluationResult(runtime="onnxruntime CPUExecutionProvider", proxy=not options.host_is_target, test_rows=len(test),
+    evaluation = EvaluationResult(runtime=runtime_label(options.engine), proxy=not options.host_is_target, test_rows=len(test),
                                   reference=reference, final=final)
     # The model files stay where the compile pass wrote them: evaluation adds numbers, not files.
     return replace(artifact, stage=Stage.EVALUATED, results=artifact.recording(evaluation=evaluation),
@@ -170,7 +171,7 @@ PASS = Pass(
     gives=Stage.EVALUATED,
     version=3,  # 2: flips and the agreement's lower bound; 3: dynamic int8 scored one row per run
     target_specific=True,
-    libraries=("onnxruntime",),
+    libraries=("onnxruntime", "openvino"),
     options_for=options_for,
     run=run,
     remeasures_failures=True,

@@ -101,21 +101,22 @@ def bundle_metrics(artifact: Artifact) -> dict:
 def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     import numpy as np
     import onnx
-    import onnxruntime
 
     from device_agent.bundle import (
         GoldenVectors, Manifest, ModelInfo, RuntimeInfo, TargetInfo, TaskInfo, write_bundle,
     )
     from device_agent.keys import load_private_key
+    from edgekit.engines import open_runner
     from edgekit.tasks import model_feeds, task_for
 
     target, task = options.target, task_for(artifact.task.kind)
     graph = onnx.load(str(artifact.model_path), load_external_data=False).graph
     texts = ctx.data.test.inputs[: options.golden_samples]
-    session = onnxruntime.InferenceSession(str(artifact.model_path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    # The golden outputs are the target engine's on this host: the device compares its own against them.
+    session = open_runner(artifact.model_path, target.runtime.engine)
+    names = session.input_names
     feeds = {k: v for k, v in model_feeds(artifact.task, texts).items() if k in names}
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+    outputs = dict(zip(session.output_names, session.run(feeds), strict=True))
     golden = ctx.work_dir / "golden.npz"
     np.savez(golden, **{f"input:{k}": v for k, v in feeds.items()}, **{f"output:{k}": v for k, v in outputs.items()})
     atol, rtol = GOLDEN_TOLERANCES[artifact.precision]
@@ -173,7 +174,7 @@ PASS = Pass(
     takes=frozenset({Stage.EVALUATED}),
     gives=Stage.BUNDLE,
     target_specific=True,
-    libraries=("onnx", "onnxruntime"),
+    libraries=("onnx", "onnxruntime", "openvino"),
     options_for=options_for,
     run=run,
     signs=True,

@@ -7,7 +7,12 @@ Three schemes, chosen by the target profile:
   activations quantized at run time. Never for convolutions: ORT's dynamic path
   has no int8 conv kernels (measured 5-8x slower than fp32), so a graph with Conv
   falls back to static QDQ with uint8 activations.
-- ``static_qdq``: ``quantize_static`` in QDQ format, calibrated on the build's
+- ``static_qdq`` for OpenVINO targets: NNCF's post-training quantization of the
+  ONNX graph with ``model_type=TRANSFORMER`` (its SmoothQuant and fast bias
+  correction included), calibrated on the calibration rows one per run, as the
+  device sees them; QDQ pairs that OpenVINO's CPU plugin runs on int8 kernels
+  (measured against ONNX Runtime's own recipes: bench/README.md, "Build pipeline").
+- ``static_qdq`` otherwise: ``quantize_static`` in QDQ format, calibrated on the build's
   tokenized calibration texts. Only MatMul/Gemm/Conv are quantized, and the
   attention-mask path stays float: its float32-minimum sentinels (about -3.4e38)
   would give the scores a scale near 1e36 and wipe them out (measured: bench/README.md).
@@ -26,6 +31,9 @@ is always written; the quantize record's ``budget_met`` says whether it meets th
 it, the target's fallback precisions are tried in order (``_fall_back``); the
 build's gate decides what to do with the result.
 
+Candidates are judged with the target's engine on this host (``edgekit.engines``):
+OpenVINO for openvino targets, ONNX Runtime's CPU provider otherwise.
+
 A graph with no node of a type either scheme quantizes (a tree ensemble: its
 thresholds and leaf values are no matrix product) stays fp32 without a trial:
 the record's note says why, and the precision says fp32, never int8.
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import shutil
 import time
@@ -46,6 +55,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnx import numpy_helper
 from onnxruntime.quantization.registry import IntegerOpsRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,6 +71,7 @@ from edgekit.tasks import model_feeds
 MODEL_FILE = "model.onnx"
 SCRATCH_DIR = "scratch"  # the search's intermediate float graphs and one-node models, removed when it ends
 STATIC_OP_TYPES = ("MatMul", "Gemm", "Conv")
+NNCF_OP_TYPES = (*STATIC_OP_TYPES, "Gather")  # NNCF also stores embedding tables in int8 (weights only)
 # quantize_dynamic rewrites Gemm as MatMul + Add before quantizing it, so Gemm counts as quantizable there too.
 DYNAMIC_OP_TYPES = tuple(sorted({*IntegerOpsRegistry, "Gemm"}))
 MASK_INPUT = "attention_mask"
@@ -96,6 +107,7 @@ class Options(BaseModel):
     search: QuantizationSection = QuantizationSection()
     fallback: tuple[Literal["fp16", "fp32"], ...] = Field((), description="the target's precisions to try, in order, when int8 breaks the budget")
     keep_io_fp32: bool = True
+    engine: Literal["onnxruntime", "tensorrt", "openvino"] = Field("onnxruntime", description="the target's runtime: judges the candidates")
     max_accuracy_drop_points: float = Field(1.0, ge=0)
     min_top1_agreement: float = Field(0.99, ge=0, le=1)
 
@@ -111,6 +123,7 @@ def options_for(config: BuildConfig, target: TargetProfile | None) -> Options:
         search=search.model_copy(update={"calibration_method": None}),  # folded into the recipe
         fallback=tuple(p for p in target.precision.fallback if p != "int8") if target.precision.preferred == "int8" else (),
         keep_io_fp32=target.precision.keep_io_fp32,
+        engine=target.runtime.engine,
         max_accuracy_drop_points=target.budgets.max_accuracy_drop_points,
         min_top1_agreement=target.budgets.min_top1_agreement,
     )
@@ -134,14 +147,15 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     inputs = _input_names(float_model.graph)
     # Judged against the customized float model: after quantization-aware training that is not the model quantized here.
     reference = artifact.float_model or artifact.model_path
-    judge = Judge.for_float_model(reference, inputs, artifact.task, _evaluation_split(ctx, options), recipe.scheme)
+    judge = Judge.for_float_model(reference, inputs, artifact.task, _evaluation_split(ctx, options), recipe.scheme, options.engine)
     # Only calibrated scales suffer from the mask's sentinels: dynamic int8 measures its ranges on each run.
     mask_path = _mask_path_nodes(float_model.graph) if options.keep_mask_path_float and recipe.scheme == "static_qdq" else ()
     mask_path = tuple(dict.fromkeys([*mask_path, *_compared_nodes(float_model.graph)]))  # both stay float from the start
-    calibration = _calibrate(recipe, artifact, inputs, ctx, mask_path) if recipe.scheme == "static_qdq" else None
+    calibration = _calibrate(recipe, artifact, inputs, ctx, mask_path) if recipe.scheme == "static_qdq" and recipe.tool == "onnxruntime" else None
+    nncf = _nncf_quantize(recipe, artifact, inputs, mask_path, ctx) if recipe.tool == "nncf" else None
     budget = Budget(judge.float_accuracy, options.max_accuracy_drop_points, options.min_top1_agreement, len(judge.labels),
                     len(ctx.data.test))
-    search = Search(Quantizer(recipe, artifact.model_path, calibration, base_exclusions=mask_path), judge, budget, output)
+    search = Search(Quantizer(recipe, artifact.model_path, calibration, base_exclusions=mask_path, nncf=nncf), judge, budget, output)
     search.try_keeping(())
     candidates = _quantized_nodes(float_model, onnx.load(output), recipe.candidate_op_types, mask_path)
     smoothing = None
@@ -226,6 +240,7 @@ class Recipe:
     calibration_method: str
     calibration_samples: int
     candidate_op_types: tuple[str, ...]
+    tool: Literal["onnxruntime", "nncf"] = "onnxruntime"  # what writes the int8 model
     note: str | None = None
 
 
@@ -245,7 +260,7 @@ def _recipe_for(options: Options, model: onnx.ModelProto) -> Recipe:
         candidate_op_types=options.op_types,
     )
     if spec.scheme == "static_qdq":
-        return recipe
+        return dataclasses.replace(recipe, tool="nncf", candidate_op_types=NNCF_OP_TYPES) if options.engine == "openvino" else recipe
     if any(node.op_type == "Conv" for node in model.graph.node):
         note = "the graph has Conv nodes and dynamic int8 has no int8 conv kernels (5-8x slower than fp32); using static QDQ with uint8 activations"
         return dataclasses.replace(recipe, scheme="static_qdq", activation_type="uint8", symmetric_activations=False, candidate_op_types=STATIC_OP_TYPES, note=note)
@@ -463,6 +478,89 @@ def _calibrate(recipe: Recipe, artifact: Artifact, input_names: Sequence[str], c
             ) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class NncfModel:
+    """NNCF's all-int8 QDQ model of the float graph, made once: the search's candidates return nodes of it to float."""
+
+    path: Path
+    rows: int  # calibration rows
+    seconds: float
+
+
+def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str], keep_float: Sequence[str], ctx: PassContext) -> NncfModel:
+    """Run NNCF's transformer post-training quantization once, calibrated on rows one per run and unpadded (the ranges a
+    device serving one request sees), ``keep_float`` ignored.
+
+    NNCF's defaults for transformers: per-channel symmetric int8 weights, asymmetric uint8 activations, SmoothQuant
+    (alpha 0.95) on MatMul inputs, fast bias correction. One call takes about a minute on the demo's MiniLM (NNCF matches
+    its fusion patterns over the whole graph), so the search edits this model instead of calling NNCF per candidate.
+    """
+    import nncf
+
+    started = time.perf_counter()
+    rows = _calibration_split(ctx, recipe)
+    feeds = tokenized_batches(artifact.task, rows.inputs, input_names, rows=1)
+    task = ctx.progress.add_task("quantize: NNCF calibration and SmoothQuant", total=None)
+    with _quiet_quantization_tools():
+        quantized = nncf.quantize(
+            onnx.load(artifact.model_path), nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds),
+            ignored_scope=nncf.IgnoredScope(names=list(keep_float), validate=False),
+        )
+    ctx.progress.remove_task(task)
+    path = ctx.work_dir / SCRATCH_DIR / "nncf-int8.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(quantized, path)
+    return NncfModel(path, len(feeds), time.perf_counter() - started)
+
+
+def returned_to_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, nodes: Sequence[str]) -> onnx.ModelProto:
+    """NNCF's QDQ model with ``nodes`` as they are in the float model: the float node reads the float activations (still
+    in the graph: NNCF's QuantizeLinear and SmoothQuant Mul read them) and the float weights, and an Add right after it
+    gets its float bias back (NNCF's bias correction shifted it for the int8 node). What nobody reads any more is
+    dropped. Edits and returns ``quantized``."""
+    graph = quantized.graph
+    float_nodes = {node.name: node for node in float_model.graph.node}
+    float_constants = {init.name: init for init in float_model.graph.initializer}
+    constants = {init.name: init for init in graph.initializer}
+    position = {node.name: index for index, node in enumerate(graph.node)}
+    values = {value.name for value in graph.input} | {out for node in graph.node for out in node.output}
+    for name in nodes:
+        original = float_nodes.get(name)
+        # A node NNCF left alone, or one whose float inputs NNCF folded away, stays as it is.
+        if original is None or name not in position or any(v and v not in values and v not in float_constants for v in original.input):
+            continue
+        graph.node[position[name]].CopyFrom(original)
+        readers = [node for node in graph.node if original.output[0] in node.input]
+        for value in [*original.input, *(v for reader in readers if reader.op_type == "Add" for v in reader.input)]:
+            if value in float_constants and (value not in constants or not _same(constants[value], float_constants[value])):
+                if value in constants:
+                    graph.initializer.remove(constants[value])
+                constants[value] = onnx.TensorProto()
+                constants[value].CopyFrom(float_constants[value])
+                graph.initializer.append(constants[value])
+    _drop_unread(graph)
+    return quantized
+
+
+def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    return np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def _drop_unread(graph: onnx.GraphProto) -> None:
+    """Remove the nodes (ONNX nodes have no side effects) and initializers whose outputs nothing reads any more: the
+    quantize/dequantize pairs and SmoothQuant scalings only the nodes returned to float read."""
+    outputs = {value.name for value in graph.output}
+    while True:
+        read = {value for node in graph.node for value in node.input} | outputs
+        unread = [node for node in graph.node if not set(node.output) & read]
+        if not unread:
+            break
+        for node in unread:
+            graph.node.remove(node)
+    for init in [init for init in graph.initializer if init.name not in read]:
+        graph.initializer.remove(init)
+
+
 def _histogram_failed(error: ValueError) -> bool:
     """numpy's histogram refusing a range, e.g. "Too many bins for data range" when a tensor spans about 3.4e38."""
     return "bins" in str(error) or "range" in str(error)
@@ -490,11 +588,14 @@ class Quantizer:
     source: Path
     calibration: Calibration | None
     base_exclusions: tuple[str, ...] = ()
+    nncf: NncfModel | None = None  # the all-int8 model an NNCF recipe's candidates start from
 
     def write(self, keep_in_float: Sequence[str], output: Path, *, reader: CalibrationDataReader | None = None) -> None:
         exclude = [*self.base_exclusions, *keep_in_float]
         with _quiet_quantization_tools():
-            if self.recipe.scheme == "dynamic":
+            if self.recipe.tool == "nncf":
+                self._write_nncf(keep_in_float, output)
+            elif self.recipe.scheme == "dynamic":
                 self._write_dynamic(exclude, output)
             else:
                 self._write_static(exclude, output, reader)
@@ -512,6 +613,13 @@ class Quantizer:
             # (Attention, SkipLayerNormalization): they are float tensors.
             extra_options={"WeightSymmetric": self.recipe.symmetric_weights, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
+
+    def _write_nncf(self, keep_in_float: Sequence[str], output: Path) -> None:
+        assert self.nncf is not None, "an NNCF recipe needs NNCF's model"
+        source = onnx.load(self.source)
+        # The base exclusions (the mask path) were NNCF's ignored scope; only the recipe's candidates come back to float.
+        candidates = _quantizable(source, keep_in_float, self.recipe.candidate_op_types)
+        onnx.save(returned_to_float(onnx.load(self.nncf.path), source, candidates), output)
 
     def _write_static(self, exclude: list[str], output: Path, reader: CalibrationDataReader | None) -> None:
         assert self.calibration is not None, "static quantization needs a calibration"
@@ -545,17 +653,22 @@ class _DropPreprocessingHint(logging.Filter):
 def _quiet_quantization_tools() -> Iterator[None]:
     """Silence the noise of ORT's quantization tools, nothing else.
 
-    ORT logs a pre-processing hint twice per call (dozens of lines in a search), and
+    ORT logs a pre-processing hint twice per call (dozens of lines in a search),
     numpy warns about overflow whenever a histogram meets the mask's float32-minimum
-    sentinels, which the calibration fallback already handles and reports.
+    sentinels, which the calibration fallback already handles and reports, and NNCF
+    draws its own progress bars and logs each step (the pass has its own progress).
     """
     hint_filter = _DropPreprocessingHint()
     logging.root.addFilter(hint_filter)
+    nncf_logger = logging.getLogger("nncf")
+    nncf_level = nncf_logger.level
+    nncf_logger.setLevel(logging.ERROR)
     try:
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"), contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         logging.root.removeFilter(hint_filter)
+        nncf_logger.setLevel(nncf_level)
 
 
 # --------------------------------------------------------------------------- judging
@@ -621,24 +734,26 @@ class Budget:
 
 @dataclasses.dataclass(frozen=True)
 class Judge:
-    """Scores candidates on held-out rows against the float parent, with ONNX Runtime on the CPU."""
+    """Scores candidates on held-out rows against the float parent, with the target's engine on this host's CPU."""
 
     task: TaskSpec
     batches: list[dict[str, np.ndarray]]
     labels: np.ndarray
     float_logits: np.ndarray
     float_accuracy: float
+    engine: str = "onnxruntime"
 
     @classmethod
-    def for_float_model(cls, float_model: Path, input_names: Sequence[str], task: TaskSpec, rows: Split, scheme: str) -> Judge:
+    def for_float_model(cls, float_model: Path, input_names: Sequence[str], task: TaskSpec, rows: Split, scheme: str,
+                        engine: str = "onnxruntime") -> Judge:
         batches = tokenized_batches(task, rows.inputs, input_names, rows_per_run(scheme))
-        float_logits = _logits(float_model, batches)
+        float_logits = _logits(float_model, batches, engine)
         accuracy = measure.classification_metrics(rows.labels, float_logits.argmax(-1), task.labels).accuracy
-        return cls(task, batches, rows.labels, float_logits, accuracy)
+        return cls(task, batches, rows.labels, float_logits, accuracy, engine)
 
     def score(self, model: Path) -> tuple[float, float]:
         """Task accuracy and top-1 agreement with the float parent."""
-        logits = _logits(model, self.batches)
+        logits = _logits(model, self.batches, self.engine)
         accuracy = measure.classification_metrics(self.labels, logits.argmax(-1), self.task.labels).accuracy
         return accuracy, measure.fidelity(self.float_logits, logits).top1_agreement
 
@@ -647,9 +762,11 @@ def _cpu_session(model: Path | bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"])
 
 
-def _logits(model: Path, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
-    session = _cpu_session(model)
-    return np.concatenate([session.run(None, batch)[0] for batch in batches])
+def _logits(model: Path, batches: list[dict[str, np.ndarray]], engine: str = "onnxruntime") -> np.ndarray:
+    from edgekit.engines import open_runner
+
+    runner = open_runner(model, engine)
+    return np.concatenate([runner.run(batch)[0] for batch in batches])
 
 
 # --------------------------------------------------------------------------- sensitivity and search
@@ -939,7 +1056,8 @@ def _report(
         "calibration_method": calibration.method if calibration else None,
         "requested_calibration_method": recipe.calibration_method if calibration else None,
         "calibration_fallback": calibration.fallback if calibration else None,
-        "calibration_rows": calibration.rows if calibration else 0,
+        "calibration_rows": calibration.rows if calibration else (search.quantizer.nncf.rows if search.quantizer.nncf else 0),
+        "quantizer": "nncf" if recipe.tool == "nncf" else "onnxruntime",
         "activation_type": recipe.activation_type,
         "weight_type": recipe.weight_type,
         "symmetric_activations": recipe.symmetric_activations,
@@ -968,7 +1086,7 @@ PASS = Pass(
     version=5,  # 2: the search's validation margin, SmoothQuant, the revert pass, the precision fallback; 3: dynamic int8 judged a row per run;
     # 4: nodes read by a comparison stay float, a graph with nothing to quantize stays fp32; 5: the predicted test gate as margin
     target_specific=True,
-    libraries=("onnxruntime", "onnx"),
+    libraries=("onnxruntime", "onnx", "nncf", "openvino"),
     options_for=options_for,
     run=run,
 )

@@ -22,15 +22,15 @@ def invoke(*args: str):
     return runner.invoke(app, list(args))
 
 
-def test_targets_list_json_prints_the_five_profiles():
+def test_targets_list_json_prints_the_six_profiles():
     result = invoke("targets", "list", "--json")
     assert result.exit_code == 0, result.output
     profiles = json.loads(result.stdout)
     names = {profile["name"] for profile in profiles}
-    assert {"x86-64-cpu", "arm64-cpu", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb", "x86-64-nvidia-gpu"} <= names
+    assert {"x86-64-cpu", "x86-64-cpu-openvino", "arm64-cpu", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb", "x86-64-nvidia-gpu"} <= names
     for profile in profiles:
         assert profile["accelerator"] in ("cpu", "cuda")
-        assert profile["runtime"]["engine"] in ("onnxruntime", "tensorrt")
+        assert profile["runtime"]["engine"] in ("onnxruntime", "tensorrt", "openvino")
 
 
 def test_targets_list_table_names_every_target():

@@ -32,7 +32,7 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     model = tiny_hf_folder(root / "tiny-model")
     loose = {"max_accuracy_drop_points": 100.0, "min_top1_agreement": 0.0}
-    targets = [relaxed_target(root, "x86-64-cpu", **loose), relaxed_target(root, "jetson-orin-nano-8gb", **loose)]
+    targets = [relaxed_target(root, name, **loose) for name in ("x86-64-cpu", "jetson-orin-nano-8gb", "x86-64-cpu-openvino")]
     config = tiny_text_build_config(root, model, targets)
     result = _build(config, root / "out", root / "cache")
     assert result.exit_code == 0, result.output
@@ -42,7 +42,7 @@ def built(tmp_path_factory):
 @pytest.mark.slow
 def test_build_writes_a_bundle_and_a_report_per_target(built):
     root, _ = built
-    for target in ("x86-64-cpu-test", "jetson-orin-nano-8gb-test"):
+    for target in ("x86-64-cpu-test", "jetson-orin-nano-8gb-test", "x86-64-cpu-openvino-test"):
         report = json.loads((root / "out" / target / "report.json").read_text())
         assert report["target"] == target and report["passed"]
         assert Path(report["bundle"]) == root / "out" / target / "tiny-1.0.0.ekb"
@@ -140,7 +140,31 @@ def test_a_broken_budget_fails_the_build_without_a_bundle(built):
 
 
 @pytest.mark.slow
-def test_the_device_serves_the_text_bundle_with_bytes_input(built, tmp_path):
+def test_the_openvino_bundle_runs_on_openvino_and_on_onnx_runtime_where_openvino_is_missing(built, monkeypatch):
+    import sys
+
+    from device_agent.openvino_engine import OpenVINOSession
+    from device_agent.runtime import ModelSession, open_model, run_golden_check
+
+    root, _ = built
+    report = json.loads((root / "out" / "x86-64-cpu-openvino-test" / "report.json").read_text())
+    assert report["metrics"]["evaluation"]["runtime"].startswith("openvino CPU") and report["quantization"]["quantizer"] == "nncf"
+    with open_bundle(root / "out" / "x86-64-cpu-openvino-test" / "tiny-1.0.0.ekb", Keyring.load(root / "cache" / "dev-key")) as bundle:
+        manifest, model = bundle.manifest, bundle.path("model.onnx")
+        assert (manifest.runtime.engine, manifest.precision, manifest.runtime.max_rows_per_run) == ("openvino", "int8", None)
+        assert [n for n in onnx.load(str(model)).graph.node if n.op_type == "QuantizeLinear"], "NNCF's QDQ model"
+        session = open_model(manifest, model)
+        assert isinstance(session, OpenVINOSession) and session.providers == ["openvino CPU (f32 float layers)"]
+        assert run_golden_check(session, bundle.path(manifest.golden.file)) == 0.0  # the golden outputs are OpenVINO's
+        monkeypatch.setitem(sys.modules, "openvino", None)  # a device without OpenVINO
+        fallback = open_model(manifest, model)
+        assert isinstance(fallback, ModelSession) and fallback.providers == ["CPUExecutionProvider"]
+        assert run_golden_check(fallback, bundle.path(manifest.golden.file)) <= manifest.golden.atol
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["x86-64-cpu-test", "x86-64-cpu-openvino-test"])
+def test_the_device_serves_the_text_bundle_with_bytes_input(built, tmp_path, target):
     import tritonclient.http as triton
 
     from device_agent.preprocess import TextTokenizer
@@ -152,7 +176,7 @@ def test_the_device_serves_the_text_bundle_with_bytes_input(built, tmp_path):
     shutil.copy(root / "cache" / "dev-key" / "edgekit.pub", keyring / "dev.pub")
     agent = AgentProcess(tmp_path, keyring).start()
     try:
-        bundle = root / "out" / "x86-64-cpu-test" / "tiny-1.0.0.ekb"
+        bundle = root / "out" / target / "tiny-1.0.0.ekb"
         token = tmp_path / "admin.token"
         result = runner.invoke(app, ["flash", str(bundle), "--device", agent.url, "--token-file", str(token)])
         assert result.exit_code == 0, result.output  # installed only after its golden vectors passed here
@@ -165,15 +189,14 @@ def test_the_device_serves_the_text_bundle_with_bytes_input(built, tmp_path):
         manifest, _ = read_manifest_unverified(bundle)
         if manifest.precision == "int8":  # dynamic int8 (x86): gated a row per run, never joined with other requests
             assert manifest.runtime.max_rows_per_run == 1
-        import onnxruntime
+        from edgekit.engines import open_runner
 
         with open_bundle(bundle, Keyring.load(keyring)) as opened:
-            session = onnxruntime.InferenceSession(str(opened.path("model.onnx")))
+            session = open_runner(opened.path("model.onnx"), manifest.runtime.engine)  # the agent's runtime: the bundle's engine
             tokenizer = TextTokenizer(opened.path("tokenizer.json"), manifest.preprocessing.max_length)
-            names = {i.name for i in session.get_inputs()}
 
             def run(some: list[str]) -> np.ndarray:
-                return session.run(None, {k: v for k, v in tokenizer.encode(some).items() if k in names})[0]
+                return session.run(tokenizer.encode(some))[0]
 
             # Dynamic int8: each text gets the answer it gets alone (the gates measured that), not the padded batch's.
             expected = np.concatenate([run([text]) for text in texts]) if manifest.runtime.max_rows_per_run == 1 else run(texts)
