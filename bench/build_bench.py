@@ -76,6 +76,7 @@ OPENVINO_TARGET = "x86-64-cpu-openvino"  # --openvino-target: built too; its bun
 SEQUENCE = 128
 BATCH = 32  # throughput batch
 CONFIG_VARIABLE = "EDGEKIT_BUILD_BENCH_CONFIG"  # the build config, passed to the children through the environment
+DATA_VARIABLE = "EDGEKIT_BUILD_BENCH_DATA"  # --data: the build's --data, likewise
 THREADS = 2
 OLIVE_SPEC = "olive-ai==0.13.0"  # the version this benchmark was written against
 OLIVE_PACKAGES = (OLIVE_SPEC, "onnxruntime==1.32.0", "onnx", "numpy", "requests")  # olive-ai 0.13.0 imports requests without requiring it
@@ -110,8 +111,11 @@ def demo_data():
     from edgekit.config import load_build_config
     from edgekit.tasks import load_task_data
 
-    config = os.environ.get(CONFIG_VARIABLE)
-    return load_task_data(load_build_config(Path(config) if config else None))
+    config, data = os.environ.get(CONFIG_VARIABLE), os.environ.get(DATA_VARIABLE)
+    build = load_build_config(Path(config) if config else None)
+    if data:  # as edgekit build --data applies it
+        build = build.model_copy(update={"data": build.data.model_copy(update={"path": Path(data), "calibration_path": None})})
+    return load_task_data(build)
 
 
 def accuracy_batches(tokenizer_file: Path, texts) -> list[dict]:
@@ -513,7 +517,8 @@ def timed_build(edgekit: Path, out: Path, cache: Path, log: Path, targets: tuple
     started = time.perf_counter()
     config = os.environ.get(CONFIG_VARIABLE)
     chosen = [argument for target in targets for argument in ("--target", target)] if targets != (TARGET,) else []
-    result = subprocess.run([str(edgekit), "build", *([config] if config else []), *chosen, "--out", str(out), "--cache-dir", str(cache)],
+    data = [argument for argument in ("--data", os.environ.get(DATA_VARIABLE)) if os.environ.get(DATA_VARIABLE)]
+    result = subprocess.run([str(edgekit), "build", *([config] if config else []), *chosen, *data, "--out", str(out), "--cache-dir", str(cache)],
                             check=False, capture_output=True, text=True, cwd=out.parent)
     seconds = time.perf_counter() - started
     log.write_text(result.stdout + result.stderr)
@@ -555,6 +560,7 @@ def main() -> None:
     parser.add_argument("--openvino-python", type=Path, default=Path("/tmp/openvino-venv/bin/python"),
                         help=f"Python of NNCF's and OpenVINO's own environment; created with {' '.join(OPENVINO_PACKAGES)} when missing")
     parser.add_argument("--config", type=Path, help="a build config (default: the embedded demo), e.g. examples/wordnet-finetune.yaml")
+    parser.add_argument("--data", type=Path, help="the build's data instead of the config's (edgekit build --data), e.g. bench/docstring_data.py's CSV")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "build.json")
     parser.add_argument("--openvino-target", action="store_true",
                         help=f"build for {OPENVINO_TARGET} too; its bundle joins as edgekit-openvino, run by OpenVINO (float layers f32)")
@@ -579,6 +585,8 @@ def main() -> None:
 
     if args.config:
         os.environ[CONFIG_VARIABLE] = str(args.config.resolve())
+    if args.data:
+        os.environ[DATA_VARIABLE] = str(args.data.resolve())
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=False)
         run_benchmark(args, args.keep.resolve())
@@ -766,7 +774,7 @@ def run_benchmark(args, work: Path) -> None:
                  "load_average_at_start": [round(v, 2) for v in load_before], "load_average_at_end": [round(v, 2) for v in os.getloadavg()]},
         "versions": versions,
         "olive_environment": {"python": str(args.olive_python), "versions": peers_info.get("olive", {}).get("versions")},
-        "setup": {"config": os.environ.get(CONFIG_VARIABLE, "the embedded demo"), "target": TARGET, "targets": list(targets), "sequence_length": SEQUENCE, "intra_op_num_threads": THREADS, "torch_threads": THREADS,
+        "setup": {"config": os.environ.get(CONFIG_VARIABLE, "the embedded demo"), "data": os.environ.get(DATA_VARIABLE, "the config's"), "target": TARGET, "targets": list(targets), "sequence_length": SEQUENCE, "intra_op_num_threads": THREADS, "torch_threads": THREADS,
                   "throughput_batch": BATCH, "rounds": args.rounds, "latency_iterations": args.iterations,
                   "throughput_seconds": args.seconds, "test_rows": len(data.test), "calibration_rows": len(data.calibration),
                   "fp32_reference": "onnxruntime-fp32 (the export pass's model.onnx)",
