@@ -180,12 +180,11 @@ def _runtimes() -> tuple[list[InstalledRuntime], list[str]]:
         runtimes.append(InstalledRuntime("tensorrt", tensorrt.__version__))
     except ImportError as exc:
         runtimes.append(InstalledRuntime("tensorrt", None, problem=f"not importable ({exc})"))
-    try:
-        import openvino
-
-        runtimes.append(InstalledRuntime("openvino", openvino.__version__.split("-")[0]))
-    except ImportError as exc:
-        runtimes.append(InstalledRuntime("openvino", None, problem=f"not importable ({exc}); `pip install openvino` for openvino bundles"))
+    # The installed distribution's version, not an import: OpenVINO's libraries would stay in the agent's memory
+    # whichever engine its bundles use (a bundle that asks for OpenVINO imports it as it loads).
+    openvino = _distribution_version("openvino")
+    runtimes.append(InstalledRuntime("openvino", openvino, problem=None if openvino else
+                                     "not installed; `pip install \"edgekit[openvino]\"` for openvino bundles"))
     return runtimes, warnings
 
 
