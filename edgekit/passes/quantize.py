@@ -488,8 +488,8 @@ class NncfModel:
 
 
 def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str], keep_float: Sequence[str], ctx: PassContext) -> NncfModel:
-    """Run NNCF's transformer post-training quantization once, calibrated on rows one per run and unpadded (the ranges a
-    device serving one request sees), ``keep_float`` ignored.
+    """Run NNCF's post-training quantization once, calibrated on rows one per run and unpadded (the ranges a device
+    serving one request sees), ``keep_float`` ignored; its transformer preset where the graph has attention (Softmax).
 
     NNCF's defaults for transformers: per-channel symmetric int8 weights, asymmetric uint8 activations, SmoothQuant
     (alpha 0.95) on MatMul inputs, fast bias correction. One call takes about a minute on the demo's MiniLM (NNCF matches
@@ -500,10 +500,13 @@ def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str
     started = time.perf_counter()
     rows = _calibration_split(ctx, recipe)
     feeds = tokenized_batches(artifact.task, rows.inputs, input_names, rows=1)
-    task = ctx.progress.add_task("quantize: NNCF calibration and SmoothQuant", total=None)
+    model = onnx.load(artifact.model_path)
+    # The transformer preset (SmoothQuant, attention patterns) where the graph has attention; NNCF's default otherwise.
+    attention = any(node.op_type == "Softmax" for node in model.graph.node)
+    task = ctx.progress.add_task("quantize: NNCF calibration" + (" and SmoothQuant" if attention else ""), total=None)
     with _quiet_quantization_tools():
         quantized = nncf.quantize(
-            onnx.load(artifact.model_path), nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds),
+            model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER if attention else None, subset_size=len(feeds),
             ignored_scope=nncf.IgnoredScope(names=list(keep_float), validate=False),
         )
     ctx.progress.remove_task(task)

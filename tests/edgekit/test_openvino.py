@@ -14,7 +14,7 @@ from edgekit.config import BuildConfig
 from edgekit.engines import open_runner
 from edgekit.passes import quantize
 from edgekit.targets import TargetProfile, load_target
-from tests.support.tiny_bert import TinyBert, artifact_for, build_tiny_bert, context_for
+from tests.support.tiny_bert import TinyBert, artifact_for, build_tiny_bert, context_for, export_text_cnn
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = "x86-64-cpu-openvino"
@@ -97,6 +97,24 @@ def test_an_impossible_budget_makes_the_search_return_nodes_to_float_under_openv
     assert report["float_costs"]["unit"] == "weight elements (estimated)"
     assert report["precision_fallback"]["used"] is False and result.precision == "int8"
     open_runner(result.model_path, "openvino")  # whichever candidate won, OpenVINO compiles it
+
+
+def test_a_convolutional_model_gets_nncfs_default_preset_and_runs_on_openvino(tiny_bert: TinyBert, tmp_path: Path) -> None:
+    import dataclasses
+
+    cnn = dataclasses.replace(tiny_bert, model_path=export_text_cnn(tmp_path / "cnn", len(tiny_bert.task.labels)))
+    options = _options(min_top1_agreement=0.0, max_accuracy_drop_points=100.0, evaluation_samples=100)
+    result = quantize.run(artifact_for(cnn), options, context_for(cnn, tmp_path / "out"))
+    assert (result.results.quantization.quantizer, result.precision) == ("nncf", "int8")
+    graph = onnx.load(result.model_path).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    conv = next(node for node in graph.node if node.op_type == "Conv")
+    activation = producers[conv.input[0]]
+    while activation.op_type in ("Transpose", "Reshape", "Gather"):  # NNCF quantizes before layout changes and lookups
+        activation = producers[activation.input[0]]
+    assert (activation.op_type, producers[conv.input[1]].op_type) == ("DequantizeLinear", "DequantizeLinear")  # int8 both
+    assert not [node for node in graph.node if node.name.endswith("nncf_smooth_quant")]  # no transformer preset without attention
+    assert _validation_logits(result.model_path, cnn, "openvino").shape == (100, len(tiny_bert.task.labels))
 
 
 def _profile(**changes) -> dict:

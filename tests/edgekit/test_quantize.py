@@ -19,7 +19,7 @@ from edgekit.data import Split
 from edgekit.errors import EdgekitError
 from edgekit.passes import quantize
 from edgekit.targets import QuantizationSpec, load_target
-from tests.support.tiny_bert import TinyBert, artifact_for, build_tiny_bert, context_for, export_text_classifier
+from tests.support.tiny_bert import TinyBert, artifact_for, build_tiny_bert, context_for, export_text_cnn
 
 # Quantizing the Adds as well puts the attention mask's float32-minimum sentinels into
 # calibration: the Add that applies the mask gets a scale near 1e36 and the scores vanish.
@@ -184,35 +184,13 @@ def test_scheme_none_keeps_the_float_model(tiny_bert: TinyBert, tmp_path: Path) 
 
 
 def test_dynamic_int8_never_quantizes_convolutions(tiny_bert: TinyBert, tmp_path: Path) -> None:
-    cnn = dataclasses.replace(tiny_bert, model_path=_export_text_cnn(tmp_path / "cnn", len(tiny_bert.task.labels)))
+    cnn = dataclasses.replace(tiny_bert, model_path=export_text_cnn(tmp_path / "cnn", len(tiny_bert.task.labels)))
     result = _run(cnn, tmp_path / "out", _options("x86-64-cpu", accuracy_aware=False, fallback=()))  # the int8 recipe itself
     report = result.results.quantization.model_dump()
     assert (report["requested_scheme"], report["scheme"], report["activation_type"]) == ("dynamic", "static_qdq", "uint8")
     assert "Conv" in report["note"]
     ops = _op_counts(result.model_path)
     assert ops["ConvInteger"] == 0 and ops["QuantizeLinear"] > 0
-
-
-def _export_text_cnn(directory: Path, label_count: int) -> Path:
-    """A small untrained convolutional text classifier with the BERT inputs (token types unused)."""
-    import torch
-
-    class TextCnn(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Embedding(30522, 16)
-            self.conv = torch.nn.Conv1d(16, 16, kernel_size=3, padding=1)
-            self.head = torch.nn.Linear(16, label_count)
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            features = torch.relu(self.conv(self.embed(input_ids).transpose(1, 2)))
-            mask = attention_mask.unsqueeze(1).to(features.dtype)
-            return self.head((features * mask).sum(-1) / mask.sum(-1)) + 0 * token_type_ids.sum()
-
-    torch.manual_seed(0)
-    directory.mkdir(parents=True)
-    export_text_classifier(TextCnn().eval(), directory / "model.onnx")
-    return directory / "model.onnx"
 
 
 def test_the_search_accepts_a_candidate_only_when_the_test_gate_would_pass_with_95_percent_probability() -> None:

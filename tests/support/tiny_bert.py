@@ -163,3 +163,25 @@ def tiny_hf_folder(directory: Path, *, seed: int = 0, hidden_size: int = 32) -> 
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm_tokenizer_file().parent / name, directory / name)
     return directory
+
+
+def export_text_cnn(directory: Path, label_count: int) -> Path:
+    """A small untrained convolutional text classifier with the BERT inputs (token types unused)."""
+    import torch
+
+    class TextCnn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(30522, 16)
+            self.conv = torch.nn.Conv1d(16, 16, kernel_size=3, padding=1)
+            self.head = torch.nn.Linear(16, label_count)
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            features = torch.relu(self.conv(self.embed(input_ids).transpose(1, 2)))
+            mask = attention_mask.unsqueeze(1).to(features.dtype)
+            return self.head((features * mask).sum(-1) / mask.sum(-1)) + 0 * token_type_ids.sum()
+
+    torch.manual_seed(0)
+    directory.mkdir(parents=True)
+    export_text_classifier(TextCnn().eval(), directory / "model.onnx")
+    return directory / "model.onnx"
