@@ -31,7 +31,8 @@ FLOAT_PRECISION = "f32"
 class CompiledModel:
     """An ONNX model compiled for the CPU; ``run`` takes numpy feeds by input name and returns outputs in graph order.
 
-    One infer request per calling thread: requests are not safe to share between threads, the compiled model is.
+    One infer request behind a lock: a request is not safe to share between threads, and the latency hint gives one
+    request all the cores anyway; a request per thread would grow memory with the server's thread pool.
     """
 
     def __init__(self, model_path: Path, threads: int | None = None) -> None:
@@ -47,16 +48,14 @@ class CompiledModel:
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for models it cannot read
             raise ModelLoadError(f"OpenVINO cannot compile {model_path.name}: {exc}") from None
         self.input_names = [port.get_any_name() for port in self._compiled.inputs]
-        self.output_names = [port.get_any_name() for port in self._compiled.outputs]
-        self._requests = threading.local()
+        self._request = self._compiled.create_infer_request()
+        self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        request = getattr(self._requests, "request", None)
-        if request is None:
-            request = self._requests.request = self._compiled.create_infer_request()
-        results = request.infer({name: feeds[name] for name in self.input_names})
-        # The request reuses its output buffers on the next run: copy them out.
-        return [np.array(results[port], copy=True) for port in self._compiled.outputs]
+        with self._lock:
+            results = self._request.infer({name: feeds[name] for name in self.input_names})
+            # The request reuses its output buffers on the next run: copy them out.
+            return [np.array(results[port], copy=True) for port in self._compiled.outputs]
 
 
 @dataclass
@@ -69,8 +68,9 @@ class OpenVINOSession(ManifestTensors):
     providers: list[str] = field(default_factory=lambda: [f"openvino {DEVICE} ({FLOAT_PRECISION} float layers)"])
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        by_name = dict(zip(self.model.output_names, self.model.run(feeds), strict=True))
-        return {spec.name: by_name[spec.name] for spec in self.manifest.outputs}
+        # By position: OpenVINO keeps the ONNX graph's output order, and the manifest lists them in that order; a port's
+        # own names may include aliases (get_any_name need not be the graph output's name).
+        return dict(zip([spec.name for spec in self.manifest.outputs], self.model.run(feeds), strict=True))
 
 
 def load_openvino_session(manifest: Manifest, model_path: Path, threads: int | None = None) -> OpenVINOSession:

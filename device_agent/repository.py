@@ -148,7 +148,8 @@ def compatibility_problems(manifest: Manifest, host: HostReport) -> list[str]:
     openvino = runtimes.get("openvino")
     # Without OpenVINO an openvino bundle runs on ONNX Runtime (open_model); an older OpenVINO is refused.
     if openvino is not None and openvino.version and "openvino" in target.software and not _version_at_least(openvino.version, target.software["openvino"]):
-        problems.append(f"needs openvino >= {target.software['openvino']}, this device has {openvino.version}")
+        problems.append(f"needs openvino >= {target.software['openvino']}, this device has {openvino.version}: "
+                        "upgrade it (pip install -U openvino), or uninstall it to run the bundle on ONNX Runtime")
     return problems
 
 

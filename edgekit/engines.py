@@ -32,7 +32,6 @@ class OnnxRuntimeRunner:
         self.session = onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
                                                     providers=["CPUExecutionProvider"])
         self.input_names = [value.name for value in self.session.get_inputs()]
-        self.output_names = [value.name for value in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, {name: feeds[name] for name in self.input_names})
@@ -42,8 +41,14 @@ def open_runner(model: Path, engine: str, threads: int | None = None) -> Runner:
     """The model ready to run on this host's CPU as ``engine`` (a target profile's ``runtime.engine``) would run it."""
     if engine == "openvino":
         from device_agent.openvino_engine import CompiledModel
+        from device_agent.runtime import ModelLoadError
+        from edgekit.errors import EdgekitError
 
-        return CompiledModel(model, threads)
+        try:
+            return CompiledModel(model, threads)
+        except ModelLoadError as exc:  # a target's failure, reported with its gates, not the whole build's
+            raise EdgekitError(f"{exc} (the openvino target judges its models with OpenVINO on this host; "
+                               "pip install \"edgekit[build]\" installs it)") from None
     return OnnxRuntimeRunner(model, threads)
 
 

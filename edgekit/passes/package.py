@@ -116,7 +116,7 @@ def run(artifact: Artifact, options: Options, ctx: PassContext) -> Artifact:
     session = open_runner(artifact.model_path, target.runtime.engine)
     names = session.input_names
     feeds = {k: v for k, v in model_feeds(artifact.task, texts).items() if k in names}
-    outputs = dict(zip(session.output_names, session.run(feeds), strict=True))
+    outputs = dict(zip([value.name for value in graph.output], session.run(feeds), strict=True))  # both in graph order
     golden = ctx.work_dir / "golden.npz"
     np.savez(golden, **{f"input:{k}": v for k, v in feeds.items()}, **{f"output:{k}": v for k, v in outputs.items()})
     atol, rtol = GOLDEN_TOLERANCES[artifact.precision]

@@ -495,7 +495,11 @@ def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str
     (alpha 0.95) on MatMul inputs, fast bias correction. One call takes about a minute on the demo's MiniLM (NNCF matches
     its fusion patterns over the whole graph), so the search edits this model instead of calling NNCF per candidate.
     """
-    import nncf
+    try:
+        import nncf
+    except ImportError as exc:
+        raise QuantizeError(f"the target's int8 recipe is NNCF's, which does not import here ({exc}); "
+                            "install the build extra: pip install \"edgekit[build]\"") from None
 
     started = time.perf_counter()
     rows = _calibration_split(ctx, recipe)
@@ -504,11 +508,17 @@ def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str
     # The transformer preset (SmoothQuant, attention patterns) where the graph has attention; NNCF's default otherwise.
     attention = any(node.op_type == "Softmax" for node in model.graph.node)
     task = ctx.progress.add_task("quantize: NNCF calibration" + (" and SmoothQuant" if attention else ""), total=None)
-    with _quiet_quantization_tools():
-        quantized = nncf.quantize(
-            model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER if attention else None, subset_size=len(feeds),
-            ignored_scope=nncf.IgnoredScope(names=list(keep_float), validate=False),
-        )
+    # NNCF draws its own progress bars on stdout (the pass has its own progress line).
+    with _quiet_quantization_tools(), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            quantized = nncf.quantize(
+                model, nncf.Dataset(feeds), preset=nncf.QuantizationPreset.MIXED,  # asymmetric uint8 activations, as the profile says
+                model_type=nncf.ModelType.TRANSFORMER if attention else None, subset_size=len(feeds),
+                ignored_scope=nncf.IgnoredScope(names=list(keep_float), validate=False),
+            )
+        except Exception as exc:  # NNCF raises its own exception types for graphs it cannot handle
+            raise QuantizeError(f"NNCF could not quantize the model ({type(exc).__name__}: {exc}); build for x86-64-cpu "
+                                "(ONNX Runtime's recipe) instead, or set the target's precision to fp32") from None
     ctx.progress.remove_task(task)
     path = ctx.work_dir / SCRATCH_DIR / "nncf-int8.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -524,29 +534,49 @@ def returned_to_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, 
     graph = quantized.graph
     float_nodes = {node.name: node for node in float_model.graph.node}
     float_constants = {init.name: init for init in float_model.graph.initializer}
-    constants = {init.name: init for init in graph.initializer}
+    constants = FloatConstants(graph, float_constants)
     position = {node.name: index for index, node in enumerate(graph.node)}
     values = {value.name for value in graph.input} | {out for node in graph.node for out in node.output}
     for name in nodes:
         original = float_nodes.get(name)
-        # A node NNCF left alone, or one whose float inputs NNCF folded away, stays as it is.
-        if original is None or name not in position or any(v and v not in values and v not in float_constants for v in original.input):
+        # A node NNCF left alone, or one whose float inputs or output NNCF renamed or folded away, stays as it is.
+        if (original is None or name not in position or original.output[0] not in values
+                or any(v and v not in values and v not in float_constants for v in original.input)):
             continue
-        graph.node[position[name]].CopyFrom(original)
-        readers = [node for node in graph.node if original.output[0] in node.input]
-        for value in [*original.input, *(v for reader in readers if reader.op_type == "Add" for v in reader.input)]:
-            if value in float_constants and (value not in constants or not _same(constants[value], float_constants[value])):
-                if value in constants:
-                    graph.initializer.remove(constants[value])
-                constants[value] = onnx.TensorProto()
-                constants[value].CopyFrom(float_constants[value])
-                graph.initializer.append(constants[value])
+        node = graph.node[position[name]]
+        node.CopyFrom(original)
+        node.input[:] = [constants.name_for(v) if v in float_constants else v for v in original.input]
+        for reader in graph.node:
+            if reader.op_type == "Add" and original.output[0] in reader.input:  # its bias, as the float graph has it
+                reader.input[:] = [constants.name_for(v) if v in float_constants else v for v in reader.input]
     _drop_unread(graph)
     return quantized
 
 
-def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
-    return np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+class FloatConstants:
+    """Float-model constants a quantized graph's nodes may read again: under their own name where the graph holds
+    the same values (or nothing of that name), else under a new name, so that nodes still reading the changed
+    constant (NNCF rescales and corrects some in place, and readers may share them) keep it."""
+
+    def __init__(self, graph: onnx.GraphProto, float_constants: dict[str, onnx.TensorProto]) -> None:
+        self.graph, self.float_constants = graph, float_constants
+        self.held = {init.name: init for init in graph.initializer}
+        # Names a node or the graph's inputs define (ONNX Runtime's QDQ names a dequantized bias after the float one).
+        self.computed = {out for node in graph.node for out in node.output} | {value.name for value in graph.input}
+
+    def name_for(self, name: str) -> str:
+        tensor = self.float_constants[name]
+        current = self.held.get(name)
+        if current is not None and np.array_equal(numpy_helper.to_array(current), numpy_helper.to_array(tensor)):
+            return name
+        chosen = name if current is None and name not in self.computed else name + _TWIN_SUFFIX
+        if chosen not in self.held:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            copy.name = chosen
+            self.graph.initializer.append(copy)
+            self.held[chosen] = copy
+        return chosen
 
 
 def _drop_unread(graph: onnx.GraphProto) -> None:
@@ -659,7 +689,7 @@ def _quiet_quantization_tools() -> Iterator[None]:
     ORT logs a pre-processing hint twice per call (dozens of lines in a search),
     numpy warns about overflow whenever a histogram meets the mask's float32-minimum
     sentinels, which the calibration fallback already handles and reports, and NNCF
-    draws its own progress bars and logs each step (the pass has its own progress).
+    logs each step.
     """
     hint_filter = _DropPreprocessingHint()
     logging.root.addFilter(hint_filter)
@@ -667,7 +697,7 @@ def _quiet_quantization_tools() -> Iterator[None]:
     nncf_level = nncf_logger.level
     nncf_logger.setLevel(logging.ERROR)
     try:
-        with np.errstate(over="ignore", invalid="ignore"), contextlib.redirect_stdout(io.StringIO()):
+        with np.errstate(over="ignore", invalid="ignore"):
             yield
     finally:
         logging.root.removeFilter(hint_filter)
@@ -798,19 +828,20 @@ def _probe_model(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes
     graph = quantized.graph
     float_nodes = {node.name: node for node in float_model.graph.node}
     float_weights = {init.name: init for init in float_model.graph.initializer}
+    constants = FloatConstants(graph, float_weights)
     known = {init.name for init in graph.initializer} | {value.name for value in graph.input} | {out for node in graph.node for out in node.output}
     outputs = {value.name for value in graph.output}
     pairs = []
     for name in nodes:
         original = float_nodes[name]
         seen = _value_consumers_see(graph, original.output[0])
-        missing = [value for value in original.input if value and value not in known]
-        if seen is None or any(value not in float_weights for value in missing):
+        missing = [value for value in original.input if value and value not in known and value not in float_weights]
+        if seen is None or missing:
             continue
-        graph.initializer.extend(float_weights[value] for value in missing)  # quantization replaced the float weights
-        known.update(missing)
         twin = onnx.NodeProto()
         twin.CopyFrom(original)
+        # The float weights, also where quantization kept a name but changed its values (NNCF's SmoothQuant rescales them).
+        twin.input[:] = [constants.name_for(value) if value in float_weights else value for value in original.input]
         twin.name = name + _TWIN_SUFFIX
         twin.output[:] = [value + _TWIN_SUFFIX for value in original.output]
         graph.node.append(twin)  # all its inputs already exist, so appending keeps the graph topologically sorted
@@ -1086,8 +1117,9 @@ PASS = Pass(
     name="quantize",
     takes=frozenset({Stage.OPTIMIZED}),
     gives=Stage.QUANTIZED,
-    version=5,  # 2: the search's validation margin, SmoothQuant, the revert pass, the precision fallback; 3: dynamic int8 judged a row per run;
-    # 4: nodes read by a comparison stay float, a graph with nothing to quantize stays fp32; 5: the predicted test gate as margin
+    version=6,  # 2: the search's validation margin, SmoothQuant, the revert pass, the precision fallback; 3: dynamic int8 judged a row per run;
+    # 4: nodes read by a comparison stay float, a graph with nothing to quantize stays fp32; 5: the predicted test gate as margin;
+    # 6: NNCF for openvino targets; float twins and returned nodes read the float constants (renamed where quantization changed one)
     target_specific=True,
     libraries=("onnxruntime", "onnx", "nncf", "openvino"),
     options_for=options_for,

@@ -39,14 +39,26 @@ def _validation_logits(model: Path, tiny_bert: TinyBert, engine: str) -> np.ndar
     return np.concatenate([runner.run(batch)[0] for batch in batches])
 
 
-def test_openvino_targets_quantize_with_nncf_and_judge_with_openvino(tiny_bert: TinyBert, tmp_path: Path) -> None:
+def test_openvino_targets_quantize_with_nncf_and_judge_with_openvino(tiny_bert: TinyBert, tmp_path: Path, monkeypatch) -> None:
+    from edgekit import engines
+
+    engines_asked = []
+
+    def recording(model, engine, threads=None):
+        engines_asked.append(engine)
+        return open_runner(model, engine, threads)
+
+    monkeypatch.setattr(engines, "open_runner", recording)
     options = _options(min_top1_agreement=0.9, max_accuracy_drop_points=10.0, evaluation_samples=100)
     result = quantize.run(artifact_for(tiny_bert), options, context_for(tiny_bert, tmp_path))
+    assert engines_asked and set(engines_asked) == {"openvino"}  # every candidate and the float parent, on OpenVINO
     report = result.results.quantization.model_dump()
     assert (report["quantizer"], report["scheme"], result.precision) == ("nncf", "static_qdq", "int8")
     assert report["calibration_rows"] == 200 and report["quantized_nodes"] > 0
-    ops = Counter(node.op_type for node in onnx.load(result.model_path).graph.node)
+    graph = onnx.load(result.model_path).graph
+    ops = Counter(node.op_type for node in graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    assert [node for node in graph.node if node.name.endswith("nncf_smooth_quant")]  # the transformer preset's SmoothQuant
     # The judge ran OpenVINO: its agreement is what OpenVINO gives on the same rows, against OpenVINO's float model.
     reference = _validation_logits(tiny_bert.model_path, tiny_bert, "openvino").argmax(-1)
     quantized = _validation_logits(result.model_path, tiny_bert, "openvino").argmax(-1)
@@ -93,7 +105,9 @@ def test_an_impossible_budget_makes_the_search_return_nodes_to_float_under_openv
     report = result.results.quantization.model_dump()
     assert [trial["kept_in_float_count"] for trial in report["trials"]][:2] == [0, 1]  # all-int8, then the one step allowed
     # The probe ranks NNCF's nodes: its float twins read the activations NNCF's quantizers read.
-    assert report["sensitivity"] and report["sensitivity"][0]["relative_error"] > 0
+    errors = [entry["relative_error"] for entry in report["sensitivity"]]
+    # Each twin reads the float weights, not the ones SmoothQuant rescaled in place: int8 errors, not the smoothing's.
+    assert errors and 0 < errors[0] < 0.5 and sorted(errors, reverse=True) == errors
     assert report["float_costs"]["unit"] == "weight elements (estimated)"
     assert report["precision_fallback"]["used"] is False and result.precision == "int8"
     open_runner(result.model_path, "openvino")  # whichever candidate won, OpenVINO compiles it
