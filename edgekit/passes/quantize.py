@@ -8,10 +8,12 @@ Three schemes, chosen by the target profile:
   has no int8 conv kernels (measured 5-8x slower than fp32), so a graph with Conv
   falls back to static QDQ with uint8 activations.
 - ``static_qdq`` for OpenVINO targets: NNCF's post-training quantization of the
-  ONNX graph with ``model_type=TRANSFORMER`` (its SmoothQuant and fast bias
-  correction included), calibrated on the calibration rows one per run, as the
-  device sees them; QDQ pairs that OpenVINO's CPU plugin runs on int8 kernels
-  (measured against ONNX Runtime's own recipes: bench/README.md, "Build pipeline").
+  ONNX graph (mixed preset; ``model_type=TRANSFORMER``, with its SmoothQuant and
+  fast bias correction, where the graph has attention), calibrated on the
+  calibration rows one per run, as the device sees them; QDQ pairs that
+  OpenVINO's CPU plugin runs on int8 kernels (measured against ONNX Runtime's
+  own recipes: bench/README.md, "Build pipeline"). The node search returns
+  nodes of that one model to float (``returned_to_float``).
 - ``static_qdq`` otherwise: ``quantize_static`` in QDQ format, calibrated on the build's
   tokenized calibration texts. Only MatMul/Gemm/Conv are quantized, and the
   attention-mask path stays float: its float32-minimum sentinels (about -3.4e38)
@@ -484,7 +486,6 @@ class NncfModel:
 
     path: Path
     rows: int  # calibration rows
-    seconds: float
 
 
 def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str], keep_float: Sequence[str], ctx: PassContext) -> NncfModel:
@@ -501,7 +502,6 @@ def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str
         raise QuantizeError(f"the target's int8 recipe is NNCF's, which does not import here ({exc}); "
                             "install the build extra: pip install \"edgekit[build]\"") from None
 
-    started = time.perf_counter()
     rows = _calibration_split(ctx, recipe)
     feeds = tokenized_batches(artifact.task, rows.inputs, input_names, rows=1)
     model = onnx.load(artifact.model_path)
@@ -523,7 +523,7 @@ def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str
     path = ctx.work_dir / SCRATCH_DIR / "nncf-int8.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(quantized, path)
-    return NncfModel(path, len(feeds), time.perf_counter() - started)
+    return NncfModel(path, len(feeds))
 
 
 def returned_to_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, nodes: Sequence[str]) -> onnx.ModelProto:
@@ -840,7 +840,7 @@ def _probe_model(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes
             continue
         twin = onnx.NodeProto()
         twin.CopyFrom(original)
-        # The float weights, also where quantization kept a name but changed its values (NNCF's SmoothQuant rescales them).
+        # The float weights, also where the quantized graph gives a name other values (ORT's QDQ names a dequantized bias so).
         twin.input[:] = [constants.name_for(value) if value in float_weights else value for value in original.input]
         twin.name = name + _TWIN_SUFFIX
         twin.output[:] = [value + _TWIN_SUFFIX for value in original.output]
