@@ -600,8 +600,6 @@ def run_benchmark(args, work: Path) -> None:
 
     import numpy as np
 
-    from device_agent.bundle import open_bundle
-    from device_agent.keys import Keyring
     from edgekit.measure import classification_metrics, fidelity, size_mb
 
     begun = time.perf_counter()
@@ -639,18 +637,7 @@ def run_benchmark(args, work: Path) -> None:
                                                   models / "onnxruntime-all-int8" / "model.onnx")
     (models / "edgekit").mkdir()
     contenders["edgekit"] = models / "edgekit" / "model.onnx"
-    bundle_note = {}
-    if report["bundle"]:
-        bundle = Path(report["bundle"])
-        bundle = bundle if bundle.is_absolute() else out.parent / bundle
-        with open_bundle(bundle, Keyring.load(cache / "dev-key")) as opened:
-            shutil.copy(opened.path(opened.manifest.runtime.model_file), contenders["edgekit"])
-            bundle_note = {"model_from": "the signed bundle (verified with the build's development key)",
-                           "bundle": bundle.name, "bundle_size_mb": size_mb(bundle), "precision": opened.manifest.precision}
-    else:  # gates failed: no bundle; the quantize pass's model is what the bundle would carry
-        shutil.copy(quantize_entry / "model.onnx", contenders["edgekit"])
-        bundle_note = {"model_from": "the quantize pass (the build wrote no bundle: a gate failed)"}
-    bundle_note["identical_to_quantize_pass_output"] = sha256(contenders["edgekit"]) == sha256(quantize_entry / "model.onnx")
+    bundle_note = shipped_model(out, cache, report, quantize_entry, contenders["edgekit"])
     openvino_bundle_note = edgekit_openvino_model(out, cache, openvino_report, models) if openvino_report else None
     quantization = report["quantization"]
 
@@ -847,27 +834,33 @@ def targets_for(name: str, results: dict, measured_peers: list[str], first: dict
     return targets
 
 
-def edgekit_openvino_model(out: Path, cache: Path, report: dict, models: Path) -> dict:
-    """The openvino target's int8 model, from its signed bundle (or its quantize pass when a gate failed), as a contender."""
+def shipped_model(out: Path, cache: Path, report: dict, quantize_entry: Path, destination: Path) -> dict:
+    """Copy a target's model from its signed bundle (opened with the build's development key) to ``destination``, or
+    from its quantize pass when a gate failed and no bundle was written; returns where it came from."""
     from device_agent.bundle import open_bundle
     from device_agent.keys import Keyring
     from edgekit.measure import size_mb
 
-    folder = models / "edgekit-openvino"
-    folder.mkdir()
-    quantize_entry = next((out / OPENVINO_TARGET / "passes").glob("*-quantize")).resolve()
     if report["bundle"]:
         bundle = Path(report["bundle"])
         bundle = bundle if bundle.is_absolute() else out.parent / bundle
         with open_bundle(bundle, Keyring.load(cache / "dev-key")) as opened:
-            shutil.copy(opened.path(opened.manifest.runtime.model_file), folder / "model.onnx")
+            shutil.copy(opened.path(opened.manifest.runtime.model_file), destination)
             note = {"model_from": "the signed bundle (verified with the build's development key)", "bundle": bundle.name,
                     "bundle_size_mb": size_mb(bundle), "precision": opened.manifest.precision, "engine": opened.manifest.runtime.engine}
-    else:
-        shutil.copy(quantize_entry / "model.onnx", folder / "model.onnx")
+    else:  # the quantize pass's model is what the bundle would carry
+        shutil.copy(quantize_entry / "model.onnx", destination)
         note = {"model_from": "the quantize pass (the build wrote no bundle: a gate failed)"}
+    return {**note, "identical_to_quantize_pass_output": sha256(destination) == sha256(quantize_entry / "model.onnx")}
+
+
+def edgekit_openvino_model(out: Path, cache: Path, report: dict, models: Path) -> dict:
+    """The openvino target's int8 model as a contender, and what its quantize search chose."""
+    folder = models / "edgekit-openvino"
+    folder.mkdir()
+    quantize_entry = next((out / OPENVINO_TARGET / "passes").glob("*-quantize")).resolve()
     quantization = report["quantization"]
-    return {**note, "identical_to_quantize_pass_output": sha256(folder / "model.onnx") == sha256(quantize_entry / "model.onnx"),
+    return {**shipped_model(out, cache, report, quantize_entry, folder / "model.onnx"),
             "quantizer": quantization.get("quantizer"), "kept_in_float": len(report["kept_in_float"]),
             "kept_in_float_nodes": report["kept_in_float"], "quantize_pass_quantized_nodes": quantization.get("quantized_nodes"),
             "quantize_pass_validation_agreement": quantization.get("top1_agreement"), "gates": report["gates"],

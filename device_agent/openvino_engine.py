@@ -39,7 +39,7 @@ class CompiledModel:
         try:
             import openvino
         except ImportError as exc:
-            raise ModelLoadError(f"OpenVINO does not import on this host ({exc}); install it with `pip install openvino`") from None
+            raise ModelLoadError(f"OpenVINO does not import on this host ({exc}); install it with `pip install 'edgekit[openvino]'`") from None
         config = {"INFERENCE_PRECISION_HINT": FLOAT_PRECISION, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads

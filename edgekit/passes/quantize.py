@@ -55,7 +55,6 @@ from typing import Literal
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnx import numpy_helper
 from onnxruntime.quantization.registry import IntegerOpsRegistry
@@ -486,6 +485,7 @@ class NncfModel:
 
     path: Path
     rows: int  # calibration rows
+    float_model: onnx.ModelProto  # the graph NNCF quantized, loaded once: every candidate copies nodes from it
 
 
 def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str], keep_float: Sequence[str], ctx: PassContext) -> NncfModel:
@@ -523,7 +523,7 @@ def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str
     path = ctx.work_dir / SCRATCH_DIR / "nncf-int8.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(quantized, path)
-    return NncfModel(path, len(feeds))
+    return NncfModel(path, len(feeds), onnx.load(artifact.model_path))
 
 
 def returned_to_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, nodes: Sequence[str]) -> onnx.ModelProto:
@@ -649,10 +649,9 @@ class Quantizer:
 
     def _write_nncf(self, keep_in_float: Sequence[str], output: Path) -> None:
         assert self.nncf is not None, "an NNCF recipe needs NNCF's model"
-        source = onnx.load(self.source)
         # The base exclusions (the mask path) were NNCF's ignored scope; only the recipe's candidates come back to float.
-        candidates = _quantizable(source, keep_in_float, self.recipe.candidate_op_types)
-        onnx.save(returned_to_float(onnx.load(self.nncf.path), source, candidates), output)
+        candidates = _quantizable(self.nncf.float_model, keep_in_float, self.recipe.candidate_op_types)
+        onnx.save(returned_to_float(onnx.load(self.nncf.path), self.nncf.float_model, candidates), output)
 
     def _write_static(self, exclude: list[str], output: Path, reader: CalibrationDataReader | None) -> None:
         assert self.calibration is not None, "static quantization needs a calibration"
@@ -791,10 +790,6 @@ class Judge:
         return accuracy, measure.fidelity(self.float_logits, logits).top1_agreement
 
 
-def _cpu_session(model: Path | bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"])
-
-
 def _logits(model: Path, batches: list[dict[str, np.ndarray]], engine: str = "onnxruntime") -> np.ndarray:
     from edgekit.engines import open_runner
 
@@ -814,7 +809,9 @@ def _rank_by_sensitivity(float_model: onnx.ModelProto, quantized: Path, nodes: S
     inherits from upstream. Nodes the probe cannot see rank last.
     """
     probe, pairs = _probe_model(float_model, onnx.load(quantized), nodes)
-    session = _cpu_session(probe.SerializeToString())
+    from edgekit.engines import OnnxRuntimeRunner
+
+    session = OnnxRuntimeRunner(probe.SerializeToString()).session  # the probe's own outputs are named: the session itself
     feed = {value.name: inputs[value.name] for value in session.get_inputs()}
     wanted = sorted({name for _, seen, twin in pairs for name in (seen, twin)})
     values = dict(zip(wanted, session.run(wanted, feed), strict=True))
