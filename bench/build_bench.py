@@ -864,6 +864,9 @@ def edgekit_openvino_model(out: Path, cache: Path, report: dict, models: Path) -
             "quantizer": quantization.get("quantizer"), "kept_in_float": len(report["kept_in_float"]),
             "kept_in_float_nodes": report["kept_in_float"], "quantize_pass_quantized_nodes": quantization.get("quantized_nodes"),
             "quantize_pass_validation_agreement": quantization.get("top1_agreement"), "gates": report["gates"],
+            "quantize_pass_trials": [{k: trial.get(k) for k in ("kept_in_float_count", "agreement", "budget_met", "eligible")}
+                                     for trial in quantization.get("trials") or []],
+            "evaluation_rows": quantization.get("evaluation_rows"), "precision_fallback": quantization.get("precision_fallback"),
             "passed": report["passed"], "build_test_agreement": report["metrics"]["final"].get("top1_agreement")}
 
 
