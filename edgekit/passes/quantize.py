@@ -493,8 +493,8 @@ def _nncf_quantize(recipe: Recipe, artifact: Artifact, input_names: Sequence[str
     serving one request sees), ``keep_float`` ignored; its transformer preset where the graph has attention (Softmax).
 
     NNCF's defaults for transformers: per-channel symmetric int8 weights, asymmetric uint8 activations, SmoothQuant
-    (alpha 0.95) on MatMul inputs, fast bias correction. One call takes about a minute on the demo's MiniLM (NNCF matches
-    its fusion patterns over the whole graph), so the search edits this model instead of calling NNCF per candidate.
+    (alpha 0.95) on MatMul inputs, fast bias correction. A call matches NNCF's fusion patterns over the whole graph, too
+    slow to repeat per candidate, so the search edits this model instead.
     """
     try:
         import nncf
